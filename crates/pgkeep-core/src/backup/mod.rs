@@ -1,0 +1,238 @@
+//! Online physical backups.
+//!
+//! The sequence, all on one connection: `pg_backup_start` (fast
+//! checkpoint), [`plan`] the files, copy them in parallel (read, checksum,
+//! compress, upload, each file streamed in bounded memory), then
+//! `pg_backup_stop` (which waits until PostgreSQL has archived the WAL the
+//! backup needs), check that every segment from the start to the stop LSN
+//! is in the repository, and only then write the manifest. A backup that
+//! fails before that point is not a backup: its objects are removed, and a
+//! killed one leaves only objects no manifest points to.
+
+pub mod plan;
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use futures::{StreamExt, TryStreamExt};
+
+use crate::codec::Compress;
+use crate::error::{Error, Result};
+use crate::pg::Pg;
+use crate::progress::Progress;
+use crate::repo::{BackupType, FileEntry, Manifest, Repository, Tablespace};
+use crate::storage::ObjectWriter;
+use crate::types::{BackupLabel, Lsn, WalSegment};
+use crate::Stanza;
+pub use plan::{BackupPlan, PlannedFile};
+
+/// Options of a backup.
+#[derive(Debug, Clone, Default)]
+pub struct BackupOptions {
+    /// Repository to back up to (1-based; 0 means 1).
+    pub repo: usize,
+    /// Requested type; only full backups exist so far.
+    pub kind: Option<BackupType>,
+    /// Where to count progress.
+    pub progress: Option<Arc<Progress>>,
+}
+
+/// Takes a backup; returns its manifest once it is written.
+pub async fn run(stanza: &Stanza, opts: &BackupOptions) -> Result<Manifest> {
+    if let Some(kind @ (BackupType::Diff | BackupType::Incr)) = opts.kind {
+        return Err(Error::Input(format!(
+            "--type {} is not available yet in this version: take a full backup with --type full",
+            if kind == BackupType::Diff { "diff" } else { "incr" }
+        )));
+    }
+    let number = opts.repo.max(1);
+    let repo = stanza.open(number).await?;
+    let pg_data = stanza.settings.pg_data()?.to_path_buf();
+    let pg = Pg::connect(&stanza.settings.pg).await?;
+    repo.check_system_id(pg.system_id().await?, &format!("the server at {}", pg.describe))?;
+    if pg.in_recovery().await? {
+        return Err(Error::Input(format!("the server at {} is a standby; backups from a standby are not supported yet: point pg-host/pg-port at the primary", pg.describe)));
+    }
+    check_data_directory(&pg, &pg_data).await?;
+    let repo_opts = &stanza.settings.repos[number - 1];
+    let compress = repo_opts.compress.unwrap_or_default();
+
+    let label = new_label(&repo).await?;
+    let start_time = Utc::now();
+    let start = pg.backup_start(&format!("pgkeep backup {label}")).await?;
+    let tablespaces: Vec<Tablespace> =
+        pg.tablespaces().await?.into_iter().map(|(oid, name, location)| Tablespace { oid, name, location }).collect();
+
+    let copied = async {
+        let plan = tokio::task::spawn_blocking({
+            let (pg_data, ts) = (pg_data.clone(), tablespaces.clone());
+            move || plan::plan(&pg_data, &ts)
+        })
+        .await
+        .map_err(|e| Error::Input(format!("backup planning stopped: {e}")))??;
+        copy_files(&repo, &label, plan.files, compress, repo_opts.compress_level, stanza.settings.jobs, opts.progress.clone())
+            .await
+            .map(|files| (plan.dirs, files))
+    }
+    .await;
+    let (dirs, files) = match copied {
+        Ok(v) => v,
+        Err(e) => {
+            // Closing the connection also ends the backup; stopping is polite.
+            let _ = pg.backup_stop().await;
+            let _ = repo.remove_backup_objects(&label).await;
+            return Err(e);
+        }
+    };
+    let stop = pg.backup_stop().await?;
+    let seg = repo.meta.wal_segment_size;
+    let first = WalSegment::containing(start.timeline, start.lsn, seg);
+    let last = WalSegment::containing(start.timeline, Lsn(stop.lsn.0.saturating_sub(1)), seg);
+    if let Err(e) = wait_for_wal(&repo, first, last, stanza.settings.archive_timeout).await {
+        let _ = repo.remove_backup_objects(&label).await;
+        return Err(e);
+    }
+    let manifest = Manifest {
+        label: label.clone(),
+        kind: BackupType::Full,
+        prior: None,
+        start_time,
+        stop_time: Utc::now(),
+        start_lsn: start.lsn,
+        stop_lsn: stop.lsn,
+        timeline: start.timeline,
+        start_wal: first.name(seg),
+        stop_wal: last.name(seg),
+        system_id: repo.meta.system_id,
+        pg_version: pg.version_num().await?,
+        start_xid: start.xid,
+        stop_xid: stop.xid,
+        compress,
+        size: files.iter().map(|f| f.size).sum(),
+        repo_size: files.iter().map(|f| f.repo_size).sum(),
+        backup_label: stop.label_file,
+        tablespace_map: stop.tablespace_map,
+        tablespaces,
+        dirs,
+        files,
+    };
+    repo.write_manifest(&manifest).await?;
+    Ok(manifest)
+}
+
+/// The server and the configured pg-data must be the same directory, or
+/// the backup would copy another cluster's files.
+async fn check_data_directory(pg: &Pg, pg_data: &std::path::Path) -> Result<()> {
+    let server = pg.data_directory().await?;
+    let same = match (std::fs::canonicalize(&server), std::fs::canonicalize(pg_data)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if !same {
+        return Err(Error::Input(format!(
+            "pg-data is {} but the server at {} runs on {server}; fix pg-data for this stanza",
+            pg_data.display(),
+            pg.describe
+        )));
+    }
+    Ok(())
+}
+
+/// A label not used yet in this repository (labels have one-second
+/// resolution: wait for the next second rather than collide).
+async fn new_label(repo: &Repository) -> Result<BackupLabel> {
+    loop {
+        let label = BackupLabel::full(Utc::now());
+        if repo.store().list(&Repository::backup_dir(&label)).await?.is_empty() {
+            return Ok(label);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+async fn copy_files(
+    repo: &Repository,
+    label: &BackupLabel,
+    files: Vec<PlannedFile>,
+    compress: Compress,
+    level: Option<i32>,
+    jobs: usize,
+    progress: Option<Arc<Progress>>,
+) -> Result<Vec<FileEntry>> {
+    let progress = progress.unwrap_or_default();
+    progress.plan(files.len() as u64, files.iter().map(|f| f.size).sum());
+    let store = repo.store().object_store();
+    let dir = Repository::backup_dir(label);
+    let repo_no = repo.number;
+    let rt = tokio::runtime::Handle::current();
+    let copied: Vec<Option<FileEntry>> = futures::stream::iter(files)
+        .map(|f| {
+            let (store, rt, progress) = (store.clone(), rt.clone(), progress.clone());
+            let key = format!("{dir}/pg_data/{}{}", f.path, compress.extension());
+            tokio::task::spawn_blocking(move || copy_one(&f, store, key, compress, level, rt, &progress, repo_no))
+        })
+        .buffer_unordered(jobs)
+        .map(|joined| joined.map_err(|e| Error::Input(format!("a backup worker stopped: {e}")))?)
+        .try_collect()
+        .await?;
+    let mut files: Vec<FileEntry> = copied.into_iter().flatten().collect();
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(files)
+}
+
+/// Copies one file: read, checksum, compress, upload. `None` when the file
+/// was removed before it could be opened (the WAL replay handles that).
+#[allow(clippy::too_many_arguments)]
+fn copy_one(
+    f: &PlannedFile,
+    store: Arc<dyn object_store::ObjectStore>,
+    key: String,
+    compress: Compress,
+    level: Option<i32>,
+    rt: tokio::runtime::Handle,
+    progress: &Progress,
+    repo_no: usize,
+) -> Result<Option<FileEntry>> {
+    use std::io::{Read, Write};
+    let mut src = match std::fs::File::open(&f.source) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(format!("cannot read {}", f.source.display()))(e)),
+    };
+    let upload_err = |e: std::io::Error| Error::Io { what: format!("cannot store '{key}' in repo {repo_no}"), cause: e };
+    let mut enc = compress.encoder(ObjectWriter::new(store.clone(), &key, rt), level).map_err(upload_err)?;
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = src.read(&mut buf).map_err(Error::io(format!("cannot read {}", f.source.display())))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        enc.write_all(&buf[..n]).map_err(upload_err)?;
+        size += n as u64;
+        progress.add_bytes(n as u64);
+    }
+    let repo_size = enc.finish().map_err(upload_err)?.finish().map_err(upload_err)?;
+    progress.file_done();
+    Ok(Some(FileEntry {
+        path: f.path.clone(),
+        size,
+        mode: f.mode,
+        mtime: f.mtime,
+        checksum: hasher.finalize().to_hex().to_string(),
+        key,
+        repo_size,
+    }))
+}
+
+/// Waits until every segment from `first` to `last` is archived.
+async fn wait_for_wal(repo: &Repository, first: WalSegment, last: WalSegment, timeout: u64) -> Result<()> {
+    let seg = repo.meta.wal_segment_size;
+    for n in first.number..=last.number {
+        let s = WalSegment { timeline: first.timeline, number: n };
+        crate::wal::wait_archived(repo, &s.name(seg), timeout).await?;
+    }
+    Ok(())
+}

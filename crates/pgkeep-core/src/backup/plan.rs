@@ -1,0 +1,203 @@
+//! What a backup copies: a walk of the data directory and its tablespaces,
+//! with the rules of PostgreSQL's own base backup about what to leave out
+//! (see "Backing Up the Data Directory" in the PostgreSQL documentation and
+//! `basebackup.c`).
+
+use std::collections::HashSet;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::repo::{DirEntry, Tablespace};
+
+/// Directories whose contents are never copied (the directory itself is).
+const SKIP_CONTENTS: &[&str] =
+    &["pg_wal", "pg_dynshmem", "pg_notify", "pg_replslot", "pg_serial", "pg_snapshots", "pg_stat_tmp", "pg_subtrans"];
+
+/// Files never copied, at the top of the data directory.
+const SKIP_TOP_FILES: &[&str] = &[
+    "postmaster.pid",
+    "postmaster.opts",
+    "backup_label",
+    "backup_label.old",
+    "tablespace_map",
+    "tablespace_map.old",
+    "backup_manifest",
+    "current_logfiles",
+    "current_logfiles.tmp",
+    "postgresql.auto.conf.tmp",
+    "recovery.signal",
+    "standby.signal",
+];
+
+/// A file to copy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedFile {
+    /// Path relative to the data directory.
+    pub path: String,
+    /// Where to read it.
+    pub source: PathBuf,
+    /// Size when planned (the copy records what it actually read).
+    pub size: u64,
+    /// Permission bits.
+    pub mode: u32,
+    /// Modification time, seconds since the epoch.
+    pub mtime: i64,
+}
+
+/// Everything a backup will copy.
+#[derive(Debug, Default)]
+pub struct BackupPlan {
+    /// Directories, parents first.
+    pub dirs: Vec<DirEntry>,
+    /// Files.
+    pub files: Vec<PlannedFile>,
+}
+
+impl BackupPlan {
+    /// Total planned bytes.
+    pub fn bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.size).sum()
+    }
+}
+
+/// Decides whether a path (relative to the data directory) is copied.
+/// `is_dir` tells directories from files. Pure; unit-tested below.
+pub fn excluded(rel: &str, is_dir: bool) -> bool {
+    let name = rel.rsplit('/').next().unwrap_or(rel);
+    if name.starts_with("pgsql_tmp") {
+        return true;
+    }
+    if !is_dir && (name.starts_with("pg_internal.init") || (!rel.contains('/') && SKIP_TOP_FILES.contains(&name))) {
+        return true;
+    }
+    // The contents of the skipped directories, but not the directories.
+    SKIP_CONTENTS.iter().any(|d| rel.len() > d.len() && rel.starts_with(d) && rel.as_bytes()[d.len()] == b'/')
+        && !(rel == "pg_wal/archive_status" && is_dir)
+}
+
+/// Walks `pg_data` and the tablespaces into a plan.
+pub fn plan(pg_data: &Path, tablespaces: &[Tablespace]) -> Result<BackupPlan> {
+    let mut plan = BackupPlan::default();
+    walk(pg_data, "", &mut plan, tablespaces)?;
+    for t in tablespaces {
+        let link = format!("pg_tblspc/{}", t.oid);
+        walk(&pg_data.join(&link), &link, &mut plan, &[])?;
+    }
+    drop_unlogged(&mut plan);
+    Ok(plan)
+}
+
+fn walk(dir: &Path, rel: &str, plan: &mut BackupPlan, tablespaces: &[Tablespace]) -> Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        // A directory dropped during the backup: WAL replay recreates what matters.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !rel.is_empty() => return Ok(()),
+        Err(e) => return Err(Error::io(format!("cannot read directory {}", dir.display()))(e)),
+    };
+    let mut names: Vec<_> = entries.filter_map(|e| e.ok()).map(|e| e.file_name()).collect();
+    names.sort();
+    for name in names {
+        let Some(name) = name.to_str() else { continue };
+        let path = dir.join(name);
+        let child = if rel.is_empty() { name.to_owned() } else { format!("{rel}/{name}") };
+        let meta = match std::fs::metadata(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(Error::io(format!("cannot read {}", path.display()))(e)),
+        };
+        if meta.is_dir() {
+            if excluded(&child, true) {
+                continue;
+            }
+            plan.dirs.push(DirEntry { path: child.clone(), mode: meta.permissions().mode() & 0o7777 });
+            // Tablespace links are walked separately, under their own entry.
+            let is_tablespace_link = rel == "pg_tblspc" && tablespaces.iter().any(|t| t.oid.to_string() == name);
+            if !is_tablespace_link {
+                walk(&path, &child, plan, tablespaces)?;
+            }
+        } else if meta.is_file() && !excluded(&child, false) {
+            plan.files.push(PlannedFile { path: child, source: path, size: meta.len(), mode: meta.permissions().mode() & 0o7777, mtime: meta.mtime() });
+        }
+    }
+    Ok(())
+}
+
+/// Unlogged relations are reset from their init fork at the end of
+/// recovery: copy only the `_init` fork, never the other forks.
+fn drop_unlogged(plan: &mut BackupPlan) {
+    let unlogged: HashSet<(String, String)> = plan
+        .files
+        .iter()
+        .filter_map(|f| {
+            let (dir, name) = f.path.rsplit_once('/')?;
+            let rel = name.strip_suffix("_init")?;
+            is_relation_dir(dir).then(|| (dir.to_owned(), rel.to_owned()))
+        })
+        .collect();
+    if unlogged.is_empty() {
+        return;
+    }
+    plan.files.retain(|f| {
+        let Some((dir, name)) = f.path.rsplit_once('/') else { return true };
+        if name.ends_with("_init") {
+            return true;
+        }
+        let relfilenode = name.split(['_', '.']).next().unwrap_or(name);
+        !unlogged.contains(&(dir.to_owned(), relfilenode.to_owned()))
+    });
+}
+
+/// `base/<db>` or `pg_tblspc/<oid>/<version dir>/<db>`.
+fn is_relation_dir(dir: &str) -> bool {
+    let parts: Vec<_> = dir.split('/').collect();
+    matches!(parts.as_slice(), ["base", _] | ["pg_tblspc", _, _, _])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn follows_postgres_exclusion_rules() {
+        for (p, d) in [
+            ("pg_wal/000000010000000000000001", false),
+            ("pg_stat_tmp/global.stat", false),
+            ("postmaster.pid", false),
+            ("backup_label", false),
+            ("base/5/pg_internal.init", false),
+            ("global/pg_internal.init.123", false),
+            ("base/pgsql_tmp", true),
+            ("pg_tblspc/16384/PG_15_202209061/pgsql_tmp", true),
+            ("pg_replslot/slot1", true),
+        ] {
+            assert!(excluded(p, d), "{p} should be skipped");
+        }
+        for (p, d) in [
+            ("pg_wal", true),
+            ("pg_wal/archive_status", true),
+            ("base/5/16384", false),
+            ("global/pg_control", false),
+            ("postgresql.auto.conf", false),
+            ("base/5/backup_label", false),
+            ("pg_walx/file", false),
+        ] {
+            assert!(!excluded(p, d), "{p} should be copied");
+        }
+    }
+
+    #[test]
+    fn keeps_only_the_init_fork_of_unlogged_relations() {
+        let f = |p: &str| PlannedFile { path: p.into(), source: p.into(), size: 1, mode: 0o600, mtime: 0 };
+        let mut plan = BackupPlan {
+            dirs: vec![],
+            files: ["base/5/100", "base/5/100_init", "base/5/100_fsm", "base/5/100.1", "base/5/1000", "base/6/100", "global/100"]
+                .into_iter()
+                .map(f)
+                .collect(),
+        };
+        drop_unlogged(&mut plan);
+        let kept: Vec<_> = plan.files.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(kept, ["base/5/100_init", "base/5/1000", "base/6/100", "global/100"]);
+    }
+}

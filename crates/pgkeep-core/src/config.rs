@@ -1,0 +1,295 @@
+//! Configuration: one set of option structs serves the TOML file (serde,
+//! kebab-case, unknown keys refused) and the command line (clap flags of the
+//! same names). Flags override the file.
+//!
+//! ```toml
+//! [stanza.demo]
+//! pg-data = "/var/lib/postgresql/15/main"
+//! pg-host = "/var/run/postgresql"
+//! pg-port = 5432
+//!
+//! [[repo]]
+//! location = "/var/lib/pgkeep"
+//! compress = "zstd"
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::codec::Compress;
+use crate::error::{Error, Result};
+
+/// Where the stanza's PostgreSQL lives.
+#[derive(Debug, Clone, Default, Deserialize, clap::Args)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct StanzaOptions {
+    /// Data directory of the cluster.
+    #[arg(long, global = true)]
+    pub pg_data: Option<PathBuf>,
+    /// Socket directory (starts with /) or host name of the server.
+    #[arg(long, global = true)]
+    pub pg_host: Option<String>,
+    /// Port of the server (default 5432).
+    #[arg(long, global = true)]
+    pub pg_port: Option<u16>,
+    /// User to connect as (default postgres).
+    #[arg(long, global = true)]
+    pub pg_user: Option<String>,
+    /// Database to connect to (default postgres).
+    #[arg(long, global = true)]
+    pub pg_database: Option<String>,
+}
+
+/// One repository: where backups and WAL are stored, and how.
+#[derive(Debug, Clone, Default, Deserialize, clap::Args)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RepoOptions {
+    /// A directory, or s3://bucket/prefix, gs://bucket/prefix, az://container/prefix.
+    #[arg(long, global = true)]
+    pub location: Option<String>,
+    /// S3: endpoint URL of an S3-compatible server.
+    #[arg(long, global = true)]
+    pub endpoint: Option<String>,
+    /// S3: region (default us-east-1).
+    #[arg(long, global = true)]
+    pub region: Option<String>,
+    /// S3: path-style requests (needed by most S3-compatible servers).
+    #[arg(long, global = true)]
+    pub path_style: Option<bool>,
+    /// S3: access key id (default: the AWS_ACCESS_KEY_ID variable).
+    #[arg(long, global = true)]
+    pub access_key_id: Option<String>,
+    /// S3: secret access key (default: the AWS_SECRET_ACCESS_KEY variable).
+    #[arg(long, global = true)]
+    pub secret_access_key: Option<String>,
+    /// Compression of stored objects: zstd, lz4, gzip or none.
+    #[arg(long, global = true)]
+    pub compress: Option<Compress>,
+    /// Compression level (codec-specific; default a fast level).
+    #[arg(long, global = true)]
+    pub compress_level: Option<i32>,
+    /// Number of full backups to keep (applied by `expire`).
+    #[arg(long, global = true)]
+    pub retention_full: Option<u32>,
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ConfigFile {
+    /// Parallel workers for backup and restore.
+    pub jobs: Option<usize>,
+    /// Seconds to wait for WAL to reach the archive (check, backup).
+    pub archive_timeout: Option<u64>,
+    /// Stanzas by name.
+    #[serde(default)]
+    pub stanza: BTreeMap<String, StanzaOptions>,
+    /// Repositories, in order: repo 1 first.
+    #[serde(default)]
+    pub repo: Vec<RepoOptions>,
+}
+
+impl ConfigFile {
+    /// Reads and parses a TOML file. A missing file is an error only when
+    /// `required` (the user named it).
+    pub fn load(path: &Path, required: bool) -> Result<Self> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => return Ok(Self::default()),
+            Err(e) => {
+                return Err(Error::Input(format!(
+                    "cannot read config file {}: {e}; pass --config FILE or set PGKEEP_CONFIG",
+                    path.display()
+                )))
+            }
+        };
+        Self::parse(&text).map_err(|e| Error::Input(format!("config file {}: {e}", path.display())))
+    }
+
+    /// Parses TOML text; the error is one line naming the key.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e: toml::de::Error| {
+            let msg = e.message().replace('\n', " ");
+            match e.span() {
+                Some(span) => {
+                    let line = text[..span.start].matches('\n').count() + 1;
+                    format!("line {line}: {msg}")
+                }
+                None => msg,
+            }
+        })
+    }
+}
+
+impl StanzaOptions {
+    /// Fills the fields not set in `self` from `file`.
+    pub fn or(self, file: &StanzaOptions) -> StanzaOptions {
+        StanzaOptions {
+            pg_data: self.pg_data.or_else(|| file.pg_data.clone()),
+            pg_host: self.pg_host.or_else(|| file.pg_host.clone()),
+            pg_port: self.pg_port.or(file.pg_port),
+            pg_user: self.pg_user.or_else(|| file.pg_user.clone()),
+            pg_database: self.pg_database.or_else(|| file.pg_database.clone()),
+        }
+    }
+}
+
+impl RepoOptions {
+    /// Fills the fields not set in `self` from `file`.
+    pub fn or(self, file: &RepoOptions) -> RepoOptions {
+        RepoOptions {
+            location: self.location.or_else(|| file.location.clone()),
+            endpoint: self.endpoint.or_else(|| file.endpoint.clone()),
+            region: self.region.or_else(|| file.region.clone()),
+            path_style: self.path_style.or(file.path_style),
+            access_key_id: self.access_key_id.or_else(|| file.access_key_id.clone()),
+            secret_access_key: self.secret_access_key.or_else(|| file.secret_access_key.clone()),
+            compress: self.compress.or(file.compress),
+            compress_level: self.compress_level.or(file.compress_level),
+            retention_full: self.retention_full.or(file.retention_full),
+        }
+    }
+
+    /// Whether any field is set.
+    pub fn is_empty(&self) -> bool {
+        self.location.is_none()
+            && self.endpoint.is_none()
+            && self.region.is_none()
+            && self.path_style.is_none()
+            && self.access_key_id.is_none()
+            && self.secret_access_key.is_none()
+            && self.compress.is_none()
+            && self.compress_level.is_none()
+            && self.retention_full.is_none()
+    }
+}
+
+/// Everything a command needs, resolved from file, flags and defaults.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Stanza name.
+    pub stanza: String,
+    /// PostgreSQL connection and data directory.
+    pub pg: StanzaOptions,
+    /// Repositories, repo 1 first; never empty.
+    pub repos: Vec<RepoOptions>,
+    /// Parallel workers.
+    pub jobs: usize,
+    /// Seconds to wait for WAL to be archived.
+    pub archive_timeout: u64,
+}
+
+impl Settings {
+    /// Resolves the settings of `stanza`: `flags` override the file's stanza
+    /// section, `repo_flags` override the file's repo `repo_index` (1-based).
+    pub fn resolve(
+        file: &ConfigFile,
+        stanza: Option<&str>,
+        flags: StanzaOptions,
+        repo_flags: RepoOptions,
+        repo_index: usize,
+    ) -> Result<Settings> {
+        let stanza = match stanza {
+            Some(s) if !s.is_empty() => s.to_owned(),
+            _ => match file.stanza.keys().collect::<Vec<_>>().as_slice() {
+                [only] => (*only).clone(),
+                _ => return Err(Error::Input("no stanza given: pass --stanza NAME or set PGKEEP_STANZA".into())),
+            },
+        };
+        if !stanza.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.') || stanza.starts_with('.') {
+            return Err(Error::Input(format!("stanza name '{stanza}' may hold only letters, digits, '-', '_' and '.'")));
+        }
+        let pg = match file.stanza.get(&stanza) {
+            Some(section) => flags.or(section),
+            None if flags.pg_data.is_some() || flags.pg_port.is_some() || flags.pg_host.is_some() => flags,
+            None => {
+                let known: Vec<_> = file.stanza.keys().map(String::as_str).collect();
+                return Err(Error::Input(format!(
+                    "stanza '{stanza}' is not in the config file (it has: {}); add a [stanza.{stanza}] section or fix --stanza",
+                    if known.is_empty() { "none".into() } else { known.join(", ") }
+                )));
+            }
+        };
+        let mut repos = file.repo.clone();
+        if repo_index == 0 || repo_index > 4 {
+            return Err(Error::Input(format!("--repo {repo_index} is out of range: repositories are numbered 1 to 4")));
+        }
+        if !repo_flags.is_empty() {
+            while repos.len() < repo_index {
+                repos.push(RepoOptions::default());
+            }
+            repos[repo_index - 1] = repo_flags.or(&repos[repo_index - 1]);
+        }
+        if repos.is_empty() {
+            return Err(Error::Input("no repository configured: add a [[repo]] table with `location` or pass --location".into()));
+        }
+        for (i, r) in repos.iter().enumerate() {
+            if r.location.as_deref().unwrap_or("").is_empty() {
+                return Err(Error::Input(format!("repo {} has no `location`: set it in its [[repo]] table or pass --location", i + 1)));
+            }
+        }
+        Ok(Settings {
+            stanza,
+            pg,
+            repos,
+            jobs: file.jobs.unwrap_or_else(default_jobs).max(1),
+            archive_timeout: file.archive_timeout.unwrap_or(60),
+        })
+    }
+
+    /// The data directory, or an error saying how to set it.
+    pub fn pg_data(&self) -> Result<&Path> {
+        self.pg.pg_data.as_deref().ok_or_else(|| {
+            Error::Input(format!("no data directory for stanza '{}': set pg-data in [stanza.{}] or pass --pg-data", self.stanza, self.stanza))
+        })
+    }
+}
+
+fn default_jobs() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_contract_example() {
+        let f = ConfigFile::parse(
+            r#"
+[stanza.demo]
+pg-data = "/var/lib/postgresql/15/main"
+pg-host = "/var/run/postgresql"
+pg-port = 5432
+pg-user = "postgres"
+
+[[repo]]
+location = "/var/lib/pgkeep"
+compress = "zstd"
+retention-full = 2
+"#,
+        )
+        .unwrap();
+        let s = Settings::resolve(&f, Some("demo"), StanzaOptions::default(), RepoOptions::default(), 1).unwrap();
+        assert_eq!(s.pg.pg_port, Some(5432));
+        assert_eq!(s.repos[0].compress, Some(Compress::Zstd));
+    }
+
+    #[test]
+    fn unknown_keys_are_named_on_one_line() {
+        let e = ConfigFile::parse("[[repo]]\nlocation = \"/x\"\ncompres = \"zstd\"\n").unwrap_err();
+        assert!(e.contains("compres") && e.contains("line 3") && !e.contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn flags_override_the_file_and_missing_stanza_is_explained() {
+        let f = ConfigFile::parse("[stanza.a]\npg-port = 1\n[[repo]]\nlocation = \"/r\"\n").unwrap();
+        let flags = StanzaOptions { pg_port: Some(2), ..Default::default() };
+        let s = Settings::resolve(&f, Some("a"), flags, RepoOptions::default(), 1).unwrap();
+        assert_eq!(s.pg.pg_port, Some(2));
+        let e = Settings::resolve(&f, Some("b"), StanzaOptions::default(), RepoOptions::default(), 1).unwrap_err();
+        assert!(e.to_string().contains("stanza 'b' is not in the config file"), "{e}");
+    }
+}

@@ -1,0 +1,112 @@
+//! `info`: what each repository holds for a stanza, as a structure that
+//! serialises to the contract's JSON (`info --output json`).
+
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::repo::{BackupType, Manifest};
+use crate::types::{BackupLabel, Lsn};
+use crate::Stanza;
+
+/// One stanza, as `info --output json` prints it.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct StanzaInfo {
+    /// Stanza name.
+    pub stanza: String,
+    /// The cluster's system identifier.
+    pub system_id: String,
+    /// PostgreSQL major version.
+    pub pg_version: String,
+    /// Range of archived WAL.
+    pub archive: ArchiveInfo,
+    /// Backups of every repository, oldest first.
+    pub backups: Vec<BackupInfo>,
+}
+
+/// Range of archived WAL segments.
+#[derive(Debug, Serialize, Default)]
+pub struct ArchiveInfo {
+    /// Oldest segment.
+    pub min: Option<String>,
+    /// Newest segment.
+    pub max: Option<String>,
+}
+
+/// One backup.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BackupInfo {
+    /// Label.
+    pub label: BackupLabel,
+    /// full, diff or incr.
+    #[serde(rename = "type")]
+    pub kind: BackupType,
+    /// The backup it depends on.
+    pub prior: Option<BackupLabel>,
+    /// RFC 3339.
+    pub start_time: String,
+    /// RFC 3339.
+    pub stop_time: String,
+    /// Start LSN.
+    pub start_lsn: Lsn,
+    /// Stop LSN.
+    pub stop_lsn: Lsn,
+    /// First WAL segment needed.
+    pub start_wal: String,
+    /// Last WAL segment needed.
+    pub stop_wal: String,
+    /// Bytes of database.
+    pub size: u64,
+    /// Bytes stored.
+    pub repo_size: u64,
+    /// Repository number.
+    pub repo: usize,
+}
+
+impl BackupInfo {
+    fn of(m: &Manifest, repo: usize) -> Self {
+        let ts = |t: &chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        BackupInfo {
+            label: m.label.clone(),
+            kind: m.kind,
+            prior: m.prior.clone(),
+            start_time: ts(&m.start_time),
+            stop_time: ts(&m.stop_time),
+            start_lsn: m.start_lsn,
+            stop_lsn: m.stop_lsn,
+            start_wal: m.start_wal.clone(),
+            stop_wal: m.stop_wal.clone(),
+            size: m.size,
+            repo_size: m.repo_size,
+            repo,
+        }
+    }
+}
+
+/// Collects the info of a stanza across its repositories.
+pub async fn collect(stanza: &Stanza) -> Result<StanzaInfo> {
+    let repos = stanza.open_all().await?;
+    let meta = &repos[0].meta;
+    let mut archive = ArchiveInfo::default();
+    let mut backups = Vec::new();
+    for r in &repos {
+        for (_, w) in r.list_segments().await? {
+            if archive.min.as_ref().is_none_or(|m| &w.name < m) {
+                archive.min = Some(w.name.clone());
+            }
+            if archive.max.as_ref().is_none_or(|m| &w.name > m) {
+                archive.max = Some(w.name.clone());
+            }
+        }
+        backups.extend(r.backups().await?.iter().map(|m| BackupInfo::of(m, r.number)));
+    }
+    backups.sort_by(|a, b| (&a.start_time, &a.label).cmp(&(&b.start_time, &b.label)));
+    Ok(StanzaInfo {
+        stanza: stanza.name().to_owned(),
+        system_id: meta.system_id.to_string(),
+        pg_version: meta.pg_major().to_string(),
+        archive,
+        backups,
+    })
+}

@@ -1,0 +1,90 @@
+//! # pgkeep-core
+//!
+//! The pgkeep engine: continuous WAL archiving, hot physical backups and
+//! point-in-time restore of PostgreSQL, to and from a local directory, S3,
+//! GCS or Azure. It knows nothing of terminals: the `pgkeep` binary (and
+//! later the Kubernetes operator) parse input, show output and call it.
+//!
+//! The map of the crate:
+//!
+//! - [`config`]: the option structs shared by the TOML file and the flags;
+//! - [`storage`]: one interface over `object_store` backends;
+//! - [`repo`]: the repository format (stanza metadata, WAL archive,
+//!   backups and their manifests), see `docs/repository-format.md`;
+//! - [`pg`]: the connection to PostgreSQL and WAL header checks;
+//! - [`wal`]: `archive-push` and `archive-get`;
+//! - [`backup`], [`restore`]: plan, then execute;
+//! - [`info`], [`stanza`]: reports and stanza set-up;
+//! - [`types`]: `Lsn`, `TimelineId`, `WalSegment`, `BackupLabel`, ...
+//!
+//! ```no_run
+//! # async fn demo() -> pgkeep_core::Result<()> {
+//! use pgkeep_core::config::{ConfigFile, RepoOptions, Settings, StanzaOptions};
+//! let file = ConfigFile::load("/etc/pgkeep/pgkeep.toml".as_ref(), true)?;
+//! let settings = Settings::resolve(&file, Some("demo"), StanzaOptions::default(), RepoOptions::default(), 1)?;
+//! let stanza = pgkeep_core::Stanza::new(settings);
+//! let manifest = pgkeep_core::backup::run(&stanza, &Default::default()).await?;
+//! println!("backup {} holds {} bytes", manifest.label, manifest.size);
+//! # Ok(()) }
+//! ```
+
+pub mod backup;
+pub mod codec;
+pub mod config;
+pub mod error;
+pub mod info;
+pub mod pg;
+pub mod progress;
+pub mod repo;
+pub mod restore;
+pub mod stanza;
+pub mod storage;
+pub mod types;
+pub mod wal;
+
+pub use error::{Error, Result};
+
+use config::Settings;
+use repo::Repository;
+use storage::Store;
+
+/// A stanza as configured: the entry point of every operation.
+#[derive(Debug, Clone)]
+pub struct Stanza {
+    /// Resolved settings.
+    pub settings: Settings,
+}
+
+impl Stanza {
+    /// Wraps resolved settings.
+    pub fn new(settings: Settings) -> Self {
+        Stanza { settings }
+    }
+
+    /// The name of the stanza.
+    pub fn name(&self) -> &str {
+        &self.settings.stanza
+    }
+
+    /// Opens the store of repository `number` (1-based).
+    pub fn store(&self, number: usize) -> Result<Store> {
+        let opts = self.settings.repos.get(number.wrapping_sub(1)).ok_or_else(|| {
+            Error::Input(format!("repo {number} is not configured ({} configured); check --repo", self.settings.repos.len()))
+        })?;
+        Store::open(opts)
+    }
+
+    /// Opens the stanza in repository `number`.
+    pub async fn open(&self, number: usize) -> Result<Repository> {
+        Repository::open(&self.store(number)?, self.name(), number).await
+    }
+
+    /// Opens the stanza in every repository.
+    pub async fn open_all(&self) -> Result<Vec<Repository>> {
+        let mut out = Vec::new();
+        for n in 1..=self.settings.repos.len() {
+            out.push(self.open(n).await?);
+        }
+        Ok(out)
+    }
+}

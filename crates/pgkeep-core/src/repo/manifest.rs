@@ -1,0 +1,209 @@
+//! The backup manifest and the stanza metadata, and the checksummed JSON
+//! envelope every metadata object is stored in.
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::codec::Compress;
+use crate::error::{Error, Result};
+use crate::types::{BackupLabel, Lsn, SystemId, TimelineId};
+
+/// Version of the repository format this build writes and reads.
+pub const FORMAT: u32 = 1;
+
+/// `<stanza>/stanza.json`: which cluster the stanza belongs to.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "kebab-case")]
+pub struct StanzaMeta {
+    /// Name of the stanza.
+    pub stanza: String,
+    /// The cluster's system identifier.
+    pub system_id: SystemId,
+    /// `server_version_num`, e.g. 150014.
+    pub pg_version: u32,
+    /// WAL segment size in bytes.
+    pub wal_segment_size: u64,
+    /// When the stanza was created.
+    pub created: DateTime<Utc>,
+}
+
+impl StanzaMeta {
+    /// Major version, e.g. 15.
+    pub fn pg_major(&self) -> u32 {
+        self.pg_version / 10000
+    }
+}
+
+/// Kind of backup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackupType {
+    /// Everything.
+    Full,
+    /// Changes since the last full backup.
+    Diff,
+    /// Changes since the last backup of any type.
+    Incr,
+}
+
+/// A tablespace as found at backup time.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "kebab-case")]
+pub struct Tablespace {
+    /// Its OID: the name of its link under `pg_tblspc`.
+    pub oid: u32,
+    /// Its name.
+    pub name: String,
+    /// Where it lived on the source.
+    pub location: String,
+}
+
+/// A directory of the data directory (kept even when empty).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DirEntry {
+    /// Path relative to the data directory.
+    pub path: String,
+    /// Unix permission bits.
+    pub mode: u32,
+}
+
+/// A file of the backup.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "kebab-case")]
+pub struct FileEntry {
+    /// Path relative to the data directory (tablespace files under
+    /// `pg_tblspc/<oid>/`).
+    pub path: String,
+    /// Bytes copied.
+    pub size: u64,
+    /// Unix permission bits.
+    pub mode: u32,
+    /// Modification time at backup (seconds since the epoch).
+    pub mtime: i64,
+    /// BLAKE3 of the file's content as copied, hex.
+    pub checksum: String,
+    /// Key of the stored object, relative to the stanza.
+    pub key: String,
+    /// Bytes stored.
+    pub repo_size: u64,
+}
+
+/// `<stanza>/backup/<label>/manifest.json`: a backup exists once this is
+/// written, and only then.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Manifest {
+    /// The backup's label.
+    pub label: BackupLabel,
+    /// full, diff or incr.
+    #[serde(rename = "type")]
+    pub kind: BackupType,
+    /// The backup this one depends on.
+    pub prior: Option<BackupLabel>,
+    /// When `pg_backup_start` was called.
+    pub start_time: DateTime<Utc>,
+    /// When `pg_backup_stop` returned and the WAL was archived.
+    pub stop_time: DateTime<Utc>,
+    /// Redo point of the backup's checkpoint.
+    pub start_lsn: Lsn,
+    /// End of the backup: the cluster is consistent from here.
+    pub stop_lsn: Lsn,
+    /// Timeline at backup start.
+    pub timeline: TimelineId,
+    /// First WAL segment the backup needs.
+    pub start_wal: String,
+    /// Last WAL segment the backup needs.
+    pub stop_wal: String,
+    /// The cluster's system identifier.
+    pub system_id: SystemId,
+    /// `server_version_num`.
+    pub pg_version: u32,
+    /// Next transaction id when the backup started (`pg_current_snapshot` xmin).
+    pub start_xid: u64,
+    /// Next transaction id after the backup stopped (`pg_current_snapshot` xmax).
+    pub stop_xid: u64,
+    /// Compression of the stored files.
+    pub compress: Compress,
+    /// Bytes of database copied.
+    pub size: u64,
+    /// Bytes stored for this backup.
+    pub repo_size: u64,
+    /// The `backup_label` returned by `pg_backup_stop`.
+    pub backup_label: String,
+    /// The `tablespace_map` returned by `pg_backup_stop`, if any.
+    pub tablespace_map: Option<String>,
+    /// Tablespaces.
+    pub tablespaces: Vec<Tablespace>,
+    /// Directories, parents before children.
+    pub dirs: Vec<DirEntry>,
+    /// Files.
+    pub files: Vec<FileEntry>,
+}
+
+#[derive(Serialize)]
+struct SealedOut<'a> {
+    format: u32,
+    checksum: String,
+    content: &'a RawValue,
+}
+
+#[derive(Deserialize)]
+struct SealedIn {
+    format: u32,
+    checksum: String,
+    content: Box<RawValue>,
+}
+
+/// Serialises `value` in the checksummed envelope
+/// `{"format":1,"checksum":"<blake3 of content>","content":{...}}`.
+pub fn seal<T: Serialize>(value: &T) -> Bytes {
+    let content = serde_json::to_string_pretty(value).expect("metadata serialises");
+    let raw = RawValue::from_string(content).expect("serde_json output is JSON");
+    let checksum = blake3::hash(raw.get().as_bytes()).to_hex().to_string();
+    let out = SealedOut { format: FORMAT, checksum, content: &raw };
+    Bytes::from(serde_json::to_vec_pretty(&out).expect("envelope serialises"))
+}
+
+/// Reads an envelope written by [`seal`], checking format and checksum.
+/// `what` names the object in errors.
+pub fn unseal<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T> {
+    let env: SealedIn = serde_json::from_slice(bytes).map_err(|e| Error::Corrupt(format!("{what} is damaged ({e}); it cannot be read")))?;
+    if env.format > FORMAT {
+        return Err(Error::Refused(format!(
+            "{what} has repository format {} but this pgkeep reads format {FORMAT} at most; upgrade pgkeep",
+            env.format
+        )));
+    }
+    if blake3::hash(env.content.get().as_bytes()).to_hex().as_str() != env.checksum {
+        return Err(Error::Corrupt(format!("{what} fails its checksum: the stored object is corrupt")));
+    }
+    serde_json::from_str(env.content.get()).map_err(|e| Error::Corrupt(format!("{what} is damaged ({e}); it cannot be read")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sealed_metadata_round_trips_and_detects_a_flipped_byte() {
+        let meta = StanzaMeta {
+            stanza: "demo".into(),
+            system_id: SystemId(7_300_000_000_000_000_001),
+            pg_version: 150014,
+            wal_segment_size: 16 << 20,
+            created: Utc::now(),
+        };
+        let sealed = seal(&meta);
+        assert_eq!(unseal::<StanzaMeta>(&sealed, "stanza.json").unwrap(), meta);
+        let mut bad = sealed.to_vec();
+        let at = bad.windows(4).position(|w| w == b"demo").unwrap();
+        bad[at] = b'x';
+        let e = unseal::<StanzaMeta>(&bad, "stanza.json").unwrap_err();
+        assert!(matches!(e, Error::Corrupt(_)), "{e}");
+        let e = unseal::<StanzaMeta>(&sealed[..sealed.len() / 2], "stanza.json").unwrap_err();
+        assert!(matches!(e, Error::Corrupt(_)), "{e}");
+    }
+}

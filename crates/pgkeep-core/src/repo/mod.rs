@@ -1,0 +1,292 @@
+//! The repository: one stanza's metadata, WAL archive and backups in a
+//! [`Store`]. The layout and the crash-safety argument are written down in
+//! `docs/repository-format.md`; in short:
+//!
+//! ```text
+//! <location>/<stanza>/stanza.json                          which cluster
+//! <location>/<stanza>/archive/<tli+log>/<segment>-<blake3><ext>
+//! <location>/<stanza>/archive/history/<tli>.history-<blake3><ext>
+//! <location>/<stanza>/backup/<label>/pg_data/<path><ext>   file contents
+//! <location>/<stanza>/backup/<label>/manifest.json         written last
+//! ```
+//!
+//! Concurrency: any number of `archive-push`, `archive-get`, `info` and
+//! `restore` may run together. Archived names carry the content's checksum,
+//! so two pushes can never overwrite each other, whatever the store
+//! guarantees about conditional writes. Two backups of one stanza write to
+//! different labels; locking them against each other is future work.
+
+pub mod manifest;
+
+use bytes::Bytes;
+
+use crate::codec::{self, Compress};
+use crate::error::{Error, Result};
+use crate::storage::{Listed, Store};
+use crate::types::{BackupLabel, SystemId, WalFileName, WalSegment};
+pub use manifest::{BackupType, DirEntry, FileEntry, Manifest, StanzaMeta, Tablespace};
+
+/// A stanza in one repository.
+#[derive(Clone, Debug)]
+pub struct Repository {
+    store: Store,
+    /// 1-based number of the repository in the configuration.
+    pub number: usize,
+    /// The stanza's metadata.
+    pub meta: StanzaMeta,
+}
+
+/// An archived WAL file as found in the archive.
+#[derive(Debug, Clone)]
+pub struct ArchivedWal {
+    /// The WAL file name, e.g. `000000010000000000000003`.
+    pub name: String,
+    /// Key relative to the stanza.
+    pub key: String,
+    /// BLAKE3 of the original content, hex.
+    pub checksum: String,
+    /// How it is compressed.
+    pub compress: Compress,
+    /// Stored bytes.
+    pub size: u64,
+    /// When it was stored.
+    pub modified: chrono::DateTime<chrono::Utc>,
+}
+
+/// Result of [`Repository::push_wal`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Pushed {
+    /// Stored now.
+    Stored,
+    /// The same content was already archived.
+    AlreadyArchived,
+}
+
+const STANZA_FILE: &str = "stanza.json";
+
+impl Repository {
+    /// Opens `stanza` in `store`; a clear error when it was never created.
+    pub async fn open(store: &Store, stanza: &str, number: usize) -> Result<Repository> {
+        let store = store.sub(stanza);
+        let what = format!("{STANZA_FILE} of stanza '{stanza}' in repo {number} ({})", store.location());
+        match store.get(STANZA_FILE).await? {
+            Some(bytes) => Ok(Repository { meta: manifest::unseal(&bytes, &what)?, store, number }),
+            None => Err(Error::Input(format!(
+                "stanza '{stanza}' does not exist in repo {number} ({}): run `pgkeep --stanza {stanza} stanza-create` first",
+                store.location()
+            ))),
+        }
+    }
+
+    /// Creates the stanza, or accepts an existing one of the same cluster.
+    /// Returns whether it was created now.
+    pub async fn create(store: &Store, meta: StanzaMeta, number: usize) -> Result<(Repository, bool)> {
+        let sub = store.sub(&meta.stanza);
+        if let Some(bytes) = sub.get(STANZA_FILE).await? {
+            let what = format!("{STANZA_FILE} in repo {number}");
+            let existing: StanzaMeta = manifest::unseal(&bytes, &what)?;
+            existing.same_cluster(&meta, number, sub.location())?;
+            return Ok((Repository { store: sub, number, meta: existing }, false));
+        }
+        // Refuse a location holding WAL or backups without metadata: they
+        // belong to something we cannot vouch for.
+        if !sub.list("").await?.is_empty() {
+            return Err(Error::Refused(format!(
+                "repo {number} ({}) already holds files for stanza '{}' but no {STANZA_FILE}; use an empty location",
+                sub.location(),
+                meta.stanza
+            )));
+        }
+        sub.put(STANZA_FILE, manifest::seal(&meta), true).await?;
+        // Read back what won, in case another stanza-create raced us.
+        let repo = Repository::open(store, &meta.stanza, number).await?;
+        repo.meta.same_cluster(&meta, number, sub.location())?;
+        Ok((repo, true))
+    }
+
+    /// The store under the stanza.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Refuses data of another cluster.
+    pub fn check_system_id(&self, id: SystemId, of_what: &str) -> Result<()> {
+        if id != self.meta.system_id {
+            return Err(Error::Refused(format!(
+                "{of_what} belongs to the cluster with system identifier {id}, but stanza '{}' in repo {} holds cluster {}; check --stanza and the repository",
+                self.meta.stanza, self.number, self.meta.system_id
+            )));
+        }
+        Ok(())
+    }
+
+    // ----- WAL archive -----
+
+    /// Archives one WAL file whose content is `data`. An identical file
+    /// already archived is success; a different one is refused and nothing
+    /// is overwritten (the key carries the checksum, so it cannot be).
+    pub async fn push_wal(&self, name: &WalFileName, data: &[u8], compress: Compress, level: Option<i32>) -> Result<Pushed> {
+        let checksum = blake3::hash(data).to_hex().to_string();
+        for found in self.find_wal(name).await? {
+            if found.checksum == checksum {
+                return Ok(Pushed::AlreadyArchived);
+            }
+            return Err(Error::Refused(format!(
+                "WAL file {} is already archived in repo {} with different content; refusing to overwrite it. Another cluster may be archiving to stanza '{}': check archive_command",
+                name.as_str(),
+                self.number,
+                self.meta.stanza
+            )));
+        }
+        let packed = codec::compress_bytes(compress, level, data).map_err(Error::io("cannot compress WAL"))?;
+        let key = format!("archive/{}/{}-{checksum}{}", name.archive_dir(), name.as_str(), compress.extension());
+        self.store.put(&key, Bytes::from(packed), true).await?;
+        Ok(Pushed::Stored)
+    }
+
+    /// Every archived copy of `name` (normally zero or one).
+    pub async fn find_wal(&self, name: &WalFileName) -> Result<Vec<ArchivedWal>> {
+        let dir = format!("archive/{}", name.archive_dir());
+        let mut out = Vec::new();
+        for l in self.store.list(&dir).await? {
+            if let Some(w) = parse_archived(&dir, l) {
+                if w.name == name.as_str() {
+                    out.push(w);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reads and verifies an archived WAL file; `NotFound` when absent.
+    pub async fn get_wal(&self, name: &WalFileName) -> Result<Vec<u8>> {
+        let found = self.find_wal(name).await?;
+        let w = match found.as_slice() {
+            [] => return Err(Error::NotFound(format!("WAL file {} is not in repo {}", name.as_str(), self.number))),
+            [one] => one,
+            _ => {
+                return Err(Error::Corrupt(format!(
+                    "repo {} holds {} different copies of WAL file {}; remove the wrong one (see `pgkeep verify`)",
+                    self.number,
+                    found.len(),
+                    name.as_str()
+                )))
+            }
+        };
+        let what = format!("archived WAL object '{}' in repo {}", w.key, self.number);
+        let stored = self.store.get(&w.key).await?.ok_or_else(|| Error::Corrupt(format!("{what} vanished while being read")))?;
+        let limit = (self.meta.wal_segment_size).max(64 << 20);
+        let data = codec::decompress_bytes(w.compress, &stored, limit)
+            .map_err(|e| Error::Corrupt(format!("{what} cannot be decompressed ({e}): it is corrupt or truncated")))?;
+        if blake3::hash(&data).to_hex().as_str() != w.checksum {
+            return Err(Error::Corrupt(format!("{what} fails its checksum: it is corrupt or truncated")));
+        }
+        Ok(data)
+    }
+
+    /// Every archived WAL file, sorted by name.
+    pub async fn list_wal(&self) -> Result<Vec<ArchivedWal>> {
+        let mut out: Vec<_> = self.store.list("archive").await?.into_iter().filter_map(|l| parse_archived("archive", l)).collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// Archived segments (not history, partial or backup files), sorted.
+    pub async fn list_segments(&self) -> Result<Vec<(WalSegment, ArchivedWal)>> {
+        let seg = self.meta.wal_segment_size;
+        Ok(self.list_wal().await?.into_iter().filter_map(|w| WalSegment::parse(&w.name, seg).map(|s| (s, w))).collect())
+    }
+
+    // ----- backups -----
+
+    /// Key prefix of a backup's objects.
+    pub fn backup_dir(label: &BackupLabel) -> String {
+        format!("backup/{label}")
+    }
+
+    /// Writes the manifest: the backup exists from this moment.
+    pub async fn write_manifest(&self, m: &Manifest) -> Result<()> {
+        let key = format!("{}/manifest.json", Self::backup_dir(&m.label));
+        if !self.store.put(&key, manifest::seal(m), true).await? {
+            return Err(Error::Refused(format!("backup {} already exists in repo {}", m.label, self.number)));
+        }
+        Ok(())
+    }
+
+    /// Reads one backup's manifest.
+    pub async fn manifest(&self, label: &BackupLabel) -> Result<Manifest> {
+        let key = format!("{}/manifest.json", Self::backup_dir(label));
+        let what = format!("manifest of backup {label} in repo {}", self.number);
+        let bytes = self.store.get(&key).await?.ok_or_else(|| {
+            Error::Input(format!("backup {label} does not exist in repo {} of stanza '{}'; `pgkeep info` lists the backups", self.number, self.meta.stanza))
+        })?;
+        manifest::unseal(&bytes, &what)
+    }
+
+    /// All complete backups (those with a manifest), oldest first.
+    pub async fn backups(&self) -> Result<Vec<Manifest>> {
+        let mut labels = self.store.list_dirs("backup").await?;
+        labels.sort();
+        let mut out = Vec::new();
+        for l in labels {
+            let label = BackupLabel(l);
+            let key = format!("{}/manifest.json", Self::backup_dir(&label));
+            if let Some(bytes) = self.store.get(&key).await? {
+                out.push(manifest::unseal(&bytes, &format!("manifest of backup {label} in repo {}", self.number))?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes every object of a backup directory (used to clean up a
+    /// backup that failed before its manifest was written).
+    pub async fn remove_backup_objects(&self, label: &BackupLabel) -> Result<()> {
+        let dir = Self::backup_dir(label);
+        let keys = self.store.list(&dir).await?.into_iter().map(|l| format!("{dir}/{}", l.key)).collect();
+        self.store.delete_all(keys).await
+    }
+}
+
+impl StanzaMeta {
+    fn same_cluster(&self, other: &StanzaMeta, number: usize, location: &str) -> Result<()> {
+        if self.system_id != other.system_id {
+            return Err(Error::Refused(format!(
+                "repo {number} ({location}) holds stanza '{}' of another cluster (system identifier {}, this one is {}); use another stanza name or repository",
+                self.stanza, self.system_id, other.system_id
+            )));
+        }
+        if self.pg_major() != other.pg_major() {
+            return Err(Error::Refused(format!(
+                "repo {number} ({location}) holds stanza '{}' for PostgreSQL {}, but the server is PostgreSQL {}; create a new stanza after a major upgrade",
+                self.stanza,
+                self.pg_major(),
+                other.pg_major()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Parses `<name>-<blake3><ext>` under `dir`.
+fn parse_archived(dir: &str, l: Listed) -> Option<ArchivedWal> {
+    let file = l.key.rsplit('/').next()?;
+    let (name, rest) = file.rsplit_once('-')?;
+    let (checksum, compress) = match rest.split_once('.') {
+        Some((c, "zst")) => (c, Compress::Zstd),
+        Some((c, "lz4")) => (c, Compress::Lz4),
+        Some((c, "gz")) => (c, Compress::Gzip),
+        None => (rest, Compress::None),
+        _ => return None,
+    };
+    if checksum.len() != 64 || WalFileName::parse(name).is_none() {
+        return None;
+    }
+    Some(ArchivedWal {
+        name: name.to_owned(),
+        key: format!("{dir}/{}", l.key),
+        checksum: checksum.to_owned(),
+        compress,
+        size: l.size,
+        modified: l.modified,
+    })
+}

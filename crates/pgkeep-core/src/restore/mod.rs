@@ -1,0 +1,434 @@
+//! Restore: write a backup's files into a data directory and the recovery
+//! settings that make PostgreSQL, once started, fetch WAL with
+//! `pgkeep archive-get` and stop at the target.
+//!
+//! Safety:
+//! - a running cluster is never touched, a non-empty directory only with
+//!   `force`;
+//! - every file is checked against its checksum and size as it is written;
+//! - `global/pg_control` and `backup_label` are written last, so a restore
+//!   that stops halfway leaves a directory PostgreSQL refuses to start,
+//!   never one it would start inconsistent; on failure the files written are
+//!   removed again.
+
+pub mod target;
+
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use futures::{StreamExt, TryStreamExt};
+
+use crate::error::{Error, Result};
+use crate::progress::Progress;
+use crate::repo::{FileEntry, Manifest, Repository};
+use crate::storage::ObjectReader;
+use crate::types::BackupLabel;
+use crate::Stanza;
+pub use target::{Target, TargetAction};
+
+/// Options of a restore.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    /// Destination; default the stanza's pg-data.
+    pub pg_data: Option<PathBuf>,
+    /// Backup to restore; default chosen for the target.
+    pub set: Option<BackupLabel>,
+    /// Recovery target; `None` is the end of the archive.
+    pub target: Option<Target>,
+    /// Stop just before the target instead of just after.
+    pub exclusive: bool,
+    /// What to do at the target.
+    pub action: TargetAction,
+    /// `recovery_target_timeline`: latest, current or a number.
+    pub timeline: Option<String>,
+    /// Replace the contents of a non-empty destination.
+    pub force: bool,
+    /// Tablespace destinations by OID or name: (oid-or-name, directory).
+    pub tablespace_map: Vec<(String, PathBuf)>,
+    /// The `restore_command` to write (the front end knows how it was run).
+    pub restore_command: String,
+    /// Where to count progress.
+    pub progress: Option<Arc<Progress>>,
+}
+
+/// What a restore did.
+#[derive(Debug, Clone)]
+pub struct RestoreReport {
+    /// Backup restored.
+    pub label: BackupLabel,
+    /// Repository it came from.
+    pub repo: usize,
+    /// Destination.
+    pub pg_data: PathBuf,
+    /// Files and bytes written.
+    pub files: usize,
+    /// Bytes written.
+    pub bytes: u64,
+}
+
+/// The decided restore, before any file is written.
+struct Plan {
+    repo: Repository,
+    manifest: Manifest,
+    pg_data: PathBuf,
+    /// (link name under pg_tblspc, destination directory).
+    tablespaces: Vec<(u32, PathBuf)>,
+}
+
+/// Restores as `opts` says.
+pub async fn run(stanza: &Stanza, opts: &RestoreOptions) -> Result<RestoreReport> {
+    let plan = plan(stanza, opts).await?;
+    let created = prepare_dirs(&plan, opts.force)?;
+    match write_everything(&plan, opts, stanza.settings.jobs).await {
+        Ok(report) => Ok(report),
+        Err(e) => {
+            for dir in created.iter().rev() {
+                let _ = clear_dir(dir);
+            }
+            Err(e)
+        }
+    }
+}
+
+async fn plan(stanza: &Stanza, opts: &RestoreOptions) -> Result<Plan> {
+    let target = opts.target.clone().unwrap_or(Target::End);
+    let pg_data = match &opts.pg_data {
+        Some(p) => p.clone(),
+        None => stanza.settings.pg_data()?.to_path_buf(),
+    };
+    if !pg_data.is_absolute() {
+        return Err(Error::Input(format!("--pg-data {} must be an absolute path", pg_data.display())));
+    }
+    check_destination(&pg_data, opts.force)?;
+    let mut first_err = None;
+    for number in 1..=stanza.settings.repos.len() {
+        let attempt = async {
+            let repo = stanza.open(number).await?;
+            let backups = repo.backups().await?;
+            let m = target::choose(&backups, &target, opts.set.as_ref())?.clone();
+            check_archive_reaches(&repo, &target).await?;
+            Ok::<_, Error>((repo, m))
+        };
+        match attempt.await {
+            Ok((repo, manifest)) => {
+                let tablespaces = map_tablespaces(&manifest, &opts.tablespace_map)?;
+                for (_, dir) in &tablespaces {
+                    check_destination(dir, opts.force)?;
+                }
+                return Ok(Plan { repo, manifest, pg_data, tablespaces });
+            }
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    Err(first_err.expect("at least one repository"))
+}
+
+/// A target past the end of the archive cannot be reached: say so now
+/// rather than let recovery run to the end and fail.
+async fn check_archive_reaches(repo: &Repository, target: &Target) -> Result<()> {
+    let segments = repo.list_segments().await?;
+    let Some((last, wal)) = segments.iter().max_by_key(|(s, _)| (s.timeline, s.number)) else {
+        return Err(Error::Input(format!("repo {} holds no archived WAL; check archive_command", repo.number)));
+    };
+    let end_lsn = last.end_lsn(repo.meta.wal_segment_size);
+    let end_lsn = segments.iter().map(|(s, _)| s.end_lsn(repo.meta.wal_segment_size)).max().unwrap_or(end_lsn);
+    match target {
+        Target::Lsn(l) if *l >= end_lsn => Err(Error::Input(format!(
+            "target LSN {l} is after the end of the archive ({end_lsn}, segment {}); archive more WAL (SELECT pg_switch_wal()) or choose an earlier target",
+            wal.name
+        ))),
+        Target::Time(t) if *t > wal.modified => Err(Error::Input(format!(
+            "target time {} is after the end of the archive (segment {} archived at {}); archive more WAL (SELECT pg_switch_wal()) or choose an earlier target",
+            target::format_time(t),
+            wal.name,
+            target::format_time(&wal.modified)
+        ))),
+        _ => Ok(()),
+    }
+}
+
+fn map_tablespaces(m: &Manifest, map: &[(String, PathBuf)]) -> Result<Vec<(u32, PathBuf)>> {
+    for (key, _) in map {
+        if !m.tablespaces.iter().any(|t| &t.oid.to_string() == key || &t.name == key) {
+            return Err(Error::Input(format!("--tablespace-map {key}: backup {} has no such tablespace", m.label)));
+        }
+    }
+    Ok(m.tablespaces
+        .iter()
+        .map(|t| {
+            let dest = map.iter().find(|(k, _)| k == &t.oid.to_string() || k == &t.name).map(|(_, d)| d.clone());
+            (t.oid, dest.unwrap_or_else(|| PathBuf::from(&t.location)))
+        })
+        .collect())
+}
+
+/// Refuses a running cluster always, and a non-empty directory unless forced.
+fn check_destination(dir: &Path, force: bool) -> Result<()> {
+    let pid_file = dir.join("postmaster.pid");
+    if let Ok(text) = std::fs::read_to_string(&pid_file) {
+        let pid = text.lines().next().unwrap_or("").trim().to_owned();
+        if !pid.is_empty() && Path::new("/proc").join(&pid).exists() {
+            return Err(Error::Refused(format!(
+                "a PostgreSQL server (pid {pid}) is running on {}; stop it before restoring there",
+                dir.display()
+            )));
+        }
+    }
+    match std::fs::read_dir(dir).map(|mut entries| entries.next().is_some()) {
+        Ok(true) if !force => Err(Error::Refused(format!(
+            "{} is not empty; restore into an empty or new directory, or pass --force to replace its contents",
+            dir.display()
+        ))),
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(format!("cannot read {}", dir.display()))(e)),
+    }
+}
+
+/// Creates (or, forced, empties) the destinations; returns those to clear
+/// again if the restore fails.
+fn prepare_dirs(plan: &Plan, force: bool) -> Result<Vec<PathBuf>> {
+    let mut dirs = vec![plan.pg_data.clone()];
+    dirs.extend(plan.tablespaces.iter().map(|(_, d)| d.clone()));
+    for d in &dirs {
+        if force {
+            clear_dir(d).map_err(Error::io(format!("cannot empty {}", d.display())))?;
+        }
+        std::fs::create_dir_all(d).map_err(Error::io(format!("cannot create {}", d.display())))?;
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700)).map_err(Error::io(format!("cannot set the mode of {}", d.display())))?;
+    }
+    Ok(dirs)
+}
+
+fn clear_dir(dir: &Path) -> std::io::Result<()> {
+    match std::fs::read_dir(dir) {
+        Ok(entries) => {
+            for e in entries {
+                let p = e?.path();
+                if p.is_dir() && !p.is_symlink() {
+                    std::fs::remove_dir_all(&p)?;
+                } else {
+                    std::fs::remove_file(&p)?;
+                }
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+async fn write_everything(plan: &Plan, opts: &RestoreOptions, jobs: usize) -> Result<RestoreReport> {
+    let m = &plan.manifest;
+    let root = &plan.pg_data;
+    let io = |what: String| Error::io(what);
+    for d in &m.dirs {
+        let path = root.join(&d.path);
+        if let Some((oid, dest)) = tablespace_link(&d.path, &plan.tablespaces) {
+            std::os::unix::fs::symlink(dest, &path).map_err(io(format!("cannot link tablespace {oid} to {}", dest.display())))?;
+            continue;
+        }
+        std::fs::create_dir_all(&path).map_err(io(format!("cannot create {}", path.display())))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(d.mode & 0o7777))
+            .map_err(io(format!("cannot set the mode of {}", path.display())))?;
+    }
+    for sub in ["pg_wal", "pg_wal/archive_status"] {
+        std::fs::create_dir_all(root.join(sub)).map_err(io(format!("cannot create {sub}")))?;
+    }
+
+    let (last, rest): (Vec<&FileEntry>, Vec<&FileEntry>) = m.files.iter().partition(|f| f.path == "global/pg_control");
+    let progress = opts.progress.clone().unwrap_or_default();
+    progress.plan(m.files.len() as u64, m.size);
+    let store = plan.repo.store().object_store();
+    let rt = tokio::runtime::Handle::current();
+    let (repo_no, compress) = (plan.repo.number, m.compress);
+    let fetch = |f: &FileEntry| {
+        let (f, store, rt, progress, dest) = (f.clone(), store.clone(), rt.clone(), progress.clone(), root.join(&f.path));
+        tokio::task::spawn_blocking(move || restore_file(&f, &dest, store, compress, rt, &progress, repo_no))
+    };
+    futures::stream::iter(rest)
+        .map(fetch)
+        .buffer_unordered(jobs)
+        .map(|j| j.map_err(|e| Error::Input(format!("a restore worker stopped: {e}")))?)
+        .try_collect::<Vec<()>>()
+        .await?;
+    write_recovery_settings(root, m, opts)?;
+    for f in last {
+        fetch(f).await.map_err(|e| Error::Input(format!("a restore worker stopped: {e}")))??;
+    }
+    write_file(&root.join("backup_label"), m.backup_label.as_bytes())?;
+    Ok(RestoreReport { label: m.label.clone(), repo: repo_no, pg_data: root.clone(), files: m.files.len(), bytes: m.size })
+}
+
+fn tablespace_link<'a>(path: &str, map: &'a [(u32, PathBuf)]) -> Option<(u32, &'a PathBuf)> {
+    let oid = path.strip_prefix("pg_tblspc/")?;
+    map.iter().find(|(o, _)| o.to_string() == oid).map(|(o, d)| (*o, d))
+}
+
+/// Writes one file from its stored object, checking size and checksum.
+fn restore_file(
+    f: &FileEntry,
+    dest: &Path,
+    store: Arc<dyn object_store::ObjectStore>,
+    compress: crate::codec::Compress,
+    rt: tokio::runtime::Handle,
+    progress: &Progress,
+    repo_no: usize,
+) -> Result<()> {
+    let object = format!("stored object '{}' in repo {repo_no}", f.key);
+    let reader = ObjectReader::open(store, &f.key, rt).map_err(Error::storage(format!("cannot read {object}")))?;
+    let mut dec = compress.decoder(reader).map_err(|e| Error::Corrupt(format!("{object} cannot be decompressed ({e}): it is corrupt")))?;
+    let mut out = std::fs::File::create(dest).map_err(Error::io(format!("cannot create {}", dest.display())))?;
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = dec.read(&mut buf).map_err(|e| {
+            if e.get_ref().is_some_and(|i| i.is::<object_store::Error>()) {
+                Error::Io { what: format!("cannot read {object}"), cause: e }
+            } else {
+                Error::Corrupt(format!("{object} cannot be decompressed ({e}): it is corrupt or truncated"))
+            }
+        })?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        out.write_all(&buf[..n]).map_err(Error::io(format!("cannot write {}", dest.display())))?;
+        size += n as u64;
+        progress.add_bytes(n as u64);
+    }
+    if size != f.size || hasher.finalize().to_hex().as_str() != f.checksum {
+        return Err(Error::Corrupt(format!(
+            "{object} fails its checksum (restored {size} of {} bytes of {}): it is corrupt or truncated; restore another backup",
+            f.size, f.path
+        )));
+    }
+    out.set_permissions(std::fs::Permissions::from_mode(f.mode & 0o7777)).map_err(Error::io(format!("cannot set the mode of {}", dest.display())))?;
+    out.sync_all().map_err(Error::io(format!("cannot sync {}", dest.display())))?;
+    progress.file_done();
+    Ok(())
+}
+
+fn write_file(path: &Path, data: &[u8]) -> Result<()> {
+    let what = || format!("cannot write {}", path.display());
+    let mut f = std::fs::File::create(path).map_err(Error::io(what()))?;
+    f.write_all(data).and_then(|_| f.set_permissions(std::fs::Permissions::from_mode(0o600))).and_then(|_| f.sync_all()).map_err(Error::io(what()))
+}
+
+/// The recovery settings pgkeep owns; earlier values of these in
+/// `postgresql.auto.conf` (from the source or an earlier restore) are
+/// dropped so only ours apply.
+const RECOVERY_KEYS: &[&str] = &[
+    "restore_command",
+    "recovery_target",
+    "recovery_target_time",
+    "recovery_target_lsn",
+    "recovery_target_xid",
+    "recovery_target_name",
+    "recovery_target_inclusive",
+    "recovery_target_action",
+    "recovery_target_timeline",
+];
+
+/// The lines appended to `postgresql.auto.conf`.
+pub fn recovery_settings(label: &BackupLabel, opts: &RestoreOptions) -> Vec<String> {
+    let quote = |v: &str| format!("'{}'", v.replace('\'', "''"));
+    let mut lines = vec![format!("# recovery settings written by pgkeep restore of backup {label}")];
+    lines.push(format!("restore_command = {}", quote(&opts.restore_command)));
+    let target = match &opts.target {
+        None | Some(Target::End) => None,
+        Some(Target::Immediate) => Some(("recovery_target", "immediate".to_owned())),
+        Some(Target::Time(t)) => Some(("recovery_target_time", target::format_time(t))),
+        Some(Target::Lsn(l)) => Some(("recovery_target_lsn", l.to_string())),
+        Some(Target::Xid(x)) => Some(("recovery_target_xid", x.to_string())),
+        Some(Target::Name(n)) => Some(("recovery_target_name", n.clone())),
+    };
+    if let Some((key, value)) = target {
+        lines.push(format!("{key} = {}", quote(&value)));
+        if opts.exclusive && key != "recovery_target" {
+            lines.push("recovery_target_inclusive = false".into());
+        }
+        lines.push(format!("recovery_target_action = {}", quote(opts.action.as_str())));
+    }
+    if let Some(tl) = &opts.timeline {
+        lines.push(format!("recovery_target_timeline = {}", quote(tl)));
+    }
+    lines
+}
+
+fn write_recovery_settings(root: &Path, m: &Manifest, opts: &RestoreOptions) -> Result<()> {
+    let auto = root.join("postgresql.auto.conf");
+    let old = std::fs::read_to_string(&auto).unwrap_or_default();
+    let mut text: String = old
+        .lines()
+        .filter(|l| {
+            let key = l.split('=').next().unwrap_or("").trim();
+            !RECOVERY_KEYS.contains(&key) && !l.starts_with("# recovery settings written by pgkeep")
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    for l in recovery_settings(&m.label, opts) {
+        text.push_str(&l);
+        text.push('\n');
+    }
+    write_file(&auto, text.as_bytes())?;
+    write_file(&root.join("recovery.signal"), b"")
+}
+
+/// Validates a `--target-timeline` value.
+pub fn parse_timeline(s: &str) -> Result<String> {
+    match s {
+        "latest" | "current" => Ok(s.to_owned()),
+        n if n.parse::<u32>().is_ok_and(|n| n > 0) => Ok(n.to_owned()),
+        hex if hex.starts_with("0x") && u32::from_str_radix(&hex[2..], 16).is_ok() => Ok(hex.to_owned()),
+        _ => Err(Error::Input(format!("--target-timeline '{s}' must be latest, current or a timeline number"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_the_target_settings_postgres_reads() {
+        let opts = RestoreOptions {
+            target: Some(Target::Xid(42)),
+            exclusive: true,
+            action: TargetAction::Pause,
+            timeline: Some("current".into()),
+            restore_command: "/usr/bin/pgkeep --stanza it's archive-get %f \"%p\"".into(),
+            ..Default::default()
+        };
+        let lines = recovery_settings(&BackupLabel("L".into()), &opts);
+        assert_eq!(
+            lines[1..],
+            [
+                "restore_command = '/usr/bin/pgkeep --stanza it''s archive-get %f \"%p\"'",
+                "recovery_target_xid = '42'",
+                "recovery_target_inclusive = false",
+                "recovery_target_action = 'pause'",
+                "recovery_target_timeline = 'current'",
+            ]
+        );
+        let end = recovery_settings(&BackupLabel("L".into()), &RestoreOptions::default());
+        assert_eq!(end.len(), 2, "no target, no action: {end:?}");
+    }
+
+    #[test]
+    fn refuses_non_empty_directories_unless_forced() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(check_destination(&dir.path().join("new"), false).is_ok());
+        assert!(check_destination(dir.path(), false).is_ok());
+        std::fs::write(dir.path().join("PG_VERSION"), "15").unwrap();
+        assert!(matches!(check_destination(dir.path(), false), Err(Error::Refused(_))));
+        assert!(check_destination(dir.path(), true).is_ok());
+        std::fs::write(dir.path().join("postmaster.pid"), format!("{}\n", std::process::id())).unwrap();
+        let e = check_destination(dir.path(), true).unwrap_err().to_string();
+        assert!(e.contains("is running"), "{e}");
+    }
+}

@@ -1,0 +1,182 @@
+//! One storage interface over the `object_store` crate: a local directory,
+//! S3 (and S3-compatible servers), Google Cloud Storage and Azure Blob
+//! Storage. The engine never branches on the backend: it sees [`Store`],
+//! whose keys are relative to the repository's location.
+//!
+//! Local writes are atomic (temporary file, then rename) and fsynced by the
+//! `object_store` local backend; object stores make a PUT visible whole or
+//! not at all. That is what the repository's crash-safety argument rests on
+//! (see `docs/repository-format.md`).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use object_store::path::Path as KeyPath;
+use object_store::prefix::PrefixStore;
+use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+
+use crate::config::RepoOptions;
+use crate::error::{Error, Result};
+
+/// A repository's store, with keys relative to its location.
+#[derive(Clone, Debug)]
+pub struct Store {
+    inner: Arc<dyn ObjectStore>,
+    location: String,
+}
+
+/// One stored object as listed.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    /// Key relative to the location the list started from.
+    pub key: String,
+    /// Stored size in bytes.
+    pub size: u64,
+    /// When the store last wrote it.
+    pub modified: chrono::DateTime<chrono::Utc>,
+}
+
+impl Store {
+    /// Opens the store named by a repository's `location`.
+    pub fn open(opts: &RepoOptions) -> Result<Store> {
+        let location = opts.location.clone().unwrap_or_default();
+        let bad = |why: String| Error::Input(format!("repository location '{location}': {why}"));
+        let (scheme, rest) = match location.split_once("://") {
+            Some((s, r)) => (s, r),
+            None => ("file", location.as_str()),
+        };
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let inner: Arc<dyn ObjectStore> = match scheme {
+            "file" => {
+                let dir = std::path::Path::new(rest);
+                if !dir.is_absolute() {
+                    return Err(bad("a local repository needs an absolute path".into()));
+                }
+                std::fs::create_dir_all(dir).map_err(|e| bad(format!("cannot create the directory: {e}")))?;
+                let fs = object_store::local::LocalFileSystem::new_with_prefix(dir)
+                    .map_err(|e| bad(e.to_string()))?
+                    .with_automatic_cleanup(true);
+                return Ok(Store { inner: Arc::new(fs), location });
+            }
+            "s3" => {
+                let mut b = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+                if let Some(ep) = &opts.endpoint {
+                    b = b.with_endpoint(ep).with_allow_http(ep.starts_with("http://"));
+                }
+                b = b.with_region(opts.region.clone().unwrap_or_else(|| {
+                    std::env::var("AWS_REGION").or_else(|_| std::env::var("AWS_DEFAULT_REGION")).unwrap_or_else(|_| "us-east-1".into())
+                }));
+                b = b.with_virtual_hosted_style_request(!opts.path_style.unwrap_or(opts.endpoint.is_some()));
+                if let Some(k) = &opts.access_key_id {
+                    b = b.with_access_key_id(k);
+                }
+                if let Some(k) = &opts.secret_access_key {
+                    b = b.with_secret_access_key(k);
+                }
+                Arc::new(b.build().map_err(|e| bad(crate::error::one_line(&e)))?)
+            }
+            "gs" => {
+                let b = object_store::gcp::GoogleCloudStorageBuilder::from_env().with_bucket_name(bucket);
+                Arc::new(b.build().map_err(|e| bad(crate::error::one_line(&e)))?)
+            }
+            "az" => {
+                let mut b = object_store::azure::MicrosoftAzureBuilder::from_env().with_container_name(bucket);
+                if let Some(ep) = &opts.endpoint {
+                    b = b.with_endpoint(ep.clone()).with_allow_http(ep.starts_with("http://"));
+                }
+                Arc::new(b.build().map_err(|e| bad(crate::error::one_line(&e)))?)
+            }
+            other => return Err(bad(format!("unknown scheme '{other}://'; use a directory, s3://, gs:// or az://"))),
+        };
+        let inner: Arc<dyn ObjectStore> =
+            if prefix.trim_matches('/').is_empty() { inner } else { Arc::new(PrefixStore::new(inner, prefix.trim_matches('/'))) };
+        Ok(Store { inner, location })
+    }
+
+    /// The location this store was opened from, for messages.
+    pub fn location(&self) -> &str {
+        &self.location
+    }
+
+    /// A store whose keys are under `dir` of this one.
+    pub fn sub(&self, dir: &str) -> Store {
+        Store {
+            inner: Arc::new(PrefixStore::new(self.inner.clone(), dir)),
+            location: format!("{}/{}", self.location.trim_end_matches('/'), dir),
+        }
+    }
+
+    /// The underlying object store, for streaming readers and writers.
+    pub fn object_store(&self) -> Arc<dyn ObjectStore> {
+        self.inner.clone()
+    }
+
+    /// Reads a whole object; `None` when it does not exist.
+    pub async fn get(&self, key: &str) -> Result<Option<Bytes>> {
+        match self.inner.get(&KeyPath::from(key)).await {
+            Ok(r) => Ok(Some(r.bytes().await.map_err(Error::storage(self.what("read", key)))?)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(Error::storage(self.what("read", key))(e)),
+        }
+    }
+
+    /// Writes a whole object. With `create_only`, an existing object is left
+    /// alone and `Ok(false)` returned (where the store enforces it).
+    pub async fn put(&self, key: &str, data: Bytes, create_only: bool) -> Result<bool> {
+        let mode = if create_only { PutMode::Create } else { PutMode::Overwrite };
+        let opts = PutOptions { mode, ..Default::default() };
+        match self.inner.put_opts(&KeyPath::from(key), PutPayload::from_bytes(data), opts).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(e) => Err(Error::storage(self.what("write", key))(e)),
+        }
+    }
+
+    /// Lists every object under `dir` (recursively), keys relative to `dir`.
+    pub async fn list(&self, dir: &str) -> Result<Vec<Listed>> {
+        let prefix = KeyPath::from(dir);
+        let strip = if dir.is_empty() { 0 } else { prefix.as_ref().len() + 1 };
+        let metas: Vec<ObjectMeta> = self
+            .inner
+            .list(if dir.is_empty() { None } else { Some(&prefix) })
+            .try_collect()
+            .await
+            .map_err(Error::storage(self.what("list", dir)))?;
+        Ok(metas
+            .into_iter()
+            .map(|m| Listed { key: m.location.as_ref()[strip.min(m.location.as_ref().len())..].to_owned(), size: m.size, modified: m.last_modified })
+            .collect())
+    }
+
+    /// Names of the immediate "directories" under `dir`.
+    pub async fn list_dirs(&self, dir: &str) -> Result<Vec<String>> {
+        let prefix = KeyPath::from(dir);
+        let r = self
+            .inner
+            .list_with_delimiter(if dir.is_empty() { None } else { Some(&prefix) })
+            .await
+            .map_err(Error::storage(self.what("list", dir)))?;
+        Ok(r.common_prefixes.iter().filter_map(|p| p.filename().map(str::to_owned)).collect())
+    }
+
+    /// Deletes objects; missing ones are not an error.
+    pub async fn delete_all(&self, keys: Vec<String>) -> Result<()> {
+        let paths = futures::stream::iter(keys.into_iter().map(|k| Ok(KeyPath::from(k)))).boxed();
+        let mut results = self.inner.delete_stream(paths);
+        while let Some(r) = results.next().await {
+            match r {
+                Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(Error::storage(format!("cannot delete from {}", self.location))(e)),
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn what(&self, verb: &str, key: &str) -> String {
+        format!("cannot {verb} '{key}' in repository {}", self.location)
+    }
+}
+
+mod sync_io;
+pub use sync_io::{ObjectReader, ObjectWriter};

@@ -1,0 +1,98 @@
+//! Blocking `Read`/`Write` adapters over streaming object reads and
+//! multipart writes, for the CPU-bound pipelines (checksum, compression)
+//! that run on blocking worker threads. Memory per adapter is bounded: the
+//! writer buffers at most one part (plus the parts in flight), the reader
+//! one chunk of the response body.
+
+use std::io::{self, Read, Write};
+use std::sync::Arc;
+
+use bytes::{Buf, Bytes};
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use object_store::buffered::BufWriter;
+use object_store::path::Path as KeyPath;
+use object_store::{ObjectStore, ObjectStoreExt};
+use tokio::io::AsyncWriteExt;
+use tokio::runtime::Handle;
+
+/// Size of the buffer before a multipart upload starts, and of each part.
+const PART_SIZE: usize = 8 << 20;
+
+/// Writes one object from a blocking thread. Call [`ObjectWriter::finish`];
+/// dropping it unfinished leaves no object behind (the upload is aborted).
+pub struct ObjectWriter {
+    inner: Option<BufWriter>,
+    rt: Handle,
+    written: u64,
+}
+
+impl ObjectWriter {
+    /// Starts writing `key` of `store`; `rt` is the runtime to drive I/O on.
+    pub fn new(store: Arc<dyn ObjectStore>, key: &str, rt: Handle) -> Self {
+        let w = BufWriter::with_capacity(store, KeyPath::from(key), PART_SIZE).with_max_concurrency(2);
+        ObjectWriter { inner: Some(w), rt, written: 0 }
+    }
+
+    /// Completes the object; returns the bytes written.
+    pub fn finish(mut self) -> io::Result<u64> {
+        let mut w = self.inner.take().expect("finished once");
+        self.rt.block_on(w.shutdown())?;
+        Ok(self.written)
+    }
+}
+
+impl Write for ObjectWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let w = self.inner.as_mut().expect("not finished");
+        self.rt.block_on(w.write_all(buf))?;
+        self.written += buf.len() as u64;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for ObjectWriter {
+    fn drop(&mut self) {
+        if let Some(mut w) = self.inner.take() {
+            let _ = self.rt.block_on(w.abort());
+        }
+    }
+}
+
+/// Reads one object from a blocking thread.
+pub struct ObjectReader {
+    stream: BoxStream<'static, object_store::Result<Bytes>>,
+    chunk: Bytes,
+    rt: Handle,
+    /// Bytes read so far.
+    pub read: u64,
+}
+
+impl ObjectReader {
+    /// Opens `key` of `store`.
+    pub fn open(store: Arc<dyn ObjectStore>, key: &str, rt: Handle) -> object_store::Result<Self> {
+        let key = KeyPath::from(key);
+        let got = rt.block_on(async move { store.get(&key).await })?;
+        Ok(ObjectReader { stream: got.into_stream(), chunk: Bytes::new(), rt, read: 0 })
+    }
+}
+
+impl Read for ObjectReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.chunk.is_empty() {
+            match self.rt.block_on(self.stream.next()) {
+                Some(Ok(b)) => self.chunk = b,
+                Some(Err(e)) => return Err(io::Error::other(e)),
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.chunk.len());
+        buf[..n].copy_from_slice(&self.chunk[..n]);
+        self.chunk.advance(n);
+        self.read += n as u64;
+        Ok(n)
+    }
+}

@@ -1,0 +1,147 @@
+//! Flags and subcommands. Stanza and repository keys come from the same
+//! option structs as the config file (`pgkeep_core::config`).
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use pgkeep_core::config::{RepoOptions, StanzaOptions};
+use pgkeep_core::restore::TargetAction;
+
+/// PostgreSQL backup, WAL archiving and point-in-time restore.
+#[derive(Debug, Parser)]
+#[command(name = "pgkeep", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Config file (TOML).
+    #[arg(long, global = true, env = "PGKEEP_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Stanza: the PostgreSQL cluster to work on.
+    #[arg(long, global = true, env = "PGKEEP_STANZA")]
+    pub stanza: Option<String>,
+    /// Repository the repository flags (and `backup`) apply to, 1 to 4.
+    #[arg(long, global = true, default_value_t = 1)]
+    pub repo: usize,
+    /// Parallel workers for backup and restore.
+    #[arg(long, global = true)]
+    pub jobs: Option<usize>,
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+    #[command(flatten)]
+    pub pg: StanzaOptions,
+    #[command(flatten)]
+    pub repo_options: RepoOptions,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// For people.
+    Text,
+    /// For scripts.
+    Json,
+}
+
+/// Backup type flag.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum BackupTypeArg {
+    /// Everything.
+    Full,
+    /// Changes since the last full backup.
+    Diff,
+    /// Changes since the last backup.
+    Incr,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Initialise the stanza in every repository.
+    StanzaCreate,
+    /// Check configuration, connection and the WAL archive round trip.
+    Check,
+    /// Archive one WAL file (archive_command = 'pgkeep archive-push %p').
+    ArchivePush {
+        /// The file (%p).
+        path: PathBuf,
+    },
+    /// Fetch one WAL file (restore_command = 'pgkeep archive-get %f "%p"').
+    ArchiveGet {
+        /// WAL file name (%f).
+        name: String,
+        /// Where to write it (%p).
+        dest: PathBuf,
+    },
+    /// Take an online backup.
+    Backup {
+        /// full, diff or incr (default: incr when a full backup exists, else full).
+        #[arg(long = "type", value_enum)]
+        kind: Option<BackupTypeArg>,
+    },
+    /// Restore a backup so that starting PostgreSQL recovers to the target.
+    Restore(RestoreArgs),
+    /// Show backups and the WAL archive.
+    Info,
+    /// Apply retention or remove one backup.
+    Expire {
+        /// Backup to remove.
+        #[arg(long)]
+        set: Option<String>,
+        /// Show what would be removed.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Re-read and check stored data.
+    Verify {
+        /// Backup to verify.
+        #[arg(long)]
+        set: Option<String>,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+#[group(id = "target", multiple = false)]
+pub struct TargetArgs {
+    /// Recover to this time (RFC 3339, or PostgreSQL's text form with a zone).
+    #[arg(long)]
+    pub target_time: Option<String>,
+    /// Recover to this LSN.
+    #[arg(long)]
+    pub target_lsn: Option<String>,
+    /// Recover to the commit of this transaction.
+    #[arg(long)]
+    pub target_xid: Option<u64>,
+    /// Recover to this restore point (pg_create_restore_point).
+    #[arg(long)]
+    pub target_name: Option<String>,
+    /// Recover only to the end of the backup.
+    #[arg(long)]
+    pub target_immediate: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RestoreArgs {
+    /// Backup to restore (default: the right one for the target).
+    #[arg(long)]
+    pub set: Option<String>,
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// Stop just before the target instead of just after it.
+    #[arg(long)]
+    pub target_exclusive: bool,
+    /// What PostgreSQL does at the target.
+    #[arg(long, value_enum, default_value_t = TargetAction::Promote)]
+    pub target_action: TargetAction,
+    /// Timeline to recover along: latest, current or a number.
+    #[arg(long)]
+    pub target_timeline: Option<String>,
+    /// Rewrite only what differs in an existing data directory.
+    #[arg(long)]
+    pub delta: bool,
+    /// Replace the contents of a non-empty data directory.
+    #[arg(long)]
+    pub force: bool,
+    /// Restore a tablespace elsewhere: OID-or-NAME=DIR (repeatable).
+    #[arg(long, value_name = "TABLESPACE=DIR")]
+    pub tablespace_map: Vec<String>,
+}

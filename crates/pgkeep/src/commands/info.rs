@@ -1,0 +1,51 @@
+//! `info`: every stanza of the config file, or the one named.
+
+use anyhow::Result;
+use pgkeep_core::config::ConfigFile;
+use pgkeep_core::info::StanzaInfo;
+
+use crate::cli::{Cli, Output};
+use crate::progress::bytes;
+
+pub async fn run(cli: &Cli, file: &ConfigFile) -> Result<()> {
+    let names: Vec<Option<String>> = match &cli.stanza {
+        Some(s) => vec![Some(s.clone())],
+        None if file.stanza.len() > 1 => file.stanza.keys().cloned().map(Some).collect(),
+        None => vec![None],
+    };
+    let mut all = Vec::new();
+    for name in names {
+        let stanza = super::resolve(cli, file, name.as_deref())?;
+        all.push(pgkeep_core::info::collect(&stanza).await?);
+    }
+    match cli.output {
+        Output::Json => super::print_json(&all),
+        Output::Text => {
+            all.iter().for_each(print_text);
+            Ok(())
+        }
+    }
+}
+
+fn print_text(s: &StanzaInfo) {
+    println!("stanza: {}", s.stanza);
+    println!("    system-id {}, PostgreSQL {}", s.system_id, s.pg_version);
+    match (&s.archive.min, &s.archive.max) {
+        (Some(min), Some(max)) => println!("    wal archive min/max: {min} / {max}"),
+        _ => println!("    wal archive: empty"),
+    }
+    if s.backups.is_empty() {
+        println!("    no backups");
+    }
+    for b in &s.backups {
+        let kind = serde_json::to_value(b.kind).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+        println!();
+        println!("    {kind} backup: {} (repo {})", b.label, b.repo);
+        println!("        start/stop time: {} / {}", b.start_time, b.stop_time);
+        println!("        start/stop lsn: {} / {}, wal {} / {}", b.start_lsn, b.stop_lsn, b.start_wal, b.stop_wal);
+        println!("        database size: {}, stored: {}", bytes(b.size), bytes(b.repo_size));
+        if let Some(p) = &b.prior {
+            println!("        depends on: {p}");
+        }
+    }
+}

@@ -1,0 +1,71 @@
+//! One module per verb. Each takes the parsed flags and the resolved
+//! stanza, calls the engine and prints the result.
+
+mod archive;
+mod backup;
+mod check;
+mod info;
+mod restore;
+mod stanza_create;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use pgkeep_core::config::{ConfigFile, Settings};
+use pgkeep_core::Stanza;
+
+use crate::cli::{Cli, Command};
+
+const DEFAULT_CONFIG: &str = "/etc/pgkeep/pgkeep.toml";
+
+/// Runs the parsed command line.
+pub async fn run(cli: Cli) -> Result<()> {
+    let (file, config_path) = load_file(&cli)?;
+    match &cli.command {
+        Command::Info => return info::run(&cli, &file).await,
+        Command::Expire { .. } => anyhow::bail!("expire is not available yet in this version of pgkeep; remove backups by hand only with care"),
+        Command::Verify { .. } => anyhow::bail!("verify is not available yet in this version of pgkeep; a restore checks every object's checksum"),
+        _ => {}
+    }
+    let stanza = resolve(&cli, &file, cli.stanza.as_deref())?;
+    match &cli.command {
+        Command::StanzaCreate => stanza_create::run(&stanza).await,
+        Command::Check => check::run(&stanza).await,
+        Command::ArchivePush { path } => archive::push(&stanza, path).await,
+        Command::ArchiveGet { name, dest } => archive::get(&stanza, name, dest).await,
+        Command::Backup { kind } => backup::run(&cli, &stanza, *kind).await,
+        Command::Restore(args) => restore::run(&cli, &stanza, config_path.as_deref(), args).await,
+        Command::Info | Command::Expire { .. } | Command::Verify { .. } => unreachable!("handled above"),
+    }
+}
+
+/// Reads the config file: the one named by --config/PGKEEP_CONFIG (which
+/// must exist), else the default path if it exists.
+fn load_file(cli: &Cli) -> Result<(ConfigFile, Option<PathBuf>)> {
+    match &cli.config {
+        Some(p) => {
+            let abs = std::path::absolute(p).unwrap_or_else(|_| p.clone());
+            Ok((ConfigFile::load(&abs, true)?, Some(abs)))
+        }
+        None => {
+            let p = PathBuf::from(DEFAULT_CONFIG);
+            let exists = p.exists();
+            Ok((ConfigFile::load(&p, false)?, exists.then_some(p)))
+        }
+    }
+}
+
+/// Resolves one stanza's settings from the file and the flags.
+fn resolve(cli: &Cli, file: &ConfigFile, stanza: Option<&str>) -> Result<Stanza> {
+    let mut settings = Settings::resolve(file, stanza, cli.pg.clone(), cli.repo_options.clone(), cli.repo)?;
+    if let Some(j) = cli.jobs {
+        settings.jobs = j.max(1);
+    }
+    Ok(Stanza::new(settings))
+}
+
+/// Prints a value as pretty JSON on stdout.
+fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}

@@ -1,0 +1,51 @@
+//! Progress on a terminal: a line on stderr, redrawn twice a second, only
+//! when stderr is a terminal (scripts get the JSON result instead).
+
+use std::io::{IsTerminal, Write};
+use std::sync::Arc;
+use std::time::Duration;
+
+use pgkeep_core::progress::Progress;
+
+/// Shows `progress` under `verb` until the returned guard is dropped.
+pub struct Ticker(Option<tokio::task::JoinHandle<()>>);
+
+impl Ticker {
+    pub fn start(verb: &'static str, progress: Arc<Progress>) -> Ticker {
+        if !std::io::stderr().is_terminal() {
+            return Ticker(None);
+        }
+        let started = std::time::Instant::now();
+        Ticker(Some(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let (f, tf, b, tb) = progress.snapshot();
+                let secs = started.elapsed().as_secs_f64().max(0.001);
+                let pct = if tb > 0 { b * 100 / tb } else { 0 };
+                eprint!("\r{verb}: {pct:>3}%  {f}/{tf} files  {}/{}  {}/s   ", bytes(b), bytes(tb), bytes((b as f64 / secs) as u64));
+                let _ = std::io::stderr().flush();
+            }
+        })))
+    }
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            h.abort();
+            eprint!("\r\x1b[K");
+        }
+    }
+}
+
+/// Human-readable size.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+}

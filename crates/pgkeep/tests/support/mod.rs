@@ -1,0 +1,745 @@
+//! Test harness: real PostgreSQL clusters, a pgkeep runner, and a moto S3
+//! server, each cleaned up on drop.
+//!
+//! Facts this rests on (see shared/TESTING.md): PostgreSQL refuses to run as
+//! root, so every PostgreSQL program runs as `postgres` (through `setpriv`,
+//! which execs in place, so killing the child kills the program itself).
+//! Tests live in a directory under /tmp owned by `postgres`, and pgkeep is
+//! copied there because `archive_command` runs it as `postgres`, who cannot
+//! reach the cargo target directory when it lives under /root.
+//!
+//! Environment knobs:
+//! - `PGKEEP_TEST_PG_BIN`: PostgreSQL's bin directory (default: the newest
+//!   `/usr/lib/postgresql/*/bin`);
+//! - `PGKEEP_TEST_MOTO`: the `moto_server` program (default
+//!   `/opt/pgkeep-test/venv/bin/moto_server`, installed by scripts/test-setup);
+//! - `PGKEEP_TEST_KEEP=1`: keep test directories (their path is printed);
+//! - `PGKEEP_TEST_AS_POSTGRES=1`: run pgkeep as postgres instead of root.
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::io::Read;
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// How long one pgkeep command may take before the test fails.
+pub const PGKEEP_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long a quick SQL statement may take.
+const SQL_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a restored cluster may take to recover and promote.
+const RECOVERY_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long archiving one segment may take.
+const ARCHIVE_TIMEOUT: Duration = Duration::from_secs(120);
+
+// ---------------------------------------------------------------- processes
+
+/// What a finished command gave back.
+#[derive(Debug)]
+pub struct Run {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `cmd` to completion with stdin closed, failing the test if it takes
+/// longer than `timeout` (a hung engine must not hang CI).
+pub fn run(cmd: &mut Command, timeout: Duration) -> Run {
+    let what = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+    let drain = |mut r: Box<dyn Read + Send>| {
+        thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            String::from_utf8_lossy(&buf).into_owned()
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().unwrap()));
+    let err = drain(Box::new(child.stderr.take().unwrap()));
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for child") {
+            break status;
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stderr = err.join().unwrap_or_default();
+            panic!("timed out after {timeout:?}: {what}\nstderr: {stderr}");
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    Run { status, stdout: out.join().unwrap(), stderr: err.join().unwrap() }
+}
+
+/// Like [`run`], and the command must succeed; returns its stdout.
+pub fn run_ok(cmd: &mut Command, timeout: Duration) -> String {
+    let what = format!("{cmd:?}");
+    let r = run(cmd, timeout);
+    assert!(r.status.success(), "{what} failed ({}):\nstdout: {}\nstderr: {}", r.status, r.stdout, r.stderr);
+    r.stdout
+}
+
+/// A PostgreSQL program (`initdb`, `psql`, ...) from the server's bin directory.
+pub fn pg_tool(name: &str) -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    let bin = BIN.get_or_init(|| {
+        if let Some(dir) = std::env::var_os("PGKEEP_TEST_PG_BIN") {
+            return PathBuf::from(dir);
+        }
+        let mut dirs: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path().join("bin"))))
+            .filter(|(_, p)| p.join("initdb").exists())
+            .collect();
+        dirs.sort();
+        dirs.pop().map(|(_, p)| p).expect("PostgreSQL server binaries not found under /usr/lib/postgresql: run scripts/test-setup")
+    });
+    bin.join(name)
+}
+
+/// `program` run as the `postgres` user, from `cwd` (which that user can
+/// enter: the cargo working directory may be under /root).
+pub fn as_postgres(program: impl AsRef<std::ffi::OsStr>, cwd: &Path) -> Command {
+    let mut c = Command::new("setpriv");
+    c.args(["--reuid=postgres", "--regid=postgres", "--init-groups", "--"]).arg(program);
+    c.current_dir(cwd).env("HOME", cwd);
+    for (k, _) in std::env::vars_os() {
+        if k.to_str().is_some_and(|k| k.starts_with("PG")) {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
+fn chown_postgres(path: &Path) {
+    run_ok(Command::new("chown").arg("-R").arg("postgres:postgres").arg(path), SQL_TIMEOUT);
+}
+
+/// A TCP port nobody listens on and that this process has not handed out.
+pub fn free_port() -> u16 {
+    static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let fresh = HANDED_OUT.lock().unwrap().insert(port);
+        if fresh && TcpStream::connect(("127.0.0.1", port)).is_err() {
+            return port;
+        }
+    }
+}
+
+/// The last `n` lines of a file (a server log), for failure messages.
+pub fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| format!("(cannot read {}: {e})", path.display()));
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+// ---------------------------------------------------------------- test dir
+
+/// A directory under /tmp owned by `postgres`, holding a copy of the pgkeep
+/// binary. On drop it stops every PostgreSQL still running in it, then
+/// removes it (unless `PGKEEP_TEST_KEEP=1`).
+pub struct TestDir {
+    dir: Option<tempfile::TempDir>,
+    path: PathBuf,
+}
+
+impl TestDir {
+    pub fn new(name: &str) -> TestDir {
+        let dir = tempfile::Builder::new().prefix(&format!("pgkeep-{name}-")).tempdir_in("/tmp").expect("create test dir");
+        let path = dir.path().to_owned();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let bin = path.join("pgkeep");
+        std::fs::copy(env!("CARGO_BIN_EXE_pgkeep"), &bin).expect("copy the pgkeep binary");
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        chown_postgres(&path);
+        eprintln!("test dir: {}", path.display());
+        TestDir { dir: Some(dir), path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// `path/name` (not created).
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    /// The copy of pgkeep that PostgreSQL can run.
+    pub fn pgkeep_bin(&self) -> PathBuf {
+        self.path.join("pgkeep")
+    }
+
+    /// A new empty directory `path/name` owned by postgres.
+    pub fn mkdir(&self, name: &str) -> PathBuf {
+        let p = self.join(name);
+        std::fs::create_dir_all(&p).unwrap();
+        chown_postgres(&p);
+        p
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        // A cluster whose owner panicked before dropping it, or one started
+        // behind the harness's back: stop anything with a postmaster.pid here.
+        for entry in std::fs::read_dir(&self.path).into_iter().flatten().flatten() {
+            let data = entry.path();
+            if data.join("postmaster.pid").exists() {
+                stop_immediate(&data, &self.path);
+            }
+        }
+        let dir = self.dir.take().unwrap();
+        if std::env::var_os("PGKEEP_TEST_KEEP").is_some_and(|v| v == "1") {
+            eprintln!("keeping {}", dir.keep().display());
+        }
+    }
+}
+
+fn stop_immediate(data: &Path, cwd: &Path) {
+    let _ = run(as_postgres(pg_tool("pg_ctl"), cwd).arg("-D").arg(data).args(["-m", "immediate", "-w", "stop"]), SQL_TIMEOUT);
+}
+
+// ---------------------------------------------------------------- repositories
+
+/// A repository as written into the pgkeep config.
+#[derive(Clone, Debug)]
+pub enum Repo {
+    Local(PathBuf),
+    S3 { endpoint: String, bucket: String, prefix: String },
+}
+
+impl Repo {
+    /// A local repository at `dir/name`, owned by postgres (archive-push runs
+    /// as postgres).
+    pub fn local(dir: &TestDir, name: &str) -> Repo {
+        Repo::Local(dir.mkdir(name))
+    }
+
+    /// The `[[repo]]` table.
+    pub fn toml(&self) -> String {
+        match self {
+            Repo::Local(p) => format!("[[repo]]\nlocation = \"{}\"\ncompress = \"zstd\"\n", p.display()),
+            Repo::S3 { endpoint, bucket, prefix } => format!(
+                "[[repo]]\nlocation = \"s3://{bucket}/{prefix}\"\nendpoint = \"{endpoint}\"\nregion = \"us-east-1\"\n\
+                 path-style = true\naccess-key-id = \"test\"\nsecret-access-key = \"test\"\ncompress = \"zstd\"\n"
+            ),
+        }
+    }
+
+    /// The directory of a local repository.
+    pub fn path(&self) -> &Path {
+        match self {
+            Repo::Local(p) => p,
+            Repo::S3 { .. } => panic!("not a local repository"),
+        }
+    }
+}
+
+/// Every file under `dir` (recursively) with its bytes; empty when `dir`
+/// does not exist. Compare two snapshots to prove a command wrote nothing.
+pub fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut todo = vec![dir.to_owned()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if e.file_type().unwrap().is_dir() {
+                todo.push(p);
+            } else {
+                out.insert(p.strip_prefix(dir).unwrap().to_owned(), std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+/// Fails unless `dir` is absent or an empty directory.
+pub fn assert_absent_or_empty(dir: &Path) {
+    if dir.exists() {
+        let left: Vec<_> = std::fs::read_dir(dir).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert!(left.is_empty(), "{} should be absent or empty, holds {left:?}", dir.display());
+    }
+}
+
+/// Files under `dir` whose name ends with `suffix`, largest first.
+pub fn files_by_size(dir: &Path, suffix: &str) -> Vec<PathBuf> {
+    let mut files: Vec<(u64, PathBuf)> = snapshot(dir)
+        .into_iter()
+        .filter(|(p, _)| p.to_string_lossy().ends_with(suffix))
+        .map(|(p, bytes)| (bytes.len() as u64, dir.join(p)))
+        .collect();
+    files.sort_by(|a, b| b.cmp(a));
+    files.into_iter().map(|(_, p)| p).collect()
+}
+
+// ---------------------------------------------------------------- pgkeep
+
+/// Runs the test dir's copy of pgkeep as root with `--config` and `--stanza`.
+pub struct Pgkeep {
+    bin: PathBuf,
+    cwd: PathBuf,
+    pub config: PathBuf,
+    pub stanza: String,
+}
+
+impl Pgkeep {
+    /// A runner for config file `dir/<config_name>.toml` (not written yet).
+    pub fn new(dir: &TestDir, config_name: &str, stanza: &str) -> Pgkeep {
+        Pgkeep {
+            bin: dir.pgkeep_bin(),
+            cwd: dir.path().to_owned(),
+            config: dir.join(&format!("{config_name}.toml")),
+            stanza: stanza.to_owned(),
+        }
+    }
+
+    /// The same config file with another `--stanza`.
+    pub fn with_stanza(&self, stanza: &str) -> Pgkeep {
+        Pgkeep { bin: self.bin.clone(), cwd: self.cwd.clone(), config: self.config.clone(), stanza: stanza.to_owned() }
+    }
+
+    /// Writes the config: this stanza on the given server, one repository.
+    pub fn write_config(&self, pg: &PgAddr, repo: &Repo) {
+        let text = format!(
+            "[stanza.{}]\npg-data = \"{}\"\npg-host = \"{}\"\npg-port = {}\npg-user = \"postgres\"\n\n{}",
+            self.stanza,
+            pg.data.display(),
+            pg.socket_dir.display(),
+            pg.port,
+            repo.toml()
+        );
+        self.write_raw_config(&text);
+    }
+
+    /// Writes `text` as the config file, readable by postgres.
+    pub fn write_raw_config(&self, text: &str) {
+        std::fs::write(&self.config, text).unwrap();
+        std::fs::set_permissions(&self.config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+
+    /// What PostgreSQL runs to archive a segment.
+    pub fn archive_command(&self) -> String {
+        format!("{} --config {} --stanza {} archive-push %p", self.bin.display(), self.config.display(), self.stanza)
+    }
+
+    pub fn run(&self, args: &[&str]) -> Run {
+        // As root (the default), or as postgres like a production install
+        // with PGKEEP_TEST_AS_POSTGRES=1.
+        let mut c = if std::env::var_os("PGKEEP_TEST_AS_POSTGRES").is_some_and(|v| v == "1") {
+            as_postgres(&self.bin, &self.cwd)
+        } else {
+            Command::new(&self.bin)
+        };
+        c.arg("--config").arg(&self.config).arg("--stanza").arg(&self.stanza).args(args).current_dir(&self.cwd);
+        for k in ["PGKEEP_CONFIG", "PGKEEP_STANZA", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT", "AWS_PROFILE"] {
+            c.env_remove(k);
+        }
+        let start = Instant::now();
+        let r = run(&mut c, PGKEEP_TIMEOUT);
+        eprintln!("pgkeep {} -> {} in {:.1?}", args.join(" "), r.status, start.elapsed());
+        r
+    }
+
+    /// Runs and requires success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let r = self.run(args);
+        assert!(r.status.success(), "pgkeep {args:?} failed ({}):\nstdout: {}\nstderr: {}", r.status, r.stdout, r.stderr);
+        r.stdout
+    }
+
+    /// Runs and requires failure reported as exactly one non-empty line on
+    /// stderr, without a panic; returns that line.
+    pub fn fails(&self, args: &[&str]) -> String {
+        self.fails_code(args).1
+    }
+
+    /// [`Pgkeep::fails`], also returning the exit code.
+    pub fn fails_code(&self, args: &[&str]) -> (i32, String) {
+        let r = self.run(args);
+        let code = r.status.code().unwrap_or_else(|| panic!("pgkeep {args:?} was killed by a signal ({}): {}", r.status, r.stderr));
+        assert_ne!(code, 0, "pgkeep {args:?} should have failed:\nstdout: {}\nstderr: {}", r.stdout, r.stderr);
+        let line = r.stderr.strip_suffix('\n').unwrap_or(&r.stderr);
+        assert!(
+            !line.trim().is_empty() && !line.contains('\n') && !line.contains("panicked"),
+            "pgkeep {args:?} must fail with one line on stderr, gave:\n{}",
+            r.stderr
+        );
+        (code, line.to_owned())
+    }
+}
+
+/// Where a server is: what the pgkeep config needs.
+#[derive(Clone, Debug)]
+pub struct PgAddr {
+    pub data: PathBuf,
+    pub socket_dir: PathBuf,
+    pub port: u16,
+}
+
+// ---------------------------------------------------------------- clusters
+
+/// A running PostgreSQL cluster in a test dir, stopped (immediate) on drop.
+pub struct Cluster {
+    pub addr: PgAddr,
+    cwd: PathBuf,
+    log: PathBuf,
+}
+
+impl Cluster {
+    /// `initdb -k` at `dir/name` and start it. With `archive_to`, WAL is
+    /// archived by that pgkeep config and stanza; without, archiving is off.
+    pub fn new(dir: &TestDir, name: &str, archive_to: Option<&Pgkeep>) -> Cluster {
+        let data = dir.join(name);
+        run_ok(
+            as_postgres(pg_tool("initdb"), dir.path()).args(["-k", "-A", "trust", "-U", "postgres", "-E", "UTF8", "--locale=C", "-D"]).arg(&data),
+            SQL_TIMEOUT,
+        );
+        let port = free_port();
+        let mut conf = format!(
+            "\n# pgkeep tests\nport = {port}\nlisten_addresses = ''\nunix_socket_directories = '{}'\nwal_level = replica\n",
+            dir.path().display()
+        );
+        match archive_to {
+            Some(pk) => {
+                let _ = write!(conf, "archive_mode = on\narchive_command = '{}'\n", pk.archive_command());
+            }
+            None => conf.push_str("archive_mode = off\n"),
+        }
+        let mut f = std::fs::OpenOptions::new().append(true).open(data.join("postgresql.conf")).unwrap();
+        std::io::Write::write_all(&mut f, conf.as_bytes()).unwrap();
+        let c = Cluster {
+            addr: PgAddr { data: data.clone(), socket_dir: dir.path().to_owned(), port },
+            cwd: dir.path().to_owned(),
+            log: dir.join(&format!("{name}.log")),
+        };
+        c.pg_ctl_start(&[]);
+        c
+    }
+
+    /// Starts a directory that `pgkeep restore` wrote, as its own server
+    /// (never archiving into the source's repository), and waits until
+    /// recovery has finished and the server is promoted.
+    pub fn start_restored(dir: &TestDir, data: &Path) -> Cluster {
+        let c = Cluster::start_recovery(dir, data);
+        c.wait_promoted();
+        c
+    }
+
+    /// Starts a restored directory and returns as soon as it takes
+    /// connections (it may still be in recovery).
+    pub fn start_recovery(dir: &TestDir, data: &Path) -> Cluster {
+        chown_postgres(data);
+        std::fs::set_permissions(data, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let name = data.file_name().unwrap().to_string_lossy().into_owned();
+        let port = free_port();
+        let c = Cluster {
+            addr: PgAddr { data: data.to_owned(), socket_dir: dir.path().to_owned(), port },
+            cwd: dir.path().to_owned(),
+            log: dir.join(&format!("{name}.log")),
+        };
+        let opts = format!("-c archive_mode=off -c port={port} -c unix_socket_directories={} -c listen_addresses=", dir.path().display());
+        c.pg_ctl_start(&["-o", &opts]);
+        c
+    }
+
+    fn pg_ctl_start(&self, extra: &[&str]) {
+        let t = RECOVERY_TIMEOUT.as_secs().to_string();
+        let r = run(
+            as_postgres(pg_tool("pg_ctl"), &self.cwd)
+                .arg("-D")
+                .arg(&self.addr.data)
+                .arg("-l")
+                .arg(&self.log)
+                .args(["-w", "-t", &t])
+                .args(extra)
+                .arg("start"),
+            RECOVERY_TIMEOUT + Duration::from_secs(30),
+        );
+        assert!(r.status.success(), "PostgreSQL at {} did not start: {}\n--- server log:\n{}", self.addr.data.display(), r.stdout, tail(&self.log, 40));
+    }
+
+    /// Waits until `pg_is_in_recovery()` is false.
+    pub fn wait_promoted(&self) {
+        let start = Instant::now();
+        loop {
+            let r = run(&mut self.psql_cmd("select pg_is_in_recovery()"), SQL_TIMEOUT);
+            if r.status.success() && r.stdout.trim() == "f" {
+                return;
+            }
+            assert!(
+                start.elapsed() < RECOVERY_TIMEOUT,
+                "{} still in recovery after {RECOVERY_TIMEOUT:?} ({}):\n--- server log:\n{}",
+                self.addr.data.display(),
+                r.stderr.trim(),
+                tail(&self.log, 40)
+            );
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    pub fn log(&self) -> &Path {
+        &self.log
+    }
+
+    fn psql_cmd(&self, sql: &str) -> Command {
+        let mut c = as_postgres(pg_tool("psql"), &self.cwd);
+        c.args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-d", "postgres", "-h"])
+            .arg(&self.addr.socket_dir)
+            .args(["-p", &self.addr.port.to_string(), "-c", sql]);
+        c
+    }
+
+    /// Runs SQL; returns its unaligned, tuples-only output, trimmed.
+    pub fn psql(&self, sql: &str) -> String {
+        let r = run(&mut self.psql_cmd(sql), SQL_TIMEOUT);
+        assert!(r.status.success(), "psql {sql:?} failed: {}\n--- server log:\n{}", r.stderr, tail(&self.log, 20));
+        r.stdout.trim().to_owned()
+    }
+
+    /// `select count(*) from <table>`.
+    pub fn count(&self, table: &str) -> i64 {
+        self.psql(&format!("select count(*) from {table}")).parse().unwrap()
+    }
+
+    fn pgbench_cmd(&self) -> Command {
+        let mut c = as_postgres(pg_tool("pgbench"), &self.cwd);
+        c.arg("-h").arg(&self.addr.socket_dir).args(["-p", &self.addr.port.to_string()]);
+        c
+    }
+
+    pub fn pgbench_init(&self, scale: u32) {
+        run_ok(self.pgbench_cmd().args(["-i", "-q", "-s", &scale.to_string(), "postgres"]), Duration::from_secs(300));
+    }
+
+    pub fn pgbench(&self, seconds: u32, clients: u32) {
+        run_ok(self.pgbench_cmd().args(pgbench_run_args(seconds, clients).iter()), Duration::from_secs(u64::from(seconds) + 120));
+    }
+
+    /// pgbench in the background; wait for it with [`Background::wait_ok`].
+    pub fn pgbench_background(&self, seconds: u32, clients: u32) -> Background {
+        let child = self
+            .pgbench_cmd()
+            .args(pgbench_run_args(seconds, clients).iter())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start pgbench");
+        Background { child: Some(child), what: "pgbench".into() }
+    }
+
+    /// pg_dump of database `postgres`, without the random `\restrict` /
+    /// `\unrestrict` lines that pg_dump 15.14+ writes.
+    pub fn dump(&self) -> String {
+        let out = run_ok(
+            as_postgres(pg_tool("pg_dump"), &self.cwd)
+                .arg("-h")
+                .arg(&self.addr.socket_dir)
+                .args(["-p", &self.addr.port.to_string(), "-d", "postgres"]),
+            Duration::from_secs(300),
+        );
+        out.lines()
+            .filter(|l| !l.starts_with("\\restrict ") && !l.starts_with("\\unrestrict "))
+            .fold(String::with_capacity(out.len()), |mut s, l| {
+                s.push_str(l);
+                s.push('\n');
+                s
+            })
+    }
+
+    /// pg_amcheck of every database (installing amcheck where missing; do it
+    /// after any dump you compare); fails the test on any finding.
+    pub fn amcheck(&self) {
+        let out = run_ok(
+            as_postgres(pg_tool("pg_amcheck"), &self.cwd)
+                .arg("-h")
+                .arg(&self.addr.socket_dir)
+                .args(["-p", &self.addr.port.to_string(), "--install-missing", "--all"]),
+            Duration::from_secs(300),
+        );
+        assert!(out.trim().is_empty(), "pg_amcheck found problems in {}:\n{out}", self.addr.data.display());
+    }
+
+    /// Forces a WAL switch; returns the name of the segment it completed.
+    /// Write something first, or there may be nothing to switch.
+    pub fn switch_wal(&self) -> String {
+        self.psql("select pg_walfile_name(pg_switch_wal())")
+    }
+
+    /// Name of the segment being written now.
+    pub fn current_segment(&self) -> String {
+        self.psql("select pg_walfile_name(pg_current_wal_lsn())")
+    }
+
+    /// Waits until PostgreSQL reports `segment` (or a later one) archived.
+    pub fn wait_archived(&self, segment: &str) {
+        let start = Instant::now();
+        loop {
+            let row = self.psql("select coalesce(last_archived_wal, ''), coalesce(last_failed_wal, '') from pg_stat_archiver");
+            let (archived, failed) = row.split_once('|').unwrap();
+            if archived.len() == 24 && archived >= segment {
+                return;
+            }
+            assert!(
+                start.elapsed() < ARCHIVE_TIMEOUT,
+                "{segment} not archived after {ARCHIVE_TIMEOUT:?} (last archived {archived:?}, last failed {failed:?})\n--- server log:\n{}",
+                tail(&self.log, 30)
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `pg_control_system()`'s system identifier.
+    pub fn system_id(&self) -> String {
+        self.psql("select system_identifier from pg_control_system()")
+    }
+
+    /// Stops it now (immediate); drop does the same.
+    pub fn stop(self) {}
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        stop_immediate(&self.addr.data, &self.cwd);
+    }
+}
+
+fn pgbench_run_args(seconds: u32, clients: u32) -> Vec<String> {
+    let jobs = clients.min(2);
+    ["-n", "-T", &seconds.to_string(), "-c", &clients.to_string(), "-j", &jobs.to_string(), "postgres"].map(String::from).to_vec()
+}
+
+/// A background program, killed on drop if still running.
+pub struct Background {
+    child: Option<Child>,
+    what: String,
+}
+
+impl Background {
+    /// Still running?
+    pub fn running(&mut self) -> bool {
+        self.child.as_mut().unwrap().try_wait().unwrap().is_none()
+    }
+
+    /// Waits for it to end and requires success.
+    pub fn wait_ok(mut self) {
+        let child = self.child.take().unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{} failed ({}): {}", self.what, out.status, String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Fails with the first differing line (with context) unless the two dumps
+/// are equal; never prints whole dumps.
+pub fn assert_same_dump(what: &str, expected: &str, actual: &str) {
+    if expected == actual {
+        return;
+    }
+    let (e, a): (Vec<&str>, Vec<&str>) = (expected.lines().collect(), actual.lines().collect());
+    let i = e.iter().zip(&a).position(|(x, y)| x != y).unwrap_or(e.len().min(a.len()));
+    let around = |v: &[&str]| v[i.saturating_sub(3)..(i + 4).min(v.len())].join("\n");
+    panic!(
+        "{what}: the restored dump differs from the source's ({} vs {} lines), first at line {}:\n--- source:\n{}\n--- restored:\n{}",
+        e.len(),
+        a.len(),
+        i + 1,
+        around(&e),
+        around(&a)
+    );
+}
+
+// ---------------------------------------------------------------- S3 (moto)
+
+/// A moto S3 server on 127.0.0.1 with one bucket, killed on drop.
+pub struct Moto {
+    child: Child,
+    pub endpoint: String,
+    pub bucket: String,
+}
+
+impl Moto {
+    pub fn start(bucket: &str) -> Moto {
+        let program = std::env::var_os("PGKEEP_TEST_MOTO").map(PathBuf::from).unwrap_or_else(|| "/opt/pgkeep-test/venv/bin/moto_server".into());
+        assert!(program.exists(), "moto not installed: run scripts/test-setup ({} missing)", program.display());
+        let port = free_port();
+        let child = Command::new(&program)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start moto_server");
+        let mut moto = Moto { child, endpoint: format!("http://127.0.0.1:{port}"), bucket: bucket.to_owned() };
+        let start = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(moto.child.try_wait().unwrap().is_none(), "moto_server exited at start");
+            assert!(start.elapsed() < Duration::from_secs(30), "moto_server not listening after 30 s");
+            thread::sleep(Duration::from_millis(100));
+        }
+        run_ok(
+            Command::new("curl").args(["-sS", "--fail", "--retry", "5", "--retry-connrefused", "-X", "PUT", &format!("{}/{bucket}", moto.endpoint)]),
+            Duration::from_secs(60),
+        );
+        moto
+    }
+
+    /// A repository in this bucket under `prefix`.
+    pub fn repo(&self, prefix: &str) -> Repo {
+        Repo::S3 { endpoint: self.endpoint.clone(), bucket: self.bucket.clone(), prefix: prefix.to_owned() }
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------- fixtures
+
+/// A cluster archiving to `repo` under stanza `stanza`, with its pgkeep
+/// config written (stanza not created yet).
+pub fn cluster_with_config(dir: &TestDir, stanza: &str, repo: &Repo) -> (Cluster, Pgkeep) {
+    let pk = Pgkeep::new(dir, stanza, stanza);
+    let pg = Cluster::new(dir, &format!("{stanza}-data"), Some(&pk));
+    pk.write_config(&pg.addr, repo);
+    (pg, pk)
+}
+
+/// Parses an LSN `X/Y` into a number.
+pub fn lsn(text: &str) -> u64 {
+    let (hi, lo) = text.split_once('/').unwrap_or_else(|| panic!("not an LSN: {text:?}"));
+    (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
+}
+
+/// Does `s` look like a backup label (`20261123-121500F`)?
+pub fn is_full_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 16 && b[8] == b'-' && b[15] == b'F' && b.iter().enumerate().all(|(i, c)| i == 8 || i == 15 || c.is_ascii_digit())
+}
