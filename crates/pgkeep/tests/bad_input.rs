@@ -6,6 +6,7 @@
 mod support;
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use support::*;
@@ -75,6 +76,7 @@ impl Stanza {
 fn wal_file(dir: &TestDir, sub: &str, name: &str, bytes: &[u8]) -> PathBuf {
     let path = dir.mkdir(sub).join(name);
     std::fs::write(&path, bytes).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
     path
 }
 

@@ -8,6 +8,7 @@
 
 mod support;
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::thread::sleep;
 use std::time::Duration;
 
@@ -44,7 +45,9 @@ fn backup_and_restore_every_target(dir: &TestDir, repo: &Repo) {
     pk.ok(&["stanza-create"]);
     pk.ok(&["check"]);
     pg.pgbench_init(5);
-    pg.psql("create table marks (id int generated always as identity primary key, name text not null, at timestamptz not null default clock_timestamp())");
+    // No sequence in marks: PostgreSQL logs sequences 32 values ahead, so a
+    // recovered sequence legitimately differs from its source.
+    pg.psql("create table marks (id int primary key, name text not null, at timestamptz not null default clock_timestamp())");
 
     // A hot backup: pgbench must be writing before, during and after it.
     let bench = pg.pgbench_background(15, 4);
@@ -56,7 +59,7 @@ fn backup_and_restore_every_target(dir: &TestDir, repo: &Repo) {
     assert!(after > before, "pgbench wrote nothing while the backup ran ({before} -> {after} history rows)");
     bench.wait_ok();
 
-    let mark = |name: &str| pg.psql(&format!("insert into marks (name) values ('{name}')"));
+    let mark = |name: &str| pg.psql(&format!("insert into marks (id, name) select coalesce(max(id), 0) + 1, '{name}' from marks"));
     let mut points = Vec::new();
     let mut point = |name, args: &[&str], marks, dump| {
         points.push(Point { name, args: args.iter().map(|s| s.to_string()).collect(), marks, dump });
@@ -79,7 +82,7 @@ fn backup_and_restore_every_target(dir: &TestDir, repo: &Repo) {
     point("lsn", &["--target-lsn", l.as_str()], "a,b,c", pg.dump());
 
     // (d) a transaction id: the insert and txid_current() in one transaction
-    let x = pg.psql("with m as (insert into marks (name) values ('d') returning 1) select txid_current() from m");
+    let x = pg.psql("with m as (insert into marks (id, name) values (4, 'd') returning 1) select txid_current() from m");
     point("xid", &["--target-xid", x.as_str()], "a,b,c,d", pg.dump());
 
     // (e) the end of a second, quiet full backup
@@ -97,24 +100,35 @@ fn backup_and_restore_every_target(dir: &TestDir, repo: &Repo) {
     let history = pg.count("pgbench_history");
     check_info(&pk, &pg, &[b1.as_str(), b2.as_str()], &last);
 
-    for p in &points {
-        let target = dir.join(&format!("restore-{}", p.name));
-        let mut args = vec!["restore".to_string(), "--pg-data".into(), target.display().to_string()];
-        args.extend(p.args.iter().cloned());
-        pk.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    // Every target is checked even when an earlier one fails, so that one
+    // run tells which kinds of target work.
+    let failed: Vec<&str> = points
+        .iter()
+        .filter(|p| catch_unwind(AssertUnwindSafe(|| restore_and_verify(dir, &pk, p, history))).is_err())
+        .map(|p| p.name)
+        .collect();
+    assert!(failed.is_empty(), "restores to these targets failed (details above): {failed:?}");
+}
 
-        let restored = Cluster::start_restored(dir, &target);
-        let marks = restored.psql("select string_agg(name, ',' order by id) from marks");
-        assert_eq!(marks, p.marks, "restore to {} ({:?}) holds the wrong marks", p.name, p.args);
-        assert_eq!(restored.count("pgbench_accounts"), 500_000, "restore to {}", p.name);
-        if p.name == "end" {
-            assert_eq!(restored.count("pgbench_history"), history, "restore to the end of the archive");
-        }
-        assert_same_dump(&format!("restore to {} ({:?})", p.name, p.args), &p.dump, &restored.dump());
-        restored.amcheck();
-        restored.stop();
-        std::fs::remove_dir_all(&target).unwrap();
+/// Restores `p` into a new directory, starts it, and compares it with the
+/// source at that point.
+fn restore_and_verify(dir: &TestDir, pk: &Pgkeep, p: &Point, history_at_end: i64) {
+    let target = dir.join(&format!("restore-{}", p.name));
+    let mut args = vec!["restore".to_string(), "--pg-data".into(), target.display().to_string()];
+    args.extend(p.args.iter().cloned());
+    pk.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+
+    let restored = Cluster::start_restored(dir, &target);
+    let marks = restored.psql("select string_agg(name, ',' order by id) from marks");
+    assert_eq!(marks, p.marks, "restore to {} ({:?}) holds the wrong marks", p.name, p.args);
+    assert_eq!(restored.count("pgbench_accounts"), 500_000, "restore to {}", p.name);
+    if p.name == "end" {
+        assert_eq!(restored.count("pgbench_history"), history_at_end, "restore to the end of the archive");
     }
+    assert_same_dump(&format!("restore to {} ({:?})", p.name, p.args), &p.dump, &restored.dump());
+    restored.amcheck();
+    restored.stop();
+    std::fs::remove_dir_all(&target).unwrap();
 }
 
 /// `info --output json` lists this stanza with both backups, oldest first,

@@ -132,11 +132,14 @@ impl Pg {
         Ok(BackupStart { lsn: row.get::<_, String>(0).parse()?, timeline: TimelineId(row.get::<_, i64>(1) as u32), xid: row.get::<_, i64>(2) as u64 })
     }
 
-    /// Stops the backup, waiting until PostgreSQL has archived the WAL it needs.
+    /// Stops the backup. PostgreSQL switches to a new WAL segment but does
+    /// not wait for the archiver here: the caller waits for the segments in
+    /// the repository itself, with a timeout and a clear error, instead of
+    /// hanging when archiving is broken.
     pub async fn backup_stop(&self) -> Result<BackupStop> {
         let row = self
             .client
-            .query_one("SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(true)", &[])
+            .query_one("SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(false)", &[])
             .await
             .map_err(self.err("stop the backup (pg_backup_stop)"))?;
         let map: Option<String> = row.get(2);

@@ -24,7 +24,7 @@ use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::repo::{FileEntry, Manifest, Repository};
 use crate::storage::ObjectReader;
-use crate::types::BackupLabel;
+use crate::types::{BackupLabel, WalSegment};
 use crate::Stanza;
 pub use target::{Target, TargetAction};
 
@@ -107,8 +107,8 @@ async fn plan(stanza: &Stanza, opts: &RestoreOptions) -> Result<Plan> {
         let attempt = async {
             let repo = stanza.open(number).await?;
             let backups = repo.backups().await?;
-            let m = target::choose(&backups, &target, opts.set.as_ref())?.clone();
-            check_archive_reaches(&repo, &target).await?;
+            let m = target::choose(&backups, &selection_target(&repo, &backups, &target).await?, opts.set.as_ref())?.clone();
+            check_archive(&repo, &m, &target).await?;
             Ok::<_, Error>((repo, m))
         };
         match attempt.await {
@@ -127,15 +127,40 @@ async fn plan(stanza: &Stanza, opts: &RestoreOptions) -> Result<Plan> {
     Err(first_err.expect("at least one repository"))
 }
 
-/// A target past the end of the archive cannot be reached: say so now
-/// rather than let recovery run to the end and fail.
-async fn check_archive_reaches(repo: &Repository, target: &Target) -> Result<()> {
+/// The target that decides which backup can reach it: a restore point is
+/// looked up in the archived WAL and stands for its LSN.
+async fn selection_target(repo: &Repository, backups: &[Manifest], target: &Target) -> Result<Target> {
+    let Target::Name(name) = target else { return Ok(target.clone()) };
+    let Some(oldest) = backups.first() else { return Ok(target.clone()) };
+    match crate::wal::find_restore_point(repo, name, oldest.start_lsn).await? {
+        Some(lsn) => Ok(Target::Lsn(lsn)),
+        None => Err(Error::Input(format!(
+            "restore point '{name}' is not in the archived WAL of repo {} after the first backup; check the name, archive the WAL that holds it (SELECT pg_switch_wal()) or pass --set LABEL",
+            repo.number
+        ))),
+    }
+}
+
+/// The archive must hold the WAL that makes the backup consistent, and
+/// reach the target: say so now rather than let recovery fail later.
+async fn check_archive(repo: &Repository, m: &Manifest, target: &Target) -> Result<()> {
     let segments = repo.list_segments().await?;
+    let seg_size = repo.meta.wal_segment_size;
+    let (first, last) = (WalSegment::parse(&m.start_wal, seg_size), WalSegment::parse(&m.stop_wal, seg_size));
+    if let (Some(first), Some(last)) = (first, last) {
+        let have: std::collections::HashSet<_> = segments.iter().map(|(s, _)| *s).collect();
+        if let Some(n) = (first.number..=last.number).find(|n| !have.contains(&WalSegment { timeline: first.timeline, number: *n })) {
+            let missing = WalSegment { timeline: first.timeline, number: n }.name(seg_size);
+            return Err(Error::Corrupt(format!(
+                "backup {} needs WAL segment {missing}, which is missing from repo {}; restore another backup",
+                m.label, repo.number
+            )));
+        }
+    }
     let Some((last, wal)) = segments.iter().max_by_key(|(s, _)| (s.timeline, s.number)) else {
         return Err(Error::Input(format!("repo {} holds no archived WAL; check archive_command", repo.number)));
     };
-    let end_lsn = last.end_lsn(repo.meta.wal_segment_size);
-    let end_lsn = segments.iter().map(|(s, _)| s.end_lsn(repo.meta.wal_segment_size)).max().unwrap_or(end_lsn);
+    let end_lsn = last.end_lsn(seg_size);
     match target {
         Target::Lsn(l) if *l >= end_lsn => Err(Error::Input(format!(
             "target LSN {l} is after the end of the archive ({end_lsn}, segment {}); archive more WAL (SELECT pg_switch_wal()) or choose an earlier target",

@@ -89,3 +89,59 @@ pub async fn wait_archived(repo: &Repository, segment: &str, timeout_secs: u64) 
         tokio::time::sleep(std::time::Duration::from_millis(250)).await;
     }
 }
+
+/// Finds the newest `pg_create_restore_point` record named `name` in the
+/// archive, scanning segments newest first and stopping before `from`.
+/// Returns its LSN. A record split across a page boundary is not seen;
+/// the caller then asks for `--set`.
+pub async fn find_restore_point(repo: &Repository, name: &str, from: crate::types::Lsn) -> Result<Option<crate::types::Lsn>> {
+    let seg = repo.meta.wal_segment_size;
+    let mut segments = repo.list_segments().await?;
+    segments.sort_by_key(|(s, _)| (s.timeline, s.number));
+    for (s, w) in segments.into_iter().rev() {
+        if s.end_lsn(seg) <= from {
+            break;
+        }
+        let data = repo.get_wal(&WalFileName::Segment(w.name.clone())).await?;
+        if let Some(offset) = restore_point_offset(&data, name) {
+            return Ok(Some(crate::types::Lsn(s.number * seg + offset as u64)));
+        }
+    }
+    Ok(None)
+}
+
+/// Offset of the last restore point record named `name` in a segment.
+/// The record is an `XLogRecord` header (24 bytes; `xl_info` 0x70 =
+/// XLOG_RESTORE_POINT at 16, `xl_rmid` 0 = RM_XLOG_ID at 17), then
+/// XLR_BLOCK_ID_DATA_SHORT (255) and the data length 72, then
+/// `xl_restore_point`: an 8-byte time and the NUL-terminated name.
+fn restore_point_offset(segment: &[u8], name: &str) -> Option<usize> {
+    let name = name.as_bytes();
+    if name.is_empty() || name.len() >= 64 {
+        return None;
+    }
+    (0..segment.len().saturating_sub(98)).step_by(8).rev().find(|&p| {
+        let r = &segment[p..p + 98];
+        r[16] == 0x70 && r[17] == 0 && r[24] == 255 && r[25] == 72 && &r[34..34 + name.len()] == name && r[34 + name.len()] == 0
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_a_restore_point_record_by_name() {
+        let mut seg = vec![0u8; 8192 * 4];
+        let at = 8192 + 40;
+        seg[at + 16] = 0x70;
+        seg[at + 24] = 255;
+        seg[at + 25] = 72;
+        seg[at + 34..at + 37].copy_from_slice(b"rp1");
+        assert_eq!(restore_point_offset(&seg, "rp1"), Some(at));
+        assert_eq!(restore_point_offset(&seg, "rp"), None, "a prefix is not the name");
+        assert_eq!(restore_point_offset(&seg, "rp12"), None);
+        seg[at + 17] = 1;
+        assert_eq!(restore_point_offset(&seg, "rp1"), None, "another resource manager");
+    }
+}

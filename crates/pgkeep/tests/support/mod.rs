@@ -2,7 +2,8 @@
 //! server, each cleaned up on drop.
 //!
 //! Facts this rests on (see shared/TESTING.md): PostgreSQL refuses to run as
-//! root, so every PostgreSQL program runs as `postgres` (through `setpriv`,
+//! root, so every PostgreSQL program, and pgkeep itself (as a production
+//! install and `archive_command` do), runs as `postgres` (through `setpriv`,
 //! which execs in place, so killing the child kills the program itself).
 //! Tests live in a directory under /tmp owned by `postgres`, and pgkeep is
 //! copied there because `archive_command` runs it as `postgres`, who cannot
@@ -13,8 +14,7 @@
 //!   `/usr/lib/postgresql/*/bin`);
 //! - `PGKEEP_TEST_MOTO`: the `moto_server` program (default
 //!   `/opt/pgkeep-test/venv/bin/moto_server`, installed by scripts/test-setup);
-//! - `PGKEEP_TEST_KEEP=1`: keep test directories (their path is printed);
-//! - `PGKEEP_TEST_AS_POSTGRES=1`: run pgkeep as postgres instead of root.
+//! - `PGKEEP_TEST_KEEP=1`: keep test directories (their path is printed).
 
 #![allow(dead_code)]
 
@@ -290,7 +290,7 @@ pub fn files_by_size(dir: &Path, suffix: &str) -> Vec<PathBuf> {
 
 // ---------------------------------------------------------------- pgkeep
 
-/// Runs the test dir's copy of pgkeep as root with `--config` and `--stanza`.
+/// Runs the test dir's copy of pgkeep as postgres with `--config` and `--stanza`.
 pub struct Pgkeep {
     bin: PathBuf,
     cwd: PathBuf,
@@ -339,13 +339,9 @@ impl Pgkeep {
     }
 
     pub fn run(&self, args: &[&str]) -> Run {
-        // As root (the default), or as postgres like a production install
-        // with PGKEEP_TEST_AS_POSTGRES=1.
-        let mut c = if std::env::var_os("PGKEEP_TEST_AS_POSTGRES").is_some_and(|v| v == "1") {
-            as_postgres(&self.bin, &self.cwd)
-        } else {
-            Command::new(&self.bin)
-        };
+        // As postgres, like archive_command and a production install: a
+        // local repository must stay writable by PostgreSQL's archive-push.
+        let mut c = as_postgres(&self.bin, &self.cwd);
         c.arg("--config").arg(&self.config).arg("--stanza").arg(&self.stanza).args(args).current_dir(&self.cwd);
         for k in ["PGKEEP_CONFIG", "PGKEEP_STANZA", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT", "AWS_PROFILE"] {
             c.env_remove(k);
@@ -353,6 +349,9 @@ impl Pgkeep {
         let start = Instant::now();
         let r = run(&mut c, PGKEEP_TIMEOUT);
         eprintln!("pgkeep {} -> {} in {:.1?}", args.join(" "), r.status, start.elapsed());
+        if !r.status.success() {
+            eprintln!("  stderr: {}", r.stderr.trim_end());
+        }
         r
     }
 
@@ -482,6 +481,12 @@ impl Cluster {
             if r.status.success() && r.stdout.trim() == "f" {
                 return;
             }
+            assert!(
+                self.addr.data.join("postmaster.pid").exists(),
+                "{} stopped during recovery:\n--- server log:\n{}",
+                self.addr.data.display(),
+                tail(&self.log, 40)
+            );
             assert!(
                 start.elapsed() < RECOVERY_TIMEOUT,
                 "{} still in recovery after {RECOVERY_TIMEOUT:?} ({}):\n--- server log:\n{}",
