@@ -267,6 +267,26 @@ fn archive_get_exits_255_on_a_corrupted_segment_and_1_on_a_missing_one() {
     assert!(!dest.exists(), "archive-get wrote a corrupted segment to {}", dest.display());
 }
 
+/// A store nobody answers on (a closed port): archive-get must stop
+/// recovery (exit 255), never report "not found"; archive-push must fail so
+/// PostgreSQL keeps the segment and retries. Both within the retry limit.
+#[test]
+fn a_store_that_does_not_answer_stops_recovery_and_fails_the_push() {
+    let dir = TestDir::new("bad-store-down");
+    let closed = free_port();
+    let repo = Repo::S3 { endpoint: format!("http://127.0.0.1:{closed}"), bucket: "gone".into(), prefix: "x".into() };
+    let pk = config_without_server(&dir, &repo);
+    let dest = dir.join("RECOVERYXLOG");
+    let (code, msg) = pk.fails_code(&["archive-get", "000000010000000000000001", dest.to_str().unwrap()]);
+    assert_eq!(code, 255, "an unreachable store must stop recovery: {msg}");
+    assert!(msg.contains("127.0.0.1") || msg.contains("cannot read"), "the message should say what failed: {msg}");
+    assert!(!dest.exists());
+
+    let seg = wal_file(&dir, "wal", "000000010000000000000001", &[0u8; 16 << 20]);
+    let (code, msg) = pk.fails_code(&["archive-push", seg.to_str().unwrap()]);
+    assert_ne!(code, 0, "{msg}");
+}
+
 // ---------------------------------------------------------------- restore refusals
 
 #[test]

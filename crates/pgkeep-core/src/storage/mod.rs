@@ -9,15 +9,30 @@
 //! (see `docs/repository-format.md`).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path as KeyPath;
 use object_store::prefix::PrefixStore;
-use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use object_store::{
+    BackoffConfig, ClientOptions, ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
+};
 
 use crate::config::RepoOptions;
 use crate::error::{Error, Result};
+
+/// Retries of transient store errors: exponential backoff from 100 ms,
+/// at most 5 retries and one minute per request, so that a store that
+/// stops answering gives a clear error in about a minute, not hangs.
+fn retry() -> RetryConfig {
+    RetryConfig { backoff: BackoffConfig::default(), max_retries: 5, retry_timeout: Duration::from_secs(60) }
+}
+
+/// Connect within 5 s; any one request within 2 minutes.
+fn client() -> ClientOptions {
+    ClientOptions::new().with_connect_timeout(Duration::from_secs(5)).with_timeout(Duration::from_secs(120))
+}
 
 /// A repository's store, with keys relative to its location.
 #[derive(Clone, Debug)]
@@ -56,11 +71,15 @@ impl Store {
                 std::fs::create_dir_all(dir).map_err(|e| bad(format!("cannot create the directory: {e}")))?;
                 let fs = object_store::local::LocalFileSystem::new_with_prefix(dir)
                     .map_err(|e| bad(e.to_string()))?
-                    .with_automatic_cleanup(true);
+                    .with_automatic_cleanup(true)
+                    .with_fsync(true);
                 return Ok(Store { inner: Arc::new(fs), location });
             }
             "s3" => {
-                let mut b = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+                let mut b = object_store::aws::AmazonS3Builder::from_env()
+                    .with_bucket_name(bucket)
+                    .with_retry(retry())
+                    .with_client_options(client());
                 if let Some(ep) = &opts.endpoint {
                     b = b.with_endpoint(ep).with_allow_http(ep.starts_with("http://"));
                 }
@@ -77,11 +96,17 @@ impl Store {
                 Arc::new(b.build().map_err(|e| bad(crate::error::one_line(&e)))?)
             }
             "gs" => {
-                let b = object_store::gcp::GoogleCloudStorageBuilder::from_env().with_bucket_name(bucket);
+                let b = object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                    .with_bucket_name(bucket)
+                    .with_retry(retry())
+                    .with_client_options(client());
                 Arc::new(b.build().map_err(|e| bad(crate::error::one_line(&e)))?)
             }
             "az" => {
-                let mut b = object_store::azure::MicrosoftAzureBuilder::from_env().with_container_name(bucket);
+                let mut b = object_store::azure::MicrosoftAzureBuilder::from_env()
+                    .with_container_name(bucket)
+                    .with_retry(retry())
+                    .with_client_options(client());
                 if let Some(ep) = &opts.endpoint {
                     b = b.with_endpoint(ep.clone()).with_allow_http(ep.starts_with("http://"));
                 }
