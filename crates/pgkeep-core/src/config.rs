@@ -242,7 +242,10 @@ impl Settings {
     /// The data directory, or an error saying how to set it.
     pub fn pg_data(&self) -> Result<&Path> {
         self.pg.pg_data.as_deref().ok_or_else(|| {
-            Error::Input(format!("no data directory for stanza '{}': set pg-data in [stanza.{}] or pass --pg-data", self.stanza, self.stanza))
+            Error::Input(format!(
+                "no data directory for stanza '{}': set pg-data in [stanza.{}] or pass --pg-data",
+                self.stanza, self.stanza
+            ))
         })
     }
 }

@@ -21,7 +21,7 @@ impl Ticker {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 let (f, tf, b, tb) = progress.snapshot();
                 let secs = started.elapsed().as_secs_f64().max(0.001);
-                let pct = if tb > 0 { b * 100 / tb } else { 0 };
+                let pct = (b * 100).checked_div(tb).unwrap_or(0);
                 eprint!("\r{verb}: {pct:>3}%  {f}/{tf} files  {}/{}  {}/s   ", bytes(b), bytes(tb), bytes((b as f64 / secs) as u64));
                 let _ = std::io::stderr().flush();
             }
@@ -47,5 +47,9 @@ pub fn bytes(n: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }

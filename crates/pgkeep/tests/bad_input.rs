@@ -215,7 +215,8 @@ fn restore_fails_on_a_corrupted_or_truncated_backup_file() {
     let files = files_by_size(&data.join("base"), ".zst");
     assert!(files.len() >= 2, "expected relation files in {}", data.display());
 
-    let damages: [(&str, fn(&mut Vec<u8>)); 2] = [
+    type Damage = (&'static str, fn(&mut Vec<u8>));
+    let damages: [Damage; 2] = [
         ("corrupted", |b| {
             let mid = b.len() / 2;
             b[mid] ^= 0x01;

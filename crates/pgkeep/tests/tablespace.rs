@@ -43,7 +43,10 @@ fn tablespace_is_backed_up_and_restored_to_a_mapped_location() {
     assert_eq!(link, ts_restored);
 
     let restored = Cluster::start_restored(&dir, &target);
-    assert_eq!(restored.psql("select pg_tablespace_location(oid) from pg_tablespace where spcname = 'ts'"), ts_restored.display().to_string());
+    assert_eq!(
+        restored.psql("select pg_tablespace_location(oid) from pg_tablespace where spcname = 'ts'"),
+        ts_restored.display().to_string()
+    );
     assert_eq!(restored.count("t"), 25000);
     assert_same_dump("restore with a mapped tablespace", &expected, &restored.dump());
     restored.amcheck();

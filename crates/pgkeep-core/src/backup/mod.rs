@@ -51,7 +51,10 @@ pub async fn run(stanza: &Stanza, opts: &BackupOptions) -> Result<Manifest> {
     let pg = Pg::connect(&stanza.settings.pg).await?;
     repo.check_system_id(pg.system_id().await?, &format!("the server at {}", pg.describe))?;
     if pg.in_recovery().await? {
-        return Err(Error::Input(format!("the server at {} is a standby; backups from a standby are not supported yet: point pg-host/pg-port at the primary", pg.describe)));
+        return Err(Error::Input(format!(
+            "the server at {} is a standby; backups from a standby are not supported yet: point pg-host/pg-port at the primary",
+            pg.describe
+        )));
     }
     check_data_directory(&pg, &pg_data).await?;
     let repo_opts = &stanza.settings.repos[number - 1];

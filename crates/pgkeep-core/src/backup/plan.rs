@@ -117,7 +117,13 @@ fn walk(dir: &Path, rel: &str, plan: &mut BackupPlan, tablespaces: &[Tablespace]
                 walk(&path, &child, plan, tablespaces)?;
             }
         } else if meta.is_file() && !excluded(&child, false) {
-            plan.files.push(PlannedFile { path: child, source: path, size: meta.len(), mode: meta.permissions().mode() & 0o7777, mtime: meta.mtime() });
+            plan.files.push(PlannedFile {
+                path: child,
+                source: path,
+                size: meta.len(),
+                mode: meta.permissions().mode() & 0o7777,
+                mtime: meta.mtime(),
+            });
         }
     }
     Ok(())

@@ -129,7 +129,11 @@ impl Pg {
             )
             .await
             .map_err(self.err("start the backup (pg_backup_start)"))?;
-        Ok(BackupStart { lsn: row.get::<_, String>(0).parse()?, timeline: TimelineId(row.get::<_, i64>(1) as u32), xid: row.get::<_, i64>(2) as u64 })
+        Ok(BackupStart {
+            lsn: row.get::<_, String>(0).parse()?,
+            timeline: TimelineId(row.get::<_, i64>(1) as u32),
+            xid: row.get::<_, i64>(2) as u64,
+        })
     }
 
     /// Stops the backup. PostgreSQL switches to a new WAL segment but does

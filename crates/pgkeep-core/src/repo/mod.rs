@@ -127,10 +127,11 @@ impl Repository {
     /// is overwritten (the key carries the checksum, so it cannot be).
     pub async fn push_wal(&self, name: &WalFileName, data: &[u8], compress: Compress, level: Option<i32>) -> Result<Pushed> {
         let checksum = blake3::hash(data).to_hex().to_string();
-        for found in self.find_wal(name).await? {
-            if found.checksum == checksum {
-                return Ok(Pushed::AlreadyArchived);
-            }
+        let found = self.find_wal(name).await?;
+        if found.iter().any(|f| f.checksum == checksum) {
+            return Ok(Pushed::AlreadyArchived);
+        }
+        if !found.is_empty() {
             return Err(Error::Refused(format!(
                 "WAL file {} is already archived in repo {} with different content; refusing to overwrite it. Another cluster may be archiving to stanza '{}': check archive_command",
                 name.as_str(),
@@ -218,7 +219,10 @@ impl Repository {
         let key = format!("{}/manifest.json", Self::backup_dir(label));
         let what = format!("manifest of backup {label} in repo {}", self.number);
         let bytes = self.store.get(&key).await?.ok_or_else(|| {
-            Error::Input(format!("backup {label} does not exist in repo {} of stanza '{}'; `pgkeep info` lists the backups", self.number, self.meta.stanza))
+            Error::Input(format!(
+                "backup {label} does not exist in repo {} of stanza '{}'; `pgkeep info` lists the backups",
+                self.number, self.meta.stanza
+            ))
         })?;
         manifest::unseal(&bytes, &what)
     }

@@ -224,7 +224,8 @@ fn prepare_dirs(plan: &Plan, force: bool) -> Result<Vec<PathBuf>> {
             clear_dir(d).map_err(Error::io(format!("cannot empty {}", d.display())))?;
         }
         std::fs::create_dir_all(d).map_err(Error::io(format!("cannot create {}", d.display())))?;
-        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700)).map_err(Error::io(format!("cannot set the mode of {}", d.display())))?;
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))
+            .map_err(Error::io(format!("cannot set the mode of {}", d.display())))?;
     }
     Ok(dirs)
 }
@@ -333,7 +334,8 @@ fn restore_file(
             f.size, f.path
         )));
     }
-    out.set_permissions(std::fs::Permissions::from_mode(f.mode & 0o7777)).map_err(Error::io(format!("cannot set the mode of {}", dest.display())))?;
+    out.set_permissions(std::fs::Permissions::from_mode(f.mode & 0o7777))
+        .map_err(Error::io(format!("cannot set the mode of {}", dest.display())))?;
     out.sync_all().map_err(Error::io(format!("cannot sync {}", dest.display())))?;
     progress.file_done();
     Ok(())
@@ -342,7 +344,10 @@ fn restore_file(
 fn write_file(path: &Path, data: &[u8]) -> Result<()> {
     let what = || format!("cannot write {}", path.display());
     let mut f = std::fs::File::create(path).map_err(Error::io(what()))?;
-    f.write_all(data).and_then(|_| f.set_permissions(std::fs::Permissions::from_mode(0o600))).and_then(|_| f.sync_all()).map_err(Error::io(what()))
+    f.write_all(data)
+        .and_then(|_| f.set_permissions(std::fs::Permissions::from_mode(0o600)))
+        .and_then(|_| f.sync_all())
+        .map_err(Error::io(what()))
 }
 
 /// The recovery settings pgkeep owns; earlier values of these in

@@ -84,9 +84,10 @@ pub fn choose<'a>(backups: &'a [Manifest], target: &Target, set: Option<&BackupL
         }
     };
     if let Some(label) = set {
-        let m = backups.iter().find(|m| &m.label == label).ok_or_else(|| {
-            Error::Input(format!("backup {label} does not exist; `pgkeep info` lists the backups"))
-        })?;
+        let m = backups
+            .iter()
+            .find(|m| &m.label == label)
+            .ok_or_else(|| Error::Input(format!("backup {label} does not exist; `pgkeep info` lists the backups")))?;
         if !reaches(m) {
             return Err(Error::Input(format!("backup {label} ends after the recovery target; choose an earlier backup or a later target")));
         }
@@ -103,7 +104,9 @@ pub fn choose<'a>(backups: &'a [Manifest], target: &Target, set: Option<&BackupL
         }
     }
     let what = match target {
-        Target::Time(t) => format!("target time {} is before the end of the first backup ({})", format_time(t), format_time(&first.stop_time)),
+        Target::Time(t) => {
+            format!("target time {} is before the end of the first backup ({})", format_time(t), format_time(&first.stop_time))
+        }
         Target::Lsn(l) => format!("target LSN {l} is before the end of the first backup ({})", first.stop_lsn),
         Target::Xid(x) => format!("transaction {x} ended before the first backup (which starts at xid {})", first.start_xid),
         _ => unreachable!("every backup reaches the other targets"),

@@ -15,9 +15,7 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path as KeyPath;
 use object_store::prefix::PrefixStore;
-use object_store::{
-    BackoffConfig, ClientOptions, ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
-};
+use object_store::{BackoffConfig, ClientOptions, ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig};
 
 use crate::config::RepoOptions;
 use crate::error::{Error, Result};
@@ -170,7 +168,11 @@ impl Store {
             .map_err(Error::storage(self.what("list", dir)))?;
         Ok(metas
             .into_iter()
-            .map(|m| Listed { key: m.location.as_ref()[strip.min(m.location.as_ref().len())..].to_owned(), size: m.size, modified: m.last_modified })
+            .map(|m| Listed {
+                key: m.location.as_ref()[strip.min(m.location.as_ref().len())..].to_owned(),
+                size: m.size,
+                modified: m.last_modified,
+            })
             .collect())
     }
 

@@ -20,7 +20,10 @@ use crate::Stanza;
 pub async fn push(stanza: &Stanza, path: &Path) -> Result<Vec<Pushed>> {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
     let name = WalFileName::parse(name).ok_or_else(|| {
-        Error::Input(format!("{} is not a WAL, partial, history or backup history file; archive-push takes the %p of archive_command", path.display()))
+        Error::Input(format!(
+            "{} is not a WAL, partial, history or backup history file; archive-push takes the %p of archive_command",
+            path.display()
+        ))
     })?;
     let data = std::fs::read(path).map_err(Error::io(format!("cannot read {}", path.display())))?;
     let repos = stanza.open_all().await?;

@@ -23,8 +23,12 @@ pub async fn run(cli: Cli) -> Result<()> {
     let (file, config_path) = load_file(&cli)?;
     match &cli.command {
         Command::Info => return info::run(&cli, &file).await,
-        Command::Expire { .. } => anyhow::bail!("expire is not available yet in this version of pgkeep; remove backups by hand only with care"),
-        Command::Verify { .. } => anyhow::bail!("verify is not available yet in this version of pgkeep; a restore checks every object's checksum"),
+        Command::Expire { .. } => {
+            anyhow::bail!("expire is not available yet in this version of pgkeep; remove backups by hand only with care")
+        }
+        Command::Verify { .. } => {
+            anyhow::bail!("verify is not available yet in this version of pgkeep; a restore checks every object's checksum")
+        }
         _ => {}
     }
     let stanza = resolve(&cli, &file, cli.stanza.as_deref())?;

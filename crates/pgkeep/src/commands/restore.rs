@@ -87,7 +87,12 @@ fn restore_command(cli: &Cli, stanza: &Stanza, config: Option<&Path>) -> Result<
     if cli.repo != 1 && !r.is_empty() {
         words.extend(["--repo".to_owned(), cli.repo.to_string()]);
     }
-    let flags = [("--location", r.location.clone()), ("--endpoint", r.endpoint.clone()), ("--region", r.region.clone()), ("--path-style", r.path_style.map(|b| b.to_string()))];
+    let flags = [
+        ("--location", r.location.clone()),
+        ("--endpoint", r.endpoint.clone()),
+        ("--region", r.region.clone()),
+        ("--path-style", r.path_style.map(|b| b.to_string())),
+    ];
     for (flag, value) in flags {
         if let Some(v) = value {
             words.extend([flag.to_owned(), v]);

@@ -406,7 +406,9 @@ impl Cluster {
     pub fn new(dir: &TestDir, name: &str, archive_to: Option<&Pgkeep>) -> Cluster {
         let data = dir.join(name);
         run_ok(
-            as_postgres(pg_tool("initdb"), dir.path()).args(["-k", "-A", "trust", "-U", "postgres", "-E", "UTF8", "--locale=C", "-D"]).arg(&data),
+            as_postgres(pg_tool("initdb"), dir.path())
+                .args(["-k", "-A", "trust", "-U", "postgres", "-E", "UTF8", "--locale=C", "-D"])
+                .arg(&data),
             SQL_TIMEOUT,
         );
         let port = free_port();
@@ -470,7 +472,13 @@ impl Cluster {
                 .arg("start"),
             RECOVERY_TIMEOUT + Duration::from_secs(30),
         );
-        assert!(r.status.success(), "PostgreSQL at {} did not start: {}\n--- server log:\n{}", self.addr.data.display(), r.stdout, tail(&self.log, 40));
+        assert!(
+            r.status.success(),
+            "PostgreSQL at {} did not start: {}\n--- server log:\n{}",
+            self.addr.data.display(),
+            r.stdout,
+            tail(&self.log, 40)
+        );
     }
 
     /// Waits until `pg_is_in_recovery()` is false.
@@ -504,9 +512,12 @@ impl Cluster {
 
     fn psql_cmd(&self, sql: &str) -> Command {
         let mut c = as_postgres(pg_tool("psql"), &self.cwd);
-        c.args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-d", "postgres", "-h"])
-            .arg(&self.addr.socket_dir)
-            .args(["-p", &self.addr.port.to_string(), "-c", sql]);
+        c.args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-d", "postgres", "-h"]).arg(&self.addr.socket_dir).args([
+            "-p",
+            &self.addr.port.to_string(),
+            "-c",
+            sql,
+        ]);
         c
     }
 
@@ -553,29 +564,34 @@ impl Cluster {
     /// `\unrestrict` lines that pg_dump 15.14+ writes.
     pub fn dump(&self) -> String {
         let out = run_ok(
-            as_postgres(pg_tool("pg_dump"), &self.cwd)
-                .arg("-h")
-                .arg(&self.addr.socket_dir)
-                .args(["-p", &self.addr.port.to_string(), "-d", "postgres"]),
+            as_postgres(pg_tool("pg_dump"), &self.cwd).arg("-h").arg(&self.addr.socket_dir).args([
+                "-p",
+                &self.addr.port.to_string(),
+                "-d",
+                "postgres",
+            ]),
             Duration::from_secs(300),
         );
-        out.lines()
-            .filter(|l| !l.starts_with("\\restrict ") && !l.starts_with("\\unrestrict "))
-            .fold(String::with_capacity(out.len()), |mut s, l| {
+        out.lines().filter(|l| !l.starts_with("\\restrict ") && !l.starts_with("\\unrestrict ")).fold(
+            String::with_capacity(out.len()),
+            |mut s, l| {
                 s.push_str(l);
                 s.push('\n');
                 s
-            })
+            },
+        )
     }
 
     /// pg_amcheck of every database (installing amcheck where missing; do it
     /// after any dump you compare); fails the test on any finding.
     pub fn amcheck(&self) {
         let out = run_ok(
-            as_postgres(pg_tool("pg_amcheck"), &self.cwd)
-                .arg("-h")
-                .arg(&self.addr.socket_dir)
-                .args(["-p", &self.addr.port.to_string(), "--install-missing", "--all"]),
+            as_postgres(pg_tool("pg_amcheck"), &self.cwd).arg("-h").arg(&self.addr.socket_dir).args([
+                "-p",
+                &self.addr.port.to_string(),
+                "--install-missing",
+                "--all",
+            ]),
             Duration::from_secs(300),
         );
         assert!(out.trim().is_empty(), "pg_amcheck found problems in {}:\n{out}", self.addr.data.display());
@@ -689,7 +705,8 @@ pub struct Moto {
 
 impl Moto {
     pub fn start(bucket: &str) -> Moto {
-        let program = std::env::var_os("PGKEEP_TEST_MOTO").map(PathBuf::from).unwrap_or_else(|| "/opt/pgkeep-test/venv/bin/moto_server".into());
+        let program =
+            std::env::var_os("PGKEEP_TEST_MOTO").map(PathBuf::from).unwrap_or_else(|| "/opt/pgkeep-test/venv/bin/moto_server".into());
         assert!(program.exists(), "moto not installed: run scripts/test-setup ({} missing)", program.display());
         let port = free_port();
         let child = Command::new(&program)
@@ -707,7 +724,16 @@ impl Moto {
             thread::sleep(Duration::from_millis(100));
         }
         run_ok(
-            Command::new("curl").args(["-sS", "--fail", "--retry", "5", "--retry-connrefused", "-X", "PUT", &format!("{}/{bucket}", moto.endpoint)]),
+            Command::new("curl").args([
+                "-sS",
+                "--fail",
+                "--retry",
+                "5",
+                "--retry-connrefused",
+                "-X",
+                "PUT",
+                &format!("{}/{bucket}", moto.endpoint),
+            ]),
             Duration::from_secs(60),
         );
         moto
