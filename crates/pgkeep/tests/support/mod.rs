@@ -445,6 +445,19 @@ impl Cluster {
     /// Starts a restored directory and returns as soon as it takes
     /// connections (it may still be in recovery).
     pub fn start_recovery(dir: &TestDir, data: &Path) -> Cluster {
+        Cluster::start_restored_dir(dir, data, false)
+    }
+
+    /// Starts a restored directory as the stanza's new primary: it keeps the
+    /// source's `archive_command`, so after promotion it archives its new
+    /// timeline into the same repository. Waits until it is promoted.
+    pub fn start_restored_archiving(dir: &TestDir, data: &Path) -> Cluster {
+        let c = Cluster::start_restored_dir(dir, data, true);
+        c.wait_promoted();
+        c
+    }
+
+    fn start_restored_dir(dir: &TestDir, data: &Path, archive: bool) -> Cluster {
         chown_postgres(data);
         std::fs::set_permissions(data, std::fs::Permissions::from_mode(0o700)).unwrap();
         let name = data.file_name().unwrap().to_string_lossy().into_owned();
@@ -454,7 +467,11 @@ impl Cluster {
             cwd: dir.path().to_owned(),
             log: dir.join(&format!("{name}.log")),
         };
-        let opts = format!("-c archive_mode=off -c port={port} -c unix_socket_directories={} -c listen_addresses=", dir.path().display());
+        let archive_mode = if archive { "on" } else { "off" };
+        let opts = format!(
+            "-c archive_mode={archive_mode} -c port={port} -c unix_socket_directories={} -c listen_addresses=",
+            dir.path().display()
+        );
         c.pg_ctl_start(&["-o", &opts]);
         c
     }
