@@ -139,7 +139,10 @@ impl WalFileName {
     }
 }
 
-/// A backup's label: `YYYYMMDD-HHMMSS` plus `F` for a full backup.
+/// A backup's label: `YYYYMMDD-HHMMSSF` for a full backup; a differential
+/// or incremental one carries its full backup's label, then `_`, its own
+/// time and `D` or `I` (`20261123-121500F_20261123-130000I`), so labels
+/// sort in time order within a chain and name the chain they belong to.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct BackupLabel(pub String);
 
@@ -147,6 +150,13 @@ impl BackupLabel {
     /// A label for a full backup started at `time`.
     pub fn full(time: chrono::DateTime<chrono::Utc>) -> Self {
         BackupLabel(format!("{}F", time.format("%Y%m%d-%H%M%S")))
+    }
+
+    /// A label for a differential (`D`) or incremental (`I`) backup on top
+    /// of the full backup `full`.
+    pub fn dependent(full: &BackupLabel, time: chrono::DateTime<chrono::Utc>, suffix: char) -> Self {
+        let base = full.0.split('_').next().unwrap_or(&full.0);
+        BackupLabel(format!("{base}_{}{suffix}", time.format("%Y%m%d-%H%M%S")))
     }
 
     /// Checks that `s` has the shape of a label (it is used in object keys).
@@ -237,6 +247,11 @@ mod tests {
     #[test]
     fn labels_are_checked() {
         assert!(BackupLabel::parse("20261123-121500F").is_ok());
+        let t = chrono::DateTime::parse_from_rfc3339("2026-11-23T13:00:00Z").unwrap().with_timezone(&chrono::Utc);
+        let full = BackupLabel("20261123-121500F".into());
+        let incr = BackupLabel::dependent(&full, t, 'I');
+        assert_eq!(incr.0, "20261123-121500F_20261123-130000I");
+        assert_eq!(BackupLabel::dependent(&incr, t, 'D').0, "20261123-121500F_20261123-130000D");
         assert!(BackupLabel::parse("../x").is_err());
         assert!(BackupLabel::parse("").is_err());
     }

@@ -20,7 +20,7 @@ use crate::codec::Compress;
 use crate::error::{Error, Result};
 use crate::pg::Pg;
 use crate::progress::Progress;
-use crate::repo::{BackupType, FileEntry, Manifest, Repository, Tablespace};
+use crate::repo::{pages, BackupType, FileEntry, Manifest, Repository, Tablespace};
 use crate::storage::ObjectWriter;
 use crate::types::{BackupLabel, Lsn, WalSegment};
 use crate::Stanza;
@@ -31,20 +31,27 @@ pub use plan::{BackupPlan, PlannedFile};
 pub struct BackupOptions {
     /// Repository to back up to (1-based; 0 means 1).
     pub repo: usize,
-    /// Requested type; only full backups exist so far.
+    /// Requested type; `None`: incremental when a full backup exists, else
+    /// full. A diff or incr without a full backup to build on becomes full.
     pub kind: Option<BackupType>,
     /// Where to count progress.
     pub progress: Option<Arc<Progress>>,
 }
 
+/// The type of the next backup and the backup it builds on (pure).
+pub fn choose_prior(backups: &[Manifest], requested: Option<BackupType>) -> (BackupType, Option<&Manifest>) {
+    let last_full = backups.iter().rev().find(|m| m.kind == BackupType::Full);
+    let Some(full) = last_full else { return (BackupType::Full, None) };
+    match requested.unwrap_or(BackupType::Incr) {
+        BackupType::Full => (BackupType::Full, None),
+        BackupType::Diff => (BackupType::Diff, Some(full)),
+        // The newest backup of the newest full's chain.
+        BackupType::Incr => (BackupType::Incr, backups.iter().rev().find(|m| m.label.0.starts_with(&full.label.0))),
+    }
+}
+
 /// Takes a backup; returns its manifest once it is written.
 pub async fn run(stanza: &Stanza, opts: &BackupOptions) -> Result<Manifest> {
-    if let Some(kind @ (BackupType::Diff | BackupType::Incr)) = opts.kind {
-        return Err(Error::Input(format!(
-            "--type {} is not available yet in this version: take a full backup with --type full",
-            if kind == BackupType::Diff { "diff" } else { "incr" }
-        )));
-    }
     let number = opts.repo.max(1);
     let repo = stanza.open(number).await?;
     let pg_data = stanza.settings.pg_data()?.to_path_buf();
@@ -60,7 +67,9 @@ pub async fn run(stanza: &Stanza, opts: &BackupOptions) -> Result<Manifest> {
     let repo_opts = &stanza.settings.repos[number - 1];
     let compress = repo_opts.compress.unwrap_or_default();
 
-    let label = new_label(&repo).await?;
+    let backups = repo.backups().await?;
+    let (kind, prior) = choose_prior(&backups, opts.kind);
+    let label = new_label(&repo, kind, prior).await?;
     let start_time = Utc::now();
     let start = pg.backup_start(&format!("pgkeep backup {label}")).await?;
     let tablespaces: Vec<Tablespace> =
@@ -68,8 +77,14 @@ pub async fn run(stanza: &Stanza, opts: &BackupOptions) -> Result<Manifest> {
 
     let copied = async {
         let plan = tokio::task::spawn_blocking({
-            let (pg_data, ts) = (pg_data.clone(), tablespaces.clone());
-            move || plan::plan(&pg_data, &ts)
+            let (pg_data, ts, prior) = (pg_data.clone(), tablespaces.clone(), prior.cloned());
+            move || {
+                let mut plan = plan::plan(&pg_data, &ts)?;
+                if let Some(prior) = &prior {
+                    plan::incremental(&mut plan, prior);
+                }
+                Ok::<_, Error>(plan)
+            }
         })
         .await
         .map_err(|e| Error::Input(format!("backup planning stopped: {e}")))??;
@@ -97,8 +112,8 @@ pub async fn run(stanza: &Stanza, opts: &BackupOptions) -> Result<Manifest> {
     }
     let manifest = Manifest {
         label: label.clone(),
-        kind: BackupType::Full,
-        prior: None,
+        kind,
+        prior: prior.map(|p| p.label.clone()),
         start_time,
         stop_time: Utc::now(),
         start_lsn: start.lsn,
@@ -143,9 +158,14 @@ async fn check_data_directory(pg: &Pg, pg_data: &std::path::Path) -> Result<()> 
 
 /// A label not used yet in this repository (labels have one-second
 /// resolution: wait for the next second rather than collide).
-async fn new_label(repo: &Repository) -> Result<BackupLabel> {
+async fn new_label(repo: &Repository, kind: BackupType, prior: Option<&Manifest>) -> Result<BackupLabel> {
     loop {
-        let label = BackupLabel::full(Utc::now());
+        let now = Utc::now();
+        let label = match (kind, prior) {
+            (BackupType::Diff, Some(p)) => BackupLabel::dependent(&p.label, now, 'D'),
+            (BackupType::Incr, Some(p)) => BackupLabel::dependent(&p.label, now, 'I'),
+            _ => BackupLabel::full(now),
+        };
         if repo.store().list(&Repository::backup_dir(&label)).await?.is_empty() {
             return Ok(label);
         }
@@ -183,8 +203,9 @@ async fn copy_files(
     Ok(files)
 }
 
-/// Copies one file: read, checksum, compress, upload. `None` when the file
-/// was removed before it could be opened (the WAL replay handles that).
+/// Copies one file: read, checksum, compress, upload; whole, or as the
+/// pages changed since `f.since`. `None` when the file was removed before
+/// it could be opened (the WAL replay handles that).
 #[allow(clippy::too_many_arguments)]
 fn copy_one(
     f: &PlannedFile,
@@ -196,7 +217,7 @@ fn copy_one(
     progress: &Progress,
     repo_no: usize,
 ) -> Result<Option<FileEntry>> {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let mut src = match std::fs::File::open(&f.source) {
         Ok(s) => s,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -206,19 +227,44 @@ fn copy_one(
     let mut enc = compress.encoder(ObjectWriter::new(store.clone(), &key, rt), level).map_err(upload_err)?;
     let mut hasher = blake3::Hasher::new();
     let mut buf = vec![0u8; 1 << 20];
-    let mut size = 0u64;
+    let mut record = Vec::with_capacity(pages::PAGE_SIZE + 8);
+    let (mut size, mut changed) = (0u64, 0u64);
     loop {
-        let n = src.read(&mut buf).map_err(Error::io(format!("cannot read {}", f.source.display())))?;
+        let n = fill(&mut src, &mut buf).map_err(Error::io(format!("cannot read {}", f.source.display())))?;
         if n == 0 {
             break;
         }
-        hasher.update(&buf[..n]);
-        enc.write_all(&buf[..n]).map_err(upload_err)?;
+        match f.since {
+            None => {
+                hasher.update(&buf[..n]);
+                enc.write_all(&buf[..n]).map_err(upload_err)?;
+            }
+            Some(since) => {
+                let first = size / pages::PAGE_SIZE as u64;
+                for (i, page) in buf[..n].chunks(pages::PAGE_SIZE).enumerate() {
+                    if pages::page_changed(page, since) {
+                        record.clear();
+                        pages::write_record(&mut record, (first + i as u64) as u32, page).expect("writes to a Vec");
+                        hasher.update(&record);
+                        enc.write_all(&record).map_err(upload_err)?;
+                        changed += 1;
+                    }
+                }
+            }
+        }
         size += n as u64;
         progress.add_bytes(n as u64);
     }
-    let repo_size = enc.finish().map_err(upload_err)?.finish().map_err(upload_err)?;
     progress.file_done();
+    let delta = f.since.is_some();
+    // A delta of no pages stores nothing: dropping the writer unfinished
+    // leaves no object behind.
+    let (key, repo_size) = if delta && changed == 0 {
+        (None, 0)
+    } else {
+        let repo_size = enc.finish().map_err(upload_err)?.finish().map_err(upload_err)?;
+        (Some(key), repo_size)
+    };
     Ok(Some(FileEntry {
         path: f.path.clone(),
         size,
@@ -227,7 +273,24 @@ fn copy_one(
         checksum: hasher.finalize().to_hex().to_string(),
         key,
         repo_size,
+        delta,
+        pages: changed,
     }))
+}
+
+/// Reads until `buf` is full or the file ends, so that every chunk but the
+/// last holds whole pages; returns the bytes read.
+fn fill(src: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match src.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }
 
 /// Waits until every segment from `first` to `last` is archived.
@@ -238,4 +301,30 @@ async fn wait_for_wal(repo: &Repository, first: WalSegment, last: WalSegment, ti
         crate::wal::wait_archived(repo, &s.name(seg), timeout).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn incr_builds_on_the_newest_backup_of_the_newest_chain_and_diff_on_its_full() {
+        let t = Utc::now();
+        let m = |label: &str, kind, prior: Option<&str>| Manifest::for_test(label, kind, prior, t, 1000, (1, 2));
+        assert_eq!(choose_prior(&[], None).0, BackupType::Full);
+        let (kind, prior) = choose_prior(&[], Some(BackupType::Incr));
+        assert!(kind == BackupType::Full && prior.is_none(), "nothing to build on");
+        let catalog = vec![
+            m("A_F", BackupType::Full, None),
+            m("A_F_1I", BackupType::Incr, Some("A_F")),
+            m("B_F", BackupType::Full, None),
+            m("B_F_1D", BackupType::Diff, Some("B_F")),
+            m("B_F_2I", BackupType::Incr, Some("B_F_1D")),
+        ];
+        let pick = |k| choose_prior(&catalog, k).1.map(|p| p.label.0.clone());
+        let kind = |k| choose_prior(&catalog, k).0;
+        assert_eq!((kind(None), pick(None)), (BackupType::Incr, Some("B_F_2I".into())));
+        assert_eq!(pick(Some(BackupType::Diff)), Some("B_F".into()));
+        assert_eq!((kind(Some(BackupType::Full)), pick(Some(BackupType::Full))), (BackupType::Full, None));
+    }
 }

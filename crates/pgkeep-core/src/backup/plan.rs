@@ -8,7 +8,8 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::repo::{DirEntry, Tablespace};
+use crate::repo::{DirEntry, Manifest, Tablespace};
+use crate::types::Lsn;
 
 /// Directories whose contents are never copied (the directory itself is).
 const SKIP_CONTENTS: &[&str] =
@@ -43,6 +44,9 @@ pub struct PlannedFile {
     pub mode: u32,
     /// Modification time, seconds since the epoch.
     pub mtime: i64,
+    /// Copy only the pages changed since this LSN (the prior backup's
+    /// start) instead of the whole file.
+    pub since: Option<Lsn>,
 }
 
 /// Everything a backup will copy.
@@ -123,10 +127,47 @@ fn walk(dir: &Path, rel: &str, plan: &mut BackupPlan, tablespaces: &[Tablespace]
                 size: meta.len(),
                 mode: meta.permissions().mode() & 0o7777,
                 mtime: meta.mtime(),
+                since: None,
             });
         }
     }
     Ok(())
+}
+
+/// Turns a plan into an incremental one against `prior`: relation files
+/// the prior backup holds are copied as page deltas since its start LSN.
+/// Everything else (new files, non-relation files, free space maps, init
+/// forks) is copied whole.
+pub fn incremental(plan: &mut BackupPlan, prior: &Manifest) {
+    let known: HashSet<&str> = prior.files.iter().map(|f| f.path.as_str()).collect();
+    for f in &mut plan.files {
+        if is_page_tracked(&f.path) && known.contains(f.path.as_str()) {
+            f.since = Some(prior.start_lsn);
+        }
+    }
+}
+
+/// Relation files whose pages carry a WAL-logged LSN: the main fork and
+/// the visibility map, in any segment. Not the free space map (updated
+/// without WAL), not init forks, not catalog-less files.
+pub fn is_page_tracked(path: &str) -> bool {
+    let Some((dir, name)) = path.rsplit_once('/') else { return false };
+    if !(dir == "global" || is_relation_dir(dir)) {
+        return false;
+    }
+    let stem =
+        name.split_once('.').map_or(
+            name,
+            |(stem, segment)| {
+                if segment.is_empty() || !segment.bytes().all(|b| b.is_ascii_digit()) {
+                    ""
+                } else {
+                    stem
+                }
+            },
+        );
+    let node = stem.strip_suffix("_vm").unwrap_or(stem);
+    !node.is_empty() && node.bytes().all(|b| b.is_ascii_digit())
 }
 
 /// Unlogged relations are reset from their init fork at the end of
@@ -193,8 +234,29 @@ mod tests {
     }
 
     #[test]
+    fn only_wal_logged_relation_forks_are_page_tracked() {
+        for p in ["base/5/16384", "base/5/16384.12", "base/5/16384_vm", "global/1262", "pg_tblspc/16390/PG_15_202209061/5/16391"] {
+            assert!(is_page_tracked(p), "{p}");
+        }
+        for p in [
+            "base/5/16384_fsm",
+            "base/5/16384_init",
+            "base/5/PG_VERSION",
+            "base/5/pg_filenode.map",
+            "global/pg_control",
+            "pg_xact/0000",
+            "base/5/16384.",
+            "base/5/16384.x",
+            "16384",
+            "pg_tblspc/16390/16391",
+        ] {
+            assert!(!is_page_tracked(p), "{p}");
+        }
+    }
+
+    #[test]
     fn keeps_only_the_init_fork_of_unlogged_relations() {
-        let f = |p: &str| PlannedFile { path: p.into(), source: p.into(), size: 1, mode: 0o600, mtime: 0 };
+        let f = |p: &str| PlannedFile { path: p.into(), source: p.into(), size: 1, mode: 0o600, mtime: 0, since: None };
         let mut plan = BackupPlan {
             dirs: vec![],
             files: ["base/5/100", "base/5/100_init", "base/5/100_fsm", "base/5/100.1", "base/5/1000", "base/6/100", "global/100"]

@@ -83,12 +83,26 @@ pub struct FileEntry {
     pub mode: u32,
     /// Modification time at backup (seconds since the epoch).
     pub mtime: i64,
-    /// BLAKE3 of the file's content as copied, hex.
+    /// BLAKE3, hex, of what the stored object holds once decompressed: the
+    /// file's content, or for a delta the page records.
     pub checksum: String,
-    /// Key of the stored object, relative to the stanza.
-    pub key: String,
+    /// Key of the stored object, relative to the stanza; `None` when
+    /// nothing changed since the prior backup (a delta of no pages).
+    pub key: Option<String>,
     /// Bytes stored.
     pub repo_size: u64,
+    /// The object holds only the pages changed since the prior backup
+    /// (see [`crate::repo::pages`]); the rest of the file is the prior
+    /// backup's copy of the same path, cut or extended to `size`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub delta: bool,
+    /// Pages stored by a delta.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub pages: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// `<stanza>/backup/<label>/manifest.json`: a backup exists once this is
@@ -141,6 +155,38 @@ pub struct Manifest {
     pub dirs: Vec<DirEntry>,
     /// Files.
     pub files: Vec<FileEntry>,
+}
+
+impl Manifest {
+    /// A manifest with only the catalog fields set, for unit tests of
+    /// planning functions.
+    #[cfg(test)]
+    pub(crate) fn for_test(label: &str, kind: BackupType, prior: Option<&str>, stop: DateTime<Utc>, lsn: u64, xids: (u64, u64)) -> Self {
+        Manifest {
+            label: BackupLabel(label.into()),
+            kind,
+            prior: prior.map(|p| BackupLabel(p.into())),
+            start_time: stop - chrono::Duration::seconds(60),
+            stop_time: stop,
+            start_lsn: Lsn(lsn - 100),
+            stop_lsn: Lsn(lsn),
+            timeline: TimelineId(1),
+            start_wal: String::new(),
+            stop_wal: String::new(),
+            system_id: SystemId(1),
+            pg_version: 150000,
+            start_xid: xids.0,
+            stop_xid: xids.1,
+            compress: Compress::Zstd,
+            size: 0,
+            repo_size: 0,
+            backup_label: String::new(),
+            tablespace_map: None,
+            tablespaces: vec![],
+            dirs: vec![],
+            files: vec![],
+        }
+    }
 }
 
 #[derive(Serialize)]

@@ -17,6 +17,7 @@
 //! different labels; locking them against each other is future work.
 
 pub mod manifest;
+pub mod pages;
 
 use bytes::Bytes;
 

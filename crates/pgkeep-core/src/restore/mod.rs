@@ -13,6 +13,7 @@
 
 pub mod target;
 
+use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -20,9 +21,10 @@ use std::sync::Arc;
 
 use futures::{StreamExt, TryStreamExt};
 
+use crate::codec::Compress;
 use crate::error::{Error, Result};
 use crate::progress::Progress;
-use crate::repo::{FileEntry, Manifest, Repository};
+use crate::repo::{pages, FileEntry, Manifest, Repository};
 use crate::storage::ObjectReader;
 use crate::types::{BackupLabel, WalSegment};
 use crate::Stanza;
@@ -71,7 +73,8 @@ pub struct RestoreReport {
 /// The decided restore, before any file is written.
 struct Plan {
     repo: Repository,
-    manifest: Manifest,
+    /// The backup to restore, then the backups it depends on, newest first.
+    chain: Vec<Manifest>,
     pg_data: PathBuf,
     /// (link name under pg_tblspc, destination directory).
     tablespaces: Vec<(u32, PathBuf)>,
@@ -109,15 +112,16 @@ async fn plan(stanza: &Stanza, opts: &RestoreOptions) -> Result<Plan> {
             let backups = repo.backups().await?;
             let m = target::choose(&backups, &selection_target(&repo, &backups, &target).await?, opts.set.as_ref())?.clone();
             check_archive(&repo, &m, &target).await?;
-            Ok::<_, Error>((repo, m))
+            let chain = backup_chain(&backups, m, repo.number)?;
+            Ok::<_, Error>((repo, chain))
         };
         match attempt.await {
-            Ok((repo, manifest)) => {
-                let tablespaces = map_tablespaces(&manifest, &opts.tablespace_map)?;
+            Ok((repo, chain)) => {
+                let tablespaces = map_tablespaces(&chain[0], &opts.tablespace_map)?;
                 for (_, dir) in &tablespaces {
                     check_destination(dir, opts.force)?;
                 }
-                return Ok(Plan { repo, manifest, pg_data, tablespaces });
+                return Ok(Plan { repo, chain, pg_data, tablespaces });
             }
             Err(e) => {
                 first_err.get_or_insert(e);
@@ -125,6 +129,24 @@ async fn plan(stanza: &Stanza, opts: &RestoreOptions) -> Result<Plan> {
         }
     }
     Err(first_err.expect("at least one repository"))
+}
+
+/// `m` and the backups it depends on, newest first.
+fn backup_chain(backups: &[Manifest], m: Manifest, repo: usize) -> Result<Vec<Manifest>> {
+    let mut chain = vec![m];
+    while let Some(prior) = chain.last().and_then(|m| m.prior.clone()) {
+        let found = backups.iter().find(|b| b.label == prior).ok_or_else(|| {
+            Error::Corrupt(format!(
+                "backup {} depends on backup {prior}, which is missing from repo {repo}; restore another backup",
+                chain[0].label
+            ))
+        })?;
+        if chain.len() > 10_000 {
+            return Err(Error::Corrupt(format!("the chain of backup {} loops", chain[0].label)));
+        }
+        chain.push(found.clone());
+    }
+    Ok(chain)
 }
 
 /// The target that decides which backup can reach it: a restore point is
@@ -249,7 +271,7 @@ fn clear_dir(dir: &Path) -> std::io::Result<()> {
 }
 
 async fn write_everything(plan: &Plan, opts: &RestoreOptions, jobs: usize) -> Result<RestoreReport> {
-    let m = &plan.manifest;
+    let m = &plan.chain[0];
     let root = &plan.pg_data;
     let io = |what: String| Error::io(what);
     for d in &m.dirs {
@@ -266,15 +288,21 @@ async fn write_everything(plan: &Plan, opts: &RestoreOptions, jobs: usize) -> Re
         std::fs::create_dir_all(root.join(sub)).map_err(io(format!("cannot create {sub}")))?;
     }
 
-    let (last, rest): (Vec<&FileEntry>, Vec<&FileEntry>) = m.files.iter().partition(|f| f.path == "global/pg_control");
+    let by_path: Vec<HashMap<&str, &FileEntry>> =
+        plan.chain.iter().map(|b| b.files.iter().map(|f| (f.path.as_str(), f)).collect()).collect();
+    let mut files = Vec::with_capacity(m.files.len());
+    for f in &m.files {
+        files.push((f, layers(&plan.chain, &by_path, &f.path)?));
+    }
+    let (last, rest): (Vec<_>, Vec<_>) = files.into_iter().partition(|(f, _)| f.path == "global/pg_control");
     let progress = opts.progress.clone().unwrap_or_default();
     progress.plan(m.files.len() as u64, m.size);
     let store = plan.repo.store().object_store();
     let rt = tokio::runtime::Handle::current();
-    let (repo_no, compress) = (plan.repo.number, m.compress);
-    let fetch = |f: &FileEntry| {
+    let repo_no = plan.repo.number;
+    let fetch = |(f, layers): (&FileEntry, Vec<Layer>)| {
         let (f, store, rt, progress, dest) = (f.clone(), store.clone(), rt.clone(), progress.clone(), root.join(&f.path));
-        tokio::task::spawn_blocking(move || restore_file(&f, &dest, store, compress, rt, &progress, repo_no))
+        tokio::task::spawn_blocking(move || restore_file(&f, &layers, &dest, store, rt, &progress, repo_no))
     };
     futures::stream::iter(rest)
         .map(fetch)
@@ -290,50 +318,113 @@ async fn write_everything(plan: &Plan, opts: &RestoreOptions, jobs: usize) -> Re
     Ok(RestoreReport { label: m.label.clone(), repo: repo_no, pg_data: root.clone(), files: m.files.len(), bytes: m.size })
 }
 
+/// One stored piece of a file: its whole content, or pages over the
+/// layers before it.
+#[derive(Debug, Clone)]
+struct Layer {
+    key: Option<String>,
+    checksum: String,
+    size: u64,
+    delta: bool,
+    compress: Compress,
+}
+
+/// The layers that rebuild `path` of `chain[0]`, oldest (a whole copy)
+/// first.
+fn layers(chain: &[Manifest], by_path: &[HashMap<&str, &FileEntry>], path: &str) -> Result<Vec<Layer>> {
+    let mut out = Vec::new();
+    for (b, files) in chain.iter().zip(by_path) {
+        let Some(f) = files.get(path) else {
+            return Err(Error::Corrupt(format!(
+                "backup {} holds {path} as changes over backup {}, which does not have it; restore another backup",
+                chain[0].label, b.label
+            )));
+        };
+        out.push(Layer { key: f.key.clone(), checksum: f.checksum.clone(), size: f.size, delta: f.delta, compress: b.compress });
+        if !f.delta {
+            out.reverse();
+            return Ok(out);
+        }
+    }
+    Err(Error::Corrupt(format!("backup {} holds {path} as changes, but no backup of its chain holds the whole file", chain[0].label)))
+}
+
 fn tablespace_link<'a>(path: &str, map: &'a [(u32, PathBuf)]) -> Option<(u32, &'a PathBuf)> {
     let oid = path.strip_prefix("pg_tblspc/")?;
     map.iter().find(|(o, _)| o.to_string() == oid).map(|(o, d)| (*o, d))
 }
 
-/// Writes one file from its stored object, checking size and checksum.
+/// A reader that hashes what passes through it.
+struct Hashing<R> {
+    inner: R,
+    hasher: blake3::Hasher,
+    bytes: u64,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+}
+
+/// Writes one file from its layers, checking every layer's checksum (and a
+/// whole layer's size) as it is read, then cuts the file to its size.
 fn restore_file(
     f: &FileEntry,
+    layers: &[Layer],
     dest: &Path,
     store: Arc<dyn object_store::ObjectStore>,
-    compress: crate::codec::Compress,
     rt: tokio::runtime::Handle,
     progress: &Progress,
     repo_no: usize,
 ) -> Result<()> {
-    let object = format!("stored object '{}' in repo {repo_no}", f.key);
-    let reader = ObjectReader::open(store, &f.key, rt).map_err(Error::storage(format!("cannot read {object}")))?;
-    let mut dec = compress.decoder(reader).map_err(|e| Error::Corrupt(format!("{object} cannot be decompressed ({e}): it is corrupt")))?;
-    let mut out = std::fs::File::create(dest).map_err(Error::io(format!("cannot create {}", dest.display())))?;
-    let mut hasher = blake3::Hasher::new();
+    use std::os::unix::fs::FileExt;
+    let out = std::fs::File::create(dest).map_err(Error::io(format!("cannot create {}", dest.display())))?;
+    let write_err = Error::io(format!("cannot write {}", dest.display()));
     let mut buf = vec![0u8; 1 << 20];
-    let mut size = 0u64;
-    loop {
-        let n = dec.read(&mut buf).map_err(|e| {
+    for layer in layers {
+        let Some(key) = &layer.key else { continue };
+        let object = format!("stored object '{key}' in repo {repo_no}");
+        let corrupt = |e: std::io::Error| {
             if e.get_ref().is_some_and(|i| i.is::<object_store::Error>()) {
                 Error::Io { what: format!("cannot read {object}"), cause: e }
             } else {
-                Error::Corrupt(format!("{object} cannot be decompressed ({e}): it is corrupt or truncated"))
+                Error::Corrupt(format!("{object} cannot be decompressed ({e}): it is corrupt or truncated; restore another backup"))
             }
-        })?;
-        if n == 0 {
-            break;
+        };
+        let reader = ObjectReader::open(store.clone(), key, rt.clone()).map_err(Error::storage(format!("cannot read {object}")))?;
+        let dec = layer.compress.decoder(reader).map_err(corrupt)?;
+        let mut src = Hashing { inner: dec, hasher: blake3::Hasher::new(), bytes: 0 };
+        if layer.delta {
+            while let Some(number) = pages::read_record(&mut src, &mut buf).map_err(corrupt)? {
+                out.write_all_at(&buf, number as u64 * pages::PAGE_SIZE as u64)
+                    .map_err(Error::io(format!("cannot write {}", dest.display())))?;
+                progress.add_bytes(buf.len() as u64);
+            }
+        } else {
+            let mut at = 0u64;
+            loop {
+                let n = src.read(&mut buf).map_err(corrupt)?;
+                if n == 0 {
+                    break;
+                }
+                out.write_all_at(&buf[..n], at).map_err(Error::io(format!("cannot write {}", dest.display())))?;
+                at += n as u64;
+                progress.add_bytes(n as u64);
+            }
         }
-        hasher.update(&buf[..n]);
-        out.write_all(&buf[..n]).map_err(Error::io(format!("cannot write {}", dest.display())))?;
-        size += n as u64;
-        progress.add_bytes(n as u64);
+        let whole_size_ok = layer.delta || src.bytes == layer.size;
+        if !whole_size_ok || src.hasher.finalize().to_hex().as_str() != layer.checksum {
+            return Err(Error::Corrupt(format!(
+                "{object} fails its checksum (read {} bytes for {}): it is corrupt or truncated; restore another backup",
+                src.bytes, f.path
+            )));
+        }
     }
-    if size != f.size || hasher.finalize().to_hex().as_str() != f.checksum {
-        return Err(Error::Corrupt(format!(
-            "{object} fails its checksum (restored {size} of {} bytes of {}): it is corrupt or truncated; restore another backup",
-            f.size, f.path
-        )));
-    }
+    out.set_len(f.size).map_err(write_err)?;
     out.set_permissions(std::fs::Permissions::from_mode(f.mode & 0o7777))
         .map_err(Error::io(format!("cannot set the mode of {}", dest.display())))?;
     out.sync_all().map_err(Error::io(format!("cannot sync {}", dest.display())))?;

@@ -117,35 +117,10 @@ pub fn choose<'a>(backups: &'a [Manifest], target: &Target, set: Option<&BackupL
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::Compress;
     use crate::repo::BackupType;
-    use crate::types::{SystemId, TimelineId};
 
     fn backup(label: &str, stop: &str, lsn: u64, xids: (u64, u64)) -> Manifest {
-        Manifest {
-            label: BackupLabel(label.into()),
-            kind: BackupType::Full,
-            prior: None,
-            start_time: parse_time(stop).unwrap() - chrono::Duration::seconds(60),
-            stop_time: parse_time(stop).unwrap(),
-            start_lsn: Lsn(lsn - 100),
-            stop_lsn: Lsn(lsn),
-            timeline: TimelineId(1),
-            start_wal: String::new(),
-            stop_wal: String::new(),
-            system_id: SystemId(1),
-            pg_version: 150000,
-            start_xid: xids.0,
-            stop_xid: xids.1,
-            compress: Compress::Zstd,
-            size: 0,
-            repo_size: 0,
-            backup_label: String::new(),
-            tablespace_map: None,
-            tablespaces: vec![],
-            dirs: vec![],
-            files: vec![],
-        }
+        Manifest::for_test(label, BackupType::Full, None, parse_time(stop).unwrap(), lsn, xids)
     }
 
     fn catalog() -> Vec<Manifest> {

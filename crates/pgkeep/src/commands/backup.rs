@@ -26,6 +26,9 @@ pub async fn run(cli: &Cli, stanza: &Stanza, kind: Option<BackupTypeArg>) -> Res
         let _ticker = Ticker::start("backup", progress);
         pgkeep_core::backup::run(stanza, &opts).await?
     };
+    if opts.kind.is_some_and(|k| k != BackupType::Full) && m.kind == BackupType::Full {
+        eprintln!("pgkeep: no full backup to build on yet, so this backup is a full one");
+    }
     match cli.output {
         Output::Json => super::print_json(&serde_json::json!({
             "label": m.label, "type": m.kind, "start-lsn": m.start_lsn, "stop-lsn": m.stop_lsn,
