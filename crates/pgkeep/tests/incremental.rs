@@ -97,3 +97,47 @@ fn read_manifest(repo: &Repo, label: &str) -> Value {
     let envelope: Value = serde_json::from_str(&text).unwrap();
     envelope["content"].clone()
 }
+
+/// `restore --delta` onto a directory that went on living after a restore:
+/// it keeps the files that still hold the backup's content, rewrites the
+/// rest, removes what the backup does not have, and the result is the
+/// backup's state exactly. Over a running cluster it is refused.
+#[test]
+fn delta_restore_rewrites_only_what_differs() {
+    let dir = TestDir::new("delta-restore");
+    let repo = Repo::local(&dir, "repo");
+    let (pg, pk) = cluster_with_config(&dir, "demo", &repo);
+    pk.ok(&["stanza-create"]);
+    pg.pgbench_init(5);
+    pg.psql("vacuum (freeze, analyze)");
+    let expected = pg.dump();
+    let full = pk.ok(&["backup", "--type", "full"]).trim().to_owned();
+    pg.pgbench(3, 2);
+    let incr = pk.ok(&["backup", "--type", "incr"]).trim().to_owned();
+
+    let target = dir.join("restored");
+    let restore = |args: &[&str]| {
+        let mut all = vec!["restore", "--pg-data", target.to_str().unwrap(), "--target-immediate", "--output", "json"];
+        all.extend_from_slice(args);
+        serde_json::from_str::<Value>(&pk.ok(&all)).unwrap()
+    };
+    restore(&["--set", &incr]);
+    let live = Cluster::start_restored(&dir, &target);
+    live.psql("create table extra as select g from generate_series(1, 10000) g");
+    live.psql("update pgbench_branches set bbalance = bbalance + 1");
+    live.psql("checkpoint");
+    let msg = pk.fails(&["restore", "--pg-data", target.to_str().unwrap(), "--delta", "--set", &full]);
+    assert!(msg.contains("running"), "{msg}");
+    drop(live); // stopped hard, as after a crash
+
+    let report = restore(&["--delta", "--set", &full]);
+    let (files, unchanged, removed) =
+        (report["files"].as_u64().unwrap(), report["unchanged-files"].as_u64().unwrap(), report["removed"].as_u64().unwrap());
+    assert!(unchanged * 2 > files, "most files should be kept: {report}");
+    assert!(unchanged < files, "changed files must be rewritten: {report}");
+    assert!(removed > 0, "the new table's file and the old WAL must go: {report}");
+
+    let back = Cluster::start_restored(&dir, &target);
+    assert_same_dump("delta restore of the full backup", &expected, &back.dump());
+    back.amcheck();
+}

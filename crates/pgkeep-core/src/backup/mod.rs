@@ -226,6 +226,9 @@ fn copy_one(
     let upload_err = |e: std::io::Error| Error::Io { what: format!("cannot store '{key}' in repo {repo_no}"), cause: e };
     let mut enc = compress.encoder(ObjectWriter::new(store.clone(), &key, rt), level).map_err(upload_err)?;
     let mut hasher = blake3::Hasher::new();
+    // For a delta, also the hash of the whole file as read: what a full
+    // backup would have stored, which `restore --delta` compares against.
+    let mut content = f.since.map(|_| blake3::Hasher::new());
     let mut buf = vec![0u8; 1 << 20];
     let mut record = Vec::with_capacity(pages::PAGE_SIZE + 8);
     let (mut size, mut changed) = (0u64, 0u64);
@@ -240,6 +243,9 @@ fn copy_one(
                 enc.write_all(&buf[..n]).map_err(upload_err)?;
             }
             Some(since) => {
+                if let Some(c) = content.as_mut() {
+                    c.update(&buf[..n]);
+                }
                 let first = size / pages::PAGE_SIZE as u64;
                 for (i, page) in buf[..n].chunks(pages::PAGE_SIZE).enumerate() {
                     if pages::page_changed(page, since) {
@@ -275,6 +281,7 @@ fn copy_one(
         repo_size,
         delta,
         pages: changed,
+        content: content.map(|c| c.finalize().to_hex().to_string()),
     }))
 }
 

@@ -99,6 +99,18 @@ pub struct FileEntry {
     /// Pages stored by a delta.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub pages: u64,
+    /// For a delta, BLAKE3 of the whole file as the backup read it (for a
+    /// whole copy that is `checksum`): `restore --delta` keeps a file that
+    /// already has this content.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+impl FileEntry {
+    /// BLAKE3 of the whole file as the backup read it.
+    pub fn content_checksum(&self) -> &str {
+        self.content.as_deref().unwrap_or(&self.checksum)
+    }
 }
 
 fn is_zero(n: &u64) -> bool {

@@ -13,7 +13,7 @@
 
 pub mod target;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -47,6 +47,10 @@ pub struct RestoreOptions {
     pub timeline: Option<String>,
     /// Replace the contents of a non-empty destination.
     pub force: bool,
+    /// Restore into an existing data directory, rewriting only the files
+    /// whose content differs from the backup's and removing the files the
+    /// backup does not have.
+    pub delta: bool,
     /// Tablespace destinations by OID or name: (oid-or-name, directory).
     pub tablespace_map: Vec<(String, PathBuf)>,
     /// The `restore_command` to write (the front end knows how it was run).
@@ -66,8 +70,14 @@ pub struct RestoreReport {
     pub pg_data: PathBuf,
     /// Files and bytes written.
     pub files: usize,
-    /// Bytes written.
+    /// Bytes of the restored database.
     pub bytes: u64,
+    /// Files left as they were because they already held the backup's
+    /// content (`delta`).
+    pub unchanged: usize,
+    /// Files and directories removed because the backup does not have
+    /// them (`delta`).
+    pub removed: usize,
 }
 
 /// The decided restore, before any file is written.
@@ -83,9 +93,13 @@ struct Plan {
 /// Restores as `opts` says.
 pub async fn run(stanza: &Stanza, opts: &RestoreOptions) -> Result<RestoreReport> {
     let plan = plan(stanza, opts).await?;
-    let created = prepare_dirs(&plan, opts.force)?;
+    let created = prepare_dirs(&plan, opts.force && !opts.delta)?;
     match write_everything(&plan, opts, stanza.settings.jobs).await {
         Ok(report) => Ok(report),
+        // A delta restore has already changed a directory that held data:
+        // it cannot go back, but without pg_control (written last) the
+        // directory will not start half-restored; run the restore again.
+        Err(e) if opts.delta => Err(e),
         Err(e) => {
             for dir in created.iter().rev() {
                 let _ = clear_dir(dir);
@@ -104,7 +118,7 @@ async fn plan(stanza: &Stanza, opts: &RestoreOptions) -> Result<Plan> {
     if !pg_data.is_absolute() {
         return Err(Error::Input(format!("--pg-data {} must be an absolute path", pg_data.display())));
     }
-    check_destination(&pg_data, opts.force)?;
+    check_destination(&pg_data, opts.force || opts.delta)?;
     let mut first_err = None;
     for number in 1..=stanza.settings.repos.len() {
         let attempt = async {
@@ -119,7 +133,7 @@ async fn plan(stanza: &Stanza, opts: &RestoreOptions) -> Result<Plan> {
             Ok((repo, chain)) => {
                 let tablespaces = map_tablespaces(&chain[0], &opts.tablespace_map)?;
                 for (_, dir) in &tablespaces {
-                    check_destination(dir, opts.force)?;
+                    check_destination(dir, opts.force || opts.delta)?;
                 }
                 return Ok(Plan { repo, chain, pg_data, tablespaces });
             }
@@ -274,9 +288,18 @@ async fn write_everything(plan: &Plan, opts: &RestoreOptions, jobs: usize) -> Re
     let m = &plan.chain[0];
     let root = &plan.pg_data;
     let io = |what: String| Error::io(what);
+    let removed = if opts.delta { remove_extraneous(root, m).map_err(io(format!("cannot clean {}", root.display())))? } else { 0 };
     for d in &m.dirs {
         let path = root.join(&d.path);
         if let Some((oid, dest)) = tablespace_link(&d.path, &plan.tablespaces) {
+            if std::fs::read_link(&path).is_ok_and(|l| &l == dest) {
+                continue;
+            }
+            if path.is_symlink() || path.is_file() {
+                std::fs::remove_file(&path).map_err(io(format!("cannot replace {}", path.display())))?;
+            } else if path.is_dir() {
+                std::fs::remove_dir_all(&path).map_err(io(format!("cannot replace {}", path.display())))?;
+            }
             std::os::unix::fs::symlink(dest, &path).map_err(io(format!("cannot link tablespace {oid} to {}", dest.display())))?;
             continue;
         }
@@ -299,23 +322,106 @@ async fn write_everything(plan: &Plan, opts: &RestoreOptions, jobs: usize) -> Re
     progress.plan(m.files.len() as u64, m.size);
     let store = plan.repo.store().object_store();
     let rt = tokio::runtime::Handle::current();
-    let repo_no = plan.repo.number;
+    let (repo_no, delta) = (plan.repo.number, opts.delta);
     let fetch = |(f, layers): (&FileEntry, Vec<Layer>)| {
         let (f, store, rt, progress, dest) = (f.clone(), store.clone(), rt.clone(), progress.clone(), root.join(&f.path));
-        tokio::task::spawn_blocking(move || restore_file(&f, &layers, &dest, store, rt, &progress, repo_no))
+        tokio::task::spawn_blocking(move || {
+            if delta && same_content(&dest, &f).map_err(Error::io(format!("cannot read {}", dest.display())))? {
+                std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(f.mode & 0o7777))
+                    .map_err(Error::io(format!("cannot set the mode of {}", dest.display())))?;
+                progress.add_bytes(f.size);
+                progress.file_done();
+                return Ok(true);
+            }
+            restore_file(&f, &layers, &dest, store, rt, &progress, repo_no).map(|_| false)
+        })
     };
-    futures::stream::iter(rest)
+    let kept: Vec<bool> = futures::stream::iter(rest)
         .map(fetch)
         .buffer_unordered(jobs)
         .map(|j| j.map_err(|e| Error::Input(format!("a restore worker stopped: {e}")))?)
-        .try_collect::<Vec<()>>()
+        .try_collect()
         .await?;
     write_recovery_settings(root, m, opts)?;
     for f in last {
         fetch(f).await.map_err(|e| Error::Input(format!("a restore worker stopped: {e}")))??;
     }
     write_file(&root.join("backup_label"), m.backup_label.as_bytes())?;
-    Ok(RestoreReport { label: m.label.clone(), repo: repo_no, pg_data: root.clone(), files: m.files.len(), bytes: m.size })
+    Ok(RestoreReport {
+        label: m.label.clone(),
+        repo: repo_no,
+        pg_data: root.clone(),
+        files: m.files.len(),
+        bytes: m.size,
+        unchanged: kept.iter().filter(|k| **k).count(),
+        removed,
+    })
+}
+
+/// Whether `dest` already holds exactly the file as the backup read it.
+fn same_content(dest: &Path, f: &FileEntry) -> std::io::Result<bool> {
+    let mut file = match std::fs::File::open(dest) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    if !file.metadata()?.is_file() || file.metadata()?.len() != f.size {
+        return Ok(false);
+    }
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match file.read(&mut buf)? {
+            0 => break,
+            n => {
+                hasher.update(&buf[..n]);
+            }
+        }
+    }
+    Ok(hasher.finalize().to_hex().as_str() == f.content_checksum())
+}
+
+/// Before a delta restore: removes what the backup does not have (files,
+/// directories, links, the old WAL in pg_wal, postmaster.pid, signal
+/// files) and `global/pg_control`, which is written last. Returns how many
+/// entries went.
+fn remove_extraneous(root: &Path, m: &Manifest) -> std::io::Result<usize> {
+    let files: HashSet<&str> = m.files.iter().map(|f| f.path.as_str()).filter(|p| *p != "global/pg_control").collect();
+    let mut dirs: HashSet<&str> = m.dirs.iter().map(|d| d.path.as_str()).collect();
+    dirs.extend(["pg_wal", "pg_wal/archive_status"]);
+    fn walk(root: &Path, rel: &str, files: &HashSet<&str>, dirs: &HashSet<&str>) -> std::io::Result<usize> {
+        let mut removed = 0;
+        let entries = match std::fs::read_dir(root.join(rel)) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+                std::fs::remove_file(entry.path())?;
+                removed += 1;
+                continue;
+            };
+            let child = if rel.is_empty() { name } else { format!("{rel}/{name}") };
+            let kind = entry.file_type()?;
+            let is_dir = kind.is_dir() || (kind.is_symlink() && entry.path().is_dir());
+            if is_dir && dirs.contains(child.as_str()) {
+                removed += walk(root, &child, files, dirs)?;
+            } else if !is_dir && !kind.is_symlink() && files.contains(child.as_str()) {
+                continue;
+            } else {
+                if kind.is_dir() {
+                    std::fs::remove_dir_all(entry.path())?;
+                } else {
+                    std::fs::remove_file(entry.path())?;
+                }
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+    walk(root, "", &files, &dirs)
 }
 
 /// One stored piece of a file: its whole content, or pages over the

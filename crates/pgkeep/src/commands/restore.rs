@@ -12,9 +12,6 @@ use crate::cli::{Cli, Output, RestoreArgs};
 use crate::progress::{bytes, Ticker};
 
 pub async fn run(cli: &Cli, stanza: &Stanza, config: Option<&Path>, args: &RestoreArgs) -> Result<()> {
-    if args.delta {
-        bail!("--delta is not available yet in this version; restore into an empty directory, or pass --force to replace the contents");
-    }
     let t = &args.target;
     let target = if let Some(s) = &t.target_time {
         Some(Target::Time(target::parse_time(s)?))
@@ -46,6 +43,7 @@ pub async fn run(cli: &Cli, stanza: &Stanza, config: Option<&Path>, args: &Resto
         action: args.target_action,
         timeline: args.target_timeline.as_deref().map(parse_timeline).transpose()?,
         force: args.force,
+        delta: args.delta,
         tablespace_map,
         restore_command: restore_command(cli, stanza, config)?,
         progress: Some(progress.clone()),
@@ -58,17 +56,21 @@ pub async fn run(cli: &Cli, stanza: &Stanza, config: Option<&Path>, args: &Resto
     match cli.output {
         Output::Json => super::print_json(&serde_json::json!({
             "label": r.label, "repo": r.repo, "pg-data": r.pg_data, "files": r.files, "size": r.bytes,
+            "unchanged-files": r.unchanged, "removed": r.removed,
             "seconds": started.elapsed().as_secs_f64(),
         }))?,
-        Output::Text => println!(
-            "restored backup {} from repo {} into {} ({} files, {}) in {:.1}s; start PostgreSQL there to recover",
-            r.label,
-            r.repo,
-            r.pg_data.display(),
-            r.files,
-            bytes(r.bytes),
-            started.elapsed().as_secs_f64()
-        ),
+        Output::Text => {
+            let delta = if args.delta { format!(", {} already up to date, {} removed", r.unchanged, r.removed) } else { String::new() };
+            println!(
+                "restored backup {} from repo {} into {} ({} files{delta}, {}) in {:.1}s; start PostgreSQL there to recover",
+                r.label,
+                r.repo,
+                r.pg_data.display(),
+                r.files,
+                bytes(r.bytes),
+                started.elapsed().as_secs_f64()
+            )
+        }
     }
     Ok(())
 }
