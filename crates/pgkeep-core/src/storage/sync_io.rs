@@ -12,7 +12,7 @@ use futures::stream::BoxStream;
 use futures::StreamExt;
 use object_store::buffered::BufWriter;
 use object_store::path::Path as KeyPath;
-use object_store::{ObjectStore, ObjectStoreExt};
+use object_store::{GetResultPayload, ObjectStore, ObjectStoreExt};
 use tokio::io::AsyncWriteExt;
 use tokio::runtime::Handle;
 
@@ -62,13 +62,18 @@ impl Drop for ObjectWriter {
     }
 }
 
-/// Reads one object from a blocking thread.
+/// Reads one object from a blocking thread. A local repository hands over
+/// the file itself, read directly; other stores stream the response body.
 pub struct ObjectReader {
-    stream: BoxStream<'static, object_store::Result<Bytes>>,
-    chunk: Bytes,
+    source: Source,
     rt: Handle,
     /// Bytes read so far.
     pub read: u64,
+}
+
+enum Source {
+    File(std::io::Take<std::fs::File>),
+    Stream { stream: BoxStream<'static, object_store::Result<Bytes>>, chunk: Bytes },
 }
 
 impl ObjectReader {
@@ -76,22 +81,36 @@ impl ObjectReader {
     pub fn open(store: Arc<dyn ObjectStore>, key: &str, rt: Handle) -> object_store::Result<Self> {
         let key = KeyPath::from(key);
         let got = rt.block_on(async move { store.get(&key).await })?;
-        Ok(ObjectReader { stream: got.into_stream(), chunk: Bytes::new(), rt, read: 0 })
+        let source = match got.payload {
+            GetResultPayload::File(mut file, _) => {
+                use std::io::{Seek, SeekFrom};
+                file.seek(SeekFrom::Start(got.range.start)).map_err(|e| object_store::Error::Generic { store: "local", source: Box::new(e) })?;
+                Source::File(file.take(got.range.end - got.range.start))
+            }
+            GetResultPayload::Stream(stream) => Source::Stream { stream, chunk: Bytes::new() },
+        };
+        Ok(ObjectReader { source, rt, read: 0 })
     }
 }
 
 impl Read for ObjectReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        while self.chunk.is_empty() {
-            match self.rt.block_on(self.stream.next()) {
-                Some(Ok(b)) => self.chunk = b,
-                Some(Err(e)) => return Err(io::Error::other(e)),
-                None => return Ok(0),
+        let n = match &mut self.source {
+            Source::File(f) => f.read(buf)?,
+            Source::Stream { stream, chunk } => {
+                while chunk.is_empty() {
+                    match self.rt.block_on(stream.next()) {
+                        Some(Ok(b)) => *chunk = b,
+                        Some(Err(e)) => return Err(io::Error::other(e)),
+                        None => return Ok(0),
+                    }
+                }
+                let n = buf.len().min(chunk.len());
+                buf[..n].copy_from_slice(&chunk[..n]);
+                chunk.advance(n);
+                n
             }
-        }
-        let n = buf.len().min(self.chunk.len());
-        buf[..n].copy_from_slice(&self.chunk[..n]);
-        self.chunk.advance(n);
+        };
         self.read += n as u64;
         Ok(n)
     }
