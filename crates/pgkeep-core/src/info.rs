@@ -62,6 +62,24 @@ pub struct BackupInfo {
     pub repo_size: u64,
     /// Repository number.
     pub repo: usize,
+    /// Whether the backup verified page checksums (false when the cluster
+    /// has data checksums off, and for backups taken before pgkeep did).
+    pub page_checksums: bool,
+    /// Pages that failed their page checksum when the backup read them
+    /// (the backup is kept; its manifest lists them per file).
+    pub checksum_errors: u64,
+    /// The files holding those pages, with how many failed in each.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub checksum_error_files: Vec<ChecksumErrorFile>,
+}
+
+/// A file of a backup with pages that failed their page checksum.
+#[derive(Debug, Serialize)]
+pub struct ChecksumErrorFile {
+    /// Path relative to the data directory.
+    pub path: String,
+    /// How many pages failed.
+    pub pages: u64,
 }
 
 impl BackupInfo {
@@ -80,6 +98,14 @@ impl BackupInfo {
             size: m.size,
             repo_size: m.repo_size,
             repo,
+            page_checksums: m.page_checksums,
+            checksum_errors: m.checksum_error_pages(),
+            checksum_error_files: m
+                .files
+                .iter()
+                .filter(|f| f.checksum_error_pages() > 0)
+                .map(|f| ChecksumErrorFile { path: f.path.clone(), pages: f.checksum_error_pages() })
+                .collect(),
         }
     }
 }

@@ -18,6 +18,7 @@ use futures::{StreamExt, TryStreamExt};
 
 use crate::codec::Compress;
 use crate::error::{Error, Result};
+use crate::pg::checksum::FileCheck;
 use crate::pg::Pg;
 use crate::progress::Progress;
 use crate::repo::{pages, BackupType, FileEntry, Manifest, Repository, Tablespace};
@@ -64,6 +65,7 @@ pub async fn run(stanza: &Stanza, opts: &BackupOptions) -> Result<Manifest> {
         )));
     }
     check_data_directory(&pg, &pg_data).await?;
+    let page_checksums = pg.data_checksums().await?;
     let repo_opts = &stanza.settings.repos[number - 1];
     let compress = repo_opts.compress.unwrap_or_default();
 
@@ -88,7 +90,9 @@ pub async fn run(stanza: &Stanza, opts: &BackupOptions) -> Result<Manifest> {
         })
         .await
         .map_err(|e| Error::Input(format!("backup planning stopped: {e}")))??;
-        copy_files(&repo, &label, plan.files, compress, repo_opts.compress_level, stanza.settings.jobs, opts.progress.clone())
+        // Pages are verified against the backup's start: see pg::checksum.
+        let verify = page_checksums.then_some(start.lsn);
+        copy_files(&repo, &label, plan.files, compress, repo_opts.compress_level, stanza.settings.jobs, verify, opts.progress.clone())
             .await
             .map(|files| (plan.dirs, files))
     }
@@ -133,6 +137,7 @@ pub async fn run(stanza: &Stanza, opts: &BackupOptions) -> Result<Manifest> {
         tablespaces,
         dirs,
         files,
+        page_checksums,
     };
     repo.write_manifest(&manifest).await?;
     Ok(manifest)
@@ -173,6 +178,10 @@ async fn new_label(repo: &Repository, kind: BackupType, prior: Option<&Manifest>
     }
 }
 
+/// Copies the files, `jobs` at a time. With `verify` (the backup's start
+/// LSN, when the cluster has data checksums on), the pages of relation
+/// files are checked against their page checksums as they are read.
+#[allow(clippy::too_many_arguments)]
 async fn copy_files(
     repo: &Repository,
     label: &BackupLabel,
@@ -180,6 +189,7 @@ async fn copy_files(
     compress: Compress,
     level: Option<i32>,
     jobs: usize,
+    verify: Option<Lsn>,
     progress: Option<Arc<Progress>>,
 ) -> Result<Vec<FileEntry>> {
     let progress = progress.unwrap_or_default();
@@ -192,7 +202,8 @@ async fn copy_files(
         .map(|f| {
             let (store, rt, progress) = (store.clone(), rt.clone(), progress.clone());
             let key = format!("{dir}/pg_data/{}{}", f.path, compress.extension());
-            tokio::task::spawn_blocking(move || copy_one(&f, store, key, compress, level, rt, &progress, repo_no))
+            let check = verify.and_then(|start| Some(FileCheck::new(plan::relation_segment(&f.path)?, start)));
+            tokio::task::spawn_blocking(move || copy_one(&f, store, key, compress, level, rt, &progress, repo_no, check))
         })
         .buffer_unordered(jobs)
         .map(|joined| joined.map_err(|e| Error::Input(format!("a backup worker stopped: {e}")))?)
@@ -204,8 +215,10 @@ async fn copy_files(
 }
 
 /// Copies one file: read, checksum, compress, upload; whole, or as the
-/// pages changed since `f.since`. `None` when the file was removed before
-/// it could be opened (the WAL replay handles that).
+/// pages changed since `f.since`; with `check`, every page read is also
+/// verified against its page checksum (in a delta too, stored or not).
+/// `None` when the file was removed before it could be opened (the WAL
+/// replay handles that).
 #[allow(clippy::too_many_arguments)]
 fn copy_one(
     f: &PlannedFile,
@@ -216,8 +229,10 @@ fn copy_one(
     rt: tokio::runtime::Handle,
     progress: &Progress,
     repo_no: usize,
+    mut check: Option<FileCheck>,
 ) -> Result<Option<FileEntry>> {
     use std::io::Write;
+    use std::os::unix::fs::FileExt;
     let mut src = match std::fs::File::open(&f.source) {
         Ok(s) => s,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -236,6 +251,14 @@ fn copy_one(
         let n = fill(&mut src, &mut buf).map_err(Error::io(format!("cannot read {}", f.source.display())))?;
         if n == 0 {
             break;
+        }
+        if let Some(c) = check.as_mut() {
+            let reread = |page: u64, out: &mut [u8]| match src.read_exact_at(out, page * pages::PAGE_SIZE as u64) {
+                Ok(()) => Ok(true),
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+                Err(e) => Err(e),
+            };
+            c.check(size / pages::PAGE_SIZE as u64, &buf[..n], reread).map_err(Error::io(format!("cannot read {}", f.source.display())))?;
         }
         match f.since {
             None => {
@@ -262,6 +285,7 @@ fn copy_one(
         progress.add_bytes(n as u64);
     }
     progress.file_done();
+    let (checksum_errors, checksum_errors_unlisted) = check.map(FileCheck::finish).unwrap_or_default();
     let delta = f.since.is_some();
     // A delta of no pages stores nothing: dropping the writer unfinished
     // leaves no object behind.
@@ -282,6 +306,8 @@ fn copy_one(
         delta,
         pages: changed,
         content: content.map(|c| c.finalize().to_hex().to_string()),
+        checksum_errors,
+        checksum_errors_unlisted,
     }))
 }
 

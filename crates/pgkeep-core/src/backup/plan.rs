@@ -170,6 +170,30 @@ pub fn is_page_tracked(path: &str) -> bool {
     !node.is_empty() && node.bytes().all(|b| b.is_ascii_digit())
 }
 
+/// For a relation file of any fork (main, `_fsm`, `_vm`, `_init`, in any
+/// segment, under `global`, `base/<db>` or a tablespace's database
+/// directory), its segment number (the `.N` suffix, 0 without one): the
+/// files whose pages carry PostgreSQL page checksums. `None` for any other
+/// file (temporary relations `t<n>_<node>` included: they are never
+/// copied by PostgreSQL's base backup and never checksummed on disk).
+pub fn relation_segment(path: &str) -> Option<u32> {
+    let (dir, name) = path.rsplit_once('/')?;
+    if !(dir == "global" || is_relation_dir(dir)) {
+        return None;
+    }
+    let (stem, segment) = match name.split_once('.') {
+        Some((stem, segment)) => (stem, digits(segment)?.parse().ok()?),
+        None => (name, 0),
+    };
+    let node = ["_fsm", "_vm", "_init"].iter().find_map(|fork| stem.strip_suffix(fork)).unwrap_or(stem);
+    digits(node).map(|_| segment)
+}
+
+/// `s` when it is a non-empty run of ASCII digits.
+fn digits(s: &str) -> Option<&str> {
+    (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())).then_some(s)
+}
+
 /// Unlogged relations are reset from their init fork at the end of
 /// recovery: copy only the `_init` fork, never the other forks.
 fn drop_unlogged(plan: &mut BackupPlan) {
@@ -251,6 +275,38 @@ mod tests {
             "pg_tblspc/16390/16391",
         ] {
             assert!(!is_page_tracked(p), "{p}");
+        }
+    }
+
+    #[test]
+    fn relation_files_of_every_fork_have_a_segment_number() {
+        for (p, seg) in [
+            ("base/5/16384", 0),
+            ("base/5/16384.12", 12),
+            ("base/5/16384_fsm", 0),
+            ("base/5/16384_vm.1", 1),
+            ("base/5/16384_init", 0),
+            ("global/1262", 0),
+            ("pg_tblspc/16390/PG_15_202209061/5/16391.3", 3),
+        ] {
+            assert_eq!(relation_segment(p), Some(seg), "{p}");
+        }
+        for p in [
+            "base/5/PG_VERSION",
+            "base/5/pg_filenode.map",
+            "base/5/t3_16384",
+            "base/5/16384_xyz",
+            "base/5/_fsm",
+            "base/5/16384.",
+            "base/5/16384.x",
+            "base/5/16384.99999999999",
+            "global/pg_control",
+            "pg_xact/0000",
+            "pg_multixact/offsets/0000",
+            "16384",
+            "pg_tblspc/16390/16391",
+        ] {
+            assert_eq!(relation_segment(p), None, "{p}");
         }
     }
 

@@ -1,6 +1,8 @@
 //! Talking to PostgreSQL: one connection, the queries the engine needs, and
 //! the WAL page header check that tells one cluster's WAL from another's.
 
+pub mod checksum;
+
 use std::time::Duration;
 
 use tokio_postgres::{Client, NoTls};
@@ -92,6 +94,17 @@ impl Pg {
     pub async fn setting(&self, name: &str) -> Result<String> {
         let row = self.client.query_one("SELECT current_setting($1)", &[&name]).await.map_err(self.err("report settings"))?;
         Ok(row.get(0))
+    }
+
+    /// Whether the cluster has data checksums on (`initdb -k` or
+    /// `pg_checksums --enable`): `current_setting('data_checksums')`.
+    pub async fn data_checksums(&self) -> Result<bool> {
+        let v = self.setting("data_checksums").await?;
+        match v.as_str() {
+            "on" => Ok(true),
+            "off" => Ok(false),
+            _ => Err(Error::Input(format!("unexpected data_checksums '{v}' from the server at {}", self.describe))),
+        }
     }
 
     /// The server's data directory.

@@ -104,6 +104,21 @@ pub struct FileEntry {
     /// already has this content.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    /// Pages of this file (numbers in the file, ascending) that failed
+    /// their PostgreSQL page checksum when the backup read them; at most
+    /// [`crate::pg::checksum::MAX_LISTED`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checksum_errors: Vec<u32>,
+    /// Failing pages beyond those listed in `checksum_errors`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub checksum_errors_unlisted: u64,
+}
+
+impl FileEntry {
+    /// How many pages of this file failed their page checksum.
+    pub fn checksum_error_pages(&self) -> u64 {
+        self.checksum_errors.len() as u64 + self.checksum_errors_unlisted
+    }
 }
 
 impl FileEntry {
@@ -167,6 +182,17 @@ pub struct Manifest {
     pub dirs: Vec<DirEntry>,
     /// Files.
     pub files: Vec<FileEntry>,
+    /// Whether the backup verified page checksums (the cluster has data
+    /// checksums on); false in manifests written before pgkeep did.
+    #[serde(default)]
+    pub page_checksums: bool,
+}
+
+impl Manifest {
+    /// Pages that failed their page checksum, over all files.
+    pub fn checksum_error_pages(&self) -> u64 {
+        self.files.iter().map(FileEntry::checksum_error_pages).sum()
+    }
 }
 
 impl Manifest {
@@ -197,6 +223,7 @@ impl Manifest {
             tablespaces: vec![],
             dirs: vec![],
             files: vec![],
+            page_checksums: false,
         }
     }
 }

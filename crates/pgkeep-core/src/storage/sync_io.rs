@@ -84,7 +84,8 @@ impl ObjectReader {
         let source = match got.payload {
             GetResultPayload::File(mut file, _) => {
                 use std::io::{Seek, SeekFrom};
-                file.seek(SeekFrom::Start(got.range.start)).map_err(|e| object_store::Error::Generic { store: "local", source: Box::new(e) })?;
+                file.seek(SeekFrom::Start(got.range.start))
+                    .map_err(|e| object_store::Error::Generic { store: "local", source: Box::new(e) })?;
                 Source::File(file.take(got.range.end - got.range.start))
             }
             GetResultPayload::Stream(stream) => Source::Stream { stream, chunk: Bytes::new() },

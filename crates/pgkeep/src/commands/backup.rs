@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use pgkeep_core::backup::BackupOptions;
-use pgkeep_core::repo::BackupType;
+use pgkeep_core::repo::{BackupType, FileEntry};
 use pgkeep_core::Stanza;
 
 use crate::cli::{BackupTypeArg, Cli, Output};
@@ -29,10 +29,14 @@ pub async fn run(cli: &Cli, stanza: &Stanza, kind: Option<BackupTypeArg>) -> Res
     if opts.kind.is_some_and(|k| k != BackupType::Full) && m.kind == BackupType::Full {
         eprintln!("pgkeep: no full backup to build on yet, so this backup is a full one");
     }
+    for f in m.files.iter().filter(|f| f.checksum_error_pages() > 0) {
+        eprintln!("{}", checksum_warning(f));
+    }
     match cli.output {
         Output::Json => super::print_json(&serde_json::json!({
             "label": m.label, "type": m.kind, "start-lsn": m.start_lsn, "stop-lsn": m.stop_lsn,
             "size": m.size, "repo-size": m.repo_size, "files": m.files.len(), "seconds": started.elapsed().as_secs_f64(),
+            "page-checksums": m.page_checksums, "checksum-errors": m.checksum_error_pages(),
         }))?,
         Output::Text => {
             println!("{}", m.label);
@@ -49,4 +53,39 @@ pub async fn run(cli: &Cli, stanza: &Stanza, kind: Option<BackupTypeArg>) -> Res
         }
     }
     Ok(())
+}
+
+/// The warning for a file with pages that fail their checksum: one line,
+/// naming the file and (up to ten of) its pages.
+fn checksum_warning(f: &FileEntry) -> String {
+    const SHOWN: usize = 10;
+    let total = f.checksum_error_pages();
+    let mut pages: Vec<String> = f.checksum_errors.iter().take(SHOWN).map(u32::to_string).collect();
+    let hidden = total - pages.len() as u64;
+    if hidden > 0 {
+        pages.push(format!("and {hidden} more"));
+    }
+    let what = if total == 1 { "1 page fails its checksum (page".to_owned() } else { format!("{total} pages fail their checksums (pages") };
+    format!("pgkeep: WARNING: {}: {what} {}); the backup is kept", f.path, pages.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_warning_line_names_the_file_and_its_pages() {
+        let mut f: FileEntry = serde_json::from_value(serde_json::json!({
+            "path": "base/5/16384", "size": 8192, "mode": 384, "mtime": 0, "checksum": "", "key": null, "repo-size": 0,
+            "checksum-errors": [3]
+        }))
+        .unwrap();
+        assert_eq!(checksum_warning(&f), "pgkeep: WARNING: base/5/16384: 1 page fails its checksum (page 3); the backup is kept");
+        f.checksum_errors = (0..12).collect();
+        f.checksum_errors_unlisted = 5;
+        assert_eq!(
+            checksum_warning(&f),
+            "pgkeep: WARNING: base/5/16384: 17 pages fail their checksums (pages 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, and 7 more); the backup is kept"
+        );
+    }
 }

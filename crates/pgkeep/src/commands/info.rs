@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use pgkeep_core::config::ConfigFile;
-use pgkeep_core::info::StanzaInfo;
+use pgkeep_core::info::{BackupInfo, StanzaInfo};
 
 use crate::cli::{Cli, Output};
 use crate::progress::bytes;
@@ -47,5 +47,24 @@ fn print_text(s: &StanzaInfo) {
         if let Some(p) = &b.prior {
             println!("        depends on: {p}");
         }
+        println!("        page checksums: {}", page_checksums(b));
     }
+}
+
+/// The `page checksums:` line of a backup.
+fn page_checksums(b: &BackupInfo) -> String {
+    const SHOWN: usize = 10;
+    if !b.page_checksums {
+        return "not verified".into();
+    }
+    if b.checksum_errors == 0 {
+        return "verified, no errors".into();
+    }
+    let plural = |n: u64| if n == 1 { "page" } else { "pages" };
+    let mut files: Vec<String> =
+        b.checksum_error_files.iter().take(SHOWN).map(|f| format!("{} ({} {})", f.path, f.pages, plural(f.pages))).collect();
+    if b.checksum_error_files.len() > SHOWN {
+        files.push(format!("and {} more files", b.checksum_error_files.len() - SHOWN));
+    }
+    format!("{} {} FAIL, in {}", b.checksum_errors, plural(b.checksum_errors), files.join(", "))
 }

@@ -650,6 +650,26 @@ impl Cluster {
 
     /// Stops it now (immediate); drop does the same.
     pub fn stop(self) {}
+
+    /// Stops it cleanly (`pg_ctl -m fast`: a shutdown checkpoint writes
+    /// every page), keeping it to [`Cluster::start`] again.
+    pub fn stop_clean(&self) {
+        let r =
+            run(as_postgres(pg_tool("pg_ctl"), &self.cwd).arg("-D").arg(&self.addr.data).args(["-m", "fast", "-w", "stop"]), SQL_TIMEOUT);
+        assert!(
+            r.status.success(),
+            "PostgreSQL at {} did not stop: {}\n--- server log:\n{}",
+            self.addr.data.display(),
+            r.stderr,
+            tail(&self.log, 20)
+        );
+    }
+
+    /// Starts it again after [`Cluster::stop_clean`], with its
+    /// `postgresql.conf` (for clusters made by [`Cluster::new`]).
+    pub fn start(&self) {
+        self.pg_ctl_start(&[]);
+    }
 }
 
 impl Drop for Cluster {
