@@ -73,6 +73,10 @@ pub struct RepoOptions {
     /// Number of full backups to keep (applied by `expire`).
     #[arg(long, global = true)]
     pub retention_full: Option<u32>,
+    /// File holding the passphrase that encrypts the repository (default:
+    /// the PGKEEP_CIPHER_PASS variable; neither: not encrypted).
+    #[arg(long, global = true)]
+    pub cipher_pass_file: Option<PathBuf>,
 }
 
 /// The whole configuration file.
@@ -149,6 +153,7 @@ impl RepoOptions {
             compress: self.compress.or(file.compress),
             compress_level: self.compress_level.or(file.compress_level),
             retention_full: self.retention_full.or(file.retention_full),
+            cipher_pass_file: self.cipher_pass_file.or_else(|| file.cipher_pass_file.clone()),
         }
     }
 
@@ -163,6 +168,7 @@ impl RepoOptions {
             && self.compress.is_none()
             && self.compress_level.is_none()
             && self.retention_full.is_none()
+            && self.cipher_pass_file.is_none()
     }
 }
 
@@ -237,6 +243,30 @@ impl Settings {
             jobs: file.jobs.unwrap_or_else(default_jobs).max(1),
             archive_timeout: file.archive_timeout.unwrap_or(60),
         })
+    }
+
+    /// The passphrase of repository `number`: the content of its
+    /// `cipher-pass-file` (without the final newline), else the
+    /// PGKEEP_CIPHER_PASS variable, else none.
+    pub fn passphrase(&self, number: usize) -> Result<Option<Vec<u8>>> {
+        let file = self.repos.get(number.wrapping_sub(1)).and_then(|r| r.cipher_pass_file.as_ref());
+        let pass = match file {
+            Some(path) => {
+                let mut text =
+                    std::fs::read(path).map_err(|e| Error::Input(format!("cannot read cipher-pass-file {}: {e}", path.display())))?;
+                while text.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                    text.pop();
+                }
+                Some(text)
+            }
+            None => std::env::var_os("PGKEEP_CIPHER_PASS").map(|v| v.into_encoded_bytes()),
+        };
+        match pass {
+            Some(p) if p.is_empty() => {
+                Err(Error::Input(format!("the passphrase of repo {number} is empty; put a long random one in cipher-pass-file")))
+            }
+            other => Ok(other),
+        }
     }
 
     /// The data directory, or an error saying how to set it.

@@ -31,6 +31,7 @@
 pub mod backup;
 pub mod codec;
 pub mod config;
+pub mod crypto;
 pub mod error;
 pub mod info;
 pub mod pg;
@@ -76,7 +77,7 @@ impl Stanza {
 
     /// Opens the stanza in repository `number`.
     pub async fn open(&self, number: usize) -> Result<Repository> {
-        Repository::open(&self.store(number)?, self.name(), number).await
+        Repository::open(&self.store(number)?, self.name(), number, self.settings.passphrase(number)?.as_deref()).await
     }
 
     /// Opens the stanza in every repository.

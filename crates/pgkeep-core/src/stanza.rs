@@ -16,10 +16,12 @@ pub async fn create(stanza: &Stanza) -> Result<Vec<(usize, bool)>> {
         pg_version: pg.version_num().await?,
         wal_segment_size: pg.wal_segment_size().await?,
         created: Utc::now(),
+        cipher: None,
     };
     let mut out = Vec::new();
     for number in 1..=stanza.settings.repos.len() {
-        let (_, created) = Repository::create(&stanza.store(number)?, meta.clone(), number).await?;
+        let pass = stanza.settings.passphrase(number)?;
+        let (_, created) = Repository::create(&stanza.store(number)?, meta.clone(), number, pass.as_deref()).await?;
         out.push((number, created));
     }
     Ok(out)

@@ -17,6 +17,7 @@ use chrono::Utc;
 use futures::{StreamExt, TryStreamExt};
 
 use crate::codec::Compress;
+use crate::crypto::{Cipher, Sealing};
 use crate::error::{Error, Result};
 use crate::pg::checksum::FileCheck;
 use crate::pg::Pg;
@@ -194,16 +195,21 @@ async fn copy_files(
 ) -> Result<Vec<FileEntry>> {
     let progress = progress.unwrap_or_default();
     progress.plan(files.len() as u64, files.iter().map(|f| f.size).sum());
-    let store = repo.store().object_store();
     let dir = Repository::backup_dir(label);
-    let repo_no = repo.number;
-    let rt = tokio::runtime::Handle::current();
+    let sink = Sink {
+        store: repo.store().object_store(),
+        rt: tokio::runtime::Handle::current(),
+        compress,
+        level,
+        cipher: repo.cipher.clone(),
+        repo_no: repo.number,
+    };
     let copied: Vec<Option<FileEntry>> = futures::stream::iter(files)
         .map(|f| {
-            let (store, rt, progress) = (store.clone(), rt.clone(), progress.clone());
+            let (sink, progress) = (sink.clone(), progress.clone());
             let key = format!("{dir}/pg_data/{}{}", f.path, compress.extension());
             let check = verify.and_then(|start| Some(FileCheck::new(plan::relation_segment(&f.path)?, start)));
-            tokio::task::spawn_blocking(move || copy_one(&f, store, key, compress, level, rt, &progress, repo_no, check))
+            tokio::task::spawn_blocking(move || copy_one(&f, &sink, key, &progress, check))
         })
         .buffer_unordered(jobs)
         .map(|joined| joined.map_err(|e| Error::Input(format!("a backup worker stopped: {e}")))?)
@@ -219,18 +225,7 @@ async fn copy_files(
 /// verified against its page checksum (in a delta too, stored or not).
 /// `None` when the file was removed before it could be opened (the WAL
 /// replay handles that).
-#[allow(clippy::too_many_arguments)]
-fn copy_one(
-    f: &PlannedFile,
-    store: Arc<dyn object_store::ObjectStore>,
-    key: String,
-    compress: Compress,
-    level: Option<i32>,
-    rt: tokio::runtime::Handle,
-    progress: &Progress,
-    repo_no: usize,
-    mut check: Option<FileCheck>,
-) -> Result<Option<FileEntry>> {
+fn copy_one(f: &PlannedFile, sink: &Sink, key: String, progress: &Progress, mut check: Option<FileCheck>) -> Result<Option<FileEntry>> {
     use std::io::Write;
     use std::os::unix::fs::FileExt;
     let mut src = match std::fs::File::open(&f.source) {
@@ -238,8 +233,9 @@ fn copy_one(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(Error::io(format!("cannot read {}", f.source.display()))(e)),
     };
-    let upload_err = |e: std::io::Error| Error::Io { what: format!("cannot store '{key}' in repo {repo_no}"), cause: e };
-    let mut enc = compress.encoder(ObjectWriter::new(store.clone(), &key, rt), level).map_err(upload_err)?;
+    let upload_err = |e: std::io::Error| Error::Io { what: format!("cannot store '{key}' in repo {}", sink.repo_no), cause: e };
+    let writer = Sealing::new(sink.cipher.as_ref(), ObjectWriter::new(sink.store.clone(), &key, sink.rt.clone()))?;
+    let mut enc = sink.compress.encoder(writer, sink.level).map_err(upload_err)?;
     let mut hasher = blake3::Hasher::new();
     // For a delta, also the hash of the whole file as read: what a full
     // backup would have stored, which `restore --delta` compares against.
@@ -292,7 +288,7 @@ fn copy_one(
     let (key, repo_size) = if delta && changed == 0 {
         (None, 0)
     } else {
-        let repo_size = enc.finish().map_err(upload_err)?.finish().map_err(upload_err)?;
+        let repo_size = enc.finish().and_then(Sealing::finish).and_then(ObjectWriter::finish).map_err(upload_err)?;
         (Some(key), repo_size)
     };
     Ok(Some(FileEntry {
@@ -309,6 +305,17 @@ fn copy_one(
         checksum_errors,
         checksum_errors_unlisted,
     }))
+}
+
+/// Where and how a backup's files are stored.
+#[derive(Clone)]
+struct Sink {
+    store: Arc<dyn object_store::ObjectStore>,
+    rt: tokio::runtime::Handle,
+    compress: Compress,
+    level: Option<i32>,
+    cipher: Option<Cipher>,
+    repo_no: usize,
 }
 
 /// Reads until `buf` is full or the file ends, so that every chunk but the

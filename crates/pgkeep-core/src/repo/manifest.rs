@@ -28,6 +28,9 @@ pub struct StanzaMeta {
     pub wal_segment_size: u64,
     /// When the stanza was created.
     pub created: DateTime<Utc>,
+    /// Encryption of the stanza's objects, when it is encrypted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cipher: Option<crate::crypto::CipherMeta>,
 }
 
 impl StanzaMeta {
@@ -280,6 +283,7 @@ mod tests {
             pg_version: 150014,
             wal_segment_size: 16 << 20,
             created: Utc::now(),
+            cipher: None,
         };
         let sealed = seal(&meta);
         assert_eq!(unseal::<StanzaMeta>(&sealed, "stanza.json").unwrap(), meta);

@@ -22,6 +22,7 @@ pub mod pages;
 use bytes::Bytes;
 
 use crate::codec::{self, Compress};
+use crate::crypto::Cipher;
 use crate::error::{Error, Result};
 use crate::storage::{Listed, Store};
 use crate::types::{BackupLabel, SystemId, WalFileName, WalSegment};
@@ -31,6 +32,8 @@ pub use manifest::{BackupType, DirEntry, FileEntry, Manifest, StanzaMeta, Tables
 #[derive(Clone, Debug)]
 pub struct Repository {
     store: Store,
+    /// The key, when the repository is encrypted.
+    pub cipher: Option<Cipher>,
     /// 1-based number of the repository in the configuration.
     pub number: usize,
     /// The stanza's metadata.
@@ -66,12 +69,17 @@ pub enum Pushed {
 const STANZA_FILE: &str = "stanza.json";
 
 impl Repository {
-    /// Opens `stanza` in `store`; a clear error when it was never created.
-    pub async fn open(store: &Store, stanza: &str, number: usize) -> Result<Repository> {
+    /// Opens `stanza` in `store`; a clear error when it was never created,
+    /// or when the passphrase does not fit its encryption.
+    pub async fn open(store: &Store, stanza: &str, number: usize, passphrase: Option<&[u8]>) -> Result<Repository> {
         let store = store.sub(stanza);
         let what = format!("{STANZA_FILE} of stanza '{stanza}' in repo {number} ({})", store.location());
         match store.get(STANZA_FILE).await? {
-            Some(bytes) => Ok(Repository { meta: manifest::unseal(&bytes, &what)?, store, number }),
+            Some(bytes) => {
+                let meta: StanzaMeta = manifest::unseal(&bytes, &what)?;
+                let cipher = open_cipher(&meta, passphrase, number)?;
+                Ok(Repository { meta, store, number, cipher })
+            }
             None => Err(Error::Input(format!(
                 "stanza '{stanza}' does not exist in repo {number} ({}): run `pgkeep --stanza {stanza} stanza-create` first",
                 store.location()
@@ -81,13 +89,17 @@ impl Repository {
 
     /// Creates the stanza, or accepts an existing one of the same cluster.
     /// Returns whether it was created now.
-    pub async fn create(store: &Store, meta: StanzaMeta, number: usize) -> Result<(Repository, bool)> {
+    pub async fn create(store: &Store, mut meta: StanzaMeta, number: usize, passphrase: Option<&[u8]>) -> Result<(Repository, bool)> {
         let sub = store.sub(&meta.stanza);
         if let Some(bytes) = sub.get(STANZA_FILE).await? {
             let what = format!("{STANZA_FILE} in repo {number}");
             let existing: StanzaMeta = manifest::unseal(&bytes, &what)?;
             existing.same_cluster(&meta, number, sub.location())?;
-            return Ok((Repository { store: sub, number, meta: existing }, false));
+            let cipher = open_cipher(&existing, passphrase, number)?;
+            return Ok((Repository { store: sub, number, meta: existing, cipher }, false));
+        }
+        if let Some(pass) = passphrase {
+            meta.cipher = Some(Cipher::create(pass)?.1);
         }
         // Refuse a location holding WAL or backups without metadata: they
         // belong to something we cannot vouch for.
@@ -100,7 +112,7 @@ impl Repository {
         }
         sub.put(STANZA_FILE, manifest::seal(&meta), true).await?;
         // Read back what won, in case another stanza-create raced us.
-        let repo = Repository::open(store, &meta.stanza, number).await?;
+        let repo = Repository::open(store, &meta.stanza, number, passphrase).await?;
         repo.meta.same_cluster(&meta, number, sub.location())?;
         Ok((repo, true))
     }
@@ -127,7 +139,7 @@ impl Repository {
     /// already archived is success; a different one is refused and nothing
     /// is overwritten (the key carries the checksum, so it cannot be).
     pub async fn push_wal(&self, name: &WalFileName, data: &[u8], compress: Compress, level: Option<i32>) -> Result<Pushed> {
-        let checksum = blake3::hash(data).to_hex().to_string();
+        let checksum = self.content_hash(data);
         let found = self.find_wal(name).await?;
         if found.iter().any(|f| f.checksum == checksum) {
             return Ok(Pushed::AlreadyArchived);
@@ -141,6 +153,10 @@ impl Repository {
             )));
         }
         let packed = codec::compress_bytes(compress, level, data).map_err(Error::io("cannot compress WAL"))?;
+        let packed = match &self.cipher {
+            Some(c) => c.seal(&packed)?,
+            None => packed,
+        };
         let key = format!("archive/{}/{}-{checksum}{}", name.archive_dir(), name.as_str(), compress.extension());
         self.store.put(&key, Bytes::from(packed), true).await?;
         Ok(Pushed::Stored)
@@ -177,10 +193,11 @@ impl Repository {
         };
         let what = format!("archived WAL object '{}' in repo {}", w.key, self.number);
         let stored = self.store.get(&w.key).await?.ok_or_else(|| Error::Corrupt(format!("{what} vanished while being read")))?;
+        let stored = self.unseal_bytes(stored, &what)?;
         let limit = (self.meta.wal_segment_size).max(64 << 20);
         let data = codec::decompress_bytes(w.compress, &stored, limit)
             .map_err(|e| Error::Corrupt(format!("{what} cannot be decompressed ({e}): it is corrupt or truncated")))?;
-        if blake3::hash(&data).to_hex().as_str() != w.checksum {
+        if self.content_hash(&data) != w.checksum {
             return Err(Error::Corrupt(format!("{what} fails its checksum: it is corrupt or truncated")));
         }
         Ok(data)
@@ -209,7 +226,11 @@ impl Repository {
     /// Writes the manifest: the backup exists from this moment.
     pub async fn write_manifest(&self, m: &Manifest) -> Result<()> {
         let key = format!("{}/manifest.json", Self::backup_dir(&m.label));
-        if !self.store.put(&key, manifest::seal(m), true).await? {
+        let sealed = match &self.cipher {
+            Some(c) => Bytes::from(c.seal(&manifest::seal(m))?),
+            None => manifest::seal(m),
+        };
+        if !self.store.put(&key, sealed, true).await? {
             return Err(Error::Refused(format!("backup {} already exists in repo {}", m.label, self.number)));
         }
         Ok(())
@@ -225,7 +246,7 @@ impl Repository {
                 self.number, self.meta.stanza
             ))
         })?;
-        manifest::unseal(&bytes, &what)
+        manifest::unseal(&self.unseal_bytes(bytes, &what)?, &what)
     }
 
     /// All complete backups (those with a manifest), oldest first.
@@ -237,7 +258,8 @@ impl Repository {
             let label = BackupLabel(l);
             let key = format!("{}/manifest.json", Self::backup_dir(&label));
             if let Some(bytes) = self.store.get(&key).await? {
-                out.push(manifest::unseal(&bytes, &format!("manifest of backup {label} in repo {}", self.number))?);
+                let what = format!("manifest of backup {label} in repo {}", self.number);
+                out.push(manifest::unseal(&self.unseal_bytes(bytes, &what)?, &what)?);
             }
         }
         Ok(out)
@@ -269,6 +291,39 @@ impl StanzaMeta {
             )));
         }
         Ok(())
+    }
+}
+
+impl Repository {
+    /// The checksum named in archived WAL keys: BLAKE3, keyed when the
+    /// repository is encrypted so that names reveal nothing of content.
+    fn content_hash(&self, data: &[u8]) -> String {
+        match &self.cipher {
+            Some(c) => c.keyed_hash(data),
+            None => blake3::hash(data).to_hex().to_string(),
+        }
+    }
+
+    /// Decrypts a whole stored object when the repository is encrypted.
+    fn unseal_bytes(&self, bytes: Bytes, what: &str) -> Result<Bytes> {
+        match &self.cipher {
+            Some(c) => Ok(Bytes::from(c.open_bytes(&bytes, what)?)),
+            None => Ok(bytes),
+        }
+    }
+}
+
+/// The key of an encrypted stanza, or an error when the passphrase is
+/// missing, wrong or given for an unencrypted stanza.
+fn open_cipher(meta: &StanzaMeta, passphrase: Option<&[u8]>, number: usize) -> Result<Option<Cipher>> {
+    let what = format!("repo {number} (stanza '{}')", meta.stanza);
+    match (&meta.cipher, passphrase) {
+        (Some(m), Some(p)) => Ok(Some(Cipher::open(p, m, &what)?)),
+        (Some(_), None) => Err(Error::Input(format!("{what} is encrypted: set cipher-pass-file for it or PGKEEP_CIPHER_PASS"))),
+        (None, Some(_)) => Err(Error::Input(format!(
+            "{what} is not encrypted but a passphrase is set; remove cipher-pass-file / PGKEEP_CIPHER_PASS, or use a new repository"
+        ))),
+        (None, None) => Ok(None),
     }
 }
 

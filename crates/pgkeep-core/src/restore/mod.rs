@@ -22,6 +22,7 @@ use std::sync::Arc;
 use futures::{StreamExt, TryStreamExt};
 
 use crate::codec::Compress;
+use crate::crypto::{unsealing, Cipher};
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::repo::{pages, FileEntry, Manifest, Repository};
@@ -325,6 +326,7 @@ async fn write_everything(plan: &Plan, opts: &RestoreOptions, jobs: usize) -> Re
     let (repo_no, delta) = (plan.repo.number, opts.delta);
     let fetch = |(f, layers): (&FileEntry, Vec<Layer>)| {
         let (f, store, rt, progress, dest) = (f.clone(), store.clone(), rt.clone(), progress.clone(), root.join(&f.path));
+        let cipher = plan.repo.cipher.clone();
         tokio::task::spawn_blocking(move || {
             if delta && same_content(&dest, &f).map_err(Error::io(format!("cannot read {}", dest.display())))? {
                 std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(f.mode & 0o7777))
@@ -333,7 +335,8 @@ async fn write_everything(plan: &Plan, opts: &RestoreOptions, jobs: usize) -> Re
                 progress.file_done();
                 return Ok(true);
             }
-            restore_file(&f, &layers, &dest, store, rt, &progress, repo_no).map(|_| false)
+            let source = Source { store, rt, cipher, repo_no };
+            restore_file(&f, &layers, &dest, &source, &progress).map(|_| false)
         })
     };
     let kept: Vec<bool> = futures::stream::iter(rest)
@@ -460,6 +463,14 @@ fn tablespace_link<'a>(path: &str, map: &'a [(u32, PathBuf)]) -> Option<(u32, &'
     map.iter().find(|(o, _)| o.to_string() == oid).map(|(o, d)| (*o, d))
 }
 
+/// Where a restore reads stored objects from, and how to decrypt them.
+struct Source {
+    store: Arc<dyn object_store::ObjectStore>,
+    rt: tokio::runtime::Handle,
+    cipher: Option<Cipher>,
+    repo_no: usize,
+}
+
 /// A reader that hashes what passes through it.
 struct Hashing<R> {
     inner: R,
@@ -478,15 +489,8 @@ impl<R: Read> Read for Hashing<R> {
 
 /// Writes one file from its layers, checking every layer's checksum (and a
 /// whole layer's size) as it is read, then cuts the file to its size.
-fn restore_file(
-    f: &FileEntry,
-    layers: &[Layer],
-    dest: &Path,
-    store: Arc<dyn object_store::ObjectStore>,
-    rt: tokio::runtime::Handle,
-    progress: &Progress,
-    repo_no: usize,
-) -> Result<()> {
+fn restore_file(f: &FileEntry, layers: &[Layer], dest: &Path, source: &Source, progress: &Progress) -> Result<()> {
+    let repo_no = source.repo_no;
     use std::os::unix::fs::FileExt;
     let out = std::fs::File::create(dest).map_err(Error::io(format!("cannot create {}", dest.display())))?;
     let write_err = Error::io(format!("cannot write {}", dest.display()));
@@ -501,8 +505,9 @@ fn restore_file(
                 Error::Corrupt(format!("{object} cannot be decompressed ({e}): it is corrupt or truncated; restore another backup"))
             }
         };
-        let reader = ObjectReader::open(store.clone(), key, rt.clone()).map_err(Error::storage(format!("cannot read {object}")))?;
-        let dec = layer.compress.decoder(reader).map_err(corrupt)?;
+        let reader =
+            ObjectReader::open(source.store.clone(), key, source.rt.clone()).map_err(Error::storage(format!("cannot read {object}")))?;
+        let dec = layer.compress.decoder(unsealing(source.cipher.as_ref(), reader).map_err(corrupt)?).map_err(corrupt)?;
         let mut src = Hashing { inner: dec, hasher: blake3::Hasher::new(), bytes: 0 };
         if layer.delta {
             while let Some(number) = pages::read_record(&mut src, &mut buf).map_err(corrupt)? {
