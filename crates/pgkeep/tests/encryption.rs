@@ -61,7 +61,7 @@ fn encrypted_repository_round_trips_and_shows_nothing() {
         assert!(!bytes.windows(MARKER.len()).any(|w| w == MARKER.as_bytes()), "{name} shows the data in clear");
         assert!(bytes.starts_with(b"PGKE1"), "{name} is not encrypted");
     }
-    assert!(objects > 100, "only {objects} objects stored");
+    assert!(objects >= 10, "only {objects} objects stored");
 
     let target = dir.join("restored");
     pk.ok(&["restore", "--pg-data", target.to_str().unwrap()]);

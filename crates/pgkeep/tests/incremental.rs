@@ -79,6 +79,11 @@ fn full_incr_diff_chain_restores_every_backup_and_stores_only_changed_pages() {
     let untouched = manifest["files"].as_array().unwrap().iter().filter(|f| f["delta"] == true && f["key"].is_null()).count();
     assert!(untouched > 100, "unchanged relation files should store nothing ({untouched} did)");
 
+    // Small files are bundled: far fewer objects than files.
+    let full_files = read_manifest(&repo, &full)["files"].as_array().unwrap().len();
+    let full_objects = snapshot(&repo.path().join("demo/backup").join(&full)).len();
+    assert!(full_files > 900 && full_objects * 10 < full_files, "{full_objects} objects for {full_files} files");
+
     for (label, dump) in &points {
         let target = dir.join(&format!("restore-{label}"));
         pk.ok(&["restore", "--pg-data", target.to_str().unwrap(), "--set", label, "--target-immediate"]);

@@ -9,6 +9,7 @@
 //! fails before that point is not a backup: its objects are removed, and a
 //! killed one leaves only objects no manifest points to.
 
+pub mod bundle;
 pub mod plan;
 
 use std::sync::Arc;
@@ -203,6 +204,7 @@ async fn copy_files(
         level,
         cipher: repo.cipher.clone(),
         repo_no: repo.number,
+        bundler: Arc::new(bundle::Bundler::new(repo.store().object_store(), format!("{dir}/bundle"), tokio::runtime::Handle::current())),
     };
     let copied: Vec<Option<FileEntry>> = futures::stream::iter(files)
         .map(|f| {
@@ -215,6 +217,11 @@ async fn copy_files(
         .map(|joined| joined.map_err(|e| Error::Input(format!("a backup worker stopped: {e}")))?)
         .try_collect()
         .await?;
+    let bundler = sink.bundler.clone();
+    tokio::task::spawn_blocking(move || bundler.finish())
+        .await
+        .map_err(|e| Error::Input(format!("a backup worker stopped: {e}")))?
+        .map_err(|e| Error::Io { what: format!("cannot store a bundle in repo {}", sink.repo_no), cause: e })?;
     let mut files: Vec<FileEntry> = copied.into_iter().flatten().collect();
     files.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(files)
@@ -234,7 +241,12 @@ fn copy_one(f: &PlannedFile, sink: &Sink, key: String, progress: &Progress, mut 
         Err(e) => return Err(Error::io(format!("cannot read {}", f.source.display()))(e)),
     };
     let upload_err = |e: std::io::Error| Error::Io { what: format!("cannot store '{key}' in repo {}", sink.repo_no), cause: e };
-    let writer = Sealing::new(sink.cipher.as_ref(), ObjectWriter::new(sink.store.clone(), &key, sink.rt.clone()))?;
+    let out = if f.size < bundle::SMALL_FILE {
+        Out::Memory(Vec::new())
+    } else {
+        Out::Object(Box::new(ObjectWriter::new(sink.store.clone(), &key, sink.rt.clone())))
+    };
+    let writer = Sealing::new(sink.cipher.as_ref(), out)?;
     let mut enc = sink.compress.encoder(writer, sink.level).map_err(upload_err)?;
     let mut hasher = blake3::Hasher::new();
     // For a delta, also the hash of the whole file as read: what a full
@@ -285,11 +297,19 @@ fn copy_one(f: &PlannedFile, sink: &Sink, key: String, progress: &Progress, mut 
     let delta = f.since.is_some();
     // A delta of no pages stores nothing: dropping the writer unfinished
     // leaves no object behind.
-    let (key, repo_size) = if delta && changed == 0 {
-        (None, 0)
+    let (key, repo_size, offset) = if delta && changed == 0 {
+        (None, 0, None)
     } else {
-        let repo_size = enc.finish().and_then(Sealing::finish).and_then(ObjectWriter::finish).map_err(upload_err)?;
-        (Some(key), repo_size)
+        match enc.finish().and_then(Sealing::finish).map_err(upload_err)? {
+            Out::Object(w) => {
+                let repo_size = w.finish().map_err(upload_err)?;
+                (Some(key), repo_size, None)
+            }
+            Out::Memory(bytes) => {
+                let (bundle, offset) = sink.bundler.append(&bytes).map_err(upload_err)?;
+                (Some(bundle), bytes.len() as u64, Some(offset))
+            }
+        }
     };
     Ok(Some(FileEntry {
         path: f.path.clone(),
@@ -302,14 +322,35 @@ fn copy_one(f: &PlannedFile, sink: &Sink, key: String, progress: &Progress, mut 
         delta,
         pages: changed,
         content: content.map(|c| c.finalize().to_hex().to_string()),
+        offset,
         checksum_errors,
         checksum_errors_unlisted,
     }))
 }
 
+/// Where one file's stored form goes: its own object, or memory, to be
+/// appended to a bundle.
+enum Out {
+    Object(Box<ObjectWriter>),
+    Memory(Vec<u8>),
+}
+
+impl std::io::Write for Out {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Out::Object(w) => w.write(buf),
+            Out::Memory(v) => v.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Where and how a backup's files are stored.
 #[derive(Clone)]
 struct Sink {
+    bundler: Arc<bundle::Bundler>,
     store: Arc<dyn object_store::ObjectStore>,
     rt: tokio::runtime::Handle,
     compress: Compress,

@@ -102,6 +102,10 @@ pub struct FileEntry {
     /// Pages stored by a delta.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub pages: u64,
+    /// Set when the object is bundled: it is `repo-size` bytes at this
+    /// offset of the bundle named by `key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
     /// For a delta, BLAKE3 of the whole file as the backup read it (for a
     /// whole copy that is `checksum`): `restore --delta` keeps a file that
     /// already has this content.

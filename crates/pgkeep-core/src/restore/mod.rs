@@ -432,6 +432,8 @@ fn remove_extraneous(root: &Path, m: &Manifest) -> std::io::Result<usize> {
 #[derive(Debug, Clone)]
 struct Layer {
     key: Option<String>,
+    /// The bytes of a bundle that hold this layer.
+    range: Option<std::ops::Range<u64>>,
     checksum: String,
     size: u64,
     delta: bool,
@@ -449,7 +451,14 @@ fn layers(chain: &[Manifest], by_path: &[HashMap<&str, &FileEntry>], path: &str)
                 chain[0].label, b.label
             )));
         };
-        out.push(Layer { key: f.key.clone(), checksum: f.checksum.clone(), size: f.size, delta: f.delta, compress: b.compress });
+        out.push(Layer {
+            key: f.key.clone(),
+            range: f.offset.map(|o| o..o + f.repo_size),
+            checksum: f.checksum.clone(),
+            size: f.size,
+            delta: f.delta,
+            compress: b.compress,
+        });
         if !f.delta {
             out.reverse();
             return Ok(out);
@@ -505,8 +514,8 @@ fn restore_file(f: &FileEntry, layers: &[Layer], dest: &Path, source: &Source, p
                 Error::Corrupt(format!("{object} cannot be decompressed ({e}): it is corrupt or truncated; restore another backup"))
             }
         };
-        let reader =
-            ObjectReader::open(source.store.clone(), key, source.rt.clone()).map_err(Error::storage(format!("cannot read {object}")))?;
+        let reader = ObjectReader::open(source.store.clone(), key, layer.range.clone(), source.rt.clone())
+            .map_err(Error::storage(format!("cannot read {object}")))?;
         let dec = layer.compress.decoder(unsealing(source.cipher.as_ref(), reader).map_err(corrupt)?).map_err(corrupt)?;
         let mut src = Hashing { inner: dec, hasher: blake3::Hasher::new(), bytes: 0 };
         if layer.delta {

@@ -12,7 +12,7 @@ use futures::stream::BoxStream;
 use futures::StreamExt;
 use object_store::buffered::BufWriter;
 use object_store::path::Path as KeyPath;
-use object_store::{GetResultPayload, ObjectStore, ObjectStoreExt};
+use object_store::{GetOptions, GetRange, GetResultPayload, ObjectStore};
 use tokio::io::AsyncWriteExt;
 use tokio::runtime::Handle;
 
@@ -77,10 +77,11 @@ enum Source {
 }
 
 impl ObjectReader {
-    /// Opens `key` of `store`.
-    pub fn open(store: Arc<dyn ObjectStore>, key: &str, rt: Handle) -> object_store::Result<Self> {
+    /// Opens `key` of `store`, or only `range` of it.
+    pub fn open(store: Arc<dyn ObjectStore>, key: &str, range: Option<std::ops::Range<u64>>, rt: Handle) -> object_store::Result<Self> {
         let key = KeyPath::from(key);
-        let got = rt.block_on(async move { store.get(&key).await })?;
+        let opts = GetOptions { range: range.map(GetRange::Bounded), ..Default::default() };
+        let got = rt.block_on(async move { store.get_opts(&key, opts).await })?;
         let source = match got.payload {
             GetResultPayload::File(mut file, _) => {
                 use std::io::{Seek, SeekFrom};
