@@ -375,13 +375,20 @@ fn fill(src: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> 
 }
 
 /// Waits until every segment from `first` to `last` is archived.
+/// PostgreSQL archives in order, so this waits for the last one, then
+/// checks the whole range in one listing.
 async fn wait_for_wal(repo: &Repository, first: WalSegment, last: WalSegment, timeout: u64) -> Result<()> {
     let seg = repo.meta.wal_segment_size;
-    for n in first.number..=last.number {
-        let s = WalSegment { timeline: first.timeline, number: n };
-        crate::wal::wait_archived(repo, &s.name(seg), timeout).await?;
+    crate::wal::wait_archived(repo, &last.name(seg), timeout).await?;
+    match Repository::first_missing(&repo.list_segments().await?, first, last) {
+        None => Ok(()),
+        Some(missing) => Err(Error::Refused(format!(
+            "WAL segment {} needed by the backup is missing from repo {} although later WAL is there; check archive_command for stanza '{}'",
+            missing.name(seg),
+            repo.number,
+            repo.meta.stanza
+        ))),
     }
-    Ok(())
 }
 
 #[cfg(test)]

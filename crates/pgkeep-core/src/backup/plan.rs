@@ -151,23 +151,7 @@ pub fn incremental(plan: &mut BackupPlan, prior: &Manifest) {
 /// the visibility map, in any segment. Not the free space map (updated
 /// without WAL), not init forks, not catalog-less files.
 pub fn is_page_tracked(path: &str) -> bool {
-    let Some((dir, name)) = path.rsplit_once('/') else { return false };
-    if !(dir == "global" || is_relation_dir(dir)) {
-        return false;
-    }
-    let stem =
-        name.split_once('.').map_or(
-            name,
-            |(stem, segment)| {
-                if segment.is_empty() || !segment.bytes().all(|b| b.is_ascii_digit()) {
-                    ""
-                } else {
-                    stem
-                }
-            },
-        );
-    let node = stem.strip_suffix("_vm").unwrap_or(stem);
-    !node.is_empty() && node.bytes().all(|b| b.is_ascii_digit())
+    relation_file(path).is_some_and(|(fork, _)| fork.is_empty() || fork == "_vm")
 }
 
 /// For a relation file of any fork (main, `_fsm`, `_vm`, `_init`, in any
@@ -177,6 +161,12 @@ pub fn is_page_tracked(path: &str) -> bool {
 /// file (temporary relations `t<n>_<node>` included: they are never
 /// copied by PostgreSQL's base backup and never checksummed on disk).
 pub fn relation_segment(path: &str) -> Option<u32> {
+    relation_file(path).map(|(_, segment)| segment)
+}
+
+/// A relation file's fork suffix (`""` for the main fork, `_fsm`, `_vm`,
+/// `_init`) and segment number; `None` for any other file.
+fn relation_file(path: &str) -> Option<(&str, u32)> {
     let (dir, name) = path.rsplit_once('/')?;
     if !(dir == "global" || is_relation_dir(dir)) {
         return None;
@@ -185,8 +175,9 @@ pub fn relation_segment(path: &str) -> Option<u32> {
         Some((stem, segment)) => (stem, digits(segment)?.parse().ok()?),
         None => (name, 0),
     };
-    let node = ["_fsm", "_vm", "_init"].iter().find_map(|fork| stem.strip_suffix(fork)).unwrap_or(stem);
-    digits(node).map(|_| segment)
+    let (node, fork) =
+        ["_fsm", "_vm", "_init"].iter().find_map(|fork| stem.strip_suffix(fork).map(|node| (node, *fork))).unwrap_or((stem, ""));
+    digits(node).map(|_| (fork, segment))
 }
 
 /// `s` when it is a non-empty run of ASCII digits.

@@ -216,6 +216,13 @@ impl Repository {
         Ok(self.list_wal().await?.into_iter().filter_map(|w| WalSegment::parse(&w.name, seg).map(|s| (s, w))).collect())
     }
 
+    /// The first segment from `first` to `last` (same timeline) that
+    /// `segments` (from [`Repository::list_segments`]) lacks.
+    pub fn first_missing(segments: &[(WalSegment, ArchivedWal)], first: WalSegment, last: WalSegment) -> Option<WalSegment> {
+        let have: std::collections::HashSet<WalSegment> = segments.iter().map(|(s, _)| *s).collect();
+        (first.number..=last.number).map(|number| WalSegment { timeline: first.timeline, number }).find(|s| !have.contains(s))
+    }
+
     // ----- backups -----
 
     /// Key prefix of a backup's objects.
@@ -223,9 +230,13 @@ impl Repository {
         format!("backup/{label}")
     }
 
+    fn manifest_key(label: &BackupLabel) -> String {
+        format!("{}/manifest.json", Self::backup_dir(label))
+    }
+
     /// Writes the manifest: the backup exists from this moment.
     pub async fn write_manifest(&self, m: &Manifest) -> Result<()> {
-        let key = format!("{}/manifest.json", Self::backup_dir(&m.label));
+        let key = Self::manifest_key(&m.label);
         let sealed = match &self.cipher {
             Some(c) => Bytes::from(c.seal(&manifest::seal(m))?),
             None => manifest::seal(m),
@@ -236,17 +247,13 @@ impl Repository {
         Ok(())
     }
 
-    /// Reads one backup's manifest.
-    pub async fn manifest(&self, label: &BackupLabel) -> Result<Manifest> {
-        let key = format!("{}/manifest.json", Self::backup_dir(label));
+    /// A backup's manifest; `None` when it was never written (a backup
+    /// that is not complete).
+    async fn read_manifest(&self, label: &BackupLabel) -> Result<Option<Manifest>> {
+        let key = Self::manifest_key(label);
+        let Some(bytes) = self.store.get(&key).await? else { return Ok(None) };
         let what = format!("manifest of backup {label} in repo {}", self.number);
-        let bytes = self.store.get(&key).await?.ok_or_else(|| {
-            Error::Input(format!(
-                "backup {label} does not exist in repo {} of stanza '{}'; `pgkeep info` lists the backups",
-                self.number, self.meta.stanza
-            ))
-        })?;
-        manifest::unseal(&self.unseal_bytes(bytes, &what)?, &what)
+        manifest::unseal(&self.unseal_bytes(bytes, &what)?, &what).map(Some)
     }
 
     /// All complete backups (those with a manifest), oldest first.
@@ -255,12 +262,7 @@ impl Repository {
         labels.sort();
         let mut out = Vec::new();
         for l in labels {
-            let label = BackupLabel(l);
-            let key = format!("{}/manifest.json", Self::backup_dir(&label));
-            if let Some(bytes) = self.store.get(&key).await? {
-                let what = format!("manifest of backup {label} in repo {}", self.number);
-                out.push(manifest::unseal(&self.unseal_bytes(bytes, &what)?, &what)?);
-            }
+            out.extend(self.read_manifest(&BackupLabel(l)).await?);
         }
         Ok(out)
     }

@@ -185,12 +185,12 @@ async fn check_archive(repo: &Repository, m: &Manifest, target: &Target) -> Resu
     let seg_size = repo.meta.wal_segment_size;
     let (first, last) = (WalSegment::parse(&m.start_wal, seg_size), WalSegment::parse(&m.stop_wal, seg_size));
     if let (Some(first), Some(last)) = (first, last) {
-        let have: std::collections::HashSet<_> = segments.iter().map(|(s, _)| *s).collect();
-        if let Some(n) = (first.number..=last.number).find(|n| !have.contains(&WalSegment { timeline: first.timeline, number: *n })) {
-            let missing = WalSegment { timeline: first.timeline, number: n }.name(seg_size);
+        if let Some(missing) = Repository::first_missing(&segments, first, last) {
             return Err(Error::Corrupt(format!(
-                "backup {} needs WAL segment {missing}, which is missing from repo {}; restore another backup",
-                m.label, repo.number
+                "backup {} needs WAL segment {}, which is missing from repo {}; restore another backup",
+                m.label,
+                missing.name(seg_size),
+                repo.number
             )));
         }
     }
