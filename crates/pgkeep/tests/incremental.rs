@@ -10,10 +10,7 @@ use support::*;
 
 #[test]
 fn full_incr_diff_chain_restores_every_backup_and_stores_only_changed_pages() {
-    let dir = TestDir::new("incremental");
-    let repo = Repo::local(&dir, "repo");
-    let (pg, pk) = cluster_with_config(&dir, "demo", &repo);
-    pk.ok(&["stanza-create"]);
+    let (dir, repo, pg, pk) = local_stanza("incremental");
     pg.pgbench_init(10);
     pg.psql("vacuum (freeze, analyze)");
     pg.psql("checkpoint");
@@ -95,24 +92,13 @@ fn full_incr_diff_chain_restores_every_backup_and_stores_only_changed_pages() {
     }
 }
 
-/// The content of a backup's manifest in a local repository.
-fn read_manifest(repo: &Repo, label: &str) -> Value {
-    let path = repo.path().join("demo/backup").join(label).join("manifest.json");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let envelope: Value = serde_json::from_str(&text).unwrap();
-    envelope["content"].clone()
-}
-
 /// `restore --delta` onto a directory that went on living after a restore:
 /// it keeps the files that still hold the backup's content, rewrites the
 /// rest, removes what the backup does not have, and the result is the
 /// backup's state exactly. Over a running cluster it is refused.
 #[test]
 fn delta_restore_rewrites_only_what_differs() {
-    let dir = TestDir::new("delta-restore");
-    let repo = Repo::local(&dir, "repo");
-    let (pg, pk) = cluster_with_config(&dir, "demo", &repo);
-    pk.ok(&["stanza-create"]);
+    let (dir, _repo, pg, pk) = local_stanza("delta-restore");
     pg.pgbench_init(5);
     pg.psql("vacuum (freeze, analyze)");
     let expected = pg.dump();

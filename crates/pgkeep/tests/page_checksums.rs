@@ -10,13 +10,6 @@ use std::os::unix::fs::FileExt;
 use serde_json::Value;
 use support::*;
 
-fn read_manifest(repo: &Repo, label: &str) -> Value {
-    let path = repo.path().join("demo/backup").join(label).join("manifest.json");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let envelope: Value = serde_json::from_str(&text).unwrap();
-    envelope["content"].clone()
-}
-
 /// The files of a manifest that list checksum errors, with their pages.
 fn checksum_errors(manifest: &Value) -> Vec<(String, Vec<u64>)> {
     manifest["files"]
@@ -52,15 +45,12 @@ fn backup(pk: &Pgkeep, args: &[&str]) -> (String, String) {
 
 #[test]
 fn hot_backups_under_pgbench_raise_no_false_alarm() {
-    let dir = TestDir::new("checksums-hot");
-    let repo = Repo::local(&dir, "repo");
-    let (pg, pk) = cluster_with_config(&dir, "demo", &repo);
+    let (_dir, repo, pg, pk) = local_stanza("checksums-hot");
     // Small shared buffers: pgbench's updates evict dirty pages all the
     // time, so relation files are written while the backup reads them.
     pg.psql("alter system set shared_buffers = '16MB'");
     pg.stop_clean();
     pg.start();
-    pk.ok(&["stanza-create"]);
     pg.pgbench_init(10);
 
     let bench = pg.pgbench_background(20, 4);
@@ -85,10 +75,7 @@ fn hot_backups_under_pgbench_raise_no_false_alarm() {
 
 #[test]
 fn a_corrupt_page_is_reported_and_the_backup_kept() {
-    let dir = TestDir::new("checksums-corrupt");
-    let repo = Repo::local(&dir, "repo");
-    let (pg, pk) = cluster_with_config(&dir, "demo", &repo);
-    pk.ok(&["stanza-create"]);
+    let (dir, repo, pg, pk) = local_stanza("checksums-corrupt");
     pg.psql(
         "create table victim (id int, payload text) with (autovacuum_enabled = false); \
          insert into victim select g, repeat(md5(g::text), 4) from generate_series(1, 2000) g",

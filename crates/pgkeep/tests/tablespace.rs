@@ -9,10 +9,7 @@ use support::*;
 
 #[test]
 fn tablespace_is_backed_up_and_restored_to_a_mapped_location() {
-    let dir = TestDir::new("tablespace");
-    let repo = Repo::local(&dir, "repo");
-    let (pg, pk) = cluster_with_config(&dir, "demo", &repo);
-    pk.ok(&["stanza-create"]);
+    let (dir, repo, pg, pk) = local_stanza("tablespace");
     let ts_source = dir.mkdir("ts-source");
     pg.psql(&format!("create tablespace ts location '{}'", ts_source.display()));
     pg.psql("create table t (id int primary key, v text) tablespace ts");

@@ -9,10 +9,7 @@ use support::*;
 
 #[test]
 fn restore_follows_the_latest_timeline_or_the_one_asked_for() {
-    let dir = TestDir::new("timeline");
-    let repo = Repo::local(&dir, "repo");
-    let (pg, pk) = cluster_with_config(&dir, "demo", &repo);
-    pk.ok(&["stanza-create"]);
+    let (dir, repo, pg, pk) = local_stanza("timeline");
     pg.psql("create table marks (id int primary key, name text not null)");
     pg.psql("insert into marks values (1, 'a')");
     let label = pk.ok(&["backup", "--type", "full"]).trim().to_owned();

@@ -800,6 +800,26 @@ pub fn cluster_with_config(dir: &TestDir, stanza: &str, repo: &Repo) -> (Cluster
     (pg, pk)
 }
 
+/// A throwaway cluster archiving to a local repository with stanza `demo`
+/// created. Bind it as `let (dir, repo, pg, pk) = local_stanza(..)`: the
+/// bindings drop in reverse, so the cluster stops before its dir goes.
+pub fn local_stanza(name: &str) -> (TestDir, Repo, Cluster, Pgkeep) {
+    let dir = TestDir::new(name);
+    let repo = Repo::local(&dir, "repo");
+    let (pg, pk) = cluster_with_config(&dir, "demo", &repo);
+    pk.ok(&["stanza-create"]);
+    (dir, repo, pg, pk)
+}
+
+/// The content of a backup's manifest in a local repository (stanza
+/// `demo`), out of its `{"format","checksum","content"}` envelope.
+pub fn read_manifest(repo: &Repo, label: &str) -> serde_json::Value {
+    let path = repo.path().join("demo/backup").join(label).join("manifest.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let envelope: serde_json::Value = serde_json::from_str(&text).unwrap();
+    envelope["content"].clone()
+}
+
 /// Parses an LSN `X/Y` into a number.
 pub fn lsn(text: &str) -> u64 {
     let (hi, lo) = text.split_once('/').unwrap_or_else(|| panic!("not an LSN: {text:?}"));
