@@ -23,7 +23,7 @@
 //! let file = ConfigFile::load("/etc/pgkeep/pgkeep.toml".as_ref(), true)?;
 //! let settings = Settings::resolve(&file, Some("demo"), StanzaOptions::default(), RepoOptions::default(), 1)?;
 //! let stanza = pgkeep_core::Stanza::new(settings);
-//! let manifest = pgkeep_core::backup::run(&stanza, &Default::default()).await?;
+//! let manifest = pgkeep_core::backup::run(&stanza, &Default::default()).await?.manifest;
 //! println!("backup {} holds {} bytes", manifest.label, manifest.size);
 //! # Ok(()) }
 //! ```

@@ -6,12 +6,15 @@
 //! `pg_backup_stop` (which waits until PostgreSQL has archived the WAL the
 //! backup needs), check that every segment from the start to the stop LSN
 //! is in the repository, and only then write the manifest. A backup that
-//! fails before that point is not a backup: its objects are removed, and a
-//! killed one leaves only objects no manifest points to.
+//! fails before that point is not a backup: its objects are removed. A
+//! killed one leaves objects no manifest points to and a checkpoint, from
+//! which the next backup resumes (see [`resume`]).
 
 pub mod bundle;
 pub mod plan;
+pub mod resume;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use chrono::Utc;
@@ -28,6 +31,20 @@ use crate::storage::ObjectWriter;
 use crate::types::{BackupLabel, Lsn, WalSegment};
 use crate::Stanza;
 pub use plan::{BackupPlan, PlannedFile};
+use resume::{Checkpoint, Checkpointer};
+
+/// A finished backup.
+#[derive(Debug)]
+pub struct Backup {
+    /// Its manifest, as written.
+    pub manifest: Manifest,
+    /// When it took over an interrupted attempt: the files kept from it
+    /// and their bytes.
+    pub resumed: Option<(usize, u64)>,
+    /// Unfinished backups left by killed runs that could not be resumed
+    /// and were removed.
+    pub removed: Vec<BackupLabel>,
+}
 
 /// Options of a backup.
 #[derive(Debug, Clone, Default)]
@@ -53,8 +70,9 @@ pub fn choose_prior(backups: &[Manifest], requested: Option<BackupType>) -> (Bac
     }
 }
 
-/// Takes a backup; returns its manifest once it is written.
-pub async fn run(stanza: &Stanza, opts: &BackupOptions) -> Result<Manifest> {
+/// Takes a backup; returns it once its manifest is written. An abandoned
+/// attempt of the same type on the same prior is resumed (see [`resume`]).
+pub async fn run(stanza: &Stanza, opts: &BackupOptions) -> Result<Backup> {
     let number = opts.repo.max(1);
     let repo = stanza.open(number).await?;
     let pg_data = stanza.settings.pg_data()?.to_path_buf();
@@ -73,14 +91,41 @@ pub async fn run(stanza: &Stanza, opts: &BackupOptions) -> Result<Manifest> {
 
     let backups = repo.backups().await?;
     let (kind, prior) = choose_prior(&backups, opts.kind);
-    let label = new_label(&repo, kind, prior).await?;
+    let prior_label = prior.map(|p| p.label.clone());
+    let unfinished = resume::unfinished(&repo, &backups).await?;
+    let taken = resume::choose(&unfinished, kind, prior_label.as_ref(), compress).cloned();
+    let mut removed = Vec::new();
+    for u in unfinished.into_iter().filter(|u| taken.as_ref().is_none_or(|t| t.label != u.label)) {
+        repo.remove_backup_objects(&u.label).await?;
+        removed.push(u.label);
+    }
+    let label = match &taken {
+        Some(t) => t.label.clone(),
+        None => new_label(&repo, kind, prior).await?,
+    };
     let start_time = Utc::now();
-    let start = pg.backup_start(&format!("pgkeep backup {label}")).await?;
+    // Until the plan is checked against it, a taken-over checkpoint keeps
+    // its files and its (earlier, so stricter) start.
+    let first = match &taken {
+        Some(t) => Checkpoint::new(label.clone(), kind, prior_label.clone(), compress, t.start_time, t.files.clone()),
+        None => Checkpoint::new(label.clone(), kind, prior_label.clone(), compress, start_time, Vec::new()),
+    };
+    let checkpointer = Checkpointer::start(&repo, first).await?;
+    let start = match pg.backup_start(&format!("pgkeep backup {label}")).await {
+        Ok(s) => s,
+        Err(e) => {
+            if taken.is_none() {
+                let _ = repo.remove_backup_objects(&label).await;
+            }
+            return Err(e);
+        }
+    };
     let tablespaces: Vec<Tablespace> =
         pg.tablespaces().await?.into_iter().map(|(oid, name, location)| Tablespace { oid, name, location }).collect();
 
+    let saver = checkpointer.keep_saving();
     let copied = async {
-        let plan = tokio::task::spawn_blocking({
+        let mut plan = tokio::task::spawn_blocking({
             let (pg_data, ts, prior) = (pg_data.clone(), tablespaces.clone(), prior.cloned());
             move || {
                 let mut plan = plan::plan(&pg_data, &ts)?;
@@ -92,14 +137,24 @@ pub async fn run(stanza: &Stanza, opts: &BackupOptions) -> Result<Manifest> {
         })
         .await
         .map_err(|e| Error::Input(format!("backup planning stopped: {e}")))??;
+        let kept = match &taken {
+            Some(t) => take_over(&repo, t, &mut plan.files).await?,
+            None => Vec::new(),
+        };
+        checkpointer.keep(kept.clone(), start_time);
         // Pages are verified against the backup's start: see pg::checksum.
         let verify = page_checksums.then_some(start.lsn);
-        copy_files(&repo, &label, plan.files, compress, repo_opts.compress_level, stanza.settings.jobs, verify, opts.progress.clone())
-            .await
-            .map(|files| (plan.dirs, files))
+        let sink = Sink::new(&repo, &label, compress, repo_opts.compress_level);
+        let mut files =
+            copy_files(&sink, plan.files, stanza.settings.jobs, verify, &checkpointer, opts.progress.clone()).await?;
+        let kept_stats = (kept.len(), kept.iter().map(|f| f.size).sum::<u64>());
+        files.extend(kept);
+        files.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok::<_, Error>((plan.dirs, files, kept_stats))
     }
     .await;
-    let (dirs, files) = match copied {
+    saver.abort();
+    let (dirs, files, kept_stats) = match copied {
         Ok(v) => v,
         Err(e) => {
             // Closing the connection also ends the backup; stopping is polite.
@@ -142,7 +197,25 @@ pub async fn run(stanza: &Stanza, opts: &BackupOptions) -> Result<Manifest> {
         page_checksums,
     };
     repo.write_manifest(&manifest).await?;
-    Ok(manifest)
+    // The backup is complete without it; a left-over checkpoint is ignored.
+    let _ = checkpointer.remove().await;
+    Ok(Backup { manifest, resumed: taken.map(|_| kept_stats), removed })
+}
+
+/// Takes over an interrupted attempt: returns the entries kept from it,
+/// removes their files from `planned`, and deletes every other object the
+/// attempt stored.
+async fn take_over(repo: &Repository, interrupted: &Checkpoint, planned: &mut Vec<PlannedFile>) -> Result<Vec<FileEntry>> {
+    let dir = Repository::backup_dir(&interrupted.label);
+    let stored: HashMap<String, u64> = repo.store().list(&dir).await?.into_iter().map(|l| (format!("{dir}/{}", l.key), l.size)).collect();
+    let kept = resume::reusable(interrupted, planned, &stored);
+    let keep_keys: std::collections::HashSet<&str> = kept.iter().filter_map(|e| e.key.as_deref()).collect();
+    let checkpoint = format!("{dir}/{}", resume::CHECKPOINT);
+    let stale = stored.into_keys().filter(|k| !keep_keys.contains(k.as_str()) && *k != checkpoint).collect();
+    repo.store().delete_all(stale).await?;
+    let kept_paths: std::collections::HashSet<&str> = kept.iter().map(|e| e.path.as_str()).collect();
+    planned.retain(|f| !kept_paths.contains(f.path.as_str()));
+    Ok(kept)
 }
 
 /// The server and the configured pg-data must be the same directory, or
@@ -180,41 +253,34 @@ async fn new_label(repo: &Repository, kind: BackupType, prior: Option<&Manifest>
     }
 }
 
-/// Copies the files, `jobs` at a time. With `verify` (the backup's start
-/// LSN, when the cluster has data checksums on), the pages of relation
-/// files are checked against their page checksums as they are read.
-#[allow(clippy::too_many_arguments)]
+/// Copies the files, `jobs` at a time, largest first, recording each stored object in
+/// the checkpoint. With `verify` (the backup's start LSN, when the cluster
+/// has data checksums on), the pages of relation files are checked against
+/// their page checksums as they are read.
 async fn copy_files(
-    repo: &Repository,
-    label: &BackupLabel,
+    sink: &Sink,
     files: Vec<PlannedFile>,
-    compress: Compress,
-    level: Option<i32>,
     jobs: usize,
     verify: Option<Lsn>,
+    checkpointer: &Checkpointer,
     progress: Option<Arc<Progress>>,
 ) -> Result<Vec<FileEntry>> {
+    // Largest first: the workers finish together instead of one copying
+    // the biggest file alone at the end.
+    let mut files = files;
+    files.sort_by_key(|f| std::cmp::Reverse(f.size));
     let progress = progress.unwrap_or_default();
     progress.plan(files.len() as u64, files.iter().map(|f| f.size).sum());
-    let dir = Repository::backup_dir(label);
-    let sink = Sink {
-        store: repo.store().object_store(),
-        rt: tokio::runtime::Handle::current(),
-        compress,
-        level,
-        cipher: repo.cipher.clone(),
-        repo_no: repo.number,
-        bundler: Arc::new(bundle::Bundler::new(repo.store().object_store(), format!("{dir}/bundle"), tokio::runtime::Handle::current())),
-    };
     let copied: Vec<Option<FileEntry>> = futures::stream::iter(files)
         .map(|f| {
             let (sink, progress) = (sink.clone(), progress.clone());
-            let key = format!("{dir}/pg_data/{}{}", f.path, compress.extension());
+            let key = format!("{}/pg_data/{}{}", sink.dir, f.path, sink.compress.extension());
             let check = verify.and_then(|start| Some(FileCheck::new(plan::relation_segment(&f.path)?, start)));
             tokio::task::spawn_blocking(move || copy_one(&f, &sink, key, &progress, check))
         })
         .buffer_unordered(jobs)
         .map(|joined| joined.map_err(|e| Error::Input(format!("a backup worker stopped: {e}")))?)
+        .inspect_ok(|entry| entry.iter().for_each(|e| checkpointer.record(e)))
         .try_collect()
         .await?;
     let bundler = sink.bundler.clone();
@@ -222,9 +288,7 @@ async fn copy_files(
         .await
         .map_err(|e| Error::Input(format!("a backup worker stopped: {e}")))?
         .map_err(|e| Error::Io { what: format!("cannot store a bundle in repo {}", sink.repo_no), cause: e })?;
-    let mut files: Vec<FileEntry> = copied.into_iter().flatten().collect();
-    files.sort_by(|a, b| a.path.cmp(&b.path));
-    Ok(files)
+    Ok(copied.into_iter().flatten().collect())
 }
 
 /// Copies one file: read, checksum, compress, upload; whole, or as the
@@ -350,6 +414,7 @@ impl std::io::Write for Out {
 /// Where and how a backup's files are stored.
 #[derive(Clone)]
 struct Sink {
+    dir: String,
     bundler: Arc<bundle::Bundler>,
     store: Arc<dyn object_store::ObjectStore>,
     rt: tokio::runtime::Handle,
@@ -357,6 +422,23 @@ struct Sink {
     level: Option<i32>,
     cipher: Option<Cipher>,
     repo_no: usize,
+}
+
+impl Sink {
+    fn new(repo: &Repository, label: &BackupLabel, compress: Compress, level: Option<i32>) -> Sink {
+        let dir = Repository::backup_dir(label);
+        let rt = tokio::runtime::Handle::current();
+        Sink {
+            bundler: Arc::new(bundle::Bundler::new(repo.store().object_store(), format!("{dir}/bundle"), rt.clone())),
+            dir,
+            store: repo.store().object_store(),
+            rt,
+            compress,
+            level,
+            cipher: repo.cipher.clone(),
+            repo_no: repo.number,
+        }
+    }
 }
 
 /// Reads until `buf` is full or the file ends, so that every chunk but the

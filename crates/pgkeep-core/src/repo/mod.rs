@@ -7,14 +7,15 @@
 //! <location>/<stanza>/archive/<tli+log>/<segment>-<blake3><ext>
 //! <location>/<stanza>/archive/history/<tli>.history-<blake3><ext>
 //! <location>/<stanza>/backup/<label>/pg_data/<path><ext>   file contents
+//! <location>/<stanza>/backup/<label>/partial.json          while copying
 //! <location>/<stanza>/backup/<label>/manifest.json         written last
 //! ```
 //!
 //! Concurrency: any number of `archive-push`, `archive-get`, `info` and
 //! `restore` may run together. Archived names carry the content's checksum,
 //! so two pushes can never overwrite each other, whatever the store
-//! guarantees about conditional writes. Two backups of one stanza write to
-//! different labels; locking them against each other is future work.
+//! guarantees about conditional writes. A backup refuses to start while
+//! another one's checkpoint has a live holder ([`crate::backup::resume`]).
 
 pub mod manifest;
 pub mod pages;
@@ -236,12 +237,7 @@ impl Repository {
 
     /// Writes the manifest: the backup exists from this moment.
     pub async fn write_manifest(&self, m: &Manifest) -> Result<()> {
-        let key = Self::manifest_key(&m.label);
-        let sealed = match &self.cipher {
-            Some(c) => Bytes::from(c.seal(&manifest::seal(m))?),
-            None => manifest::seal(m),
-        };
-        if !self.store.put(&key, sealed, true).await? {
+        if !self.put_metadata(&Self::manifest_key(&m.label), m, true).await? {
             return Err(Error::Refused(format!("backup {} already exists in repo {}", m.label, self.number)));
         }
         Ok(())
@@ -250,10 +246,25 @@ impl Repository {
     /// A backup's manifest; `None` when it was never written (a backup
     /// that is not complete).
     async fn read_manifest(&self, label: &BackupLabel) -> Result<Option<Manifest>> {
-        let key = Self::manifest_key(label);
-        let Some(bytes) = self.store.get(&key).await? else { return Ok(None) };
-        let what = format!("manifest of backup {label} in repo {}", self.number);
-        manifest::unseal(&self.unseal_bytes(bytes, &what)?, &what).map(Some)
+        self.get_metadata(&Self::manifest_key(label), &format!("manifest of backup {label} in repo {}", self.number)).await
+    }
+
+    /// Writes a metadata object (key relative to the stanza) in its
+    /// checksummed envelope, encrypted when the repository is. With
+    /// `create_only`, returns `false` when it already exists.
+    pub async fn put_metadata<T: serde::Serialize>(&self, key: &str, value: &T, create_only: bool) -> Result<bool> {
+        let sealed = match &self.cipher {
+            Some(c) => Bytes::from(c.seal(&manifest::seal(value))?),
+            None => manifest::seal(value),
+        };
+        self.store.put(key, sealed, create_only).await
+    }
+
+    /// Reads a metadata object written by [`Self::put_metadata`]; `None`
+    /// when it does not exist. `what` names it in errors.
+    pub async fn get_metadata<T: serde::de::DeserializeOwned>(&self, key: &str, what: &str) -> Result<Option<T>> {
+        let Some(bytes) = self.store.get(key).await? else { return Ok(None) };
+        manifest::unseal(&self.unseal_bytes(bytes, what)?, what).map(Some)
     }
 
     /// All complete backups (those with a manifest), oldest first.

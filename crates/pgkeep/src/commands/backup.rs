@@ -22,10 +22,17 @@ pub async fn run(cli: &Cli, stanza: &Stanza, kind: Option<BackupTypeArg>) -> Res
         progress: Some(progress.clone()),
     };
     let started = std::time::Instant::now();
-    let m = {
+    let done = {
         let _ticker = Ticker::start("backup", progress);
         pgkeep_core::backup::run(stanza, &opts).await?
     };
+    let m = &done.manifest;
+    for label in &done.removed {
+        eprintln!("pgkeep: removed the unfinished backup {label} left by an interrupted run (not resumable as a {} backup)", m.kind);
+    }
+    if let Some((files, size)) = done.resumed {
+        eprintln!("pgkeep: resumed the interrupted backup {}: kept {files} files ({}) it had stored", m.label, bytes(size));
+    }
     if opts.kind.is_some_and(|k| k != BackupType::Full) && m.kind == BackupType::Full {
         eprintln!("pgkeep: no full backup to build on yet, so this backup is a full one");
     }
@@ -37,6 +44,7 @@ pub async fn run(cli: &Cli, stanza: &Stanza, kind: Option<BackupTypeArg>) -> Res
             "label": m.label, "type": m.kind, "start-lsn": m.start_lsn, "stop-lsn": m.stop_lsn,
             "size": m.size, "repo-size": m.repo_size, "files": m.files.len(), "seconds": started.elapsed().as_secs_f64(),
             "page-checksums": m.page_checksums, "checksum-errors": m.checksum_error_pages(),
+            "resumed-files": done.resumed.map(|r| r.0), "resumed-bytes": done.resumed.map(|r| r.1),
         }))?,
         Output::Text => {
             println!("{}", m.label);

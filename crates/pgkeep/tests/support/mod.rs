@@ -355,6 +355,15 @@ impl Pgkeep {
         r
     }
 
+    /// Starts pgkeep in the background (output discarded); killed with
+    /// SIGKILL when dropped.
+    pub fn spawn(&self, args: &[&str]) -> Background {
+        let mut c = as_postgres(&self.bin, &self.cwd);
+        c.arg("--config").arg(&self.config).arg("--stanza").arg(&self.stanza).args(args);
+        c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        Background { child: Some(c.spawn().expect("start pgkeep")), what: format!("pgkeep {}", args.join(" ")) }
+    }
+
     /// Runs and requires success; returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let r = self.run(args);

@@ -1,0 +1,363 @@
+//! Resuming a backup that was interrupted (killed, or its machine lost).
+//!
+//! While a backup copies, it keeps a checkpoint, `partial.json` in its
+//! directory: who runs it (host and pid), when it started, and the entries
+//! of the files already stored as objects of their own (bundled small files
+//! are cheap to copy again and are not listed). The checkpoint is written
+//! before the first file is copied and then every few seconds while files
+//! finish. A directory under `backup/` without a manifest is an unfinished
+//! backup: running while its holder is alive, abandoned otherwise.
+//!
+//! The next backup of the same type on the same prior takes an abandoned
+//! one over, keeping its label, and keeps a stored file only when that is
+//! provably what it would store now (see [`reusable`]): the file's size and
+//! mtime are those recorded, and that mtime is a whole second before the
+//! interrupted attempt began. A file written during the attempt's copy can
+//! hold a torn page whose repair is a full-page image in WAL from *before*
+//! the new backup's start, which recovery from the new backup never
+//! replays; a file last written before the attempt began cannot be torn.
+//! Every other object of the abandoned directory is deleted before copying.
+//! Abandoned backups that cannot be resumed are removed.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::codec::Compress;
+use crate::error::{Error, Result};
+use crate::repo::{BackupType, FileEntry, Manifest, Repository};
+use crate::types::BackupLabel;
+
+use super::PlannedFile;
+
+/// Name of the checkpoint object in a backup's directory.
+pub const CHECKPOINT: &str = "partial.json";
+/// How often a running backup rewrites its checkpoint (when files finished).
+const INTERVAL: Duration = Duration::from_secs(3);
+/// A holder on another machine whose checkpoint is older than this is
+/// taken for dead.
+const REMOTE_STALE_SECS: i64 = 120;
+
+/// The state of a backup that is copying.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "kebab-case")]
+pub struct Checkpoint {
+    /// The backup's label.
+    pub label: BackupLabel,
+    /// Its type.
+    #[serde(rename = "type")]
+    pub kind: BackupType,
+    /// The backup it builds on.
+    pub prior: Option<BackupLabel>,
+    /// How its objects are compressed.
+    pub compress: Compress,
+    /// When this attempt began (before `pg_backup_start`).
+    pub start_time: DateTime<Utc>,
+    /// Host name of the process copying.
+    pub host: String,
+    /// Its process id.
+    pub pid: u32,
+    /// When this checkpoint was written.
+    pub updated: DateTime<Utc>,
+    /// Files stored so far as objects of their own.
+    pub files: Vec<FileEntry>,
+}
+
+/// A directory under `backup/` that has no manifest.
+#[derive(Debug)]
+pub struct Unfinished {
+    /// Its label.
+    pub label: BackupLabel,
+    /// Its checkpoint, when one was written.
+    pub checkpoint: Option<Checkpoint>,
+}
+
+/// This machine's host name.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_owned()).unwrap_or_else(|_| "unknown".into())
+}
+
+impl Checkpoint {
+    /// The checkpoint of an attempt by this process that began at `start_time`.
+    pub fn new(
+        label: BackupLabel,
+        kind: BackupType,
+        prior: Option<BackupLabel>,
+        compress: Compress,
+        start_time: DateTime<Utc>,
+        files: Vec<FileEntry>,
+    ) -> Checkpoint {
+        Checkpoint { label, kind, prior, compress, start_time, host: host_name(), pid: std::process::id(), updated: Utc::now(), files }
+    }
+
+    /// Whether the process that wrote this checkpoint may still be running:
+    /// on this machine, a live pgkeep process with that pid; elsewhere, a
+    /// checkpoint written in the last two minutes.
+    pub fn holder_alive(&self, now: DateTime<Utc>) -> bool {
+        if self.host == host_name() {
+            self.pid != std::process::id()
+                && std::fs::read_to_string(format!("/proc/{}/comm", self.pid)).is_ok_and(|comm| comm.trim().starts_with("pgkeep"))
+        } else {
+            (now - self.updated).num_seconds() < REMOTE_STALE_SECS
+        }
+    }
+}
+
+/// The unfinished backups of the repository; refuses when one of them is
+/// still running.
+pub async fn unfinished(repo: &Repository, complete: &[Manifest]) -> Result<Vec<Unfinished>> {
+    let mut out = Vec::new();
+    let mut labels = repo.store().list_dirs("backup").await?;
+    labels.sort();
+    for label in labels.into_iter().map(BackupLabel) {
+        if complete.iter().any(|m| m.label == label) {
+            continue;
+        }
+        let key = format!("{}/{CHECKPOINT}", Repository::backup_dir(&label));
+        let what = format!("checkpoint of unfinished backup {label} in repo {}", repo.number);
+        // A damaged checkpoint only means nothing can be resumed.
+        let checkpoint: Option<Checkpoint> = repo.get_metadata(&key, &what).await.unwrap_or(None);
+        if let Some(c) = checkpoint.as_ref().filter(|c| c.holder_alive(Utc::now())) {
+            return Err(Error::Refused(format!(
+                "backup {label} is running in repo {} (pid {} on {}, checkpoint written {}s ago); wait for it to finish",
+                repo.number,
+                c.pid,
+                c.host,
+                (Utc::now() - c.updated).num_seconds().max(0)
+            )));
+        }
+        out.push(Unfinished { label, checkpoint });
+    }
+    Ok(out)
+}
+
+/// The newest abandoned backup that a backup of `kind` on `prior` with
+/// `compress` can take over (pure).
+pub fn choose<'a>(
+    abandoned: &'a [Unfinished],
+    kind: BackupType,
+    prior: Option<&BackupLabel>,
+    compress: Compress,
+) -> Option<&'a Checkpoint> {
+    abandoned
+        .iter()
+        .rev()
+        .filter_map(|u| u.checkpoint.as_ref())
+        .find(|c| c.kind == kind && c.prior.as_ref() == prior && c.compress == compress)
+}
+
+/// The entries of `interrupted` that the new attempt keeps for the files
+/// it plans (pure): same path, size and mtime as recorded, that mtime a
+/// whole second before the interrupted attempt began, the same kind of
+/// copy (whole or delta), and the object still stored with its recorded
+/// size (`stored`: key → size).
+pub fn reusable(interrupted: &Checkpoint, planned: &[PlannedFile], stored: &HashMap<String, u64>) -> Vec<FileEntry> {
+    let by_path: HashMap<&str, &FileEntry> = interrupted.files.iter().map(|e| (e.path.as_str(), e)).collect();
+    let began = interrupted.start_time.timestamp();
+    planned
+        .iter()
+        .filter_map(|f| {
+            let e = *by_path.get(f.path.as_str())?;
+            let unchanged = e.size == f.size && e.mtime == f.mtime && e.mtime < began;
+            let same_kind = e.delta == f.since.is_some() && e.offset.is_none();
+            let object_there = match &e.key {
+                Some(key) => stored.get(key) == Some(&e.repo_size),
+                None => true,
+            };
+            (unchanged && same_kind && object_there).then(|| e.clone())
+        })
+        .collect()
+}
+
+/// Keeps the checkpoint of a running backup up to date.
+pub struct Checkpointer {
+    repo: Repository,
+    key: String,
+    state: Mutex<Checkpoint>,
+    dirty: AtomicBool,
+}
+
+impl Checkpointer {
+    /// Writes the first checkpoint: `state` lists the files taken over
+    /// from an interrupted attempt, if any.
+    pub async fn start(repo: &Repository, state: Checkpoint) -> Result<Arc<Checkpointer>> {
+        let c = Arc::new(Checkpointer {
+            repo: repo.clone(),
+            key: format!("{}/{CHECKPOINT}", Repository::backup_dir(&state.label)),
+            state: Mutex::new(state),
+            dirty: AtomicBool::new(true),
+        });
+        c.save().await?;
+        Ok(c)
+    }
+
+    /// Replaces the listed files with those kept from an interrupted
+    /// attempt, now that they are checked against this attempt's start.
+    pub fn keep(&self, files: Vec<FileEntry>, start_time: DateTime<Utc>) {
+        if let Ok(mut s) = self.state.lock() {
+            s.files = files;
+            s.start_time = start_time;
+            self.dirty.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Records a file stored as an object of its own.
+    pub fn record(&self, e: &FileEntry) {
+        if e.offset.is_some() {
+            return;
+        }
+        if let Ok(mut s) = self.state.lock() {
+            s.files.push(e.clone());
+            self.dirty.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Writes the checkpoint if files finished since the last write.
+    pub async fn save(&self) -> Result<()> {
+        if !self.dirty.swap(false, Ordering::Relaxed) {
+            return Ok(());
+        }
+        let snapshot = {
+            let mut s = self.state.lock().map_err(|_| Error::Input("a backup worker failed".into()))?;
+            s.updated = Utc::now();
+            s.clone()
+        };
+        self.repo.put_metadata(&self.key, &snapshot, false).await.map(|_| ())
+    }
+
+    /// Rewrites the checkpoint every few seconds until the returned task is
+    /// aborted. A failed write is retried at the next tick: the copy
+    /// itself reports a store that stopped answering.
+    pub fn keep_saving(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(INTERVAL).await;
+                if me.save().await.is_err() {
+                    me.dirty.store(true, Ordering::Relaxed);
+                }
+            }
+        })
+    }
+
+    /// Removes the checkpoint once the manifest is written.
+    pub async fn remove(&self) -> Result<()> {
+        self.repo.store().delete_all(vec![self.key.clone()]).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(path: &str, size: u64, mtime: i64, key: Option<&str>) -> FileEntry {
+        FileEntry {
+            path: path.into(),
+            size,
+            mode: 0o600,
+            mtime,
+            checksum: "c".into(),
+            key: key.map(str::to_owned),
+            repo_size: 10,
+            delta: false,
+            pages: 0,
+            offset: None,
+            content: None,
+            checksum_errors: vec![],
+            checksum_errors_unlisted: 0,
+        }
+    }
+
+    fn planned(path: &str, size: u64, mtime: i64) -> PlannedFile {
+        PlannedFile { path: path.into(), source: path.into(), size, mode: 0o600, mtime, since: None }
+    }
+
+    fn checkpoint(label: &str, kind: BackupType, prior: Option<&str>, at: DateTime<Utc>) -> Checkpoint {
+        Checkpoint {
+            label: BackupLabel(label.into()),
+            kind,
+            prior: prior.map(|p| BackupLabel(p.into())),
+            compress: Compress::Zstd,
+            start_time: at,
+            host: "h".into(),
+            pid: 1,
+            updated: at,
+            files: vec![],
+        }
+    }
+
+    #[test]
+    fn keeps_only_files_provably_unchanged_since_before_the_attempt_began() {
+        let began = DateTime::from_timestamp(1_000, 0).unwrap();
+        let mut cp = checkpoint("L", BackupType::Full, None, began);
+        cp.files = vec![
+            entry("old", 100, 998, Some("k/old")),
+            entry("grown", 100, 998, Some("k/grown")),
+            entry("touched", 100, 998, Some("k/touched")),
+            entry("same-second", 100, 1_000, Some("k/same-second")),
+            entry("object-gone", 100, 998, Some("k/object-gone")),
+            entry("object-short", 100, 998, Some("k/object-short")),
+            entry("removed", 100, 998, Some("k/removed")),
+            entry("was-whole", 100, 998, Some("k/was-whole")),
+        ];
+        let plan = vec![
+            planned("old", 100, 998),
+            planned("grown", 200, 998),
+            planned("touched", 100, 999),
+            planned("same-second", 100, 1_000),
+            planned("object-gone", 100, 998),
+            planned("object-short", 100, 998),
+            planned("new", 100, 998),
+            PlannedFile { since: Some(crate::types::Lsn(1)), ..planned("was-whole", 100, 998) },
+        ];
+        let stored: HashMap<String, u64> = ["k/old", "k/grown", "k/touched", "k/same-second", "k/removed", "k/was-whole"]
+            .iter()
+            .map(|k| (k.to_string(), 10))
+            .chain([("k/object-short".to_string(), 9)])
+            .collect();
+        let kept: Vec<String> = reusable(&cp, &plan, &stored).into_iter().map(|e| e.path).collect();
+        assert_eq!(kept, vec!["old"]);
+
+        // An empty delta stores no object and is kept as it is.
+        cp.files = vec![FileEntry { delta: true, ..entry("was-whole", 100, 998, None) }];
+        let kept: Vec<String> = reusable(&cp, &plan, &stored).into_iter().map(|e| e.path).collect();
+        assert_eq!(kept, vec!["was-whole"]);
+    }
+
+    #[test]
+    fn takes_over_only_an_attempt_of_the_same_type_prior_and_compression() {
+        let t = Utc::now();
+        let abandoned = vec![
+            Unfinished { label: BackupLabel("A".into()), checkpoint: Some(checkpoint("A", BackupType::Full, None, t)) },
+            Unfinished { label: BackupLabel("B".into()), checkpoint: Some(checkpoint("B", BackupType::Incr, Some("A"), t)) },
+            Unfinished { label: BackupLabel("C".into()), checkpoint: None },
+        ];
+        let pick = |kind, prior: Option<&str>, compress| {
+            let prior = prior.map(|p| BackupLabel(p.to_owned()));
+            choose(&abandoned, kind, prior.as_ref(), compress).map(|c| c.label.0.clone())
+        };
+        assert_eq!(pick(BackupType::Full, None, Compress::Zstd), Some("A".into()));
+        assert_eq!(pick(BackupType::Incr, Some("A"), Compress::Zstd), Some("B".into()));
+        assert_eq!(pick(BackupType::Incr, Some("X"), Compress::Zstd), None);
+        assert_eq!(pick(BackupType::Diff, Some("A"), Compress::Zstd), None);
+        assert_eq!(pick(BackupType::Full, None, Compress::Lz4), None);
+    }
+
+    #[test]
+    fn a_holder_on_this_machine_is_alive_only_while_its_process_runs() {
+        let now = Utc::now();
+        let mut c = checkpoint("L", BackupType::Full, None, now);
+        c.host = host_name();
+        c.pid = u32::MAX - 1;
+        assert!(!c.holder_alive(now), "no such process");
+        c.pid = std::process::id();
+        assert!(!c.holder_alive(now), "this process is not a holder");
+        c.host = "another-machine".into();
+        assert!(c.holder_alive(now));
+        assert!(!c.holder_alive(now + chrono::Duration::seconds(REMOTE_STALE_SECS + 1)));
+    }
+}
