@@ -318,7 +318,9 @@ async fn write_everything(plan: &Plan, opts: &RestoreOptions, jobs: usize) -> Re
     for f in &m.files {
         files.push((f, layers(&plan.chain, &by_path, &f.path)?));
     }
-    let (last, rest): (Vec<_>, Vec<_>) = files.into_iter().partition(|(f, _)| f.path == "global/pg_control");
+    let (last, mut rest): (Vec<_>, Vec<_>) = files.into_iter().partition(|(f, _)| f.path == "global/pg_control");
+    // Largest first, so that the workers finish together.
+    rest.sort_by_key(|(f, _)| std::cmp::Reverse(f.size));
     let progress = opts.progress.clone().unwrap_or_default();
     progress.plan(m.files.len() as u64, m.size);
     let store = plan.repo.store().object_store();
