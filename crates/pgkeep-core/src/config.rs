@@ -70,9 +70,16 @@ pub struct RepoOptions {
     /// Compression level (codec-specific; default a fast level).
     #[arg(long, global = true)]
     pub compress_level: Option<i32>,
-    /// Number of full backups to keep (applied by `expire`).
+    /// Number of full backups to keep, with their chains (applied by
+    /// `expire`, which runs after every backup).
     #[arg(long, global = true)]
     pub retention_full: Option<u32>,
+    /// Number of differential backups to keep, with their incrementals.
+    #[arg(long, global = true)]
+    pub retention_diff: Option<u32>,
+    /// Keep what a recovery to any point in this window needs: 30d, 12h, 2w.
+    #[arg(long, global = true)]
+    pub retention_window: Option<String>,
     /// File holding the passphrase that encrypts the repository (default:
     /// the PGKEEP_CIPHER_PASS variable; neither: not encrypted).
     #[arg(long, global = true)]
@@ -153,8 +160,21 @@ impl RepoOptions {
             compress: self.compress.or(file.compress),
             compress_level: self.compress_level.or(file.compress_level),
             retention_full: self.retention_full.or(file.retention_full),
+            retention_diff: self.retention_diff.or(file.retention_diff),
+            retention_window: self.retention_window.or_else(|| file.retention_window.clone()),
             cipher_pass_file: self.cipher_pass_file.or_else(|| file.cipher_pass_file.clone()),
         }
+    }
+
+    /// The retention policy of this repository (number `n`, for errors).
+    pub fn retention(&self, n: usize) -> Result<crate::expire::Retention> {
+        for (key, value) in [("retention-full", self.retention_full), ("retention-diff", self.retention_diff)] {
+            if value == Some(0) {
+                return Err(Error::Input(format!("{key} of repo {n} is 0: keep at least 1, or leave it out to keep all")));
+            }
+        }
+        let window = self.retention_window.as_deref().map(crate::expire::parse_window).transpose()?;
+        Ok(crate::expire::Retention { full: self.retention_full, diff: self.retention_diff, window })
     }
 
     /// Whether any field is set.
@@ -168,6 +188,8 @@ impl RepoOptions {
             && self.compress.is_none()
             && self.compress_level.is_none()
             && self.retention_full.is_none()
+            && self.retention_diff.is_none()
+            && self.retention_window.is_none()
             && self.cipher_pass_file.is_none()
     }
 }
@@ -235,6 +257,7 @@ impl Settings {
             if r.location.as_deref().unwrap_or("").is_empty() {
                 return Err(Error::Input(format!("repo {} has no `location`: set it in its [[repo]] table or pass --location", i + 1)));
             }
+            r.retention(i + 1)?;
         }
         Ok(Settings {
             stanza,

@@ -13,7 +13,7 @@
 //!   backups and their manifests), see `docs/repository-format.md`;
 //! - [`pg`]: the connection to PostgreSQL and WAL header checks;
 //! - [`wal`]: `archive-push` and `archive-get`;
-//! - [`backup`], [`restore`]: plan, then execute;
+//! - [`backup`], [`restore`], [`expire`]: plan, then execute;
 //! - [`info`], [`stanza`]: reports and stanza set-up;
 //! - [`types`]: `Lsn`, `TimelineId`, `WalSegment`, `BackupLabel`, ...
 //!
@@ -33,6 +33,7 @@ pub mod codec;
 pub mod config;
 pub mod crypto;
 pub mod error;
+pub mod expire;
 pub mod info;
 pub mod pg;
 pub mod progress;

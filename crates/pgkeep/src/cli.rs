@@ -87,6 +87,9 @@ pub enum Command {
         /// Backup to remove.
         #[arg(long)]
         set: Option<String>,
+        /// With --set: also remove the backups built on it.
+        #[arg(long, requires = "set")]
+        with_dependents: bool,
         /// Show what would be removed.
         #[arg(long)]
         dry_run: bool,

@@ -278,6 +278,13 @@ impl Repository {
         Ok(out)
     }
 
+    /// Removes a complete backup: the manifest first, so that it stops
+    /// being listed, then its objects.
+    pub async fn remove_backup(&self, label: &BackupLabel) -> Result<()> {
+        self.store.delete_all(vec![Self::manifest_key(label)]).await?;
+        self.remove_backup_objects(label).await
+    }
+
     /// Deletes every object of a backup directory (used to clean up a
     /// backup that failed before its manifest was written).
     pub async fn remove_backup_objects(&self, label: &BackupLabel) -> Result<()> {

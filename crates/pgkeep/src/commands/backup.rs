@@ -39,12 +39,25 @@ pub async fn run(cli: &Cli, stanza: &Stanza, kind: Option<BackupTypeArg>) -> Res
     for f in m.files.iter().filter(|f| f.checksum_error_pages() > 0) {
         eprintln!("{}", checksum_warning(f));
     }
+    // Retention runs after every successful backup; if it fails, the
+    // backup still stands.
+    let expired = match pgkeep_core::expire::after_backup(stanza, cli.repo).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("pgkeep: WARNING: backup {} is complete but expire failed: {e}; run `pgkeep expire` again", m.label);
+            None
+        }
+    };
+    if let (Some(r), Output::Text) = (&expired, cli.output) {
+        super::expire::print_text(r, true);
+    }
     match cli.output {
         Output::Json => super::print_json(&serde_json::json!({
             "label": m.label, "type": m.kind, "start-lsn": m.start_lsn, "stop-lsn": m.stop_lsn,
             "size": m.size, "repo-size": m.repo_size, "files": m.files.len(), "seconds": started.elapsed().as_secs_f64(),
             "page-checksums": m.page_checksums, "checksum-errors": m.checksum_error_pages(),
             "resumed-files": done.resumed.map(|r| r.0), "resumed-bytes": done.resumed.map(|r| r.1),
+            "expire": expired.as_ref().map(super::expire::json),
         }))?,
         Output::Text => {
             println!("{}", m.label);

@@ -4,6 +4,7 @@
 mod archive;
 mod backup;
 mod check;
+mod expire;
 mod info;
 mod restore;
 mod stanza_create;
@@ -23,9 +24,6 @@ pub async fn run(cli: Cli) -> Result<()> {
     let (file, config_path) = load_file(&cli)?;
     match &cli.command {
         Command::Info => return info::run(&cli, &file).await,
-        Command::Expire { .. } => {
-            anyhow::bail!("expire is not available yet in this version of pgkeep; remove backups by hand only with care")
-        }
         Command::Verify { .. } => {
             anyhow::bail!("verify is not available yet in this version of pgkeep; a restore checks every object's checksum")
         }
@@ -39,7 +37,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::ArchiveGet { name, dest } => archive::get(&stanza, name, dest).await,
         Command::Backup { kind } => backup::run(&cli, &stanza, *kind).await,
         Command::Restore(args) => restore::run(&cli, &stanza, config_path.as_deref(), args).await,
-        Command::Info | Command::Expire { .. } | Command::Verify { .. } => unreachable!("handled above"),
+        Command::Expire { set, with_dependents, dry_run } => expire::run(&cli, &stanza, set.as_deref(), *with_dependents, *dry_run).await,
+        Command::Info | Command::Verify { .. } => unreachable!("handled above"),
     }
 }
 

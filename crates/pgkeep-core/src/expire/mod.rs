@@ -1,0 +1,145 @@
+//! `expire`: removes the backups retention no longer keeps (see [`plan`]),
+//! or one backup by label, then the WAL no kept backup needs.
+//!
+//! Crash safety: a backup's manifest is deleted before its objects, and
+//! dependents before the backups they build on, so at every moment each
+//! listed backup is whole and has its chain. A killed expire leaves
+//! directories without a manifest or checkpoint; the next expire or backup
+//! removes them. WAL goes last, and only WAL before the oldest kept
+//! backup's start.
+
+pub mod plan;
+
+use chrono::Utc;
+
+use crate::error::Result;
+use crate::repo::BackupType;
+use crate::types::{BackupLabel, WalFileName, WalSegment};
+use crate::Stanza;
+pub use plan::{by_label, by_policy, parse_window, ExpirePlan, Retention};
+
+/// Options of `expire`.
+#[derive(Debug, Clone, Default)]
+pub struct ExpireOptions {
+    /// Repository (1-based; 0 means 1).
+    pub repo: usize,
+    /// Remove this backup instead of applying retention.
+    pub set: Option<BackupLabel>,
+    /// With `set`: remove the backups built on it too.
+    pub with_dependents: bool,
+    /// Decide, report, remove nothing.
+    pub dry_run: bool,
+}
+
+/// What `expire` did (or, with `dry_run`, would do).
+#[derive(Debug, Clone)]
+pub struct ExpireReport {
+    /// Repository.
+    pub repo: usize,
+    /// The policy applied (unset: nothing expires by retention).
+    pub retention: Retention,
+    /// Backups removed, dependents first.
+    pub expired: Vec<(BackupLabel, BackupType)>,
+    /// Backups kept.
+    pub kept: usize,
+    /// WAL files removed.
+    pub wal_removed: usize,
+    /// The first WAL segment kept (the oldest kept backup's start).
+    pub wal_from: Option<String>,
+    /// Left-overs of interrupted runs removed (directories without a
+    /// manifest or checkpoint).
+    pub leftovers: Vec<BackupLabel>,
+    /// Nothing was removed: a dry run.
+    pub dry_run: bool,
+}
+
+/// Applies retention (or removes `opts.set`) in one repository.
+pub async fn run(stanza: &Stanza, opts: &ExpireOptions) -> Result<ExpireReport> {
+    let number = opts.repo.max(1);
+    let repo = stanza.open(number).await?;
+    let retention = stanza.settings.repos[number - 1].retention(number)?;
+    let backups = repo.backups().await?;
+    // Refuses while a backup runs: it may be building on what would go.
+    let unfinished = crate::backup::resume::unfinished(&repo, &backups).await?;
+    let plan = match &opts.set {
+        Some(label) => by_label(&backups, label, opts.with_dependents)?,
+        None => by_policy(&backups, &retention, Utc::now()),
+    };
+    let seg = repo.meta.wal_segment_size;
+    let wal_from = backups
+        .iter()
+        .filter(|m| plan.keep.contains(&m.label))
+        .filter_map(|m| WalSegment::parse(&m.start_wal, seg))
+        .min_by_key(|s| s.number);
+    // With no backup kept, no WAL is needed, but none is removed either:
+    // it may be all that is left to investigate.
+    let wal_doomed: Vec<String> = match wal_from {
+        Some(from) if retention.is_set() || opts.set.is_some() => repo
+            .list_wal()
+            .await?
+            .into_iter()
+            .filter(|w| segment_of(&w.name, seg).is_some_and(|s| s.number < from.number))
+            .map(|w| w.key)
+            .collect(),
+        _ => Vec::new(),
+    };
+    let leftovers: Vec<BackupLabel> = unfinished.into_iter().filter(|u| u.checkpoint.is_none()).map(|u| u.label).collect();
+    let report = ExpireReport {
+        repo: number,
+        retention,
+        expired: plan
+            .expire
+            .iter()
+            .map(|l| (l.clone(), backups.iter().find(|m| &m.label == l).map_or(BackupType::Full, |m| m.kind)))
+            .collect(),
+        kept: plan.keep.len(),
+        wal_removed: wal_doomed.len(),
+        wal_from: wal_from.map(|s| s.name(seg)),
+        leftovers,
+        dry_run: opts.dry_run,
+    };
+    if opts.dry_run {
+        return Ok(report);
+    }
+    for label in &plan.expire {
+        repo.remove_backup(label).await?;
+    }
+    for label in &report.leftovers {
+        repo.remove_backup_objects(label).await?;
+    }
+    repo.store().delete_all(wal_doomed).await?;
+    Ok(report)
+}
+
+/// The segment a segment, partial segment or backup history file belongs
+/// to; `None` for timeline history files (always kept).
+fn segment_of(name: &str, seg_size: u64) -> Option<WalSegment> {
+    match WalFileName::parse(name)? {
+        WalFileName::History(_) => None,
+        other => WalSegment::parse(&other.as_str()[..24], seg_size),
+    }
+}
+
+/// Expires `repo` by its retention after a backup; `None` when no
+/// retention is configured.
+pub async fn after_backup(stanza: &Stanza, repo: usize) -> Result<Option<ExpireReport>> {
+    let number = repo.max(1);
+    if !stanza.settings.repos[number - 1].retention(number)?.is_set() {
+        return Ok(None);
+    }
+    run(stanza, &ExpireOptions { repo: number, ..Default::default() }).await.map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wal_files_belong_to_their_segment_and_history_files_to_none() {
+        let seg = 16 << 20;
+        assert_eq!(segment_of("000000010000000000000003", seg).map(|s| s.number), Some(3));
+        assert_eq!(segment_of("000000020000000100000003.partial", seg).map(|s| s.number), Some(256 + 3));
+        assert_eq!(segment_of("000000010000000000000003.00000028.backup", seg).map(|s| s.number), Some(3));
+        assert_eq!(segment_of("00000002.history", seg), None);
+    }
+}

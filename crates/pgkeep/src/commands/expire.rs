@@ -1,0 +1,53 @@
+//! `expire`, also run after every successful backup.
+
+use anyhow::Result;
+use pgkeep_core::expire::{ExpireOptions, ExpireReport};
+use pgkeep_core::types::BackupLabel;
+use pgkeep_core::Stanza;
+
+use crate::cli::{Cli, Output};
+
+pub async fn run(cli: &Cli, stanza: &Stanza, set: Option<&str>, with_dependents: bool, dry_run: bool) -> Result<()> {
+    let opts = ExpireOptions { repo: cli.repo, set: set.map(|s| BackupLabel(s.to_owned())), with_dependents, dry_run };
+    let report = pgkeep_core::expire::run(stanza, &opts).await?;
+    match cli.output {
+        Output::Json => super::print_json(&json(&report))?,
+        Output::Text => print_text(&report, set.is_none()),
+    }
+    Ok(())
+}
+
+/// The report as JSON, for `expire` and for the expiry after a backup.
+pub fn json(r: &ExpireReport) -> serde_json::Value {
+    serde_json::json!({
+        "repo": r.repo,
+        "dry-run": r.dry_run,
+        "expired": r.expired.iter().map(|(l, t)| serde_json::json!({"label": l, "type": t})).collect::<Vec<_>>(),
+        "kept": r.kept,
+        "wal-removed": r.wal_removed,
+        "wal-from": r.wal_from,
+        "leftovers-removed": r.leftovers,
+    })
+}
+
+/// One line per backup removed, then one for the WAL; on stderr, as
+/// stdout is kept for what scripts read.
+pub fn print_text(r: &ExpireReport, by_retention: bool) {
+    let verb = if r.dry_run { "would expire" } else { "expired" };
+    if by_retention && !r.retention.is_set() {
+        eprintln!("pgkeep: no retention is configured for repo {} (retention-full, retention-diff, retention-window): nothing expired", r.repo);
+        return;
+    }
+    for (label, kind) in &r.expired {
+        eprintln!("pgkeep: {verb} {kind} backup {label} in repo {}", r.repo);
+    }
+    for label in &r.leftovers {
+        eprintln!("pgkeep: {} the left-overs of interrupted backup {label}", if r.dry_run { "would remove" } else { "removed" });
+    }
+    let wal_verb = if r.dry_run { "would remove" } else { "removed" };
+    match (&r.wal_from, r.wal_removed) {
+        (Some(from), n) if n > 0 => eprintln!("pgkeep: {wal_verb} {n} WAL files before {from}, the oldest kept backup's start"),
+        _ if r.expired.is_empty() => eprintln!("pgkeep: nothing to expire in repo {}: {} backups kept", r.repo, r.kept),
+        _ => {}
+    }
+}
