@@ -64,6 +64,12 @@ fn full_incr_diff_chain_restores_every_backup_and_stores_only_changed_pages() {
 
     // The small update: a handful of pages of pgbench_accounts, not its 16,000.
     let accounts = pg.psql("select pg_relation_filepath('pgbench_accounts')");
+    // Its 130 MB are stored in parts of 64 MiB, in the full and the deltas.
+    for label in [&full, &incr2] {
+        let m = read_manifest(&repo, label);
+        let e = m["files"].as_array().unwrap().iter().find(|f| f["path"] == accounts.as_str()).unwrap().clone();
+        assert_eq!(e["parts"].as_array().map_or(0, Vec::len), 3, "{label}: {e}");
+    }
     let manifest = read_manifest(&repo, &incr2);
     let entry =
         manifest["files"].as_array().unwrap().iter().find(|f| f["path"] == accounts.as_str()).expect("pgbench_accounts in the manifest");

@@ -15,10 +15,11 @@ pub mod plan;
 pub mod resume;
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::Arc;
 
 use chrono::Utc;
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 
 use crate::codec::Compress;
 use crate::crypto::{Cipher, Sealing};
@@ -26,6 +27,8 @@ use crate::error::{Error, Result};
 use crate::pg::checksum::FileCheck;
 use crate::pg::Pg;
 use crate::progress::Progress;
+use crate::pg::checksum::MAX_LISTED;
+use crate::repo::manifest::{Part, PART_SIZE};
 use crate::repo::{pages, BackupType, FileEntry, Manifest, Repository, Tablespace};
 use crate::storage::ObjectWriter;
 use crate::types::{BackupLabel, Lsn, WalSegment};
@@ -209,7 +212,7 @@ async fn take_over(repo: &Repository, interrupted: &Checkpoint, planned: &mut Ve
     let dir = Repository::backup_dir(&interrupted.label);
     let stored: HashMap<String, u64> = repo.store().list(&dir).await?.into_iter().map(|l| (format!("{dir}/{}", l.key), l.size)).collect();
     let kept = resume::reusable(interrupted, planned, &stored);
-    let keep_keys: std::collections::HashSet<&str> = kept.iter().filter_map(|e| e.key.as_deref()).collect();
+    let keep_keys: std::collections::HashSet<&str> = kept.iter().flat_map(|e| e.own_objects()).map(|(k, _)| k).collect();
     let checkpoint = format!("{dir}/{}", resume::CHECKPOINT);
     let stale = stored.into_keys().filter(|k| !keep_keys.contains(k.as_str()) && *k != checkpoint).collect();
     repo.store().delete_all(stale).await?;
@@ -253,10 +256,12 @@ async fn new_label(repo: &Repository, kind: BackupType, prior: Option<&Manifest>
     }
 }
 
-/// Copies the files, `jobs` at a time, largest first, recording each stored object in
-/// the checkpoint. With `verify` (the backup's start LSN, when the cluster
-/// has data checksums on), the pages of relation files are checked against
-/// their page checksums as they are read.
+/// Copies the files, `jobs` units at a time, largest first; a file over
+/// [`PART_SIZE`] is copied as parts, each a unit of its own. Each file is
+/// recorded in the checkpoint once all its units are stored. With
+/// `verify` (the backup's start LSN, when the cluster has data checksums
+/// on), the pages of relation files are checked against their page
+/// checksums as they are read.
 async fn copy_files(
     sink: &Sink,
     files: Vec<PlannedFile>,
@@ -269,43 +274,132 @@ async fn copy_files(
     // the biggest file alone at the end.
     let mut files = files;
     files.sort_by_key(|f| std::cmp::Reverse(f.size));
-    let progress = progress.unwrap_or_default();
-    progress.plan(files.len() as u64, files.iter().map(|f| f.size).sum());
-    let copied: Vec<Option<FileEntry>> = futures::stream::iter(files)
-        .map(|f| {
-            let (sink, progress) = (sink.clone(), progress.clone());
-            let key = format!("{}/pg_data/{}{}", sink.dir, f.path, sink.compress.extension());
-            let check = verify.and_then(|start| Some(FileCheck::new(plan::relation_segment(&f.path)?, start)));
-            tokio::task::spawn_blocking(move || copy_one(&f, &sink, key, &progress, check))
+    let files = Arc::new(files);
+    let units: Vec<(usize, Option<Range<u64>>)> = files
+        .iter()
+        .enumerate()
+        .flat_map(|(i, f)| match f.size > PART_SIZE {
+            true => (0..f.size.div_ceil(PART_SIZE)).map(|k| (i, Some(k * PART_SIZE..(k + 1) * PART_SIZE))).collect(),
+            false => vec![(i, None)],
         })
-        .buffer_unordered(jobs)
-        .map(|joined| joined.map_err(|e| Error::Input(format!("a backup worker stopped: {e}")))?)
-        .inspect_ok(|entry| entry.iter().for_each(|e| checkpointer.record(e)))
-        .try_collect()
-        .await?;
+        .collect();
+    let mut remaining: Vec<usize> = vec![0; files.len()];
+    units.iter().for_each(|(i, _)| remaining[*i] += 1);
+    let progress = progress.unwrap_or_default();
+    progress.plan(units.len() as u64, files.iter().map(|f| f.size).sum());
+    let mut results = futures::stream::iter(units)
+        .map(|(i, part)| {
+            let (sink, progress, files) = (sink.clone(), progress.clone(), files.clone());
+            let f = &files[i];
+            let name = match &part {
+                Some(r) => format!("{}.part{}", f.path, r.start / PART_SIZE),
+                None => f.path.clone(),
+            };
+            let key = format!("{}/pg_data/{name}{}", sink.dir, sink.compress.extension());
+            let check = verify.and_then(|start| Some(FileCheck::new(plan::relation_segment(&f.path)?, start)));
+            tokio::task::spawn_blocking(move || copy_one(&files[i], part, &sink, key, &progress, check).map(|s| (i, s)))
+        })
+        .buffer_unordered(jobs);
+    let mut stored: HashMap<usize, Vec<Option<Stored>>> = HashMap::new();
+    let mut out = Vec::with_capacity(files.len());
+    while let Some(joined) = results.next().await {
+        let (i, piece) = joined.map_err(|e| Error::Input(format!("a backup worker stopped: {e}")))??;
+        let pieces = stored.entry(i).or_default();
+        pieces.push(piece);
+        if pieces.len() == remaining[i] {
+            let pieces = stored.remove(&i).unwrap_or_default();
+            if let Some(entry) = assemble(&files[i], pieces) {
+                checkpointer.record(&entry);
+                out.push(entry);
+            }
+        }
+    }
     let bundler = sink.bundler.clone();
     tokio::task::spawn_blocking(move || bundler.finish())
         .await
         .map_err(|e| Error::Input(format!("a backup worker stopped: {e}")))?
         .map_err(|e| Error::Io { what: format!("cannot store a bundle in repo {}", sink.repo_no), cause: e })?;
-    Ok(copied.into_iter().flatten().collect())
+    Ok(out)
 }
 
-/// Copies one file: read, checksum, compress, upload; whole, or as the
-/// pages changed since `f.since`; with `check`, every page read is also
-/// verified against its page checksum (in a delta too, stored or not).
-/// `None` when the file was removed before it could be opened (the WAL
-/// replay handles that).
-fn copy_one(f: &PlannedFile, sink: &Sink, key: String, progress: &Progress, mut check: Option<FileCheck>) -> Result<Option<FileEntry>> {
-    use std::io::Write;
+/// What one unit stored: a whole file, or one part of it.
+struct Stored {
+    start: u64,
+    size: u64,
+    key: Option<String>,
+    repo_size: u64,
+    offset: Option<u64>,
+    checksum: String,
+    pages: u64,
+    content: Option<String>,
+    checksum_errors: Vec<u32>,
+    checksum_errors_unlisted: u64,
+}
+
+/// The manifest entry of a file from what its units stored; `None` when
+/// the file was removed before all of it could be read (the WAL replay
+/// handles that).
+fn assemble(f: &PlannedFile, pieces: Vec<Option<Stored>>) -> Option<FileEntry> {
+    let mut pieces: Vec<Stored> = pieces.into_iter().collect::<Option<_>>()?;
+    pieces.sort_by_key(|p| p.start);
+    let mut errors: Vec<u32> = pieces.iter().flat_map(|p| p.checksum_errors.iter().copied()).collect();
+    let unlisted = pieces.iter().map(|p| p.checksum_errors_unlisted).sum::<u64>() + errors.len().saturating_sub(MAX_LISTED) as u64;
+    errors.truncate(MAX_LISTED);
+    let entry = FileEntry {
+        path: f.path.clone(),
+        size: pieces.iter().map(|p| p.start + p.size).max().unwrap_or(0),
+        mode: f.mode,
+        mtime: f.mtime,
+        checksum: String::new(),
+        key: None,
+        repo_size: pieces.iter().map(|p| p.repo_size).sum(),
+        delta: f.since.is_some(),
+        pages: pieces.iter().map(|p| p.pages).sum(),
+        offset: None,
+        content: None,
+        checksum_errors: errors,
+        checksum_errors_unlisted: unlisted,
+        parts: Vec::new(),
+    };
+    if f.size <= PART_SIZE {
+        let p = pieces.pop()?;
+        return Some(FileEntry { size: p.size, checksum: p.checksum, key: p.key, offset: p.offset, content: p.content, ..entry });
+    }
+    let parts = pieces
+        .into_iter()
+        .map(|p| Part { start: p.start, size: p.size, key: p.key, repo_size: p.repo_size, checksum: p.checksum, pages: p.pages, content: p.content })
+        .collect();
+    Some(FileEntry { parts, ..entry })
+}
+
+/// Copies one file, or the `part` of it: read, checksum, compress, upload;
+/// whole, or as the pages changed since `f.since`; with `check`, every
+/// page read is also verified against its page checksum (in a delta too,
+/// stored or not). `None` when the file was removed before it could be
+/// opened.
+fn copy_one(
+    f: &PlannedFile,
+    part: Option<Range<u64>>,
+    sink: &Sink,
+    key: String,
+    progress: &Progress,
+    mut check: Option<FileCheck>,
+) -> Result<Option<Stored>> {
+    use std::io::{Read, Seek, Write};
     use std::os::unix::fs::FileExt;
     let mut src = match std::fs::File::open(&f.source) {
         Ok(s) => s,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(Error::io(format!("cannot read {}", f.source.display()))(e)),
     };
+    let read_err = || Error::io(format!("cannot read {}", f.source.display()));
+    let start = part.as_ref().map_or(0, |r| r.start);
+    if start > 0 {
+        src.seek(std::io::SeekFrom::Start(start)).map_err(read_err())?;
+    }
+    let mut reader = (&src).take(part.as_ref().map_or(u64::MAX, |r| r.end - r.start));
     let upload_err = |e: std::io::Error| Error::Io { what: format!("cannot store '{key}' in repo {}", sink.repo_no), cause: e };
-    let out = if f.size < bundle::SMALL_FILE {
+    let out = if part.is_none() && f.size < bundle::SMALL_FILE {
         Out::Memory(Vec::new())
     } else {
         Out::Object(Box::new(ObjectWriter::new(sink.store.clone(), &key, sink.rt.clone())))
@@ -313,24 +407,25 @@ fn copy_one(f: &PlannedFile, sink: &Sink, key: String, progress: &Progress, mut 
     let writer = Sealing::new(sink.cipher.as_ref(), out)?;
     let mut enc = sink.compress.encoder(writer, sink.level).map_err(upload_err)?;
     let mut hasher = blake3::Hasher::new();
-    // For a delta, also the hash of the whole file as read: what a full
-    // backup would have stored, which `restore --delta` compares against.
+    // For a delta, also the hash of the bytes as read: what a full backup
+    // would have stored, which `restore --delta` compares against.
     let mut content = f.since.map(|_| blake3::Hasher::new());
     let mut buf = vec![0u8; 1 << 20];
     let mut record = Vec::with_capacity(pages::PAGE_SIZE + 8);
     let (mut size, mut changed) = (0u64, 0u64);
     loop {
-        let n = fill(&mut src, &mut buf).map_err(Error::io(format!("cannot read {}", f.source.display())))?;
+        let n = fill(&mut reader, &mut buf).map_err(read_err())?;
         if n == 0 {
             break;
         }
+        let first = (start + size) / pages::PAGE_SIZE as u64;
         if let Some(c) = check.as_mut() {
             let reread = |page: u64, out: &mut [u8]| match src.read_exact_at(out, page * pages::PAGE_SIZE as u64) {
                 Ok(()) => Ok(true),
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
                 Err(e) => Err(e),
             };
-            c.check(size / pages::PAGE_SIZE as u64, &buf[..n], reread).map_err(Error::io(format!("cannot read {}", f.source.display())))?;
+            c.check(first, &buf[..n], reread).map_err(read_err())?;
         }
         match f.since {
             None => {
@@ -341,7 +436,6 @@ fn copy_one(f: &PlannedFile, sink: &Sink, key: String, progress: &Progress, mut 
                 if let Some(c) = content.as_mut() {
                     c.update(&buf[..n]);
                 }
-                let first = size / pages::PAGE_SIZE as u64;
                 for (i, page) in buf[..n].chunks(pages::PAGE_SIZE).enumerate() {
                     if pages::page_changed(page, since) {
                         record.clear();
@@ -358,10 +452,9 @@ fn copy_one(f: &PlannedFile, sink: &Sink, key: String, progress: &Progress, mut 
     }
     progress.file_done();
     let (checksum_errors, checksum_errors_unlisted) = check.map(FileCheck::finish).unwrap_or_default();
-    let delta = f.since.is_some();
     // A delta of no pages stores nothing: dropping the writer unfinished
     // leaves no object behind.
-    let (key, repo_size, offset) = if delta && changed == 0 {
+    let (key, repo_size, offset) = if f.since.is_some() && changed == 0 {
         (None, 0, None)
     } else {
         match enc.finish().and_then(Sealing::finish).map_err(upload_err)? {
@@ -375,18 +468,15 @@ fn copy_one(f: &PlannedFile, sink: &Sink, key: String, progress: &Progress, mut 
             }
         }
     };
-    Ok(Some(FileEntry {
-        path: f.path.clone(),
+    Ok(Some(Stored {
+        start,
         size,
-        mode: f.mode,
-        mtime: f.mtime,
-        checksum: hasher.finalize().to_hex().to_string(),
         key,
         repo_size,
-        delta,
+        offset,
+        checksum: hasher.finalize().to_hex().to_string(),
         pages: changed,
         content: content.map(|c| c.finalize().to_hex().to_string()),
-        offset,
         checksum_errors,
         checksum_errors_unlisted,
     }))

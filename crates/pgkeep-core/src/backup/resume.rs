@@ -153,8 +153,8 @@ pub fn choose<'a>(
 /// The entries of `interrupted` that the new attempt keeps for the files
 /// it plans (pure): same path, size and mtime as recorded, that mtime a
 /// whole second before the interrupted attempt began, the same kind of
-/// copy (whole or delta), and the object still stored with its recorded
-/// size (`stored`: key → size).
+/// copy (whole or delta), and its objects still stored with their
+/// recorded sizes (`stored`: key → size).
 pub fn reusable(interrupted: &Checkpoint, planned: &[PlannedFile], stored: &HashMap<String, u64>) -> Vec<FileEntry> {
     let by_path: HashMap<&str, &FileEntry> = interrupted.files.iter().map(|e| (e.path.as_str(), e)).collect();
     let began = interrupted.start_time.timestamp();
@@ -164,10 +164,7 @@ pub fn reusable(interrupted: &Checkpoint, planned: &[PlannedFile], stored: &Hash
             let e = *by_path.get(f.path.as_str())?;
             let unchanged = e.size == f.size && e.mtime == f.mtime && e.mtime < began;
             let same_kind = e.delta == f.since.is_some() && e.offset.is_none();
-            let object_there = match &e.key {
-                Some(key) => stored.get(key) == Some(&e.repo_size),
-                None => true,
-            };
+            let object_there = e.own_objects().iter().all(|(key, size)| stored.get(*key) == Some(size));
             (unchanged && same_kind && object_there).then(|| e.clone())
         })
         .collect()
@@ -269,6 +266,7 @@ mod tests {
             content: None,
             checksum_errors: vec![],
             checksum_errors_unlisted: 0,
+            parts: vec![],
         }
     }
 
@@ -322,8 +320,32 @@ mod tests {
         let kept: Vec<String> = reusable(&cp, &plan, &stored).into_iter().map(|e| e.path).collect();
         assert_eq!(kept, vec!["old"]);
 
+        // A file in parts is kept only with every part's object.
+        let parts = |sizes: &[u64]| -> Vec<crate::repo::manifest::Part> {
+            sizes
+                .iter()
+                .enumerate()
+                .map(|(k, s)| crate::repo::manifest::Part {
+                    start: k as u64 * 50,
+                    size: 50,
+                    key: Some(format!("k/big.part{k}")),
+                    repo_size: *s,
+                    checksum: "c".into(),
+                    pages: 0,
+                    content: None,
+                })
+                .collect()
+        };
+        cp.files = vec![FileEntry { parts: parts(&[10, 10]), ..entry("big", 100, 998, None) }];
+        let mut stored: HashMap<String, u64> = [("k/big.part0".to_string(), 10), ("k/big.part1".to_string(), 10)].into();
+        let plan = vec![planned("big", 100, 998)];
+        assert_eq!(reusable(&cp, &plan, &stored).len(), 1);
+        stored.remove("k/big.part1");
+        assert!(reusable(&cp, &plan, &stored).is_empty(), "a part's object is missing");
+
         // An empty delta stores no object and is kept as it is.
         cp.files = vec![FileEntry { delta: true, ..entry("was-whole", 100, 998, None) }];
+        let plan = vec![PlannedFile { since: Some(crate::types::Lsn(1)), ..planned("was-whole", 100, 998) }];
         let kept: Vec<String> = reusable(&cp, &plan, &stored).into_iter().map(|e| e.path).collect();
         assert_eq!(kept, vec!["was-whole"]);
     }

@@ -11,8 +11,13 @@ use crate::codec::Compress;
 use crate::error::{Error, Result};
 use crate::types::{BackupLabel, Lsn, SystemId, TimelineId};
 
-/// Version of the repository format this build writes and reads.
-pub const FORMAT: u32 = 1;
+/// Version of the repository format this build writes and reads: 2 added
+/// files stored in parts (`parts` in a manifest's file entry).
+pub const FORMAT: u32 = 2;
+
+/// Files larger than this are stored in parts of this size, each an object
+/// of its own, copied and restored in parallel.
+pub const PART_SIZE: u64 = 64 << 20;
 
 /// `<stanza>/stanza.json`: which cluster the stanza belongs to.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -97,7 +102,8 @@ pub struct FileEntry {
     /// Modification time at backup (seconds since the epoch).
     pub mtime: i64,
     /// BLAKE3, hex, of what the stored object holds once decompressed: the
-    /// file's content, or for a delta the page records.
+    /// file's content, or for a delta the page records. Empty for a file
+    /// stored in `parts`.
     pub checksum: String,
     /// Key of the stored object, relative to the stanza; `None` when
     /// nothing changed since the prior backup (a delta of no pages).
@@ -129,6 +135,56 @@ pub struct FileEntry {
     /// Failing pages beyond those listed in `checksum_errors`.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub checksum_errors_unlisted: u64,
+    /// For a file over [`PART_SIZE`]: its parts, in file order, each
+    /// stored as for a file of its own (then `key` is `None`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parts: Vec<Part>,
+}
+
+/// One part of a file stored in parts: the bytes from `start`, up to
+/// [`PART_SIZE`] of them, stored whole or as the pages changed (`delta` of
+/// its file), in an object of its own.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "kebab-case")]
+pub struct Part {
+    /// Offset in the file.
+    pub start: u64,
+    /// Bytes of the file read for this part.
+    pub size: u64,
+    /// Key of the stored object; `None` for a delta of no pages.
+    pub key: Option<String>,
+    /// Bytes stored.
+    pub repo_size: u64,
+    /// BLAKE3 of the object's content once decompressed.
+    pub checksum: String,
+    /// Pages stored by a delta.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub pages: u64,
+    /// For a delta, BLAKE3 of the part's bytes as read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+/// A stored piece of a file, whatever the way it is stored: the whole file
+/// (possibly in a bundle), or one of its parts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Piece {
+    /// Offset in the file of the first byte it covers.
+    pub start: u64,
+    /// Bytes of the file it covers.
+    pub size: u64,
+    /// The object; `None` when a delta stored no pages.
+    pub key: Option<String>,
+    /// The byte range of `key` to read, for a bundled file.
+    pub range: Option<std::ops::Range<u64>>,
+    /// Bytes stored.
+    pub repo_size: u64,
+    /// BLAKE3 of what the object holds once decompressed.
+    pub checksum: String,
+    /// BLAKE3 of the file's bytes it covers, as read.
+    pub content: String,
+    /// It holds page records, not bytes.
+    pub delta: bool,
 }
 
 impl FileEntry {
@@ -139,9 +195,43 @@ impl FileEntry {
 }
 
 impl FileEntry {
-    /// BLAKE3 of the whole file as the backup read it.
-    pub fn content_checksum(&self) -> &str {
-        self.content.as_deref().unwrap_or(&self.checksum)
+    /// The objects stored for this file alone (bundles are shared):
+    /// (key, bytes stored).
+    pub fn own_objects(&self) -> Vec<(&str, u64)> {
+        match (&self.key, self.offset) {
+            (Some(key), None) => vec![(key.as_str(), self.repo_size)],
+            (_, Some(_)) => Vec::new(),
+            (None, None) => self.parts.iter().filter_map(|p| Some((p.key.as_deref()?, p.repo_size))).collect(),
+        }
+    }
+
+    /// The stored pieces of the file, in file order.
+    pub fn pieces(&self) -> Vec<Piece> {
+        if self.parts.is_empty() {
+            return vec![Piece {
+                start: 0,
+                size: self.size,
+                key: self.key.clone(),
+                range: self.offset.map(|o| o..o + self.repo_size),
+                repo_size: self.repo_size,
+                checksum: self.checksum.clone(),
+                content: self.content.clone().unwrap_or_else(|| self.checksum.clone()),
+                delta: self.delta,
+            }];
+        }
+        self.parts
+            .iter()
+            .map(|p| Piece {
+                start: p.start,
+                size: p.size,
+                key: p.key.clone(),
+                range: None,
+                repo_size: p.repo_size,
+                checksum: p.checksum.clone(),
+                content: p.content.clone().unwrap_or_else(|| p.checksum.clone()),
+                delta: self.delta,
+            })
+            .collect()
     }
 }
 

@@ -16,7 +16,9 @@ pub mod target;
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use futures::{StreamExt, TryStreamExt};
@@ -25,6 +27,7 @@ use crate::codec::Compress;
 use crate::crypto::{unsealing, Cipher};
 use crate::error::{Error, Result};
 use crate::progress::Progress;
+use crate::repo::manifest::Piece;
 use crate::repo::{pages, FileEntry, Manifest, Repository};
 use crate::storage::ObjectReader;
 use crate::types::{BackupLabel, WalSegment};
@@ -314,34 +317,32 @@ async fn write_everything(plan: &Plan, opts: &RestoreOptions, jobs: usize) -> Re
 
     let by_path: Vec<HashMap<&str, &FileEntry>> =
         plan.chain.iter().map(|b| b.files.iter().map(|f| (f.path.as_str(), f)).collect()).collect();
-    let mut files = Vec::with_capacity(m.files.len());
-    for f in &m.files {
-        files.push((f, layers(&plan.chain, &by_path, &f.path)?));
-    }
-    let (last, mut rest): (Vec<_>, Vec<_>) = files.into_iter().partition(|(f, _)| f.path == "global/pg_control");
+    let (last, mut rest): (Vec<&FileEntry>, Vec<&FileEntry>) = m.files.iter().partition(|f| f.path == "global/pg_control");
     // Largest first, so that the workers finish together.
-    rest.sort_by_key(|(f, _)| std::cmp::Reverse(f.size));
+    rest.sort_by_key(|f| std::cmp::Reverse(f.size));
+    let mut units = Vec::new();
+    for (i, f) in rest.iter().enumerate() {
+        let layers = layers(&plan.chain, &by_path, &f.path)?;
+        if !f.parts.is_empty() {
+            prepare_parted(&root.join(&f.path), f, opts.delta)?;
+        }
+        units.extend(restore_units(f, &layers).into_iter().map(|u| (i, u)));
+    }
+    let units = interleave(units, jobs);
     let progress = opts.progress.clone().unwrap_or_default();
-    progress.plan(m.files.len() as u64, m.size);
-    let store = plan.repo.store().object_store();
-    let rt = tokio::runtime::Handle::current();
-    let (repo_no, delta) = (plan.repo.number, opts.delta);
-    let fetch = |(f, layers): (&FileEntry, Vec<Layer>)| {
-        let (f, store, rt, progress, dest) = (f.clone(), store.clone(), rt.clone(), progress.clone(), root.join(&f.path));
-        let cipher = plan.repo.cipher.clone();
-        tokio::task::spawn_blocking(move || {
-            if delta && same_content(&dest, &f).map_err(Error::io(format!("cannot read {}", dest.display())))? {
-                std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(f.mode & 0o7777))
-                    .map_err(Error::io(format!("cannot set the mode of {}", dest.display())))?;
-                progress.add_bytes(f.size);
-                progress.file_done();
-                return Ok(true);
-            }
-            let source = Source { store, rt, cipher, repo_no };
-            restore_file(&f, &layers, &dest, &source, &progress).map(|_| false)
-        })
+    progress.plan(units.len() as u64 + last.len() as u64, m.size);
+    let source = Source {
+        store: plan.repo.store().object_store(),
+        rt: tokio::runtime::Handle::current(),
+        cipher: plan.repo.cipher.clone(),
+        repo_no: plan.repo.number,
     };
-    let kept: Vec<bool> = futures::stream::iter(rest)
+    let delta = opts.delta;
+    let fetch = |(i, u): (usize, Unit)| {
+        let (source, progress, dest) = (source.clone(), progress.clone(), root.join(&u.file.path));
+        tokio::task::spawn_blocking(move || restore_unit(&u, &dest, &source, &progress, delta).map(|kept| (i, kept)))
+    };
+    let done: Vec<(usize, bool)> = futures::stream::iter(units)
         .map(fetch)
         .buffer_unordered(jobs)
         .map(|j| j.map_err(|e| Error::Input(format!("a restore worker stopped: {e}")))?)
@@ -349,23 +350,35 @@ async fn write_everything(plan: &Plan, opts: &RestoreOptions, jobs: usize) -> Re
         .await?;
     write_recovery_settings(root, m, opts)?;
     for f in last {
-        fetch(f).await.map_err(|e| Error::Input(format!("a restore worker stopped: {e}")))??;
+        for u in restore_units(f, &layers(&plan.chain, &by_path, &f.path)?) {
+            fetch((usize::MAX, u)).await.map_err(|e| Error::Input(format!("a restore worker stopped: {e}")))??;
+        }
     }
+    // A file is unchanged when every unit of it was.
+    let mut changed = vec![false; rest.len()];
+    let mut seen = vec![false; rest.len()];
+    for (i, kept) in done {
+        seen[i] = true;
+        changed[i] |= !kept;
+    }
+    let unchanged = seen.iter().zip(&changed).filter(|(s, c)| **s && !**c).count();
     write_file(&root.join("backup_label"), m.backup_label.as_bytes())?;
     Ok(RestoreReport {
         label: m.label.clone(),
-        repo: repo_no,
+        repo: plan.repo.number,
         pg_data: root.clone(),
         files: m.files.len(),
         bytes: m.size,
-        unchanged: kept.iter().filter(|k| **k).count(),
+        unchanged,
         removed,
     })
 }
 
-/// Whether `dest` already holds exactly the file as the backup read it.
-fn same_content(dest: &Path, f: &FileEntry) -> std::io::Result<bool> {
-    let mut file = match std::fs::File::open(dest) {
+/// Whether `dest` has the size of `f` and holds, over `range`, the bytes
+/// whose BLAKE3 is `expect`.
+fn same_range(dest: &Path, f: &FileEntry, range: &Range<u64>, expect: &str) -> std::io::Result<bool> {
+    use std::os::unix::fs::FileExt;
+    let file = match std::fs::File::open(dest) {
         Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(e),
@@ -375,20 +388,16 @@ fn same_content(dest: &Path, f: &FileEntry) -> std::io::Result<bool> {
     }
     let mut hasher = blake3::Hasher::new();
     let mut buf = vec![0u8; 1 << 20];
-    loop {
-        match file.read(&mut buf)? {
-            0 => break,
-            n => {
-                hasher.update(&buf[..n]);
-            }
-        }
+    let mut at = range.start;
+    while at < range.end {
+        let n = buf.len().min((range.end - at) as usize);
+        file.read_exact_at(&mut buf[..n], at)?;
+        hasher.update(&buf[..n]);
+        at += n as u64;
     }
-    Ok(hasher.finalize().to_hex().as_str() == f.content_checksum())
+    Ok(hasher.finalize().to_hex().as_str() == expect)
 }
 
-/// Before a delta restore: removes what the backup does not have (files,
-/// directories, links, the old WAL in pg_wal, postmaster.pid, signal
-/// files) and `global/pg_control`, which is written last. Returns how many
 /// entries went.
 fn remove_extraneous(root: &Path, m: &Manifest) -> std::io::Result<usize> {
     let files: HashSet<&str> = m.files.iter().map(|f| f.path.as_str()).filter(|p| *p != "global/pg_control").collect();
@@ -429,22 +438,9 @@ fn remove_extraneous(root: &Path, m: &Manifest) -> std::io::Result<usize> {
     walk(root, "", &files, &dirs)
 }
 
-/// One stored piece of a file: its whole content, or pages over the
-/// layers before it.
-#[derive(Debug, Clone)]
-struct Layer {
-    key: Option<String>,
-    /// The bytes of a bundle that hold this layer.
-    range: Option<std::ops::Range<u64>>,
-    checksum: String,
-    size: u64,
-    delta: bool,
-    compress: Compress,
-}
-
-/// The layers that rebuild `path` of `chain[0]`, oldest (a whole copy)
-/// first.
-fn layers(chain: &[Manifest], by_path: &[HashMap<&str, &FileEntry>], path: &str) -> Result<Vec<Layer>> {
+/// The entries of `path` that rebuild it in `chain[0]`, oldest (a whole
+/// copy) first, with their backup's compression.
+fn layers<'a>(chain: &'a [Manifest], by_path: &[HashMap<&str, &'a FileEntry>], path: &str) -> Result<Vec<(&'a FileEntry, Compress)>> {
     let mut out = Vec::new();
     for (b, files) in chain.iter().zip(by_path) {
         let Some(f) = files.get(path) else {
@@ -453,14 +449,7 @@ fn layers(chain: &[Manifest], by_path: &[HashMap<&str, &FileEntry>], path: &str)
                 chain[0].label, b.label
             )));
         };
-        out.push(Layer {
-            key: f.key.clone(),
-            range: f.offset.map(|o| o..o + f.repo_size),
-            checksum: f.checksum.clone(),
-            size: f.size,
-            delta: f.delta,
-            compress: b.compress,
-        });
+        out.push((*f, b.compress));
         if !f.delta {
             out.reverse();
             return Ok(out);
@@ -469,12 +458,113 @@ fn layers(chain: &[Manifest], by_path: &[HashMap<&str, &FileEntry>], path: &str)
     Err(Error::Corrupt(format!("backup {} holds {path} as changes, but no backup of its chain holds the whole file", chain[0].label)))
 }
 
+/// One unit of a restore: a byte range of a file, rebuilt from the
+/// pieces of its layers that cover it, oldest first.
+struct Unit {
+    file: FileEntry,
+    range: Range<u64>,
+    pieces: Vec<(Piece, Compress)>,
+    /// BLAKE3 of the range's bytes in the backup, when one piece of the
+    /// file itself covers exactly the range (`restore --delta` compares).
+    expect: Option<String>,
+    /// For a file in parts: its units not finished yet. The last one to
+    /// finish syncs the file, once, instead of each part waiting for the
+    /// disk while the others write.
+    left: Option<Arc<AtomicUsize>>,
+}
+
+/// The units that restore `f`: one per part for a file stored in parts,
+/// else the whole file. Every piece overlapping a unit's range is read
+/// whole (and checked) by that unit; only the bytes in the range are
+/// written.
+fn restore_units(f: &FileEntry, layers: &[(&FileEntry, Compress)]) -> Vec<Unit> {
+    let mut starts: Vec<u64> = f.parts.iter().map(|p| p.start).filter(|s| *s < f.size).collect();
+    if starts.first() != Some(&0) {
+        starts.insert(0, 0);
+    }
+    let own = f.pieces();
+    let left = (!f.parts.is_empty()).then(|| Arc::new(AtomicUsize::new(starts.len())));
+    starts
+        .iter()
+        .enumerate()
+        .map(|(k, &start)| {
+            let range = start..starts.get(k + 1).copied().unwrap_or(f.size);
+            let pieces = layers
+                .iter()
+                .flat_map(|(e, c)| e.pieces().into_iter().map(move |p| (p, *c)))
+                .filter(|(p, _)| p.start < range.end && p.start + p.size > range.start)
+                .collect();
+            let expect = own.iter().find(|p| p.start == range.start && p.start + p.size == range.end).map(|p| p.content.clone());
+            Unit { file: f.clone(), range, pieces, expect, left: left.clone() }
+        })
+        .collect()
+}
+
+/// Orders units (tagged with their file's index, files largest first) so
+/// that the file with the most units left goes first, but not a file one
+/// of the `jobs - 1` units before it belongs to when another file has
+/// units left: two workers writing one file contend in the kernel, and the
+/// large files still finish together at the end.
+fn interleave<T>(units: Vec<(usize, T)>, jobs: usize) -> Vec<(usize, T)> {
+    use std::collections::{BinaryHeap, VecDeque};
+    let mut by_file: Vec<(usize, VecDeque<T>)> = Vec::new();
+    for (i, u) in units {
+        match by_file.last_mut() {
+            Some((last, q)) if *last == i => q.push_back(u),
+            _ => by_file.push((i, VecDeque::from([u]))),
+        }
+    }
+    // (units left, earlier file first, position in by_file)
+    let mut heap: BinaryHeap<(usize, std::cmp::Reverse<usize>, usize)> =
+        by_file.iter().enumerate().map(|(k, (_, q))| (q.len(), std::cmp::Reverse(k), k)).collect();
+    let mut recent: VecDeque<usize> = VecDeque::new();
+    let mut out = Vec::new();
+    while !heap.is_empty() {
+        let mut skipped = Vec::new();
+        let pick = loop {
+            match heap.pop() {
+                Some(top) if recent.contains(&top.2) => skipped.push(top),
+                Some(top) => break Some(top),
+                None => break None,
+            }
+        };
+        let (left, order, k) = match pick {
+            Some(p) => p,
+            // Only recently used files have units left: take the first.
+            None => skipped.remove(0),
+        };
+        heap.extend(skipped);
+        let (i, q) = &mut by_file[k];
+        out.extend(q.pop_front().map(|u| (*i, u)));
+        if left > 1 {
+            heap.push((left - 1, order, k));
+        }
+        recent.push_back(k);
+        if recent.len() >= jobs.max(1) {
+            recent.pop_front();
+        }
+    }
+    out
+}
+
+/// Creates (or, for a delta restore, keeps) a file restored in parts, at
+/// its final size and mode, before its parts are written.
+fn prepare_parted(dest: &Path, f: &FileEntry, delta: bool) -> Result<()> {
+    let what = || format!("cannot create {}", dest.display());
+    let file = std::fs::OpenOptions::new().create(true).write(true).truncate(!delta).open(dest).map_err(Error::io(what()))?;
+    if file.metadata().map_err(Error::io(what()))?.len() != f.size {
+        file.set_len(f.size).map_err(Error::io(what()))?;
+    }
+    file.set_permissions(std::fs::Permissions::from_mode(f.mode & 0o7777)).map_err(Error::io(format!("cannot set the mode of {}", dest.display())))
+}
+
 fn tablespace_link<'a>(path: &str, map: &'a [(u32, PathBuf)]) -> Option<(u32, &'a PathBuf)> {
     let oid = path.strip_prefix("pg_tblspc/")?;
     map.iter().find(|(o, _)| o.to_string() == oid).map(|(o, d)| (*o, d))
 }
 
 /// Where a restore reads stored objects from, and how to decrypt them.
+#[derive(Clone)]
 struct Source {
     store: Arc<dyn object_store::ObjectStore>,
     rt: tokio::runtime::Handle,
@@ -498,17 +588,52 @@ impl<R: Read> Read for Hashing<R> {
     }
 }
 
-/// Writes one file from its layers, checking every layer's checksum (and a
-/// whole layer's size) as it is read, then cuts the file to its size.
-fn restore_file(f: &FileEntry, layers: &[Layer], dest: &Path, source: &Source, progress: &Progress) -> Result<()> {
-    let repo_no = source.repo_no;
+/// Restores one unit; returns true when a delta restore found the range
+/// already holding the backup's bytes. Checks every piece's checksum (and
+/// a whole piece's size) as it is read; writes only inside the range. A
+/// whole file is created here and cut to its size; a part's file was made
+/// by [`prepare_parted`].
+fn restore_unit(u: &Unit, dest: &Path, source: &Source, progress: &Progress, delta: bool) -> Result<bool> {
     use std::os::unix::fs::FileExt;
-    let out = std::fs::File::create(dest).map_err(Error::io(format!("cannot create {}", dest.display())))?;
-    let write_err = Error::io(format!("cannot write {}", dest.display()));
+    let f = &u.file;
+    let parted = !f.parts.is_empty();
+    if delta {
+        if let Some(expect) = &u.expect {
+            if same_range(dest, f, &u.range, expect).map_err(Error::io(format!("cannot read {}", dest.display())))? {
+                if !parted {
+                    std::fs::set_permissions(dest, std::fs::Permissions::from_mode(f.mode & 0o7777))
+                        .map_err(Error::io(format!("cannot set the mode of {}", dest.display())))?;
+                }
+                progress.add_bytes(u.range.end - u.range.start);
+                progress.file_done();
+                if u.left.as_ref().is_some_and(|l| l.fetch_sub(1, Ordering::AcqRel) == 1) {
+                    sync_file(dest)?;
+                }
+                return Ok(true);
+            }
+        }
+    }
+    let out = if parted {
+        std::fs::OpenOptions::new().write(true).open(dest)
+    } else {
+        std::fs::File::create(dest)
+    }
+    .map_err(Error::io(format!("cannot create {}", dest.display())))?;
+    let write_err = || Error::io(format!("cannot write {}", dest.display()));
+    // Writes the part of `data` (at file offset `at`) inside the range.
+    let write_in_range = |data: &[u8], at: u64| -> Result<()> {
+        let from = at.max(u.range.start);
+        let to = (at + data.len() as u64).min(u.range.end);
+        if from < to {
+            out.write_all_at(&data[(from - at) as usize..(to - at) as usize], from).map_err(write_err())?;
+            progress.add_bytes(to - from);
+        }
+        Ok(())
+    };
     let mut buf = vec![0u8; 1 << 20];
-    for layer in layers {
-        let Some(key) = &layer.key else { continue };
-        let object = format!("stored object '{key}' in repo {repo_no}");
+    for (piece, compress) in &u.pieces {
+        let Some(key) = &piece.key else { continue };
+        let object = format!("stored object '{key}' in repo {}", source.repo_no);
         let corrupt = |e: std::io::Error| {
             if e.get_ref().is_some_and(|i| i.is::<object_store::Error>()) {
                 Error::Io { what: format!("cannot read {object}"), cause: e }
@@ -516,42 +641,49 @@ fn restore_file(f: &FileEntry, layers: &[Layer], dest: &Path, source: &Source, p
                 Error::Corrupt(format!("{object} cannot be decompressed ({e}): it is corrupt or truncated; restore another backup"))
             }
         };
-        let reader = ObjectReader::open(source.store.clone(), key, layer.range.clone(), source.rt.clone())
+        let reader = ObjectReader::open(source.store.clone(), key, piece.range.clone(), source.rt.clone())
             .map_err(Error::storage(format!("cannot read {object}")))?;
-        let dec = layer.compress.decoder(unsealing(source.cipher.as_ref(), reader).map_err(corrupt)?).map_err(corrupt)?;
+        let dec = compress.decoder(unsealing(source.cipher.as_ref(), reader).map_err(corrupt)?).map_err(corrupt)?;
         let mut src = Hashing { inner: dec, hasher: blake3::Hasher::new(), bytes: 0 };
-        if layer.delta {
+        if piece.delta {
             while let Some(number) = pages::read_record(&mut src, &mut buf).map_err(corrupt)? {
-                out.write_all_at(&buf, number as u64 * pages::PAGE_SIZE as u64)
-                    .map_err(Error::io(format!("cannot write {}", dest.display())))?;
-                progress.add_bytes(buf.len() as u64);
+                write_in_range(&buf, number as u64 * pages::PAGE_SIZE as u64)?;
             }
         } else {
-            let mut at = 0u64;
+            let mut at = piece.start;
             loop {
                 let n = src.read(&mut buf).map_err(corrupt)?;
                 if n == 0 {
                     break;
                 }
-                out.write_all_at(&buf[..n], at).map_err(Error::io(format!("cannot write {}", dest.display())))?;
+                write_in_range(&buf[..n], at)?;
                 at += n as u64;
-                progress.add_bytes(n as u64);
             }
         }
-        let whole_size_ok = layer.delta || src.bytes == layer.size;
-        if !whole_size_ok || src.hasher.finalize().to_hex().as_str() != layer.checksum {
+        let whole_size_ok = piece.delta || src.bytes == piece.size;
+        if !whole_size_ok || src.hasher.finalize().to_hex().as_str() != piece.checksum {
             return Err(Error::Corrupt(format!(
                 "{object} fails its checksum (read {} bytes for {}): it is corrupt or truncated; restore another backup",
                 src.bytes, f.path
             )));
         }
     }
-    out.set_len(f.size).map_err(write_err)?;
-    out.set_permissions(std::fs::Permissions::from_mode(f.mode & 0o7777))
-        .map_err(Error::io(format!("cannot set the mode of {}", dest.display())))?;
-    out.sync_all().map_err(Error::io(format!("cannot sync {}", dest.display())))?;
+    if let Some(left) = &u.left {
+        if left.fetch_sub(1, Ordering::AcqRel) == 1 {
+            out.sync_all().map_err(Error::io(format!("cannot sync {}", dest.display())))?;
+        }
+    } else {
+        out.set_len(f.size).map_err(write_err())?;
+        out.set_permissions(std::fs::Permissions::from_mode(f.mode & 0o7777))
+            .map_err(Error::io(format!("cannot set the mode of {}", dest.display())))?;
+        out.sync_all().map_err(Error::io(format!("cannot sync {}", dest.display())))?;
+    }
     progress.file_done();
-    Ok(())
+    Ok(false)
+}
+
+fn sync_file(path: &Path) -> Result<()> {
+    std::fs::File::open(path).and_then(|f| f.sync_all()).map_err(Error::io(format!("cannot sync {}", path.display())))
 }
 
 fn write_file(path: &Path, data: &[u8]) -> Result<()> {
@@ -636,6 +768,85 @@ pub fn parse_timeline(s: &str) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::repo::manifest::Part;
+
+    fn entry(size: u64, delta: bool, parts: &[(u64, u64)]) -> FileEntry {
+        FileEntry {
+            path: "base/5/16384".into(),
+            size,
+            mode: 0o600,
+            mtime: 0,
+            checksum: if parts.is_empty() { format!("whole-{size}") } else { String::new() },
+            key: parts.is_empty().then(|| format!("k{size}")),
+            repo_size: 1,
+            delta,
+            pages: 0,
+            offset: None,
+            content: None,
+            checksum_errors: vec![],
+            checksum_errors_unlisted: 0,
+            parts: parts
+                .iter()
+                .map(|&(start, size)| Part {
+                    start,
+                    size,
+                    key: Some(format!("p{start}")),
+                    repo_size: 1,
+                    checksum: format!("c{start}"),
+                    pages: 0,
+                    content: delta.then(|| format!("content{start}")),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn units_of_one_file_are_spread_so_workers_write_different_files() {
+        let units: Vec<(usize, u32)> = [(0, 5), (1, 3), (2, 1), (3, 1)].iter().flat_map(|&(f, n)| (0..n).map(move |k| (f, k))).collect();
+        let order: Vec<(usize, u32)> = interleave(units.clone(), 2);
+        assert_eq!(order.len(), units.len());
+        let files: Vec<usize> = order.iter().map(|(f, _)| *f).collect();
+        assert_eq!(files, [0, 1, 0, 1, 0, 1, 0, 2, 0, 3]);
+        // Each file's units stay in order.
+        let parts0: Vec<u32> = order.iter().filter(|(f, _)| *f == 0).map(|(_, k)| *k).collect();
+        assert_eq!(parts0, [0, 1, 2, 3, 4]);
+        // One worker: nothing to avoid; most units left first.
+        assert_eq!(interleave(units, 1).iter().map(|(f, _)| *f).collect::<Vec<_>>(), [0, 0, 0, 1, 0, 1, 0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn a_file_in_parts_restores_as_one_unit_per_part_reading_every_piece_that_overlaps() {
+        const P: u64 = 100;
+        // A whole copy of 150 bytes, then a delta in parts after the file
+        // grew to 250 bytes.
+        let base = entry(150, false, &[]);
+        let incr = entry(250, true, &[(0, P), (P, P), (2 * P, 50)]);
+        let layers = vec![(&base, Compress::Zstd), (&incr, Compress::Lz4)];
+        let units = restore_units(&incr, &layers);
+        let shape: Vec<(Range<u64>, Vec<String>)> =
+            units.iter().map(|u| (u.range.clone(), u.pieces.iter().map(|(p, _)| p.key.clone().unwrap()).collect())).collect();
+        assert_eq!(
+            shape,
+            vec![
+                (0..P, vec!["k150".to_string(), "p0".into()]),
+                (P..2 * P, vec!["k150".to_string(), "p100".into()]),
+                (2 * P..250, vec!["p200".to_string()]),
+            ]
+        );
+        assert_eq!(units[1].expect.as_deref(), Some("content100"), "a delta part compares by its content hash");
+        assert_eq!(units[1].pieces[1].1, Compress::Lz4, "each piece keeps its backup's compression");
+
+        // Cut to 120 bytes since a backup in parts: the parts past the end
+        // are not read; the unit ends at the new size.
+        let big = entry(300, false, &[(0, P), (P, P), (2 * P, P)]);
+        let cut = entry(120, true, &[]);
+        let units = restore_units(&cut, &[(&big, Compress::Zstd), (&cut, Compress::Zstd)]);
+        assert_eq!(units.len(), 1);
+        assert_eq!(units[0].range, 0..120);
+        let keys: Vec<String> = units[0].pieces.iter().map(|(p, _)| p.key.clone().unwrap()).collect();
+        assert_eq!(keys, ["p0", "p100", "k120"]);
+        assert_eq!(units[0].expect.as_deref(), Some("whole-120"));
+    }
 
     #[test]
     fn writes_the_target_settings_postgres_reads() {
