@@ -14,7 +14,7 @@
 //! - [`pg`]: the connection to PostgreSQL and WAL header checks;
 //! - [`wal`]: `archive-push` and `archive-get`;
 //! - [`backup`], [`restore`], [`expire`]: plan, then execute;
-//! - [`info`], [`stanza`]: reports and stanza set-up;
+//! - [`info`], [`stanza`], [`verify`]: reports, stanza set-up, checks;
 //! - [`types`]: `Lsn`, `TimelineId`, `WalSegment`, `BackupLabel`, ...
 //!
 //! ```no_run
@@ -42,6 +42,7 @@ pub mod restore;
 pub mod stanza;
 pub mod storage;
 pub mod types;
+pub mod verify;
 pub mod wal;
 
 pub use error::{Error, Result};

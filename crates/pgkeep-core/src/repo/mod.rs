@@ -192,6 +192,12 @@ impl Repository {
                 )))
             }
         };
+        self.read_wal(w).await
+    }
+
+    /// Reads one archived WAL object and checks it against the hash in
+    /// its name.
+    pub async fn read_wal(&self, w: &ArchivedWal) -> Result<Vec<u8>> {
         let what = format!("archived WAL object '{}' in repo {}", w.key, self.number);
         let stored = self.store.get(&w.key).await?.ok_or_else(|| Error::Corrupt(format!("{what} vanished while being read")))?;
         let stored = self.unseal_bytes(stored, &what)?;
@@ -245,8 +251,9 @@ impl Repository {
 
     /// A backup's manifest; `None` when it was never written (a backup
     /// that is not complete).
-    async fn read_manifest(&self, label: &BackupLabel) -> Result<Option<Manifest>> {
-        self.get_metadata(&Self::manifest_key(label), &format!("manifest of backup {label} in repo {}", self.number)).await
+    pub async fn manifest(&self, label: &BackupLabel) -> Result<Option<Manifest>> {
+        let key = Self::manifest_key(label);
+        self.get_metadata(&key, &format!("manifest of backup {label} ('{key}') in repo {}", self.number)).await
     }
 
     /// Writes a metadata object (key relative to the stanza) in its
@@ -273,7 +280,7 @@ impl Repository {
         labels.sort();
         let mut out = Vec::new();
         for l in labels {
-            out.extend(self.read_manifest(&BackupLabel(l)).await?);
+            out.extend(self.manifest(&BackupLabel(l)).await?);
         }
         Ok(out)
     }

@@ -331,12 +331,7 @@ async fn write_everything(plan: &Plan, opts: &RestoreOptions, jobs: usize) -> Re
     let units = interleave(units, jobs);
     let progress = opts.progress.clone().unwrap_or_default();
     progress.plan(units.len() as u64 + last.len() as u64, m.size);
-    let source = Source {
-        store: plan.repo.store().object_store(),
-        rt: tokio::runtime::Handle::current(),
-        cipher: plan.repo.cipher.clone(),
-        repo_no: plan.repo.number,
-    };
+    let source = Source::new(&plan.repo);
     let delta = opts.delta;
     let fetch = |(i, u): (usize, Unit)| {
         let (source, progress, dest) = (source.clone(), progress.clone(), root.join(&u.file.path));
@@ -565,11 +560,23 @@ fn tablespace_link<'a>(path: &str, map: &'a [(u32, PathBuf)]) -> Option<(u32, &'
 
 /// Where a restore reads stored objects from, and how to decrypt them.
 #[derive(Clone)]
-struct Source {
+pub(crate) struct Source {
     store: Arc<dyn object_store::ObjectStore>,
     rt: tokio::runtime::Handle,
     cipher: Option<Cipher>,
     repo_no: usize,
+}
+
+impl Source {
+    /// Reading from `repo`, driving I/O on the current runtime.
+    pub(crate) fn new(repo: &Repository) -> Source {
+        Source {
+            store: repo.store().object_store(),
+            rt: tokio::runtime::Handle::current(),
+            cipher: repo.cipher.clone(),
+            repo_no: repo.number,
+        }
+    }
 }
 
 /// A reader that hashes what passes through it.
@@ -586,6 +593,57 @@ impl<R: Read> Read for Hashing<R> {
         self.bytes += n as u64;
         Ok(n)
     }
+}
+
+/// Reads one stored piece of the file at `path`, checking its checksum
+/// (and a whole piece's size), and hands what it holds to `out` as (file
+/// offset, bytes): the file's bytes in order, or a delta's pages. Errors
+/// name the object; nothing handed out is trustworthy until this returns
+/// `Ok`.
+pub(crate) fn read_piece(
+    source: &Source,
+    piece: &Piece,
+    compress: Compress,
+    path: &str,
+    mut out: impl FnMut(u64, &[u8]) -> Result<()>,
+) -> Result<()> {
+    let Some(key) = &piece.key else { return Ok(()) };
+    let object = format!("stored object '{key}' in repo {}", source.repo_no);
+    let corrupt = |e: std::io::Error| {
+        if e.get_ref().is_some_and(|i| i.is::<object_store::Error>()) {
+            Error::Io { what: format!("cannot read {object}"), cause: e }
+        } else {
+            Error::Corrupt(format!("{object} cannot be decompressed ({e}): it is corrupt or truncated; restore another backup"))
+        }
+    };
+    let reader = ObjectReader::open(source.store.clone(), key, piece.range.clone(), source.rt.clone())
+        .map_err(Error::storage(format!("cannot read {object}")))?;
+    let dec = compress.decoder(unsealing(source.cipher.as_ref(), reader).map_err(corrupt)?).map_err(corrupt)?;
+    let mut src = Hashing { inner: dec, hasher: blake3::Hasher::new(), bytes: 0 };
+    let mut buf = vec![0u8; 1 << 20];
+    if piece.delta {
+        while let Some(number) = pages::read_record(&mut src, &mut buf).map_err(corrupt)? {
+            out(number as u64 * pages::PAGE_SIZE as u64, &buf)?;
+        }
+    } else {
+        let mut at = piece.start;
+        loop {
+            let n = src.read(&mut buf).map_err(corrupt)?;
+            if n == 0 {
+                break;
+            }
+            out(at, &buf[..n])?;
+            at += n as u64;
+        }
+    }
+    let whole_size_ok = piece.delta || src.bytes == piece.size;
+    if !whole_size_ok || src.hasher.finalize().to_hex().as_str() != piece.checksum {
+        return Err(Error::Corrupt(format!(
+            "{object} fails its checksum (read {} bytes for {path}): it is corrupt or truncated; restore another backup",
+            src.bytes
+        )));
+    }
+    Ok(())
 }
 
 /// Restores one unit; returns true when a delta restore found the range
@@ -621,7 +679,7 @@ fn restore_unit(u: &Unit, dest: &Path, source: &Source, progress: &Progress, del
     .map_err(Error::io(format!("cannot create {}", dest.display())))?;
     let write_err = || Error::io(format!("cannot write {}", dest.display()));
     // Writes the part of `data` (at file offset `at`) inside the range.
-    let write_in_range = |data: &[u8], at: u64| -> Result<()> {
+    let mut write_in_range = |at: u64, data: &[u8]| -> Result<()> {
         let from = at.max(u.range.start);
         let to = (at + data.len() as u64).min(u.range.end);
         if from < to {
@@ -630,43 +688,8 @@ fn restore_unit(u: &Unit, dest: &Path, source: &Source, progress: &Progress, del
         }
         Ok(())
     };
-    let mut buf = vec![0u8; 1 << 20];
     for (piece, compress) in &u.pieces {
-        let Some(key) = &piece.key else { continue };
-        let object = format!("stored object '{key}' in repo {}", source.repo_no);
-        let corrupt = |e: std::io::Error| {
-            if e.get_ref().is_some_and(|i| i.is::<object_store::Error>()) {
-                Error::Io { what: format!("cannot read {object}"), cause: e }
-            } else {
-                Error::Corrupt(format!("{object} cannot be decompressed ({e}): it is corrupt or truncated; restore another backup"))
-            }
-        };
-        let reader = ObjectReader::open(source.store.clone(), key, piece.range.clone(), source.rt.clone())
-            .map_err(Error::storage(format!("cannot read {object}")))?;
-        let dec = compress.decoder(unsealing(source.cipher.as_ref(), reader).map_err(corrupt)?).map_err(corrupt)?;
-        let mut src = Hashing { inner: dec, hasher: blake3::Hasher::new(), bytes: 0 };
-        if piece.delta {
-            while let Some(number) = pages::read_record(&mut src, &mut buf).map_err(corrupt)? {
-                write_in_range(&buf, number as u64 * pages::PAGE_SIZE as u64)?;
-            }
-        } else {
-            let mut at = piece.start;
-            loop {
-                let n = src.read(&mut buf).map_err(corrupt)?;
-                if n == 0 {
-                    break;
-                }
-                write_in_range(&buf[..n], at)?;
-                at += n as u64;
-            }
-        }
-        let whole_size_ok = piece.delta || src.bytes == piece.size;
-        if !whole_size_ok || src.hasher.finalize().to_hex().as_str() != piece.checksum {
-            return Err(Error::Corrupt(format!(
-                "{object} fails its checksum (read {} bytes for {}): it is corrupt or truncated; restore another backup",
-                src.bytes, f.path
-            )));
-        }
+        read_piece(source, piece, *compress, &f.path, &mut write_in_range)?;
     }
     if let Some(left) = &u.left {
         if left.fetch_sub(1, Ordering::AcqRel) == 1 {

@@ -8,6 +8,7 @@ mod expire;
 mod info;
 mod restore;
 mod stanza_create;
+mod verify;
 
 use std::path::PathBuf;
 
@@ -22,12 +23,8 @@ const DEFAULT_CONFIG: &str = "/etc/pgkeep/pgkeep.toml";
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> Result<()> {
     let (file, config_path) = load_file(&cli)?;
-    match &cli.command {
-        Command::Info => return info::run(&cli, &file).await,
-        Command::Verify { .. } => {
-            anyhow::bail!("verify is not available yet in this version of pgkeep; a restore checks every object's checksum")
-        }
-        _ => {}
+    if let Command::Info = &cli.command {
+        return info::run(&cli, &file).await;
     }
     let stanza = resolve(&cli, &file, cli.stanza.as_deref())?;
     match &cli.command {
@@ -38,7 +35,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Backup { kind } => backup::run(&cli, &stanza, *kind).await,
         Command::Restore(args) => restore::run(&cli, &stanza, config_path.as_deref(), args).await,
         Command::Expire { set, with_dependents, dry_run } => expire::run(&cli, &stanza, set.as_deref(), *with_dependents, *dry_run).await,
-        Command::Info | Command::Verify { .. } => unreachable!("handled above"),
+        Command::Verify { set } => verify::run(&cli, &stanza, set.as_deref()).await,
+        Command::Info => unreachable!("handled above"),
     }
 }
 

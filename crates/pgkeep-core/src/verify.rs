@@ -1,0 +1,240 @@
+//! `verify`: re-reads what a repository stores and checks it, without
+//! trusting anything it has not just read:
+//!
+//! - every manifest (envelope checksum, decryption);
+//! - every stored piece of every file of the chosen backups (decrypted,
+//!   decompressed, hashed against the manifest, sizes checked), and that
+//!   the backups each one builds on are there;
+//! - every archived WAL file (its content against the hash in its name);
+//! - that the archive is continuous, per timeline, from the oldest backup's
+//!   start on that timeline (or the timeline's first segment) to its last
+//!   segment; gaps are reported with their range.
+//!
+//! Problems are collected, not raised: one run reports all of them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use futures::StreamExt;
+
+use crate::error::{Error, Result};
+use crate::progress::Progress;
+use crate::repo::{Manifest, Repository};
+use crate::restore::{read_piece, Source};
+use crate::types::{BackupLabel, TimelineId, WalSegment};
+use crate::Stanza;
+
+/// Options of `verify`.
+#[derive(Debug, Clone, Default)]
+pub struct VerifyOptions {
+    /// Repository (1-based; 0 means 1).
+    pub repo: usize,
+    /// Only this backup (and, always, the archive it needs).
+    pub set: Option<BackupLabel>,
+    /// Where to count progress.
+    pub progress: Option<Arc<Progress>>,
+}
+
+/// One backup's result.
+#[derive(Debug, Clone)]
+pub struct BackupCheck {
+    /// Its label.
+    pub label: BackupLabel,
+    /// Files checked.
+    pub files: usize,
+    /// Stored bytes read.
+    pub bytes: u64,
+    /// What is wrong, one line each.
+    pub problems: Vec<String>,
+}
+
+/// A run of missing segments.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gap {
+    /// Timeline.
+    pub timeline: TimelineId,
+    /// First missing segment.
+    pub from: String,
+    /// Last missing segment.
+    pub to: String,
+}
+
+/// What `verify` found.
+#[derive(Debug, Clone)]
+pub struct VerifyReport {
+    /// Repository.
+    pub repo: usize,
+    /// Backups checked.
+    pub backups: Vec<BackupCheck>,
+    /// Archived WAL files checked.
+    pub wal_files: usize,
+    /// Problems with archived WAL files, one line each.
+    pub wal_problems: Vec<String>,
+    /// Holes in the archive.
+    pub gaps: Vec<Gap>,
+}
+
+impl VerifyReport {
+    /// Problems found, in all.
+    pub fn problems(&self) -> usize {
+        self.backups.iter().map(|b| b.problems.len()).sum::<usize>() + self.wal_problems.len() + self.gaps.len()
+    }
+}
+
+/// Verifies one repository.
+pub async fn run(stanza: &Stanza, opts: &VerifyOptions) -> Result<VerifyReport> {
+    let number = opts.repo.max(1);
+    let repo = stanza.open(number).await?;
+    let jobs = stanza.settings.jobs;
+    let progress = opts.progress.clone().unwrap_or_default();
+
+    // Manifests, one by one, so that a damaged one is a finding.
+    let mut labels: Vec<BackupLabel> = repo.store().list_dirs("backup").await?.into_iter().map(BackupLabel).collect();
+    labels.sort();
+    let mut manifests = Vec::new();
+    let mut backups = Vec::new();
+    for label in labels {
+        match repo.manifest(&label).await {
+            Ok(Some(m)) => manifests.push(m),
+            Ok(None) => {} // unfinished: not a backup
+            Err(e) => backups.push(BackupCheck { label, files: 0, bytes: 0, problems: vec![crate::error::OneLine(&e).to_string()] }),
+        }
+    }
+    if let Some(set) = &opts.set {
+        if !manifests.iter().any(|m| &m.label == set) && !backups.iter().any(|b| &b.label == set) {
+            return Err(Error::NotFound(format!("backup {set} does not exist in repo {number}; see `pgkeep info`")));
+        }
+        backups.retain(|b| &b.label == set);
+    }
+    let chosen: Vec<&Manifest> = manifests.iter().filter(|m| opts.set.as_ref().is_none_or(|s| &m.label == s)).collect();
+    progress.plan(chosen.iter().map(|m| m.files.len() as u64).sum(), chosen.iter().map(|m| m.repo_size).sum());
+    for m in chosen {
+        backups.push(check_backup(&repo, m, &manifests, jobs, &progress).await);
+    }
+    backups.sort_by(|a, b| a.label.cmp(&b.label));
+
+    let (wal_files, wal_problems) = check_wal_objects(&repo, jobs).await?;
+    let segments: Vec<WalSegment> = repo.list_segments().await?.into_iter().map(|(s, _)| s).collect();
+    let starts: Vec<WalSegment> =
+        manifests.iter().filter_map(|m| WalSegment::parse(&m.start_wal, repo.meta.wal_segment_size)).collect();
+    let gaps = gaps(&segments, &starts, repo.meta.wal_segment_size);
+    Ok(VerifyReport { repo: number, backups, wal_files, wal_problems, gaps })
+}
+
+/// Reads every stored piece of `m`'s files; checks its chain.
+async fn check_backup(repo: &Repository, m: &Manifest, all: &[Manifest], jobs: usize, progress: &Arc<Progress>) -> BackupCheck {
+    let mut problems = Vec::new();
+    let mut at = m;
+    while let Some(prior) = &at.prior {
+        match all.iter().find(|p| &p.label == prior) {
+            Some(p) => at = p,
+            None => {
+                problems.push(format!("backup {} builds on backup {prior}, which is missing: it cannot be restored", m.label));
+                break;
+            }
+        }
+    }
+    let source = Source::new(repo);
+    let label = &m.label;
+    let results: Vec<(u64, Option<String>)> = futures::stream::iter(m.files.iter().cloned())
+        .map(|f| {
+            let (source, compress, progress, label) = (source.clone(), m.compress, progress.clone(), label.clone());
+            tokio::task::spawn_blocking(move || {
+                let mut bytes = 0;
+                for piece in f.pieces() {
+                    bytes += piece.repo_size;
+                    if let Err(e) = read_piece(&source, &piece, compress, &f.path, |_, _| Ok(())) {
+                        return (bytes, Some(format!("backup {label}: {}: {}", f.path, crate::error::OneLine(&e))));
+                    }
+                }
+                progress.add_bytes(bytes);
+                progress.file_done();
+                (bytes, None)
+            })
+        })
+        .buffer_unordered(jobs)
+        .map(|j| j.unwrap_or_else(|e| (0, Some(format!("a verify worker stopped: {e}")))))
+        .collect()
+        .await;
+    let bytes = results.iter().map(|(b, _)| b).sum();
+    problems.extend(results.into_iter().filter_map(|(_, p)| p));
+    BackupCheck { label: m.label.clone(), files: m.files.len(), bytes, problems }
+}
+
+/// Reads every archived WAL file back and checks it against its name's
+/// hash; returns (files, problems).
+async fn check_wal_objects(repo: &Repository, jobs: usize) -> Result<(usize, Vec<String>)> {
+    let wal = repo.list_wal().await?;
+    let count = wal.len();
+    let problems: Vec<String> = futures::stream::iter(wal)
+        .map(|w| async move { repo.read_wal(&w).await.err().map(|e| crate::error::OneLine(&e).to_string()) })
+        .buffer_unordered(jobs)
+        .filter_map(|p| async move { p })
+        .collect()
+        .await;
+    Ok((count, problems))
+}
+
+/// The runs of segments missing from `have`, per timeline: from the oldest
+/// backup start on that timeline (else the timeline's first archived
+/// segment) to its last archived segment (pure).
+pub fn gaps(have: &[WalSegment], backup_starts: &[WalSegment], seg_size: u64) -> Vec<Gap> {
+    let mut by_tli: BTreeMap<TimelineId, Vec<u64>> = BTreeMap::new();
+    for s in have {
+        by_tli.entry(s.timeline).or_default().push(s.number);
+    }
+    let mut oldest: HashMap<TimelineId, u64> = HashMap::new();
+    for s in backup_starts {
+        let e = oldest.entry(s.timeline).or_insert(s.number);
+        *e = (*e).min(s.number);
+    }
+    let mut out = Vec::new();
+    for (tli, mut numbers) in by_tli {
+        numbers.sort_unstable();
+        numbers.dedup();
+        let last = *numbers.last().expect("a timeline listed has segments");
+        let first = oldest.get(&tli).copied().unwrap_or(numbers[0]);
+        let mut expect = first;
+        for n in numbers.into_iter().filter(|n| *n >= first).chain(std::iter::once(last + 1)) {
+            if n > expect && expect <= last {
+                let name = |number| WalSegment { timeline: tli, number }.name(seg_size);
+                out.push(Gap { timeline: tli, from: name(expect), to: name(n - 1) });
+            }
+            expect = expect.max(n + 1);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEG: u64 = 16 << 20;
+
+    fn segs(tli: u32, numbers: &[u64]) -> Vec<WalSegment> {
+        numbers.iter().map(|&number| WalSegment { timeline: TimelineId(tli), number }).collect()
+    }
+
+    #[test]
+    fn gaps_are_reported_per_timeline_from_the_oldest_backup_on() {
+        let mut have = segs(1, &[3, 4, 5, 8, 9, 12]);
+        have.extend(segs(2, &[9, 10, 11]));
+        let gaps = gaps(&have, &segs(1, &[4]), SEG);
+        let shape: Vec<(u32, String, String)> = gaps.iter().map(|g| (g.timeline.0, g.from.clone(), g.to.clone())).collect();
+        assert_eq!(
+            shape,
+            vec![
+                (1, "000000010000000000000006".into(), "000000010000000000000007".into()),
+                (1, "00000001000000000000000A".into(), "00000001000000000000000B".into()),
+            ]
+        );
+        // WAL a backup needs before the first archived segment is a gap too.
+        let gaps = super::gaps(&segs(1, &[5, 6]), &segs(1, &[3]), SEG);
+        assert_eq!(gaps.len(), 1);
+        assert_eq!((gaps[0].from.as_str(), gaps[0].to.as_str()), ("000000010000000000000003", "000000010000000000000004"));
+        // Continuous: nothing.
+        assert!(super::gaps(&segs(1, &[1, 2, 3]), &segs(1, &[1]), SEG).is_empty());
+        assert!(super::gaps(&[], &[], SEG).is_empty());
+    }
+}

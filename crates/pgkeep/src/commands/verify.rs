@@ -1,0 +1,76 @@
+//! `verify`: the findings on stdout, one per line; a failure is one line
+//! on stderr and a non-zero exit.
+
+use std::sync::Arc;
+
+use anyhow::Result;
+use pgkeep_core::types::BackupLabel;
+use pgkeep_core::verify::{VerifyOptions, VerifyReport};
+use pgkeep_core::Stanza;
+
+use crate::cli::{Cli, Output};
+use crate::progress::{bytes, Ticker};
+
+pub async fn run(cli: &Cli, stanza: &Stanza, set: Option<&str>) -> Result<()> {
+    let progress = Arc::new(pgkeep_core::progress::Progress::default());
+    let opts = VerifyOptions { repo: cli.repo, set: set.map(|s| BackupLabel(s.to_owned())), progress: Some(progress.clone()) };
+    let report = {
+        let _ticker = Ticker::start("verify", progress);
+        pgkeep_core::verify::run(stanza, &opts).await?
+    };
+    match cli.output {
+        Output::Json => super::print_json(&json(&report))?,
+        Output::Text => print_text(&report),
+    }
+    match report.problems() {
+        0 => Ok(()),
+        n => anyhow::bail!(
+            "verify found {n} problem{} in repo {}; restore from another backup or repository until they are fixed",
+            if n == 1 { "" } else { "s" },
+            report.repo
+        ),
+    }
+}
+
+fn json(r: &VerifyReport) -> serde_json::Value {
+    serde_json::json!({
+        "repo": r.repo,
+        "ok": r.problems() == 0,
+        "backups": r.backups.iter().map(|b| serde_json::json!({
+            "label": b.label, "files": b.files, "repo-bytes": b.bytes, "problems": b.problems,
+        })).collect::<Vec<_>>(),
+        "wal": {
+            "files": r.wal_files,
+            "problems": r.wal_problems,
+            "gaps": r.gaps.iter().map(|g| serde_json::json!({"timeline": g.timeline.0, "from": g.from, "to": g.to})).collect::<Vec<_>>(),
+        },
+    })
+}
+
+fn print_text(r: &VerifyReport) {
+    for b in &r.backups {
+        for p in &b.problems {
+            println!("{p}");
+        }
+    }
+    for p in &r.wal_problems {
+        println!("{p}");
+    }
+    for g in &r.gaps {
+        println!("WAL segments {} to {} are missing from repo {} (timeline {})", g.from, g.to, r.repo, g.timeline.0);
+    }
+    let stored: u64 = r.backups.iter().map(|b| b.bytes).sum();
+    println!(
+        "verified repo {}: {} backup{} ({} files, {} stored), {} WAL files: {}",
+        r.repo,
+        r.backups.len(),
+        if r.backups.len() == 1 { "" } else { "s" },
+        r.backups.iter().map(|b| b.files).sum::<usize>(),
+        bytes(stored),
+        r.wal_files,
+        match r.problems() {
+            0 => "all good".to_owned(),
+            n => format!("{n} problem{}", if n == 1 { "" } else { "s" }),
+        }
+    );
+}
