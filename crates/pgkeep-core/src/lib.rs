@@ -14,7 +14,8 @@
 //! - [`pg`]: the connection to PostgreSQL and WAL header checks;
 //! - [`wal`]: `archive-push` and `archive-get`;
 //! - [`backup`], [`restore`], [`expire`]: plan, then execute;
-//! - [`info`], [`stanza`], [`verify`]: reports, stanza set-up, checks;
+//! - [`info`], [`stanza`], [`verify`], [`drill`]: reports, stanza set-up,
+//!   checks, and restore drills (`verify --restore`);
 //! - [`types`]: `Lsn`, `TimelineId`, `WalSegment`, `BackupLabel`, ...
 //!
 //! ```no_run
@@ -32,6 +33,7 @@ pub mod backup;
 pub mod codec;
 pub mod config;
 pub mod crypto;
+pub mod drill;
 pub mod error;
 pub mod expire;
 pub mod info;

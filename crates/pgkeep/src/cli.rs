@@ -99,6 +99,14 @@ pub enum Command {
         /// Backup to verify.
         #[arg(long)]
         set: Option<String>,
+        /// Instead: restore the backup (default the newest) into a scratch
+        /// directory, start PostgreSQL on it, let it recover, run
+        /// pg_amcheck on every database, then remove it all.
+        #[arg(long)]
+        restore: bool,
+        /// With --restore: where to restore (empty or new; removed after).
+        #[arg(long, requires = "restore")]
+        scratch: Option<std::path::PathBuf>,
     },
 }
 

@@ -129,6 +129,18 @@ fn a_corrupt_page_is_reported_and_the_backup_kept() {
     assert!(text.contains(&format!("page checksums: 1 page FAIL, in {rel} (1 page)")), "info:\n{text}");
     assert!(text.contains("page checksums: verified, no errors"), "info:\n{text}");
 
+    // A restore drill proves the clean backup and catches the damaged one;
+    // neither leaves its scratch copy or archives anything of its own.
+    let scratch = dir.join("drill");
+    let out = pk.ok(&["verify", "--restore", "--set", &clean, "--scratch", scratch.to_str().unwrap()]);
+    assert!(out.contains(&format!("backup {clean} of repo 1")) && out.contains("clean"), "{out}");
+    assert!(!scratch.exists(), "the drill's scratch copy is removed");
+    let msg = pk.fails(&["verify", "--restore", "--set", &full]);
+    assert!(msg.contains(&full) && msg.contains("pg_amcheck found damage"), "{msg}");
+    let archived: Vec<String> =
+        snapshot(&repo.path().join("demo/archive")).into_keys().map(|p| p.display().to_string()).filter(|p| p.contains(".history")).collect();
+    assert!(archived.is_empty(), "a drill's promoted copy must not archive: {archived:?}");
+
     // PostgreSQL agrees: the same block of the same file fails its checksum.
     pg.stop_clean();
     let r = run(

@@ -35,7 +35,11 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Backup { kind } => backup::run(&cli, &stanza, *kind).await,
         Command::Restore(args) => restore::run(&cli, &stanza, config_path.as_deref(), args).await,
         Command::Expire { set, with_dependents, dry_run } => expire::run(&cli, &stanza, set.as_deref(), *with_dependents, *dry_run).await,
-        Command::Verify { set } => verify::run(&cli, &stanza, set.as_deref()).await,
+        Command::Verify { set, restore: false, .. } => verify::run(&cli, &stanza, set.as_deref()).await,
+        Command::Verify { set, restore: true, scratch } => {
+            let restore_command = restore::restore_command(&cli, &stanza, config_path.as_deref())?;
+            verify::drill(&cli, &stanza, set.as_deref(), scratch.clone(), restore_command).await
+        }
         Command::Info => unreachable!("handled above"),
     }
 }

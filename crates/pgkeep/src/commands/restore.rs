@@ -78,7 +78,7 @@ pub async fn run(cli: &Cli, stanza: &Stanza, config: Option<&Path>, args: &Resto
 /// The `restore_command` that runs this same binary with the same config,
 /// stanza and repository flags. Secrets are never written into it: give
 /// them in the config file or the environment.
-fn restore_command(cli: &Cli, stanza: &Stanza, config: Option<&Path>) -> Result<String> {
+pub fn restore_command(cli: &Cli, stanza: &Stanza, config: Option<&Path>) -> Result<String> {
     let exe = std::env::current_exe()?;
     let mut words = vec![exe.display().to_string()];
     if let Some(c) = config {

@@ -1,9 +1,12 @@
 //! `verify`: the findings on stdout, one per line; a failure is one line
 //! on stderr and a non-zero exit.
 
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Result;
+use pgkeep_core::drill::DrillOptions;
 use pgkeep_core::types::BackupLabel;
 use pgkeep_core::verify::{VerifyOptions, VerifyReport};
 use pgkeep_core::Stanza;
@@ -30,6 +33,40 @@ pub async fn run(cli: &Cli, stanza: &Stanza, set: Option<&str>) -> Result<()> {
             report.repo
         ),
     }
+}
+
+/// `verify --restore`: a restore drill.
+pub async fn drill(cli: &Cli, stanza: &Stanza, set: Option<&str>, scratch: Option<PathBuf>, restore_command: String) -> Result<()> {
+    let opts = DrillOptions {
+        repo: cli.repo,
+        set: set.map(|s| BackupLabel(s.to_owned())),
+        scratch,
+        restore_command,
+        timeout: Duration::from_secs(stanza.settings.archive_timeout.max(600)),
+    };
+    let r = pgkeep_core::drill::run(stanza, &opts).await?;
+    match cli.output {
+        Output::Json => super::print_json(&serde_json::json!({
+            "label": r.label, "repo": r.repo, "ok": r.ok(), "restore-seconds": r.restore_secs,
+            "recovery-seconds": r.recovery_secs, "databases": r.databases, "amcheck": r.amcheck,
+        }))?,
+        Output::Text => {
+            print!("{}", r.amcheck);
+            println!(
+                "backup {} of repo {}: restored in {:.1}s, recovered and promoted in {:.1}s, pg_amcheck on {} databases: {}",
+                r.label,
+                r.repo,
+                r.restore_secs,
+                r.recovery_secs,
+                r.databases,
+                if r.ok() { "clean" } else { "PROBLEMS (above)" }
+            );
+        }
+    }
+    if !r.ok() {
+        anyhow::bail!("backup {} restores, but pg_amcheck found damage in it; restore from an earlier backup", r.label);
+    }
+    Ok(())
 }
 
 fn json(r: &VerifyReport) -> serde_json::Value {
