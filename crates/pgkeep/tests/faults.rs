@@ -133,3 +133,38 @@ fn kill_9_during_archive_push_loses_no_wal() {
     let out = push.ok(&["verify"]);
     assert!(out.contains("3 WAL files") && out.contains("all good"), "{out}");
 }
+
+#[test]
+fn two_backups_started_together_one_runs_and_one_is_refused() {
+    let (_dir, repo, pg, pk) = local_stanza("faults-lock");
+    pg.pgbench_init(2);
+    pk.ok(&["backup", "--type", "full"]);
+    for round in 0..4 {
+        let runs: Vec<Run> = std::thread::scope(|s| {
+            let a = s.spawn(|| pk.run(&["backup", "--type", "full"]));
+            let b = s.spawn(|| pk.run(&["backup", "--type", "full"]));
+            vec![a.join().unwrap(), b.join().unwrap()]
+        });
+        let ok = runs.iter().filter(|r| r.status.success()).count();
+        assert_eq!(ok, 1, "round {round}: exactly one backup runs: {runs:?}");
+        let refused = runs.iter().find(|r| !r.status.success()).unwrap();
+        let line = refused.stderr.trim();
+        assert!(!line.contains('\n') && (line.contains("is running") || line.contains("took the lock")), "round {round}: {line}");
+    }
+    assert!(snapshot(&repo.path().join("demo/lock")).is_empty(), "the lock is released");
+
+    // expire waits for no backup: it is refused while one runs.
+    let mut slow = pk.spawn(&["backup", "--type", "full", "--jobs", "1", "--compress-level", "19"]);
+    let start = Instant::now();
+    while snapshot(&repo.path().join("demo/lock")).is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(60), "the backup never took the lock");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(slow.running(), "the backup should still run");
+    let msg = pk.fails(&["expire", "--retention-full", "1"]);
+    assert!(msg.contains("backup is running"), "{msg}");
+    drop(slow);
+    // The lock of the killed backup is taken over by the next one.
+    pk.ok(&["backup", "--type", "full"]);
+    assert_eq!(labels(&pk).len(), 6);
+}

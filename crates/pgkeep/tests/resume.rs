@@ -64,9 +64,9 @@ fn a_killed_backup_is_resumed_keeping_only_files_unchanged_since_it_began() {
 
     let mut first = pk.spawn(&slow);
     let (label, _) = wait_for_checkpoint(&repo, &mut first, 0, |_| true);
-    // A second backup while the first runs is refused, naming it.
+    // A second backup while the first runs is refused, naming its process.
     let msg = pk.fails(&["backup"]);
-    assert!(msg.contains(&label) && msg.contains("running"), "{msg}");
+    assert!(msg.contains("backup is running") && msg.contains(&format!("pid {}", first.pid())), "{msg}");
     let (_, cp) = wait_for_checkpoint(&repo, &mut first, 3, is_table);
     drop(first); // SIGKILL
     let listed: Value = serde_json::from_str(&pk.ok(&["info", "--output", "json"])).unwrap();

@@ -29,6 +29,7 @@ use crate::pg::Pg;
 use crate::progress::Progress;
 use crate::pg::checksum::MAX_LISTED;
 use crate::repo::manifest::{Part, PART_SIZE};
+use crate::repo::lock::StanzaLock;
 use crate::repo::{pages, BackupType, FileEntry, Manifest, Repository, Tablespace};
 use crate::storage::ObjectWriter;
 use crate::types::{BackupLabel, Lsn, WalSegment};
@@ -89,13 +90,30 @@ pub async fn run(stanza: &Stanza, opts: &BackupOptions) -> Result<Backup> {
     }
     check_data_directory(&pg, &pg_data).await?;
     let page_checksums = pg.data_checksums().await?;
+    let lock = StanzaLock::acquire(&repo, "backup").await?;
+    let result = locked(stanza, opts, &repo, &pg, &pg_data, page_checksums).await;
+    lock.release().await?;
+    result
+}
+
+/// The backup itself, with the stanza lock held.
+async fn locked(
+    stanza: &Stanza,
+    opts: &BackupOptions,
+    repo: &Repository,
+    pg: &Pg,
+    pg_data: &std::path::Path,
+    page_checksums: bool,
+) -> Result<Backup> {
+    let number = repo.number;
+    let pg_data = pg_data.to_path_buf();
     let repo_opts = &stanza.settings.repos[number - 1];
     let compress = repo_opts.compress.unwrap_or_default();
 
     let backups = repo.backups().await?;
     let (kind, prior) = choose_prior(&backups, opts.kind);
     let prior_label = prior.map(|p| p.label.clone());
-    let unfinished = resume::unfinished(&repo, &backups).await?;
+    let unfinished = resume::unfinished(repo, &backups).await?;
     let taken = resume::choose(&unfinished, kind, prior_label.as_ref(), compress).cloned();
     let mut removed = Vec::new();
     for u in unfinished.into_iter().filter(|u| taken.as_ref().is_none_or(|t| t.label != u.label)) {
@@ -104,7 +122,7 @@ pub async fn run(stanza: &Stanza, opts: &BackupOptions) -> Result<Backup> {
     }
     let label = match &taken {
         Some(t) => t.label.clone(),
-        None => new_label(&repo, kind, prior).await?,
+        None => new_label(repo, kind, prior).await?,
     };
     let start_time = Utc::now();
     // Until the plan is checked against it, a taken-over checkpoint keeps
@@ -113,7 +131,7 @@ pub async fn run(stanza: &Stanza, opts: &BackupOptions) -> Result<Backup> {
         Some(t) => Checkpoint::new(label.clone(), kind, prior_label.clone(), compress, t.start_time, t.files.clone()),
         None => Checkpoint::new(label.clone(), kind, prior_label.clone(), compress, start_time, Vec::new()),
     };
-    let checkpointer = Checkpointer::start(&repo, first).await?;
+    let checkpointer = Checkpointer::start(repo, first).await?;
     let start = match pg.backup_start(&format!("pgkeep backup {label}")).await {
         Ok(s) => s,
         Err(e) => {
@@ -141,13 +159,13 @@ pub async fn run(stanza: &Stanza, opts: &BackupOptions) -> Result<Backup> {
         .await
         .map_err(|e| Error::Input(format!("backup planning stopped: {e}")))??;
         let kept = match &taken {
-            Some(t) => take_over(&repo, t, &mut plan.files).await?,
+            Some(t) => take_over(repo, t, &mut plan.files).await?,
             None => Vec::new(),
         };
         checkpointer.keep(kept.clone(), start_time);
         // Pages are verified against the backup's start: see pg::checksum.
         let verify = page_checksums.then_some(start.lsn);
-        let sink = Sink::new(&repo, &label, compress, repo_opts.compress_level);
+        let sink = Sink::new(repo, &label, compress, repo_opts.compress_level);
         let mut files =
             copy_files(&sink, plan.files, stanza.settings.jobs, verify, &checkpointer, opts.progress.clone()).await?;
         let kept_stats = (kept.len(), kept.iter().map(|f| f.size).sum::<u64>());
@@ -170,7 +188,7 @@ pub async fn run(stanza: &Stanza, opts: &BackupOptions) -> Result<Backup> {
     let seg = repo.meta.wal_segment_size;
     let first = WalSegment::containing(start.timeline, start.lsn, seg);
     let last = WalSegment::containing(start.timeline, Lsn(stop.lsn.0.saturating_sub(1)), seg);
-    if let Err(e) = wait_for_wal(&repo, first, last, stanza.settings.archive_timeout).await {
+    if let Err(e) = wait_for_wal(repo, first, last, stanza.settings.archive_timeout).await {
         let _ = repo.remove_backup_objects(&label).await;
         return Err(e);
     }

@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec::Compress;
 use crate::error::{Error, Result};
+use crate::repo::lock::{host_name, process_alive};
 use crate::repo::{BackupType, FileEntry, Manifest, Repository};
 use crate::types::BackupLabel;
 
@@ -38,9 +39,6 @@ use super::PlannedFile;
 pub const CHECKPOINT: &str = "partial.json";
 /// How often a running backup rewrites its checkpoint (when files finished).
 const INTERVAL: Duration = Duration::from_secs(3);
-/// A holder on another machine whose checkpoint is older than this is
-/// taken for dead.
-const REMOTE_STALE_SECS: i64 = 120;
 
 /// The state of a backup that is copying.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -76,11 +74,6 @@ pub struct Unfinished {
     pub checkpoint: Option<Checkpoint>,
 }
 
-/// This machine's host name.
-fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_owned()).unwrap_or_else(|_| "unknown".into())
-}
-
 impl Checkpoint {
     /// The checkpoint of an attempt by this process that began at `start_time`.
     pub fn new(
@@ -98,12 +91,7 @@ impl Checkpoint {
     /// on this machine, a live pgkeep process with that pid; elsewhere, a
     /// checkpoint written in the last two minutes.
     pub fn holder_alive(&self, now: DateTime<Utc>) -> bool {
-        if self.host == host_name() {
-            self.pid != std::process::id()
-                && std::fs::read_to_string(format!("/proc/{}/comm", self.pid)).is_ok_and(|comm| comm.trim().starts_with("pgkeep"))
-        } else {
-            (now - self.updated).num_seconds() < REMOTE_STALE_SECS
-        }
+        process_alive(&self.host, self.pid, self.updated, now)
     }
 }
 
@@ -369,17 +357,4 @@ mod tests {
         assert_eq!(pick(BackupType::Full, None, Compress::Lz4), None);
     }
 
-    #[test]
-    fn a_holder_on_this_machine_is_alive_only_while_its_process_runs() {
-        let now = Utc::now();
-        let mut c = checkpoint("L", BackupType::Full, None, now);
-        c.host = host_name();
-        c.pid = u32::MAX - 1;
-        assert!(!c.holder_alive(now), "no such process");
-        c.pid = std::process::id();
-        assert!(!c.holder_alive(now), "this process is not a holder");
-        c.host = "another-machine".into();
-        assert!(c.holder_alive(now));
-        assert!(!c.holder_alive(now + chrono::Duration::seconds(REMOTE_STALE_SECS + 1)));
-    }
 }

@@ -13,7 +13,8 @@ pub mod plan;
 use chrono::Utc;
 
 use crate::error::Result;
-use crate::repo::BackupType;
+use crate::repo::lock::StanzaLock;
+use crate::repo::{BackupType, Repository};
 use crate::types::{BackupLabel, WalFileName, WalSegment};
 use crate::Stanza;
 pub use plan::{by_label, by_policy, parse_window, ExpirePlan, Retention};
@@ -58,9 +59,18 @@ pub async fn run(stanza: &Stanza, opts: &ExpireOptions) -> Result<ExpireReport> 
     let number = opts.repo.max(1);
     let repo = stanza.open(number).await?;
     let retention = stanza.settings.repos[number - 1].retention(number)?;
+    let lock = StanzaLock::acquire(&repo, "expire").await?;
+    let result = locked(&repo, retention, opts).await;
+    lock.release().await?;
+    result
+}
+
+/// The expiry itself, with the stanza lock held.
+async fn locked(repo: &Repository, retention: Retention, opts: &ExpireOptions) -> Result<ExpireReport> {
+    let number = repo.number;
     let backups = repo.backups().await?;
     // Refuses while a backup runs: it may be building on what would go.
-    let unfinished = crate::backup::resume::unfinished(&repo, &backups).await?;
+    let unfinished = crate::backup::resume::unfinished(repo, &backups).await?;
     let plan = match &opts.set {
         Some(label) => by_label(&backups, label, opts.with_dependents)?,
         None => by_policy(&backups, &retention, Utc::now()),

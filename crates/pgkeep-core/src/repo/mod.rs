@@ -17,6 +17,7 @@
 //! guarantees about conditional writes. A backup refuses to start while
 //! another one's checkpoint has a live holder ([`crate::backup::resume`]).
 
+pub mod lock;
 pub mod manifest;
 pub mod pages;
 
