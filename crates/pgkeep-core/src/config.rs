@@ -64,6 +64,10 @@ pub struct RepoOptions {
     /// S3: secret access key (default: the AWS_SECRET_ACCESS_KEY variable).
     #[arg(long, global = true)]
     pub secret_access_key: Option<String>,
+    /// Object stores: seconds one request may take before it is retried
+    /// (retries stop after a minute, or this, if shorter); default 120.
+    #[arg(long, global = true)]
+    pub io_timeout: Option<u64>,
     /// Compression of stored objects: zstd, lz4, gzip or none.
     #[arg(long, global = true)]
     pub compress: Option<Compress>,
@@ -157,6 +161,7 @@ impl RepoOptions {
             path_style: self.path_style.or(file.path_style),
             access_key_id: self.access_key_id.or_else(|| file.access_key_id.clone()),
             secret_access_key: self.secret_access_key.or_else(|| file.secret_access_key.clone()),
+            io_timeout: self.io_timeout.or(file.io_timeout),
             compress: self.compress.or(file.compress),
             compress_level: self.compress_level.or(file.compress_level),
             retention_full: self.retention_full.or(file.retention_full),
@@ -185,6 +190,7 @@ impl RepoOptions {
             && self.path_style.is_none()
             && self.access_key_id.is_none()
             && self.secret_access_key.is_none()
+            && self.io_timeout.is_none()
             && self.compress.is_none()
             && self.compress_level.is_none()
             && self.retention_full.is_none()

@@ -168,3 +168,37 @@ fn two_backups_started_together_one_runs_and_one_is_refused() {
     pk.ok(&["backup", "--type", "full"]);
     assert_eq!(labels(&pk).len(), 6);
 }
+
+/// An S3 server that stops answering in the middle of a backup: one clear
+/// line within the I/O timeout, and once it answers again nothing half
+/// done is listed, the repository verifies, and the next backup succeeds.
+#[test]
+fn a_store_that_stops_answering_mid_backup() {
+    let dir = TestDir::new("faults-hung-store");
+    let moto = Moto::start("pgkeep-hung");
+    let repo = moto.repo("hung");
+    let (pg, pk) = cluster_with_config(&dir, "demo", &repo);
+    pk.ok(&["stanza-create"]);
+    pg.pgbench_init(10);
+    pg.psql("checkpoint");
+    // 160 MB uncompressed on one worker: still uploading a second in (a
+    // slow compression level would hold the first upload back). The
+    // harness fails the test if the backup hangs instead of failing.
+    let r = std::thread::scope(|s| {
+        let backup = s.spawn(|| pk.run(&["backup", "--type", "full", "--jobs", "1", "--compress", "none", "--io-timeout", "5"]));
+        std::thread::sleep(Duration::from_millis(1000));
+        moto.freeze();
+        backup.join().unwrap()
+    });
+    moto.thaw();
+    assert!(!r.status.success(), "the backup cannot succeed against a hung store: {}", r.stdout);
+    let line = r.stderr.trim();
+    assert!(!line.contains('\n') && !line.contains("panicked") && line.contains("repo"), "one line naming the repository: {line}");
+
+    assert!(labels(&pk).is_empty(), "no half backup is listed");
+    let out = pk.ok(&["verify"]);
+    assert!(out.contains("0 backups") && out.contains("all good"), "{out}");
+    pk.ok(&["backup", "--type", "full"]);
+    let out = pk.ok(&["verify"]);
+    assert!(out.contains("1 backup") && out.contains("all good"), "{out}");
+}

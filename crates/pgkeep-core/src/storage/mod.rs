@@ -23,14 +23,18 @@ use crate::error::{Error, Result};
 /// Retries of transient store errors: exponential backoff from 100 ms,
 /// at most 5 retries and one minute per request, so that a store that
 /// stops answering gives a clear error in about a minute, not hangs.
-fn retry() -> RetryConfig {
-    RetryConfig { backoff: BackoffConfig::default(), max_retries: 5, retry_timeout: Duration::from_secs(60) }
+fn retry(io_timeout: Duration) -> RetryConfig {
+    RetryConfig { backoff: BackoffConfig::default(), max_retries: 5, retry_timeout: io_timeout.min(Duration::from_secs(60)) }
 }
 
-/// Connect within 5 s; any one request within 2 minutes.
-fn client() -> ClientOptions {
-    ClientOptions::new().with_connect_timeout(Duration::from_secs(5)).with_timeout(Duration::from_secs(120))
+/// Connect within 5 s; any one request within `io_timeout`.
+fn client(io_timeout: Duration) -> ClientOptions {
+    ClientOptions::new().with_connect_timeout(Duration::from_secs(5).min(io_timeout)).with_timeout(io_timeout)
 }
+
+/// Default of `io-timeout`: how long one request to an object store may
+/// take (an 8 MiB part on a slow link included).
+pub const DEFAULT_IO_TIMEOUT: u64 = 120;
 
 /// A repository's store, with keys relative to its location.
 #[derive(Clone, Debug)]
@@ -60,6 +64,7 @@ impl Store {
             None => ("file", location.as_str()),
         };
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let io_timeout = Duration::from_secs(opts.io_timeout.unwrap_or(DEFAULT_IO_TIMEOUT).max(1));
         let inner: Arc<dyn ObjectStore> = match scheme {
             "file" => {
                 let dir = std::path::Path::new(rest);
@@ -76,8 +81,8 @@ impl Store {
             "s3" => {
                 let mut b = object_store::aws::AmazonS3Builder::from_env()
                     .with_bucket_name(bucket)
-                    .with_retry(retry())
-                    .with_client_options(client());
+                    .with_retry(retry(io_timeout))
+                    .with_client_options(client(io_timeout));
                 if let Some(ep) = &opts.endpoint {
                     b = b.with_endpoint(ep).with_allow_http(ep.starts_with("http://"));
                 }
@@ -96,15 +101,15 @@ impl Store {
             "gs" => {
                 let b = object_store::gcp::GoogleCloudStorageBuilder::from_env()
                     .with_bucket_name(bucket)
-                    .with_retry(retry())
-                    .with_client_options(client());
+                    .with_retry(retry(io_timeout))
+                    .with_client_options(client(io_timeout));
                 Arc::new(b.build().map_err(|e| bad(crate::error::one_line(&e)))?)
             }
             "az" => {
                 let mut b = object_store::azure::MicrosoftAzureBuilder::from_env()
                     .with_container_name(bucket)
-                    .with_retry(retry())
-                    .with_client_options(client());
+                    .with_retry(retry(io_timeout))
+                    .with_client_options(client(io_timeout));
                 if let Some(ep) = &opts.endpoint {
                     b = b.with_endpoint(ep.clone()).with_allow_http(ep.starts_with("http://"));
                 }

@@ -790,6 +790,17 @@ impl Moto {
         moto
     }
 
+    /// Stops answering (SIGSTOP): connections are accepted by the kernel,
+    /// nothing replies, as with a hung server.
+    pub fn freeze(&self) {
+        run_ok(Command::new("kill").args(["-STOP", &self.child.id().to_string()]), Duration::from_secs(10));
+    }
+
+    /// Answers again (SIGCONT), with everything it stored.
+    pub fn thaw(&self) {
+        run_ok(Command::new("kill").args(["-CONT", &self.child.id().to_string()]), Duration::from_secs(10));
+    }
+
     /// A repository in this bucket under `prefix`.
     pub fn repo(&self, prefix: &str) -> Repo {
         Repo::S3 { endpoint: self.endpoint.clone(), bucket: self.bucket.clone(), prefix: prefix.to_owned() }
