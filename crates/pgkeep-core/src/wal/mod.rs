@@ -1,12 +1,14 @@
 //! `archive-push` and `archive-get`: PostgreSQL's `archive_command` and
 //! `restore_command`.
 //!
-//! Push sends the file to every repository and succeeds only when all of
-//! them hold it, so PostgreSQL keeps (and retries) a segment until it is
-//! safe everywhere. Get tries the repositories in order and reports
-//! [`Error::NotFound`] only when none has the file and every one answered;
-//! any other failure (a corrupt object, a store that does not answer) is
-//! an error that must stop recovery.
+//! Push sends the file to every repository, each on its own, and succeeds
+//! only when all of them hold it, so PostgreSQL keeps (and retries) a
+//! segment until it is safe everywhere, while a repository that is down
+//! does not keep it from the others. Get takes the file from the first
+//! repository that has it (a good copy elsewhere outweighs one that is
+//! down or corrupt) and reports [`Error::NotFound`] only when every
+//! repository answered that it has not; any other failure must stop
+//! recovery.
 
 use std::path::Path;
 
@@ -26,9 +28,43 @@ pub async fn push(stanza: &Stanza, path: &Path) -> Result<Vec<Pushed>> {
         ))
     })?;
     let data = std::fs::read(path).map_err(Error::io(format!("cannot read {}", path.display())))?;
-    let repos = stanza.open_all().await?;
+    // Each repository on its own: one that is down must not keep the file
+    // from the others (PostgreSQL retries until all have it).
+    let mut stored = Vec::new();
+    let mut failed: Vec<(usize, Error)> = Vec::new();
+    for (i, opts) in stanza.settings.repos.iter().enumerate() {
+        let number = i + 1;
+        let attempt = async {
+            let r = stanza.open(number).await?;
+            check_wal_file(&r, &name, &data, path)?;
+            r.push_wal(&name, &data, opts.compress.unwrap_or_default(), opts.compress_level).await
+        };
+        match attempt.await {
+            Ok(p) => stored.push((number, p)),
+            Err(e) => failed.push((number, e)),
+        }
+    }
+    match (failed.len(), stored.is_empty()) {
+        (0, _) => Ok(stored.into_iter().map(|(_, p)| p).collect()),
+        // Nowhere: the first repository's own error says what is wrong.
+        (_, true) => Err(failed.into_iter().next().expect("a failure").1),
+        (_, false) => {
+            let ok: Vec<String> = stored.iter().map(|(n, _)| n.to_string()).collect();
+            let why: Vec<String> = failed.iter().map(|(n, e)| format!("repo {n}: {}", crate::error::OneLine(e))).collect();
+            Err(Error::Refused(format!(
+                "{} is archived in repo {} but not in {}; PostgreSQL keeps the file and retries",
+                name.as_str(),
+                ok.join(", "),
+                why.join("; ")
+            )))
+        }
+    }
+}
+
+/// Refuses a segment of the wrong size or of another cluster.
+fn check_wal_file(repo: &Repository, name: &WalFileName, data: &[u8], path: &Path) -> Result<()> {
     if matches!(name, WalFileName::Segment(_) | WalFileName::Partial(_)) {
-        let seg = repos[0].meta.wal_segment_size;
+        let seg = repo.meta.wal_segment_size;
         if data.len() as u64 != seg {
             return Err(Error::Refused(format!(
                 "{} has {} bytes but the stanza's WAL segments have {seg}; is this the right stanza?",
@@ -36,17 +72,11 @@ pub async fn push(stanza: &Stanza, path: &Path) -> Result<Vec<Pushed>> {
                 data.len()
             )));
         }
-        let id = wal_system_id(&data)
+        let id = wal_system_id(data)
             .ok_or_else(|| Error::Refused(format!("{} does not start with a WAL page header; it is not a WAL segment", path.display())))?;
-        for r in &repos {
-            r.check_system_id(id, &format!("WAL file {}", name.as_str()))?;
-        }
+        repo.check_system_id(id, &format!("WAL file {}", name.as_str()))?;
     }
-    let mut out = Vec::new();
-    for (r, opts) in repos.iter().zip(&stanza.settings.repos) {
-        out.push(r.push_wal(&name, &data, opts.compress.unwrap_or_default(), opts.compress_level).await?);
-    }
-    Ok(out)
+    Ok(())
 }
 
 /// Writes archived WAL file `name` to `dest` (atomically: a temporary file
@@ -54,16 +84,21 @@ pub async fn push(stanza: &Stanza, path: &Path) -> Result<Vec<Pushed>> {
 pub async fn get(stanza: &Stanza, name: &str, dest: &Path) -> Result<()> {
     let name = WalFileName::parse(name)
         .ok_or_else(|| Error::Input(format!("'{name}' is not a WAL file name; archive-get takes the %f and %p of restore_command")))?;
-    let mut last_missing = None;
+    // The first repository that has it serves it. `NotFound` only when
+    // every repository answered that it has not: a repository that failed
+    // (down, or a corrupt copy) while no other had the file must stop
+    // recovery rather than look like the end of the archive.
+    let mut missing = None;
+    let mut failure = None;
     for number in 1..=stanza.settings.repos.len() {
-        let repo = stanza.open(number).await?;
-        match repo.get_wal(&name).await {
+        let attempt = async { stanza.open(number).await?.get_wal(&name).await };
+        match attempt.await {
             Ok(data) => return write_atomically(dest, &data),
-            Err(e @ Error::NotFound(_)) => last_missing = Some(e),
-            Err(e) => return Err(e),
+            Err(e @ Error::NotFound(_)) => missing = Some(e),
+            Err(e) => failure = failure.or(Some(e)),
         }
     }
-    Err(last_missing.unwrap_or_else(|| Error::NotFound(format!("WAL file {} is not in the archive", name.as_str()))))
+    Err(failure.or(missing).unwrap_or_else(|| Error::NotFound(format!("WAL file {} is not in the archive", name.as_str()))))
 }
 
 fn write_atomically(dest: &Path, data: &[u8]) -> Result<()> {
