@@ -303,8 +303,8 @@ async fn copy_files(
             false => vec![(i, None)],
         })
         .collect();
-    let mut remaining: Vec<usize> = vec![0; files.len()];
-    units.iter().for_each(|(i, _)| remaining[*i] += 1);
+    let mut units_of: Vec<usize> = vec![0; files.len()];
+    units.iter().for_each(|(i, _)| units_of[*i] += 1);
     let progress = progress.unwrap_or_default();
     progress.plan(units.len() as u64, files.iter().map(|f| f.size).sum());
     let mut results = futures::stream::iter(units)
@@ -326,7 +326,7 @@ async fn copy_files(
         let (i, piece) = joined.map_err(|e| Error::Input(format!("a backup worker stopped: {e}")))??;
         let pieces = stored.entry(i).or_default();
         pieces.push(piece);
-        if pieces.len() == remaining[i] {
+        if pieces.len() == units_of[i] {
             let pieces = stored.remove(&i).unwrap_or_default();
             if let Some(entry) = assemble(&files[i], pieces) {
                 checkpointer.record(&entry);

@@ -1,12 +1,13 @@
 //! Resuming a backup that was interrupted (killed, or its machine lost).
 //!
 //! While a backup copies, it keeps a checkpoint, `partial.json` in its
-//! directory: who runs it (host and pid), when it started, and the entries
-//! of the files already stored as objects of their own (bundled small files
-//! are cheap to copy again and are not listed). The checkpoint is written
-//! before the first file is copied and then every few seconds while files
-//! finish. A directory under `backup/` without a manifest is an unfinished
-//! backup: running while its holder is alive, abandoned otherwise.
+//! directory: its type, prior and compression, when it started, and the
+//! entries of the files already stored as objects of their own (bundled
+//! small files are cheap to copy again and are not listed). The checkpoint
+//! is written before the first file is copied and then every few seconds
+//! while files finish. Backups and expiry run under the stanza lock
+//! ([`crate::repo::lock`]), so a directory under `backup/` without a
+//! manifest that one of them sees is an abandoned backup.
 //!
 //! The next backup of the same type on the same prior takes an abandoned
 //! one over, keeping its label, and keeps a stored file only when that is
@@ -29,7 +30,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec::Compress;
 use crate::error::{Error, Result};
-use crate::repo::lock::{host_name, process_alive};
 use crate::repo::{BackupType, FileEntry, Manifest, Repository};
 use crate::types::BackupLabel;
 
@@ -55,12 +55,6 @@ pub struct Checkpoint {
     pub compress: Compress,
     /// When this attempt began (before `pg_backup_start`).
     pub start_time: DateTime<Utc>,
-    /// Host name of the process copying.
-    pub host: String,
-    /// Its process id.
-    pub pid: u32,
-    /// When this checkpoint was written.
-    pub updated: DateTime<Utc>,
     /// Files stored so far as objects of their own.
     pub files: Vec<FileEntry>,
 }
@@ -75,7 +69,7 @@ pub struct Unfinished {
 }
 
 impl Checkpoint {
-    /// The checkpoint of an attempt by this process that began at `start_time`.
+    /// The checkpoint of an attempt that began at `start_time`.
     pub fn new(
         label: BackupLabel,
         kind: BackupType,
@@ -84,19 +78,12 @@ impl Checkpoint {
         start_time: DateTime<Utc>,
         files: Vec<FileEntry>,
     ) -> Checkpoint {
-        Checkpoint { label, kind, prior, compress, start_time, host: host_name(), pid: std::process::id(), updated: Utc::now(), files }
-    }
-
-    /// Whether the process that wrote this checkpoint may still be running:
-    /// on this machine, a live pgkeep process with that pid; elsewhere, a
-    /// checkpoint written in the last two minutes.
-    pub fn holder_alive(&self, now: DateTime<Utc>) -> bool {
-        process_alive(&self.host, self.pid, self.updated, now)
+        Checkpoint { label, kind, prior, compress, start_time, files }
     }
 }
 
-/// The unfinished backups of the repository; refuses when one of them is
-/// still running.
+/// The unfinished backups of the repository: abandoned ones, as the caller
+/// holds the stanza lock that every running backup holds.
 pub async fn unfinished(repo: &Repository, complete: &[Manifest]) -> Result<Vec<Unfinished>> {
     let mut out = Vec::new();
     let mut labels = repo.store().list_dirs("backup").await?;
@@ -109,15 +96,6 @@ pub async fn unfinished(repo: &Repository, complete: &[Manifest]) -> Result<Vec<
         let what = format!("checkpoint of unfinished backup {label} in repo {}", repo.number);
         // A damaged checkpoint only means nothing can be resumed.
         let checkpoint: Option<Checkpoint> = repo.get_metadata(&key, &what).await.unwrap_or(None);
-        if let Some(c) = checkpoint.as_ref().filter(|c| c.holder_alive(Utc::now())) {
-            return Err(Error::Refused(format!(
-                "backup {label} is running in repo {} (pid {} on {}, checkpoint written {}s ago); wait for it to finish",
-                repo.number,
-                c.pid,
-                c.host,
-                (Utc::now() - c.updated).num_seconds().max(0)
-            )));
-        }
         out.push(Unfinished { label, checkpoint });
     }
     Ok(out)
@@ -206,11 +184,7 @@ impl Checkpointer {
         if !self.dirty.swap(false, Ordering::Relaxed) {
             return Ok(());
         }
-        let snapshot = {
-            let mut s = self.state.lock().map_err(|_| Error::Input("a backup worker failed".into()))?;
-            s.updated = Utc::now();
-            s.clone()
-        };
+        let snapshot = self.state.lock().map_err(|_| Error::Input("a backup worker failed".into()))?.clone();
         self.repo.put_metadata(&self.key, &snapshot, false).await.map(|_| ())
     }
 
@@ -269,9 +243,6 @@ mod tests {
             prior: prior.map(|p| BackupLabel(p.into())),
             compress: Compress::Zstd,
             start_time: at,
-            host: "h".into(),
-            pid: 1,
-            updated: at,
             files: vec![],
         }
     }

@@ -71,7 +71,7 @@ pub async fn run(stanza: &Stanza, opts: &ExpireOptions) -> Result<ExpireReport> 
 async fn locked(repo: &Repository, retention: Retention, opts: &ExpireOptions) -> Result<ExpireReport> {
     let number = repo.number;
     let backups = repo.backups().await?;
-    // Refuses while a backup runs: it may be building on what would go.
+    // Under the lock no backup runs: what has no manifest is abandoned.
     let unfinished = crate::backup::resume::unfinished(repo, &backups).await?;
     let plan = match &opts.set {
         Some(label) => by_label(&backups, label, opts.with_dependents)?,

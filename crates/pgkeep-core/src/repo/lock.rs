@@ -27,7 +27,7 @@ use crate::error::{Error, Result};
 const DIR: &str = "lock";
 const REFRESH: Duration = Duration::from_secs(30);
 /// A holder on another machine silent for longer is taken for dead.
-pub const REMOTE_STALE_SECS: i64 = 120;
+const REMOTE_STALE_SECS: i64 = 120;
 
 /// Who holds the lock.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -61,26 +61,21 @@ impl Holder {
         }
     }
 
-    /// Whether the holder may still be running (see the module docs).
+    /// Whether the holder may still be running: on this host, a live
+    /// pgkeep process with that pid (not this one); on another, one that
+    /// refreshed the lock in the last two minutes.
     pub fn alive(&self, now: DateTime<Utc>) -> bool {
-        process_alive(&self.host, self.pid, self.updated, now)
-    }
-}
-
-/// Whether process `pid` on `host`, last heard of at `updated`, may still
-/// be running: on this host, a live pgkeep process with that pid (not
-/// this one); on another, one heard of in the last two minutes.
-pub fn process_alive(host: &str, pid: u32, updated: DateTime<Utc>, now: DateTime<Utc>) -> bool {
-    if host == host_name() {
-        pid != std::process::id()
-            && std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|comm| comm.trim().starts_with("pgkeep"))
-    } else {
-        (now - updated).num_seconds() < REMOTE_STALE_SECS
+        if self.host == host_name() {
+            self.pid != std::process::id()
+                && std::fs::read_to_string(format!("/proc/{}/comm", self.pid)).is_ok_and(|comm| comm.trim().starts_with("pgkeep"))
+        } else {
+            (now - self.updated).num_seconds() < REMOTE_STALE_SECS
+        }
     }
 }
 
 /// This machine's host name.
-pub fn host_name() -> String {
+fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_owned()).unwrap_or_else(|_| "unknown".into())
 }
 
