@@ -21,7 +21,7 @@ use serde::Deserialize;
 use crate::codec::Compress;
 use crate::error::{Error, Result};
 
-/// Where the stanza's PostgreSQL lives.
+/// Where the stanza's PostgreSQL lives, and how its WAL is archived.
 #[derive(Debug, Clone, Default, Deserialize, clap::Args)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct StanzaOptions {
@@ -40,6 +40,24 @@ pub struct StanzaOptions {
     /// Database to connect to (default postgres).
     #[arg(long, global = true)]
     pub pg_database: Option<String>,
+    /// Archive asynchronously: `archive-push` hands WAL to a background
+    /// worker that stores several segments at once, and `archive-get`
+    /// fetches the next segments ahead of recovery.
+    #[arg(long, global = true)]
+    pub archive_async: Option<bool>,
+    /// Local directory for asynchronous archiving: status files, the queue
+    /// of a repository that is down, prefetched WAL (default
+    /// /var/spool/pgkeep; must be writable by the postgres user).
+    #[arg(long, global = true)]
+    pub spool_path: Option<PathBuf>,
+    /// Most WAL queued in the spool for one repository that is down, like
+    /// 4GiB (default: no limit). Past it that repository misses segments,
+    /// which `verify` then reports as a gap; the other repositories do not.
+    #[arg(long, global = true)]
+    pub archive_push_queue_max: Option<String>,
+    /// How much WAL `archive-get` fetches ahead of recovery (default 128MiB).
+    #[arg(long, global = true)]
+    pub archive_get_queue_max: Option<String>,
 }
 
 /// One repository: where backups and WAL are stored, and how.
@@ -147,6 +165,10 @@ impl StanzaOptions {
             pg_port: self.pg_port.or(file.pg_port),
             pg_user: self.pg_user.or_else(|| file.pg_user.clone()),
             pg_database: self.pg_database.or_else(|| file.pg_database.clone()),
+            archive_async: self.archive_async.or(file.archive_async),
+            spool_path: self.spool_path.or_else(|| file.spool_path.clone()),
+            archive_push_queue_max: self.archive_push_queue_max.or_else(|| file.archive_push_queue_max.clone()),
+            archive_get_queue_max: self.archive_get_queue_max.or_else(|| file.archive_get_queue_max.clone()),
         }
     }
 }
@@ -213,6 +235,54 @@ pub struct Settings {
     pub jobs: usize,
     /// Seconds to wait for WAL to be archived.
     pub archive_timeout: u64,
+    /// Asynchronous archiving.
+    pub archive: ArchiveSettings,
+}
+
+/// How WAL is archived and fetched.
+#[derive(Debug, Clone)]
+pub struct ArchiveSettings {
+    /// `archive-async`.
+    pub asynchronous: bool,
+    /// `spool-path`.
+    pub spool: PathBuf,
+    /// `archive-push-queue-max` in bytes; `None`: no limit.
+    pub push_queue_max: Option<u64>,
+    /// `archive-get-queue-max` in bytes.
+    pub get_queue_max: u64,
+}
+
+/// Default of `spool-path`.
+pub const DEFAULT_SPOOL: &str = "/var/spool/pgkeep";
+
+impl ArchiveSettings {
+    fn resolve(pg: &StanzaOptions) -> Result<ArchiveSettings> {
+        let size = |key: &str, v: &Option<String>| v.as_deref().map(|t| parse_size(key, t)).transpose();
+        Ok(ArchiveSettings {
+            asynchronous: pg.archive_async.unwrap_or(false),
+            spool: pg.spool_path.clone().unwrap_or_else(|| DEFAULT_SPOOL.into()),
+            push_queue_max: size("archive-push-queue-max", &pg.archive_push_queue_max)?,
+            get_queue_max: size("archive-get-queue-max", &pg.archive_get_queue_max)?.unwrap_or(128 << 20),
+        })
+    }
+}
+
+/// Parses a size: bytes, or a number with KiB, MiB, GiB or TiB (KB, MB,
+/// GB, TB and K, M, G, T mean the same).
+pub fn parse_size(key: &str, text: &str) -> Result<u64> {
+    let bad = || Error::Input(format!("{key} '{text}' is not a size: write bytes or a number and a unit, like 512MiB or 4GiB"));
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let n: u64 = t[..split].parse().map_err(|_| bad())?;
+    let shift = match t[split..].trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(1 << shift).filter(|v| *v > 0).ok_or_else(bad)
 }
 
 impl Settings {
@@ -265,9 +335,11 @@ impl Settings {
             }
             r.retention(i + 1)?;
         }
+        let archive = ArchiveSettings::resolve(&pg)?;
         Ok(Settings {
             stanza,
             pg,
+            archive,
             repos,
             jobs: file.jobs.unwrap_or_else(default_jobs).max(1),
             archive_timeout: file.archive_timeout.unwrap_or(60),
@@ -337,6 +409,17 @@ retention-full = 2
         let s = Settings::resolve(&f, Some("demo"), StanzaOptions::default(), RepoOptions::default(), 1).unwrap();
         assert_eq!(s.pg.pg_port, Some(5432));
         assert_eq!(s.repos[0].compress, Some(Compress::Zstd));
+    }
+
+    #[test]
+    fn sizes_take_binary_units_and_refuse_nonsense() {
+        assert_eq!(parse_size("k", "4GiB").unwrap(), 4 << 30);
+        assert_eq!(parse_size("k", "512 MB").unwrap(), 512 << 20);
+        assert_eq!(parse_size("k", "1000").unwrap(), 1000);
+        for bad in ["", "0", "GiB", "4 parsecs", "-1", "99999999999T"] {
+            let e = parse_size("archive-push-queue-max", bad).unwrap_err().to_string();
+            assert!(e.contains("archive-push-queue-max") && e.contains("not a size"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -64,6 +64,9 @@ pub enum Command {
     ArchivePush {
         /// The file (%p).
         path: PathBuf,
+        /// Internal: run as the background worker of asynchronous archiving.
+        #[arg(long, hide = true)]
+        worker: bool,
     },
     /// Fetch one WAL file (restore_command = 'pgkeep archive-get %f "%p"').
     ArchiveGet {
@@ -71,6 +74,9 @@ pub enum Command {
         name: String,
         /// Where to write it (%p).
         dest: PathBuf,
+        /// Internal: run as the prefetcher of asynchronous archiving.
+        #[arg(long, hide = true)]
+        worker: bool,
     },
     /// Take an online backup.
     Backup {

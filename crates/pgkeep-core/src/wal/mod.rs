@@ -18,15 +18,24 @@ use crate::repo::{Pushed, Repository};
 use crate::types::WalFileName;
 use crate::Stanza;
 
-/// Archives the WAL file at `path` into every repository.
-pub async fn push(stanza: &Stanza, path: &Path) -> Result<Vec<Pushed>> {
+pub mod async_push;
+pub mod prefetch;
+pub mod spool;
+
+/// The kind of WAL file at `path`, from its name.
+fn parse_name(path: &Path) -> Result<WalFileName> {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-    let name = WalFileName::parse(name).ok_or_else(|| {
+    WalFileName::parse(name).ok_or_else(|| {
         Error::Input(format!(
             "{} is not a WAL, partial, history or backup history file; archive-push takes the %p of archive_command",
             path.display()
         ))
-    })?;
+    })
+}
+
+/// Archives the WAL file at `path` into every repository.
+pub async fn push(stanza: &Stanza, path: &Path) -> Result<Vec<Pushed>> {
+    let name = parse_name(path)?;
     let data = std::fs::read(path).map_err(Error::io(format!("cannot read {}", path.display())))?;
     // Each repository on its own: one that is down must not keep the file
     // from the others (PostgreSQL retries until all have it).
@@ -82,8 +91,18 @@ fn check_wal_file(repo: &Repository, name: &WalFileName, data: &[u8], path: &Pat
 /// Writes archived WAL file `name` to `dest` (atomically: a temporary file
 /// beside it, fsynced, then renamed).
 pub async fn get(stanza: &Stanza, name: &str, dest: &Path) -> Result<()> {
-    let name = WalFileName::parse(name)
-        .ok_or_else(|| Error::Input(format!("'{name}' is not a WAL file name; archive-get takes the %f and %p of restore_command")))?;
+    let name = parse_get_name(name)?;
+    let data = fetch(stanza, &name).await?;
+    spool::write_durably(dest, &data)
+}
+
+fn parse_get_name(name: &str) -> Result<WalFileName> {
+    WalFileName::parse(name)
+        .ok_or_else(|| Error::Input(format!("'{name}' is not a WAL file name; archive-get takes the %f and %p of restore_command")))
+}
+
+/// Reads archived WAL file `name` from the first repository that has it.
+async fn fetch(stanza: &Stanza, name: &WalFileName) -> Result<Vec<u8>> {
     // The first repository that has it serves it. `NotFound` only when
     // every repository answered that it has not: a repository that failed
     // (down, or a corrupt copy) while no other had the file must stop
@@ -91,23 +110,14 @@ pub async fn get(stanza: &Stanza, name: &str, dest: &Path) -> Result<()> {
     let mut missing = None;
     let mut failure = None;
     for number in 1..=stanza.settings.repos.len() {
-        let attempt = async { stanza.open(number).await?.get_wal(&name).await };
+        let attempt = async { stanza.open(number).await?.get_wal(name).await };
         match attempt.await {
-            Ok(data) => return write_atomically(dest, &data),
+            Ok(data) => return Ok(data),
             Err(e @ Error::NotFound(_)) => missing = Some(e),
             Err(e) => failure = failure.or(Some(e)),
         }
     }
     Err(failure.or(missing).unwrap_or_else(|| Error::NotFound(format!("WAL file {} is not in the archive", name.as_str()))))
-}
-
-fn write_atomically(dest: &Path, data: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let tmp = dest.with_extension("pgkeep.tmp");
-    let what = || format!("cannot write {}", dest.display());
-    let mut f = std::fs::File::create(&tmp).map_err(Error::io(what()))?;
-    f.write_all(data).and_then(|_| f.sync_all()).map_err(Error::io(what()))?;
-    std::fs::rename(&tmp, dest).map_err(Error::io(what()))
 }
 
 /// Helper used by `check` and `backup`: waits until `segment` is in `repo`.

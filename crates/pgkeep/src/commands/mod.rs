@@ -30,8 +30,8 @@ pub async fn run(cli: Cli) -> Result<()> {
     match &cli.command {
         Command::StanzaCreate => stanza_create::run(&stanza).await,
         Command::Check => check::run(&stanza).await,
-        Command::ArchivePush { path } => archive::push(&stanza, path).await,
-        Command::ArchiveGet { name, dest } => archive::get(&stanza, name, dest).await,
+        Command::ArchivePush { path, worker } => archive::push(&stanza, path, *worker).await,
+        Command::ArchiveGet { name, dest, worker } => archive::get(&stanza, name, dest, *worker).await,
         Command::Backup { kind } => backup::run(&cli, &stanza, *kind).await,
         Command::Restore(args) => restore::run(&cli, &stanza, config_path.as_deref(), args).await,
         Command::Expire { set, with_dependents, dry_run } => expire::run(&cli, &stanza, set.as_deref(), *with_dependents, *dry_run).await,

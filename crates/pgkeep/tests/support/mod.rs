@@ -547,6 +547,18 @@ impl Cluster {
         c
     }
 
+    /// A function that runs `sql` and returns its output (empty on
+    /// failure), for a sampling thread.
+    pub fn psql_command(&self, sql: &str) -> impl Fn() -> String + Send + 'static {
+        let (cwd, socket, port, sql) = (self.cwd.clone(), self.addr.socket_dir.clone(), self.addr.port, sql.to_owned());
+        move || {
+            let mut c = as_postgres(pg_tool("psql"), &cwd);
+            c.args(["-X", "-A", "-t", "-q", "-d", "postgres", "-h"]).arg(&socket).args(["-p", &port.to_string(), "-c", &sql]);
+            let r = run(&mut c, SQL_TIMEOUT);
+            if r.status.success() { r.stdout.trim().to_owned() } else { String::new() }
+        }
+    }
+
     /// Runs SQL; returns its unaligned, tuples-only output, trimmed.
     pub fn psql(&self, sql: &str) -> String {
         let r = run(&mut self.psql_cmd(sql), SQL_TIMEOUT);

@@ -1,0 +1,459 @@
+//! Asynchronous `archive-push`.
+//!
+//! PostgreSQL's archiver runs `archive_command` for one file at a time, so a
+//! store that takes 100 ms per segment caps archiving at 10 segments/s. In
+//! asynchronous mode `archive-push` only waits for a background worker:
+//! the worker reads PostgreSQL's own queue (`pg_wal/archive_status/*.ready`)
+//! and stores up to `jobs` files at once, each in every repository at once,
+//! and writes a status file per file into the spool (see [`super::spool`]).
+//!
+//! What acknowledging a file to PostgreSQL means, exactly: the file is
+//! stored in every repository that is up, and in at least one. A
+//! repository that fails is marked down; the file is kept for it in the
+//! spool queue and delivered, in order, once it answers again, while the
+//! others carry on without waiting for it. `archive-push-queue-max` bounds
+//! that queue: past it the down repository misses segments (logged, and
+//! reported by `verify` as a gap) rather than filling the primary's disk.
+//! With no limit nothing is ever skipped. When no repository can take a
+//! file, nothing is acknowledged and PostgreSQL keeps it.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinSet;
+
+use super::spool::{Acknowledged, Spool, Status, Worker};
+use crate::error::{Error, OneLine, Result};
+use crate::repo::Repository;
+use crate::types::WalFileName;
+use crate::Stanza;
+
+/// How long the worker stays up with nothing to do.
+const IDLE_EXIT: Duration = Duration::from_secs(5);
+/// How often a down repository is tried again.
+const PROBE_EVERY: Duration = Duration::from_secs(2);
+/// How soon a file that failed everywhere is tried again.
+const RETRY_FAILED: Duration = Duration::from_secs(1);
+/// How long a stored file is not stored again while PostgreSQL still
+/// lists it as ready (it marks it done once `archive-push` returns).
+const RECENTLY_STORED: Duration = Duration::from_secs(10);
+
+/// Hash recorded in an acknowledgement.
+fn content_hash(data: &[u8]) -> String {
+    blake3::hash(data).to_hex().to_string()
+}
+
+/// Whether `path` can go through the worker: it must sit in a `pg_wal`
+/// with PostgreSQL's `archive_status` queue and be marked ready there.
+fn ready_in_queue(path: &Path, name: &str) -> Option<PathBuf> {
+    let dir = std::path::absolute(path).ok()?.parent()?.to_path_buf();
+    dir.join("archive_status").join(format!("{name}.ready")).exists().then_some(dir)
+}
+
+/// The foreground of asynchronous `archive-push`: waits until the worker
+/// reports on `path`, starting it (`start_worker`) when none runs. Returns
+/// the warnings PostgreSQL's log should show. Falls back to pushing
+/// directly for a file outside PostgreSQL's queue.
+pub async fn push(stanza: &Stanza, path: &Path, start_worker: &dyn Fn() -> Result<()>) -> Result<Vec<String>> {
+    let name = super::parse_name(path)?;
+    if ready_in_queue(path, name.as_str()).is_none() {
+        super::push(stanza, path).await?;
+        return Ok(Vec::new());
+    }
+    let spool = Spool::open(stanza)?;
+    let timeout = Duration::from_secs(stanza.settings.archive_timeout.max(1));
+    let deadline = Instant::now() + timeout;
+    let mut next_check = Instant::now();
+    loop {
+        match spool.take_status(name.as_str())? {
+            Some(Status::Ok(ack)) => {
+                let data = std::fs::read(path).map_err(Error::io(format!("cannot read {}", path.display())))?;
+                if ack.hash == content_hash(&data) {
+                    return Ok(ack.warnings);
+                }
+                // A stale acknowledgement of another file of that name:
+                // removed, so the worker stores this one.
+            }
+            Some(Status::Failed(why)) => return Err(Error::Refused(why)),
+            None => {}
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(Error::Refused(format!(
+                "{} was not archived within {}s (archive-timeout); see {}",
+                name.as_str(),
+                timeout.as_secs(),
+                spool.log_path(Worker::Push).display()
+            )));
+        }
+        if now >= next_check {
+            if !spool.running(Worker::Push)? {
+                start_worker()?;
+            }
+            next_check = now + Duration::from_millis(250);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// One repository as the worker sees it.
+#[derive(Debug)]
+struct Lane {
+    number: usize,
+    repo: Option<Repository>,
+    /// Why it is down; `None` while it answers.
+    down: Option<String>,
+    /// Names and sizes queued for it, in order.
+    queued: Vec<(String, u64)>,
+    /// Segments it missed because the queue was full, since it went down.
+    skipped: u64,
+    last_probe: Instant,
+    draining: bool,
+}
+
+struct Shared {
+    stanza: Stanza,
+    wal_dir: PathBuf,
+    spool: Spool,
+    lanes: Vec<Mutex<Lane>>,
+    queue_max: Option<u64>,
+}
+
+/// The worker: runs until there has been nothing to do for a few seconds
+/// and no repository has a queue. Returns at once when another worker runs.
+pub async fn worker(stanza: &Stanza, wal_path: &Path) -> Result<()> {
+    let spool = Spool::open(stanza)?;
+    let Some(_lock) = lock_with_patience(&spool).await? else { return Ok(()) };
+    let wal_dir = std::path::absolute(wal_path).map_err(Error::io("cannot resolve the WAL directory"))?;
+    let wal_dir = if wal_dir.is_dir() { wal_dir } else { wal_dir.parent().map(Path::to_path_buf).unwrap_or(wal_dir) };
+    spool.log(Worker::Push, &format!("started for {}", wal_dir.display()));
+    let mut lanes = Vec::new();
+    for number in 1..=stanza.settings.repos.len() {
+        let queued = spool.queued(number);
+        let (repo, down) = match stanza.open(number).await {
+            Ok(r) => (Some(r), None),
+            Err(e) => (None, Some(OneLine(&e).to_string())),
+        };
+        // A queue left by an earlier worker keeps the repository in queue
+        // mode until it is delivered, so that order is kept.
+        let down = down.or_else(|| (!queued.is_empty()).then(|| "it has WAL queued from before".to_owned()));
+        if let Some(why) = &down {
+            spool.log(Worker::Push, &format!("repo {number} is down: {why}"));
+        }
+        let last_probe = Instant::now() - PROBE_EVERY;
+        lanes.push(Mutex::new(Lane { number, repo, down, queued, skipped: 0, last_probe, draining: false }));
+    }
+    if lanes.iter().all(|l| l.lock().expect("lane").repo.is_none()) {
+        // Nothing to store into: report it for what is waiting, and let
+        // PostgreSQL retry.
+        let why = lanes.iter().filter_map(|l| l.lock().expect("lane").down.clone()).collect::<Vec<_>>().join("; ");
+        for name in ready_files(&wal_dir) {
+            spool.fail(&name, &format!("{name} cannot be archived: no repository answers ({why}); PostgreSQL keeps it and retries"))?;
+        }
+        return Ok(());
+    }
+    let shared = Arc::new(Shared { stanza: stanza.clone(), wal_dir, spool, lanes, queue_max: stanza.settings.archive.push_queue_max });
+    run(shared).await
+}
+
+async fn lock_with_patience(spool: &Spool) -> Result<Option<super::spool::WorkerLock>> {
+    // The foreground's own check may hold the lock for an instant.
+    for _ in 0..10 {
+        if let Some(l) = spool.try_lock(Worker::Push)? {
+            return Ok(Some(l));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(None)
+}
+
+async fn run(shared: Arc<Shared>) -> Result<()> {
+    let jobs = shared.stanza.settings.jobs.max(1) * 2;
+    let mut in_flight: BTreeSet<String> = BTreeSet::new();
+    let mut tasks: JoinSet<(String, bool)> = JoinSet::new();
+    let mut drains: JoinSet<()> = JoinSet::new();
+    // Files recently finished, and when: PostgreSQL may not have marked a
+    // file done yet when the next scan sees it ready.
+    let mut finished: Finished = HashMap::new();
+    let mut idle_since = Instant::now();
+    let mut cleaned = Instant::now() - Duration::from_secs(60);
+    loop {
+        while let Some(done) = tasks.try_join_next() {
+            finish(Some(done), &mut in_flight, &mut finished);
+        }
+        while drains.try_join_next().is_some() {}
+        if !shared.wal_dir.join("archive_status").is_dir() {
+            shared.spool.log(Worker::Push, "the WAL directory is gone; stopping");
+            break;
+        }
+        let ready = ready_files(&shared.wal_dir);
+        if cleaned.elapsed() > Duration::from_secs(2) {
+            let waiting: BTreeSet<&str> = ready.iter().map(String::as_str).collect();
+            shared.spool.clean_statuses(|n| waiting.contains(n));
+            cleaned = Instant::now();
+        }
+        let mut pending = false;
+        for name in &ready {
+            if in_flight.contains(name) || shared.spool.has_status(name) {
+                continue;
+            }
+            let wait = match finished.get(name) {
+                Some((at, true)) => at.elapsed() < RECENTLY_STORED,
+                Some((at, false)) => at.elapsed() < RETRY_FAILED,
+                None => false,
+            };
+            if wait || in_flight.len() >= jobs {
+                pending = true;
+                continue;
+            }
+            in_flight.insert(name.clone());
+            let (s, n) = (shared.clone(), name.clone());
+            tasks.spawn(async move {
+                let stored = store_one(&s, &n).await;
+                (n, stored)
+            });
+        }
+        let mut queued = false;
+        for lane in &shared.lanes {
+            let mut l = lane.lock().expect("lane");
+            queued |= !l.queued.is_empty();
+            if l.down.is_some() && !l.draining && l.last_probe.elapsed() >= PROBE_EVERY {
+                l.draining = true;
+                l.last_probe = Instant::now();
+                let (s, number) = (shared.clone(), l.number);
+                drains.spawn(async move { drain(&s, number).await });
+            }
+        }
+        if pending || queued || !in_flight.is_empty() || !drains.is_empty() {
+            idle_since = Instant::now();
+        } else if idle_since.elapsed() >= IDLE_EXIT {
+            break;
+        }
+        finished.retain(|_, (at, _)| at.elapsed() < RECENTLY_STORED);
+        tokio::select! {
+            done = tasks.join_next(), if !tasks.is_empty() => finish(done, &mut in_flight, &mut finished),
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+    }
+    while tasks.join_next().await.is_some() {}
+    drains.abort_all();
+    shared.spool.log(Worker::Push, "idle; stopping");
+    Ok(())
+}
+
+type Finished = HashMap<String, (Instant, bool)>;
+
+fn finish(done: Option<Result<(String, bool), tokio::task::JoinError>>, in_flight: &mut BTreeSet<String>, finished: &mut Finished) {
+    if let Some(Ok((name, stored))) = done {
+        in_flight.remove(&name);
+        finished.insert(name, (Instant::now(), stored));
+    }
+}
+
+/// Names of the files PostgreSQL has marked ready, in name order
+/// (timeline history files sort first, as PostgreSQL archives them).
+fn ready_files(wal_dir: &Path) -> Vec<String> {
+    let Ok(rd) = std::fs::read_dir(wal_dir.join("archive_status")) else { return Vec::new() };
+    let mut names: Vec<String> = rd
+        .filter_map(|e| e.ok()?.file_name().into_string().ok()?.strip_suffix(".ready").map(str::to_owned))
+        .filter(|n| WalFileName::parse(n).is_some())
+        .collect();
+    names.sort_by_key(|n| (!n.ends_with(".history"), n.clone()));
+    names
+}
+
+/// What became of one file in one repository.
+enum Outcome {
+    Stored,
+    /// The repository is down (now or already): queue it there.
+    Down,
+    /// The file itself is refused (another cluster's WAL, a different file
+    /// under that name): never queued, PostgreSQL keeps it.
+    Refused(Error),
+}
+
+/// Stores one ready file in every repository and writes its status;
+/// whether it was stored.
+async fn store_one(s: &Shared, name: &str) -> bool {
+    match try_store_one(s, name).await {
+        Ok(()) => true,
+        Err(e) => {
+            let _ = s.spool.fail(name, &OneLine(&e).to_string());
+            s.spool.log(Worker::Push, &format!("{name}: {}", OneLine(&e)));
+            false
+        }
+    }
+}
+
+async fn try_store_one(s: &Shared, name: &str) -> Result<()> {
+    let path = s.wal_dir.join(name);
+    let wal = super::parse_name(&path)?;
+    let data = std::fs::read(&path).map_err(Error::io(format!("cannot read {}", path.display())))?;
+    let attempts = s.lanes.iter().map(|lane| {
+        let repo = {
+            let l = lane.lock().expect("lane");
+            if l.down.is_some() {
+                None
+            } else {
+                l.repo.clone()
+            }
+        };
+        let (wal, data, path) = (&wal, &data, &path);
+        async move {
+            let Some(repo) = repo else { return Outcome::Down };
+            match store_in(s, &repo, wal, data, path).await {
+                Ok(()) => Outcome::Stored,
+                Err(e) if e.retryable() => {
+                    let mut l = lane.lock().expect("lane");
+                    if l.down.is_none() {
+                        s.spool.log(Worker::Push, &format!("repo {} is down: {}", l.number, OneLine(&e)));
+                        l.down = Some(OneLine(&e).to_string());
+                        l.last_probe = Instant::now();
+                    }
+                    Outcome::Down
+                }
+                Err(e) => Outcome::Refused(e),
+            }
+        }
+    });
+    let mut outcomes = futures::future::join_all(attempts).await;
+    if let Some(i) = outcomes.iter().position(|o| matches!(o, Outcome::Refused(_))) {
+        let Outcome::Refused(e) = outcomes.swap_remove(i) else { unreachable!("matched above") };
+        return Err(e);
+    }
+    let stored = outcomes.iter().filter(|o| matches!(o, Outcome::Stored)).count();
+    if stored == 0 {
+        let why: Vec<String> =
+            s.lanes.iter().map(|l| l.lock().expect("lane")).map(|l| format!("repo {}: {}", l.number, l.down.clone().unwrap_or_default())).collect();
+        return Err(Error::Refused(format!(
+            "{name} cannot be archived: no repository answers ({}); PostgreSQL keeps it and retries",
+            why.join("; ")
+        )));
+    }
+    let mut warnings = Vec::new();
+    for (lane, outcome) in s.lanes.iter().zip(&outcomes) {
+        if matches!(outcome, Outcome::Down) {
+            warnings.push(queue_for(s, lane, name, &data)?);
+        }
+    }
+    s.spool.acknowledge(name, &Acknowledged { hash: content_hash(&data), warnings })
+}
+
+async fn store_in(s: &Shared, repo: &Repository, wal: &WalFileName, data: &[u8], path: &Path) -> Result<()> {
+    let opts = &s.stanza.settings.repos[repo.number - 1];
+    super::check_wal_file(repo, wal, data, path)?;
+    repo.push_wal(wal, data, opts.compress.unwrap_or_default(), opts.compress_level).await?;
+    Ok(())
+}
+
+/// Keeps `name` for a down repository, within the queue limit; returns the
+/// line for PostgreSQL's log.
+///
+/// Over the limit the queue keeps the oldest WAL, so that the repository
+/// misses one run of segments, not scattered ones: files stored at once
+/// reach this point in any order, and an older one takes the place of the
+/// newest queued one.
+fn queue_for(s: &Shared, lane: &Mutex<Lane>, name: &str, data: &[u8]) -> Result<String> {
+    let mut l = lane.lock().expect("lane");
+    let number = l.number;
+    let why = l.down.clone().unwrap_or_default();
+    if l.queued.iter().any(|(n, _)| n == name) {
+        return Ok(format!("repo {number} is down ({why}); {name} is already queued for it"));
+    }
+    let size = data.len() as u64;
+    let full = |q: &[(String, u64)]| s.queue_max.is_some_and(|max| q.iter().map(|(_, b)| b).sum::<u64>() + size > max);
+    while full(&l.queued) && l.queued.last().is_some_and(|(newest, _)| newest.as_str() > name) {
+        let (evicted, _) = l.queued.pop().expect("non-empty");
+        s.spool.dequeue(number, &evicted);
+        l.skipped += 1;
+        s.spool.log(
+            Worker::Push,
+            &format!("repo {number}'s queue is full: {evicted} is NOT kept for repo {number}; the older {name} takes its place"),
+        );
+    }
+    if full(&l.queued) {
+        l.skipped += 1;
+        let line = format!(
+            "repo {number} is down ({why}) and its queue is full (archive-push-queue-max): {name} is NOT kept for repo {number}, which will have a gap in its archive ({} segments missed so far); the other repositories have it",
+            l.skipped
+        );
+        s.spool.log(Worker::Push, &line);
+        return Ok(line);
+    }
+    s.spool.enqueue(number, name, data)?;
+    l.queued.push((name.to_owned(), size));
+    l.queued.sort();
+    let bytes: u64 = l.queued.iter().map(|(_, b)| b).sum();
+    Ok(format!(
+        "repo {number} is down ({why}); {name} is queued for it in {} ({} files, {} MiB)",
+        s.spool.queue(number).display(),
+        l.queued.len(),
+        bytes >> 20
+    ))
+}
+
+/// Tries a down repository again: delivers its queue in order, then marks
+/// it up. Stops at the first failure (tried again later).
+async fn drain(s: &Shared, number: usize) {
+    let lane = &s.lanes[number - 1];
+    let result = drain_queue(s, lane, number).await;
+    let mut l = lane.lock().expect("lane");
+    l.draining = false;
+    l.last_probe = Instant::now();
+    match result {
+        Ok(true) => {
+            let skipped = std::mem::take(&mut l.skipped);
+            l.down = None;
+            let note = if skipped > 0 { format!("; it missed {skipped} segments while its queue was full") } else { String::new() };
+            s.spool.log(Worker::Push, &format!("repo {number} is up again and its queue is delivered{note}"));
+        }
+        Ok(false) => {}
+        Err(e) => {
+            l.down = Some(OneLine(&e).to_string());
+        }
+    }
+}
+
+/// Ok(true) once the queue is empty and the repository answers.
+async fn drain_queue(s: &Shared, lane: &Mutex<Lane>, number: usize) -> Result<bool> {
+    let opened = lane.lock().expect("lane").repo.clone();
+    let repo = match opened {
+        Some(r) => r,
+        None => {
+            let r = s.stanza.open(number).await?;
+            lane.lock().expect("lane").repo = Some(r.clone());
+            r
+        }
+    };
+    // A repository with nothing queued is probed with a cheap read.
+    let nothing_queued = lane.lock().expect("lane").queued.is_empty();
+    if nothing_queued {
+        repo.find_wal(&WalFileName::History("00000001.history".into())).await?;
+    }
+    loop {
+        let next = {
+            let l = lane.lock().expect("lane");
+            match l.queued.first() {
+                Some((n, _)) => n.clone(),
+                // Emptied under the lock: new files go straight to it now.
+                None => return Ok(true),
+            }
+        };
+        let data = s.spool.read_queued(number, &next)?;
+        let path = s.spool.queue(number).join(&next);
+        let wal = super::parse_name(&path)?;
+        match store_in(s, &repo, &wal, &data, &path).await {
+            Ok(()) => {}
+            Err(e) if e.retryable() => return Err(e),
+            Err(e) => {
+                // Refused for good (a different file under that name is
+                // there): keeping it would block the queue forever.
+                s.spool.log(Worker::Push, &format!("repo {number} refuses queued {next}, dropped from its queue: {}", OneLine(&e)));
+            }
+        }
+        s.spool.dequeue(number, &next);
+        lane.lock().expect("lane").queued.retain(|(n, _)| n != &next);
+    }
+}

@@ -1,0 +1,353 @@
+//! The local spool of asynchronous archiving, `<spool-path>/<stanza>/`:
+//!
+//! - `out/<wal>.ok`, `out/<wal>.error`: what the push worker did with a
+//!   file PostgreSQL marked ready; `archive-push` waits for one and removes
+//!   it. An `.ok` holds the BLAKE3 hash of the content stored, so a stale
+//!   one never acknowledges another file of the same name.
+//! - `queue/repo<N>/<wal>`: copies of WAL kept for repository N while it is
+//!   down, delivered in name order once it answers again.
+//! - `in/<wal>`: segments `archive-get` fetched ahead of recovery;
+//!   `in/want` names the last segment recovery took.
+//! - `push.lock`, `get.lock`: held (flock) by the running worker;
+//!   `push.log`, `get.log`: the workers' logs.
+//!
+//! Every file is written whole (temporary file, fsync, rename), so a
+//! worker killed at any instant leaves no half file under a real name.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::Stanza;
+
+/// The spool directory of one stanza.
+#[derive(Debug, Clone)]
+pub struct Spool {
+    dir: PathBuf,
+}
+
+/// Which worker a lock or log belongs to.
+#[derive(Debug, Clone, Copy)]
+pub enum Worker {
+    /// The archive-push worker.
+    Push,
+    /// The archive-get prefetcher.
+    Get,
+}
+
+impl Worker {
+    fn name(self) -> &'static str {
+        match self {
+            Worker::Push => "push",
+            Worker::Get => "get",
+        }
+    }
+}
+
+/// The push worker's answer for one file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Acknowledged {
+    /// BLAKE3 of the content that was stored.
+    pub hash: String,
+    /// Lines PostgreSQL's log should show (a repository down, a segment
+    /// not queued).
+    pub warnings: Vec<String>,
+}
+
+/// A status file taken from `out/`.
+#[derive(Debug)]
+pub enum Status {
+    /// Stored in every repository that is up.
+    Ok(Acknowledged),
+    /// Not stored; the one-line reason.
+    Failed(String),
+}
+
+/// The held lock of a worker; released on drop (and by the kernel when the
+/// process dies).
+#[derive(Debug)]
+pub struct WorkerLock {
+    _file: File,
+}
+
+impl Spool {
+    /// The spool of `stanza`, created if needed.
+    pub fn open(stanza: &Stanza) -> Result<Spool> {
+        let root = &stanza.settings.archive.spool;
+        let dir = root.join(stanza.name());
+        for sub in ["out", "queue", "in"] {
+            fs::create_dir_all(dir.join(sub)).map_err(|e| {
+                Error::Input(format!(
+                    "cannot use spool-path {}: {e}; create it, writable by the user PostgreSQL runs as, or set spool-path",
+                    root.display()
+                ))
+            })?;
+        }
+        Ok(Spool { dir })
+    }
+
+    /// The stanza's spool directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn out(&self, name: &str, ext: &str) -> PathBuf {
+        self.dir.join("out").join(format!("{name}.{ext}"))
+    }
+
+    /// Records that `name` is stored.
+    pub fn acknowledge(&self, name: &str, ack: &Acknowledged) -> Result<()> {
+        let _ = fs::remove_file(self.out(name, "error"));
+        write_durably(&self.out(name, "ok"), &serde_json::to_vec(ack).expect("serialisable"))
+    }
+
+    /// Records that `name` could not be stored, and why.
+    pub fn fail(&self, name: &str, why: &str) -> Result<()> {
+        write_durably(&self.out(name, "error"), why.as_bytes())
+    }
+
+    /// Whether a status for `name` is waiting.
+    pub fn has_status(&self, name: &str) -> bool {
+        self.out(name, "ok").exists() || self.out(name, "error").exists()
+    }
+
+    /// Takes (reads and removes) the status of `name`, if any.
+    pub fn take_status(&self, name: &str) -> Result<Option<Status>> {
+        let ok = self.out(name, "ok");
+        if let Some(bytes) = read_if_exists(&ok)? {
+            let _ = fs::remove_file(&ok);
+            // An unreadable .ok acknowledges nothing: the worker pushes again.
+            return Ok(serde_json::from_slice(&bytes).ok().map(Status::Ok));
+        }
+        let err = self.out(name, "error");
+        if let Some(bytes) = read_if_exists(&err)? {
+            let _ = fs::remove_file(&err);
+            return Ok(Some(Status::Failed(String::from_utf8_lossy(&bytes).trim().to_owned())));
+        }
+        Ok(None)
+    }
+
+    /// Removes status files of WAL no longer waiting (`keep` says which
+    /// names are still ready) and left-over temporary files.
+    pub fn clean_statuses(&self, keep: impl Fn(&str) -> bool) {
+        for (path, file) in entries(&self.dir.join("out")) {
+            let name = file.rsplit_once('.').map_or(file.as_str(), |(n, _)| n);
+            if file.ends_with(".tmp") || !keep(name) {
+                let _ = fs::remove_file(path);
+            }
+        }
+    }
+
+    /// The queue directory of repository `number`.
+    pub fn queue(&self, number: usize) -> PathBuf {
+        self.dir.join("queue").join(format!("repo{number}"))
+    }
+
+    /// The WAL files queued for repository `number`, by name, with sizes.
+    pub fn queued(&self, number: usize) -> Vec<(String, u64)> {
+        let mut out: Vec<(String, u64)> = entries(&self.queue(number))
+            .into_iter()
+            .filter(|(_, f)| !f.ends_with(".tmp"))
+            .map(|(p, f)| (f, fs::metadata(p).map(|m| m.len()).unwrap_or(0)))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Keeps a copy of `name` for repository `number`.
+    pub fn enqueue(&self, number: usize, name: &str, data: &[u8]) -> Result<()> {
+        let dir = self.queue(number);
+        fs::create_dir_all(&dir).map_err(Error::io(format!("cannot create {}", dir.display())))?;
+        write_durably(&dir.join(name), data)
+    }
+
+    /// Reads a queued copy.
+    pub fn read_queued(&self, number: usize, name: &str) -> Result<Vec<u8>> {
+        let p = self.queue(number).join(name);
+        fs::read(&p).map_err(Error::io(format!("cannot read {}", p.display())))
+    }
+
+    /// Removes a delivered copy.
+    pub fn dequeue(&self, number: usize, name: &str) {
+        let _ = fs::remove_file(self.queue(number).join(name));
+    }
+
+    /// Where a prefetched segment lives.
+    pub fn prefetched(&self, name: &str) -> PathBuf {
+        self.dir.join("in").join(name)
+    }
+
+    /// Names of the prefetched segments.
+    pub fn prefetched_names(&self) -> Vec<String> {
+        entries(&self.dir.join("in")).into_iter().map(|(_, f)| f).filter(|f| f != "want").collect()
+    }
+
+    /// Removes a prefetched segment (or a temporary file).
+    pub fn drop_prefetched(&self, name: &str) {
+        let _ = fs::remove_file(self.prefetched(name));
+    }
+
+    /// Stores a fetched segment under `in/`.
+    pub fn store_prefetched(&self, name: &str, data: &[u8]) -> Result<()> {
+        write_durably(&self.prefetched(name), data)
+    }
+
+    /// Moves prefetched segment `name` to `dest`; false when it is not
+    /// there.
+    pub fn take_prefetched(&self, name: &str, dest: &Path) -> Result<bool> {
+        let src = self.prefetched(name);
+        match fs::rename(&src, dest) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            // Another file system: copy.
+            Err(_) => {
+                let Some(data) = read_if_exists(&src)? else { return Ok(false) };
+                write_durably(dest, &data)?;
+                let _ = fs::remove_file(&src);
+                return Ok(true);
+            }
+        }
+        if let Some(dir) = dest.parent() {
+            let _ = File::open(dir).and_then(|d| d.sync_all());
+        }
+        Ok(true)
+    }
+
+    /// Records the last segment recovery took, for the prefetcher.
+    pub fn set_want(&self, name: &str) -> Result<()> {
+        write_durably(&self.dir.join("in").join("want"), name.as_bytes())
+    }
+
+    /// The last segment recovery took.
+    pub fn want(&self) -> Option<String> {
+        fs::read_to_string(self.dir.join("in").join("want")).ok().map(|s| s.trim().to_owned())
+    }
+
+    /// Takes the lock of `worker` if no one holds it.
+    pub fn try_lock(&self, worker: Worker) -> Result<Option<WorkerLock>> {
+        let path = self.dir.join(format!("{}.lock", worker.name()));
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(Error::io(format!("cannot open {}", path.display())))?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(WorkerLock { _file: file })),
+            Err(fs::TryLockError::WouldBlock) => Ok(None),
+            Err(fs::TryLockError::Error(e)) => Err(Error::io(format!("cannot lock {}", path.display()))(e)),
+        }
+    }
+
+    /// Whether a worker holds its lock.
+    pub fn running(&self, worker: Worker) -> Result<bool> {
+        Ok(self.try_lock(worker)?.is_none())
+    }
+
+    /// The log file of `worker`.
+    pub fn log_path(&self, worker: Worker) -> PathBuf {
+        self.dir.join(format!("{}.log", worker.name()))
+    }
+
+    /// Appends a time-stamped line to the log of `worker`.
+    pub fn log(&self, worker: Worker, line: &str) {
+        let now = chrono::Utc::now().format("%Y-%m-%d %H:%M:%S%.3f");
+        if let Ok(mut f) = OpenOptions::new().create(true).append(true).open(self.log_path(worker)) {
+            let _ = writeln!(f, "{now} [{}] {line}", std::process::id());
+        }
+    }
+}
+
+/// Writes `data` to `path` whole: a temporary file beside it, fsynced,
+/// renamed over `path`, and the directory fsynced.
+pub fn write_durably(path: &Path, data: &[u8]) -> Result<()> {
+    let what = || format!("cannot write {}", path.display());
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let written = (|| {
+        let mut f = File::create(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        if let Some(dir) = path.parent() {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    })();
+    written.map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        Error::io(what())(e)
+    })
+}
+
+fn read_if_exists(path: &Path) -> Result<Option<Vec<u8>>> {
+    match fs::read(path) {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io(format!("cannot read {}", path.display()))(e)),
+    }
+}
+
+fn entries(dir: &Path) -> Vec<(PathBuf, String)> {
+    let Ok(rd) = fs::read_dir(dir) else { return Vec::new() };
+    rd.filter_map(|e| e.ok()).filter_map(|e| Some((e.path(), e.file_name().into_string().ok()?))).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spool(root: &Path) -> Spool {
+        let dir = root.join("s");
+        for sub in ["out", "queue", "in"] {
+            fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        Spool { dir }
+    }
+
+    #[test]
+    fn a_status_is_taken_once_and_an_error_is_replaced_by_an_ok() {
+        let t = tempfile::tempdir().unwrap();
+        let s = spool(t.path());
+        let name = "000000010000000000000003";
+        assert!(s.take_status(name).unwrap().is_none());
+        s.fail(name, "repo 1: down").unwrap();
+        let ack = Acknowledged { hash: "h".into(), warnings: vec!["w".into()] };
+        s.acknowledge(name, &ack).unwrap();
+        match s.take_status(name).unwrap() {
+            Some(Status::Ok(a)) => assert_eq!(a, ack),
+            other => panic!("{other:?}"),
+        }
+        assert!(s.take_status(name).unwrap().is_none(), "taken once");
+        s.fail(name, "repo 1: down\n").unwrap();
+        assert!(matches!(s.take_status(name).unwrap(), Some(Status::Failed(m)) if m == "repo 1: down"));
+    }
+
+    #[test]
+    fn the_queue_lists_in_name_order_without_temporary_files() {
+        let t = tempfile::tempdir().unwrap();
+        let s = spool(t.path());
+        s.enqueue(2, "000000010000000000000005", b"b").unwrap();
+        s.enqueue(2, "000000010000000000000004", b"aa").unwrap();
+        fs::write(s.queue(2).join("000000010000000000000006.7.tmp"), b"x").unwrap();
+        assert_eq!(s.queued(2), vec![("000000010000000000000004".into(), 2), ("000000010000000000000005".into(), 1)]);
+        assert!(s.queued(1).is_empty());
+        s.dequeue(2, "000000010000000000000004");
+        assert_eq!(s.queued(2).len(), 1);
+    }
+
+    #[test]
+    fn a_worker_lock_is_exclusive_until_dropped() {
+        let t = tempfile::tempdir().unwrap();
+        let s = spool(t.path());
+        let held = s.try_lock(Worker::Push).unwrap().expect("free");
+        assert!(s.running(Worker::Push).unwrap());
+        assert!(!s.running(Worker::Get).unwrap());
+        drop(held);
+        assert!(!s.running(Worker::Push).unwrap());
+    }
+}

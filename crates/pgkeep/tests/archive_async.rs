@@ -1,0 +1,227 @@
+//! Asynchronous archiving (`archive-async = true`) to two repositories, a
+//! local one and an S3 one (moto):
+//!
+//! - under pgbench writing as fast as it can, with the push worker killed
+//!   (SIGKILL) three times along the way, PostgreSQL's archiver stays a few
+//!   segments behind at most, both repositories hold every segment, and a
+//!   point-in-time restore to the last second (through the prefetching
+//!   `archive-get`) is identical to the source;
+//! - a repository that stops answering does not hold up the other: WAL is
+//!   acknowledged once the local repository has it, queued in the spool for
+//!   the S3 one up to `archive-push-queue-max`, skipped past it (said in
+//!   PostgreSQL's log), and delivered once S3 answers again; `verify` then
+//!   names exactly the skipped segments as the gap in that repository.
+//!
+//! `PGKEEP_LOAD_SECONDS` sets how long pgbench writes (default 40).
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::*;
+
+/// Config: the stanza with asynchronous archiving into `spool`, then the
+/// repositories.
+fn write_async_config(pk: &Pgkeep, pg: &Cluster, spool: &std::path::Path, extra: &str, repos: &[String]) {
+    let a = &pg.addr;
+    pk.write_raw_config(&format!(
+        "[stanza.{}]\npg-data = \"{}\"\npg-host = \"{}\"\npg-port = {}\narchive-async = true\nspool-path = \"{}\"\n{extra}\n{}",
+        pk.stanza,
+        a.data.display(),
+        a.socket_dir.display(),
+        a.port,
+        spool.display(),
+        repos.join("\n")
+    ));
+}
+
+/// Segment number of a 24-hex-digit WAL name (16 MiB segments).
+fn seg_no(name: &str) -> u64 {
+    u64::from_str_radix(&name[8..16], 16).unwrap() * 256 + u64::from_str_radix(&name[16..24], 16).unwrap()
+}
+
+fn pids_of(pattern: &str) -> Vec<String> {
+    let out = std::process::Command::new("pgrep").args(["-f", pattern]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_owned).collect()
+}
+
+fn verify_json(pk: &Pgkeep, repo: &str) -> (bool, Value) {
+    let r = pk.run(&["verify", "--repo", repo, "--output", "json"]);
+    let v = serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("verify --repo {repo} gave no JSON ({e}): {}{}", r.stdout, r.stderr));
+    (r.status.success(), v)
+}
+
+#[test]
+fn async_archiving_keeps_up_under_load_and_restores_to_the_last_second() {
+    let seconds: u32 = std::env::var("PGKEEP_LOAD_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(40);
+    let dir = TestDir::new("archive-async");
+    let moto = Moto::start("pgkeep-async");
+    let local = Repo::local(&dir, "repo1");
+    let spool = dir.mkdir("spool");
+    let pk = Pgkeep::new(&dir, "demo", "demo");
+    let pg = Cluster::new(&dir, "demo-data", Some(&pk));
+    write_async_config(&pk, &pg, &spool, "", &[local.toml(), moto.repo("two").toml()]);
+    pk.ok(&["stanza-create"]);
+    pg.pgbench_init(10);
+    pk.ok(&["backup", "--type", "full"]);
+    pk.ok(&["backup", "--type", "full", "--repo", "2"]);
+
+    // The archiver's lag, sampled: segments between the one being written
+    // and the last one archived.
+    let stop = Arc::new(AtomicBool::new(false));
+    let lags = Arc::new(Mutex::new(Vec::<u64>::new()));
+    let sampler = {
+        let (stop, lags) = (stop.clone(), lags.clone());
+        let q = "select pg_walfile_name(pg_current_wal_lsn()), coalesce(last_archived_wal, '') from pg_stat_archiver";
+        let psql = pg.psql_command(q);
+        thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let row = psql();
+                if let Some((now, archived)) = row.split_once('|') {
+                    if archived.len() == 24 {
+                        lags.lock().unwrap().push(seg_no(now).saturating_sub(seg_no(archived)));
+                    }
+                }
+                thread::sleep(Duration::from_millis(250));
+            }
+        })
+    };
+    let before: Vec<u64> = pg.psql("select archived_count, failed_count from pg_stat_archiver").split('|').map(|v| v.parse().unwrap()).collect();
+    let start = Instant::now();
+    let load = pg.pgbench_background(seconds, 8);
+    // Kill the push worker three times along the way: the next
+    // archive-push starts another, and nothing is lost.
+    let mut kills = 0;
+    for k in 1..=3u32 {
+        while start.elapsed() < Duration::from_secs(u64::from(seconds * k / 4)) {
+            thread::sleep(Duration::from_millis(100));
+        }
+        for pid in pids_of("archive-push .*--worker") {
+            if std::process::Command::new("kill").args(["-KILL", &pid]).status().unwrap().success() {
+                kills += 1;
+            }
+        }
+    }
+    load.wait_ok();
+    let elapsed = start.elapsed().as_secs_f64();
+
+    // The target: the last second, after the last write of the load.
+    pg.psql("create table marker as select 1 as x");
+    thread::sleep(Duration::from_millis(1100));
+    let target = pg.psql("select to_char(clock_timestamp(), 'YYYY-MM-DD HH24:MI:SS.USOF')");
+    let expected = pg.dump();
+    thread::sleep(Duration::from_millis(1100));
+    pg.psql("insert into marker values (2)");
+    let last = pg.switch_wal();
+    pg.wait_archived(&last);
+    stop.store(true, Ordering::Relaxed);
+    sampler.join().unwrap();
+
+    let after: Vec<u64> = pg.psql("select archived_count, failed_count from pg_stat_archiver").split('|').map(|v| v.parse().unwrap()).collect();
+    let archived = after[0] - before[0];
+    let lags = lags.lock().unwrap().clone();
+    let max_lag = lags.iter().copied().max().unwrap_or(0);
+    eprintln!(
+        "load: {archived} files archived in {elapsed:.1} s ({:.1}/s) to two repositories, {} failed attempts, archiver lag max {max_lag} segments over {} samples, push worker killed {kills} times",
+        archived as f64 / elapsed,
+        after[1] - before[1],
+        lags.len()
+    );
+    assert!(archived >= 10, "the load made only {archived} WAL files: the test proves nothing");
+    assert!(kills >= 1, "no push worker was running to kill during the load");
+    assert!(lags.len() >= 10, "too few lag samples: {lags:?}");
+    assert!(max_lag <= 6, "the archiver fell {max_lag} segments behind (samples: {lags:?})");
+
+    // Both repositories hold every segment, checked.
+    for repo in ["1", "2"] {
+        let (ok, v) = verify_json(&pk, repo);
+        assert!(ok, "verify --repo {repo}: {v}");
+        assert!(v["wal"]["files"].as_u64().unwrap() >= archived, "repo {repo}: {v}");
+    }
+    assert!(pids_of("archive-push .*--worker").len() <= 1, "more than one push worker");
+
+    // Point-in-time restore to the last second, through archive-get's
+    // prefetch.
+    let restored_dir = dir.join("restored");
+    pk.ok(&["restore", "--pg-data", restored_dir.to_str().unwrap(), "--target-time", &target]);
+    let restored = Cluster::start_restored(&dir, &restored_dir);
+    assert_eq!(restored.count("marker"), 1, "the restore went past its target");
+    assert_same_dump("restore to the last second", &expected, &restored.dump());
+    restored.amcheck();
+    let log = std::fs::read_to_string(spool.join("demo/get.log")).unwrap_or_default();
+    assert!(log.contains("started"), "archive-get never started its prefetcher:\n{log}");
+}
+
+#[test]
+fn a_repository_that_stays_down_is_queued_then_skipped_past_the_limit() {
+    let dir = TestDir::new("archive-queue");
+    let moto = Moto::start("pgkeep-queue");
+    let local = Repo::local(&dir, "repo1");
+    let spool = dir.mkdir("spool");
+    let pk = Pgkeep::new(&dir, "demo", "demo");
+    let pg = Cluster::new(&dir, "demo-data", Some(&pk));
+    let s3 = format!("{}io-timeout = 2\n", moto.repo("two").toml());
+    write_async_config(&pk, &pg, &spool, "archive-push-queue-max = \"48MiB\"", &[local.toml(), s3]);
+    pk.ok(&["stanza-create"]);
+    pg.pgbench_init(1);
+    pk.ok(&["backup", "--type", "full", "--repo", "2"]);
+    let segment = |i: u32| {
+        pg.psql(&format!("create table t{i} as select {i} as x"));
+        pg.switch_wal()
+    };
+    pg.wait_archived(&segment(0));
+
+    // S3 stops answering: WAL keeps being acknowledged (repo 1 has it),
+    // the first three segments are queued for repo 2, the next three are
+    // not (48 MiB of queue), and PostgreSQL's log says so.
+    moto.freeze();
+    let down: Vec<String> = (1..=6).map(segment).collect();
+    pg.wait_archived(&down[5]);
+    let queue = spool.join("demo/queue/repo2");
+    let queued: Vec<String> = {
+        let mut q: Vec<String> = std::fs::read_dir(&queue).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        q.sort();
+        q
+    };
+    assert_eq!(queued, down[..3].to_vec(), "queued for repo 2");
+    // Each skipped segment is named, in PostgreSQL's log or (when it was
+    // queued first and then made room for an older one) in the worker's.
+    let log = std::fs::read_to_string(pg.log()).unwrap() + &std::fs::read_to_string(spool.join("demo/push.log")).unwrap();
+    for name in &down[3..] {
+        assert!(log.contains(&format!("{name} is NOT kept for repo 2")), "no log says {name} was skipped:\n{log}");
+    }
+    assert!(log.contains("is queued for it"), "PostgreSQL's log does not say WAL is queued for repo 2:\n{log}");
+    let (ok, v) = verify_json(&pk, "1");
+    assert!(ok, "repo 1 must hold every segment while repo 2 is down: {v}");
+
+    // S3 answers again: the queue is delivered, new WAL reaches it too.
+    moto.thaw();
+    let start = Instant::now();
+    while std::fs::read_dir(&queue).unwrap().next().is_some() {
+        assert!(start.elapsed() < Duration::from_secs(120), "the queue for repo 2 was not delivered after S3 came back");
+        thread::sleep(Duration::from_millis(200));
+    }
+    let after = segment(7);
+    pg.wait_archived(&after);
+
+    let (ok, v) = verify_json(&pk, "2");
+    assert!(!ok, "verify must report repo 2's gap: {v}");
+    let gaps = v["wal"]["gaps"].as_array().unwrap_or_else(|| panic!("no gaps in {v}"));
+    assert_eq!(gaps.len(), 1, "{v}");
+    assert_eq!((gaps[0]["from"].as_str().unwrap(), gaps[0]["to"].as_str().unwrap()), (down[3].as_str(), down[5].as_str()), "{v}");
+    let (ok, v) = verify_json(&pk, "1");
+    assert!(ok, "{v}");
+
+    // The delivered segments come back whole from repo 2 alone.
+    let only2 = Pgkeep::new(&dir, "only2", "demo");
+    only2.write_raw_config(&format!("[stanza.demo]\npg-data = \"{}\"\n\n{}", pg.addr.data.display(), moto.repo("two").toml()));
+    for name in down[..3].iter().chain([&after]) {
+        let got = dir.join("got");
+        only2.ok(&["archive-get", name, got.to_str().unwrap()]);
+        assert_eq!(std::fs::metadata(&got).unwrap().len(), 16 << 20);
+    }
+}
