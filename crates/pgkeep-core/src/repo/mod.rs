@@ -141,6 +141,14 @@ impl Repository {
     /// already archived is success; a different one is refused and nothing
     /// is overwritten (the key carries the checksum, so it cannot be).
     pub async fn push_wal(&self, name: &WalFileName, data: &[u8], compress: Compress, level: Option<i32>) -> Result<Pushed> {
+        let packed = codec::compress_bytes(compress, level, data).map_err(Error::io("cannot compress WAL"))?;
+        self.push_packed_wal(name, data, compress, &packed).await
+    }
+
+    /// [`Repository::push_wal`] with the content already compressed
+    /// (`packed`, by `compress`), so that several repositories share one
+    /// compression.
+    pub async fn push_packed_wal(&self, name: &WalFileName, data: &[u8], compress: Compress, packed: &[u8]) -> Result<Pushed> {
         let checksum = self.content_hash(data);
         let found = self.find_wal(name).await?;
         if found.iter().any(|f| f.checksum == checksum) {
@@ -154,10 +162,9 @@ impl Repository {
                 self.meta.stanza
             )));
         }
-        let packed = codec::compress_bytes(compress, level, data).map_err(Error::io("cannot compress WAL"))?;
         let packed = match &self.cipher {
-            Some(c) => c.seal(&packed)?,
-            None => packed,
+            Some(c) => c.seal(packed)?,
+            None => packed.to_vec(),
         };
         let key = format!("archive/{}/{}-{checksum}{}", name.archive_dir(), name.as_str(), compress.extension());
         self.store.put(&key, Bytes::from(packed), true).await?;

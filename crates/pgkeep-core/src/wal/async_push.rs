@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 
 use super::spool::{Acknowledged, Spool, Status, Worker};
+use crate::codec::Compress;
 use crate::error::{Error, OneLine, Result};
 use crate::repo::Repository;
 use crate::types::WalFileName;
@@ -40,9 +41,13 @@ const RETRY_FAILED: Duration = Duration::from_secs(1);
 /// lists it as ready (it marks it done once `archive-push` returns).
 const RECENTLY_STORED: Duration = Duration::from_secs(10);
 
-/// Hash recorded in an acknowledgement.
-fn content_hash(data: &[u8]) -> String {
-    blake3::hash(data).to_hex().to_string()
+/// Which file an acknowledgement is for: device, inode, size and
+/// modification time as the worker read it. PostgreSQL never changes a
+/// segment once it is marked ready, and recycles segments under new names,
+/// so a file that still matches is the one that was stored.
+fn fingerprint(meta: &std::fs::Metadata) -> String {
+    use std::os::unix::fs::MetadataExt;
+    format!("{}:{}:{}:{}.{}", meta.dev(), meta.ino(), meta.size(), meta.mtime(), meta.mtime_nsec())
 }
 
 /// Whether `path` can go through the worker: it must sit in a `pg_wal`
@@ -69,8 +74,8 @@ pub async fn push(stanza: &Stanza, path: &Path, start_worker: &dyn Fn() -> Resul
     loop {
         match spool.take_status(name.as_str())? {
             Some(Status::Ok(ack)) => {
-                let data = std::fs::read(path).map_err(Error::io(format!("cannot read {}", path.display())))?;
-                if ack.hash == content_hash(&data) {
+                let meta = std::fs::metadata(path).map_err(Error::io(format!("cannot read {}", path.display())))?;
+                if ack.file == fingerprint(&meta) {
                     return Ok(ack.warnings);
                 }
                 // A stale acknowledgement of another file of that name:
@@ -290,21 +295,37 @@ async fn store_one(s: &Shared, name: &str) -> bool {
 async fn try_store_one(s: &Shared, name: &str) -> Result<()> {
     let path = s.wal_dir.join(name);
     let wal = super::parse_name(&path)?;
-    let data = std::fs::read(&path).map_err(Error::io(format!("cannot read {}", path.display())))?;
-    let attempts = s.lanes.iter().map(|lane| {
-        let repo = {
-            let l = lane.lock().expect("lane");
-            if l.down.is_some() {
-                None
-            } else {
-                l.repo.clone()
+    let what = || format!("cannot read {}", path.display());
+    let meta = std::fs::metadata(&path).map_err(Error::io(what()))?;
+    let data = Arc::new(std::fs::read(&path).map_err(Error::io(what()))?);
+    let up: Vec<Option<Repository>> =
+        s.lanes.iter().map(|lane| lane.lock().expect("lane")).map(|l| if l.down.is_some() { None } else { l.repo.clone() }).collect();
+    // Compressed once per codec and level, off the runtime's threads.
+    let codecs: Vec<(Compress, Option<i32>)> = up.iter().flatten().map(|r| codec_of(s, r)).collect();
+    let packed = {
+        let data = data.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut p = super::Packed::default();
+            for (c, level) in codecs {
+                p.get(c, level, &data)?;
             }
-        };
-        let (wal, data, path) = (&wal, &data, &path);
+            Ok::<_, Error>(p)
+        })
+        .await
+        .map_err(|e| Error::Refused(format!("compressing {name} failed: {e}")))??
+    };
+    let attempts = s.lanes.iter().zip(up).map(|(lane, repo)| {
+        let (wal, data, path, packed) = (&wal, &data, &path, &packed);
         async move {
             let Some(repo) = repo else { return Outcome::Down };
-            match store_in(s, &repo, wal, data, path).await {
-                Ok(()) => Outcome::Stored,
+            let (c, level) = codec_of(s, &repo);
+            let bytes = packed.find(c, level).expect("compressed above");
+            let stored = async {
+                super::check_wal_file(&repo, wal, data, path)?;
+                repo.push_packed_wal(wal, data, c, &bytes).await
+            };
+            match stored.await {
+                Ok(_) => Outcome::Stored,
                 Err(e) if e.retryable() => {
                     let mut l = lane.lock().expect("lane");
                     if l.down.is_none() {
@@ -338,13 +359,20 @@ async fn try_store_one(s: &Shared, name: &str) -> Result<()> {
             warnings.push(queue_for(s, lane, name, &data)?);
         }
     }
-    s.spool.acknowledge(name, &Acknowledged { hash: content_hash(&data), warnings })
+    s.spool.acknowledge(name, &Acknowledged { file: fingerprint(&meta), warnings })
 }
 
-async fn store_in(s: &Shared, repo: &Repository, wal: &WalFileName, data: &[u8], path: &Path) -> Result<()> {
+/// Codec and level of a repository.
+fn codec_of(s: &Shared, repo: &Repository) -> (Compress, Option<i32>) {
     let opts = &s.stanza.settings.repos[repo.number - 1];
+    (opts.compress.unwrap_or_default(), opts.compress_level)
+}
+
+/// Stores a queued file (compressed here: the queue is the rare path).
+async fn store_in(s: &Shared, repo: &Repository, wal: &WalFileName, data: &[u8], path: &Path) -> Result<()> {
+    let (c, level) = codec_of(s, repo);
     super::check_wal_file(repo, wal, data, path)?;
-    repo.push_wal(wal, data, opts.compress.unwrap_or_default(), opts.compress_level).await?;
+    repo.push_wal(wal, data, c, level).await?;
     Ok(())
 }
 

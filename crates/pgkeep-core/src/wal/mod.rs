@@ -12,6 +12,7 @@
 
 use std::path::Path;
 
+use crate::codec::Compress;
 use crate::error::{Error, Result};
 use crate::pg::wal_system_id;
 use crate::repo::{Pushed, Repository};
@@ -41,12 +42,15 @@ pub async fn push(stanza: &Stanza, path: &Path) -> Result<Vec<Pushed>> {
     // from the others (PostgreSQL retries until all have it).
     let mut stored = Vec::new();
     let mut failed: Vec<(usize, Error)> = Vec::new();
+    let mut packed = Packed::default();
     for (i, opts) in stanza.settings.repos.iter().enumerate() {
         let number = i + 1;
         let attempt = async {
             let r = stanza.open(number).await?;
             check_wal_file(&r, &name, &data, path)?;
-            r.push_wal(&name, &data, opts.compress.unwrap_or_default(), opts.compress_level).await
+            let compress = opts.compress.unwrap_or_default();
+            let bytes = packed.get(compress, opts.compress_level, &data)?;
+            r.push_packed_wal(&name, &data, compress, &bytes).await
         };
         match attempt.await {
             Ok(p) => stored.push((number, p)),
@@ -67,6 +71,28 @@ pub async fn push(stanza: &Stanza, path: &Path) -> Result<Vec<Pushed>> {
                 why.join("; ")
             )))
         }
+    }
+}
+
+/// A WAL file compressed once per codec and level, shared by the
+/// repositories that use the same ones.
+#[derive(Default)]
+pub(crate) struct Packed(Vec<((Compress, Option<i32>), std::sync::Arc<Vec<u8>>)>);
+
+impl Packed {
+    /// The file as already compressed with `compress` at `level`.
+    pub(crate) fn find(&self, compress: Compress, level: Option<i32>) -> Option<std::sync::Arc<Vec<u8>>> {
+        self.0.iter().find(|(k, _)| *k == (compress, level)).map(|(_, b)| b.clone())
+    }
+
+    /// The file compressed with `compress` at `level`.
+    pub(crate) fn get(&mut self, compress: Compress, level: Option<i32>, data: &[u8]) -> Result<std::sync::Arc<Vec<u8>>> {
+        if let Some(b) = self.find(compress, level) {
+            return Ok(b);
+        }
+        let b = std::sync::Arc::new(crate::codec::compress_bytes(compress, level, data).map_err(Error::io("cannot compress WAL"))?);
+        self.0.push(((compress, level), b.clone()));
+        Ok(b)
     }
 }
 

@@ -2,8 +2,8 @@
 //!
 //! - `out/<wal>.ok`, `out/<wal>.error`: what the push worker did with a
 //!   file PostgreSQL marked ready; `archive-push` waits for one and removes
-//!   it. An `.ok` holds the BLAKE3 hash of the content stored, so a stale
-//!   one never acknowledges another file of the same name.
+//!   it. An `.ok` names the file it is for (device, inode, size, mtime),
+//!   so a stale one never acknowledges another file of the same name.
 //! - `queue/repo<N>/<wal>`: copies of WAL kept for repository N while it is
 //!   down, delivered in name order once it answers again.
 //! - `in/<wal>`: segments `archive-get` fetched ahead of recovery;
@@ -50,8 +50,8 @@ impl Worker {
 /// The push worker's answer for one file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Acknowledged {
-    /// BLAKE3 of the content that was stored.
-    pub hash: String,
+    /// The file that was stored: device, inode, size and mtime.
+    pub file: String,
     /// Lines PostgreSQL's log should show (a repository down, a segment
     /// not queued).
     pub warnings: Vec<String>,
@@ -316,7 +316,7 @@ mod tests {
         let name = "000000010000000000000003";
         assert!(s.take_status(name).unwrap().is_none());
         s.fail(name, "repo 1: down").unwrap();
-        let ack = Acknowledged { hash: "h".into(), warnings: vec!["w".into()] };
+        let ack = Acknowledged { file: "1:2:3:4.5".into(), warnings: vec!["w".into()] };
         s.acknowledge(name, &ack).unwrap();
         match s.take_status(name).unwrap() {
             Some(Status::Ok(a)) => assert_eq!(a, ack),
