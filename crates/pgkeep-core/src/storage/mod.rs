@@ -36,6 +36,32 @@ fn client(io_timeout: Duration) -> ClientOptions {
 /// take (an 8 MiB part on a slow link included).
 pub const DEFAULT_IO_TIMEOUT: u64 = 120;
 
+/// The key that a listed (encoded) path stands for. A key becomes an
+/// `object_store` path with the characters it reserves (`%`, `#`, `?`,
+/// non-ASCII, ...) percent-encoded, and lists give that encoded form back:
+/// decoding it makes a listed key name the same object again when read,
+/// written or deleted (a file name in a data directory may hold any of
+/// them).
+fn key_of(encoded: &str) -> String {
+    let hex = |c: u8| (c as char).to_digit(16);
+    let b = encoded.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match (b[i], b.get(i + 1).copied().and_then(hex), b.get(i + 2).copied().and_then(hex)) {
+            (b'%', Some(hi), Some(lo)) => {
+                out.push((hi * 16 + lo) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).unwrap_or_else(|_| encoded.to_owned())
+}
+
 /// A repository's store, with keys relative to its location.
 #[derive(Clone, Debug)]
 pub struct Store {
@@ -174,7 +200,7 @@ impl Store {
         Ok(metas
             .into_iter()
             .map(|m| Listed {
-                key: m.location.as_ref()[strip.min(m.location.as_ref().len())..].to_owned(),
+                key: key_of(&m.location.as_ref()[strip.min(m.location.as_ref().len())..]),
                 size: m.size,
                 modified: m.last_modified,
             })
@@ -189,7 +215,7 @@ impl Store {
             .list_with_delimiter(if dir.is_empty() { None } else { Some(&prefix) })
             .await
             .map_err(Error::storage(self.what("list", dir)))?;
-        Ok(r.common_prefixes.iter().filter_map(|p| p.filename().map(str::to_owned)).collect())
+        Ok(r.common_prefixes.iter().filter_map(|p| p.filename().map(key_of)).collect())
     }
 
     /// Deletes objects; missing ones are not an error.
@@ -212,3 +238,18 @@ impl Store {
 
 mod sync_io;
 pub use sync_io::{ObjectReader, ObjectWriter};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listed_keys_decode_to_the_keys_written() {
+        for key in ["archive/0000000100000000/000000010000000000000001-abc.zst", "pg_data/odd name+1%#é?*~[x].conf", "a/%41/b", "100%"] {
+            let path = KeyPath::from(key);
+            let listed: Vec<String> = path.parts().map(|p| key_of(p.as_ref())).collect();
+            assert_eq!(listed.join("/"), key, "{} lists back as another key", path.as_ref());
+        }
+        assert_eq!(key_of("bad%zz%4"), "bad%zz%4", "malformed escapes stay as they are");
+    }
+}
