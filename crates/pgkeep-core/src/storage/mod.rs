@@ -73,11 +73,17 @@ fn truthy(value: &str) -> bool {
 /// absent prefix is empty): a setup mistake, said so, not a store failure
 /// worth retrying.
 fn missing_bucket(what: String) -> impl FnOnce(object_store::Error) -> Error {
-    move |e| match e {
-        object_store::Error::NotFound { .. } => {
+    move |e| {
+        // Azure and GCS lists report a 404 as a generic error; the HTTP
+        // status is only in its text (object_store 0.14 does not export
+        // the error type that holds it).
+        let not_found = matches!(e, object_store::Error::NotFound { .. })
+            || (matches!(e, object_store::Error::Generic { .. }) && crate::error::one_line(&e).contains("status code: 404 "));
+        if not_found {
             Error::Input(format!("{what}: its bucket or container does not exist; create it, or fix the location"))
+        } else {
+            Error::storage(what)(e)
         }
-        e => Error::storage(what)(e),
     }
 }
 
@@ -257,7 +263,7 @@ impl Store {
             .list(if dir.is_empty() { None } else { Some(&prefix) })
             .try_collect()
             .await
-            .map_err(missing_bucket(self.what("list", dir)))?;
+            .map_err(missing_bucket(self.what_list(dir)))?;
         Ok(metas
             .into_iter()
             .map(|m| Listed {
@@ -275,7 +281,7 @@ impl Store {
             .inner
             .list_with_delimiter(if dir.is_empty() { None } else { Some(&prefix) })
             .await
-            .map_err(missing_bucket(self.what("list", dir)))?;
+            .map_err(missing_bucket(self.what_list(dir)))?;
         Ok(r.common_prefixes.iter().filter_map(|p| p.filename().map(key_of)).collect())
     }
 
@@ -294,6 +300,14 @@ impl Store {
 
     pub(crate) fn what(&self, verb: &str, key: &str) -> String {
         format!("cannot {verb} '{key}' in repository {}", self.location)
+    }
+
+    fn what_list(&self, dir: &str) -> String {
+        if dir.is_empty() {
+            format!("cannot list repository {}", self.location)
+        } else {
+            self.what("list", dir)
+        }
     }
 }
 
