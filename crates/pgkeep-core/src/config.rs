@@ -67,7 +67,9 @@ pub struct RepoOptions {
     /// A directory, or s3://bucket/prefix, gs://bucket/prefix, az://container/prefix.
     #[arg(long, global = true)]
     pub location: Option<String>,
-    /// S3: endpoint URL of an S3-compatible server.
+    /// Endpoint URL: of an S3-compatible server (s3://), of the blob
+    /// service (az://, default https://ACCOUNT.blob.core.windows.net), or
+    /// of the JSON API (gs://).
     #[arg(long, global = true)]
     pub endpoint: Option<String>,
     /// S3: region (default us-east-1).

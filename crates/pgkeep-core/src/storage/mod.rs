@@ -3,6 +3,28 @@
 //! Storage. The engine never branches on the backend: it sees [`Store`],
 //! whose keys are relative to the repository's location.
 //!
+//! Where each backend takes its settings (credentials stay out of the
+//! repository options except S3's, as `object_store` reads them from the
+//! environment):
+//!
+//! - `s3://bucket/prefix`: `endpoint`, `region`, `path-style`, the access
+//!   keys, else the `AWS_*` variables;
+//! - `az://container/prefix`: `endpoint` is the blob service URL (default
+//!   `https://ACCOUNT.blob.core.windows.net`; Azurite's is
+//!   `http://HOST:PORT/devstoreaccount1`); the account and its credential
+//!   come from the `AZURE_STORAGE_*` variables (`AZURE_STORAGE_ACCOUNT_NAME`
+//!   and `AZURE_STORAGE_ACCOUNT_KEY`, a SAS token, a service principal, a
+//!   managed identity), or `AZURE_STORAGE_USE_EMULATOR=true` selects the
+//!   emulator's account at `AZURITE_BLOB_STORAGE_URL`;
+//! - `gs://bucket/prefix`: `endpoint` is the base URL of the JSON API
+//!   (default `https://storage.googleapis.com`); credentials from
+//!   `GOOGLE_SERVICE_ACCOUNT`, `GOOGLE_APPLICATION_CREDENTIALS` or the
+//!   instance's metadata server (`GOOGLE_SKIP_SIGNATURE=true` for an
+//!   emulator that takes no authentication).
+//!
+//! `pgkeep` never creates a bucket or container: writing into a missing one
+//! fails saying so.
+//!
 //! Local writes are atomic (temporary file, then rename) and fsynced by the
 //! `object_store` local backend; object stores make a PUT visible whole or
 //! not at all. That is what the repository's crash-safety argument rests on
@@ -35,6 +57,61 @@ fn client(io_timeout: Duration) -> ClientOptions {
 /// Default of `io-timeout`: how long one request to an object store may
 /// take (an 8 MiB part on a slow link included).
 pub const DEFAULT_IO_TIMEOUT: u64 = 120;
+
+/// Does `endpoint` use plain HTTP (an emulator or a local server)?
+fn is_http(endpoint: Option<&str>) -> bool {
+    endpoint.is_some_and(|e| e.starts_with("http://"))
+}
+
+/// How `object_store` reads a boolean setting from the environment.
+fn truthy(value: &str) -> bool {
+    ["1", "true", "on", "yes", "y"].iter().any(|t| value.trim().eq_ignore_ascii_case(t))
+}
+
+/// Wraps a store error of a write or a list, where "not found" can only
+/// mean that the bucket or container itself is missing (a list of an
+/// absent prefix is empty): a setup mistake, said so, not a store failure
+/// worth retrying.
+fn missing_bucket(what: String) -> impl FnOnce(object_store::Error) -> Error {
+    move |e| {
+        // Azure and GCS lists report a 404 as a generic error; the HTTP
+        // status is only in its text (object_store 0.14 does not export
+        // the error type that holds it).
+        let not_found = matches!(e, object_store::Error::NotFound { .. })
+            || (matches!(e, object_store::Error::Generic { .. }) && crate::error::one_line(&e).contains("status code: 404 "));
+        if not_found {
+            Error::Input(format!("{what}: its bucket or container does not exist; create it, or fix the location"))
+        } else {
+            Error::storage(what)(e)
+        }
+    }
+}
+
+/// The key that a listed (encoded) path stands for. A key becomes an
+/// `object_store` path with the characters it reserves (`%`, `#`, `?`,
+/// non-ASCII, ...) percent-encoded, and lists give that encoded form back:
+/// decoding it makes a listed key name the same object again when read,
+/// written or deleted (a file name in a data directory may hold any of
+/// them).
+fn key_of(encoded: &str) -> String {
+    let hex = |c: u8| (c as char).to_digit(16);
+    let b = encoded.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match (b[i], b.get(i + 1).copied().and_then(hex), b.get(i + 2).copied().and_then(hex)) {
+            (b'%', Some(hi), Some(lo)) => {
+                out.push((hi * 16 + lo) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).unwrap_or_else(|_| encoded.to_owned())
+}
 
 /// A repository's store, with keys relative to its location.
 #[derive(Clone, Debug)]
@@ -99,19 +176,35 @@ impl Store {
                 Arc::new(b.build().map_err(|e| bad(crate::error::one_line(&e)))?)
             }
             "gs" => {
-                let b = object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                let mut b = object_store::gcp::GoogleCloudStorageBuilder::from_env()
                     .with_bucket_name(bucket)
                     .with_retry(retry(io_timeout))
-                    .with_client_options(client(io_timeout));
+                    .with_client_options(client(io_timeout).with_allow_http(is_http(opts.endpoint.as_deref())));
+                if let Some(ep) = &opts.endpoint {
+                    b = b.with_base_url(ep.trim_end_matches('/'));
+                }
                 Arc::new(b.build().map_err(|e| bad(crate::error::one_line(&e)))?)
             }
             "az" => {
+                use object_store::azure::AzureConfigKey;
                 let mut b = object_store::azure::MicrosoftAzureBuilder::from_env()
                     .with_container_name(bucket)
                     .with_retry(retry(io_timeout))
                     .with_client_options(client(io_timeout));
-                if let Some(ep) = &opts.endpoint {
-                    b = b.with_endpoint(ep.clone()).with_allow_http(ep.starts_with("http://"));
+                let emulator = b.get_config_value(&AzureConfigKey::UseEmulator).is_some_and(|v| truthy(&v));
+                match &opts.endpoint {
+                    Some(_) if emulator => {
+                        return Err(bad("endpoint and AZURE_STORAGE_USE_EMULATOR are both set; drop one (the emulator's \
+                                        address is AZURITE_BLOB_STORAGE_URL, default http://127.0.0.1:10000)"
+                            .into()))
+                    }
+                    Some(ep) => b = b.with_endpoint(ep.trim_end_matches('/').to_owned()).with_allow_http(is_http(Some(ep))),
+                    None => {}
+                }
+                if !emulator && b.get_config_value(&AzureConfigKey::AccountName).is_none() {
+                    return Err(bad("no storage account: set AZURE_STORAGE_ACCOUNT_NAME and a credential such as \
+                                    AZURE_STORAGE_ACCOUNT_KEY (or AZURE_STORAGE_USE_EMULATOR=true for Azurite)"
+                        .into()));
                 }
                 Arc::new(b.build().map_err(|e| bad(crate::error::one_line(&e)))?)
             }
@@ -157,7 +250,7 @@ impl Store {
         match self.inner.put_opts(&KeyPath::from(key), PutPayload::from_bytes(data), opts).await {
             Ok(_) => Ok(true),
             Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
-            Err(e) => Err(Error::storage(self.what("write", key))(e)),
+            Err(e) => Err(missing_bucket(self.what("write", key))(e)),
         }
     }
 
@@ -170,11 +263,11 @@ impl Store {
             .list(if dir.is_empty() { None } else { Some(&prefix) })
             .try_collect()
             .await
-            .map_err(Error::storage(self.what("list", dir)))?;
+            .map_err(missing_bucket(self.what_list(dir)))?;
         Ok(metas
             .into_iter()
             .map(|m| Listed {
-                key: m.location.as_ref()[strip.min(m.location.as_ref().len())..].to_owned(),
+                key: key_of(&m.location.as_ref()[strip.min(m.location.as_ref().len())..]),
                 size: m.size,
                 modified: m.last_modified,
             })
@@ -188,8 +281,8 @@ impl Store {
             .inner
             .list_with_delimiter(if dir.is_empty() { None } else { Some(&prefix) })
             .await
-            .map_err(Error::storage(self.what("list", dir)))?;
-        Ok(r.common_prefixes.iter().filter_map(|p| p.filename().map(str::to_owned)).collect())
+            .map_err(missing_bucket(self.what_list(dir)))?;
+        Ok(r.common_prefixes.iter().filter_map(|p| p.filename().map(key_of)).collect())
     }
 
     /// Deletes objects; missing ones are not an error.
@@ -208,7 +301,30 @@ impl Store {
     pub(crate) fn what(&self, verb: &str, key: &str) -> String {
         format!("cannot {verb} '{key}' in repository {}", self.location)
     }
+
+    fn what_list(&self, dir: &str) -> String {
+        if dir.is_empty() {
+            format!("cannot list repository {}", self.location)
+        } else {
+            self.what("list", dir)
+        }
+    }
 }
 
 mod sync_io;
 pub use sync_io::{ObjectReader, ObjectWriter};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listed_keys_decode_to_the_keys_written() {
+        for key in ["archive/0000000100000000/000000010000000000000001-abc.zst", "pg_data/odd name+1%#é?*~[x].conf", "a/%41/b", "100%"] {
+            let path = KeyPath::from(key);
+            let listed: Vec<String> = path.parts().map(|p| key_of(p.as_ref())).collect();
+            assert_eq!(listed.join("/"), key, "{} lists back as another key", path.as_ref());
+        }
+        assert_eq!(key_of("bad%zz%4"), "bad%zz%4", "malformed escapes stay as they are");
+    }
+}

@@ -1,5 +1,6 @@
-//! Test harness: real PostgreSQL clusters, a pgkeep runner, and a moto S3
-//! server, each cleaned up on drop.
+//! Test harness: real PostgreSQL clusters, a pgkeep runner, and real object
+//! store servers (moto for S3, Azurite for Azure Blob, fake-gcs-server for
+//! GCS reads), each cleaned up on drop.
 //!
 //! Facts this rests on (see shared/TESTING.md): PostgreSQL refuses to run as
 //! root, so every PostgreSQL program, and pgkeep itself (as a production
@@ -14,6 +15,10 @@
 //!   `/usr/lib/postgresql/*/bin`);
 //! - `PGKEEP_TEST_MOTO`: the `moto_server` program (default
 //!   `/opt/pgkeep-test/venv/bin/moto_server`, installed by scripts/test-setup);
+//! - `PGKEEP_TEST_AZURITE`: the `azurite-blob` program (default
+//!   `/opt/pgkeep-test/azurite/node_modules/.bin/azurite-blob`);
+//! - `PGKEEP_TEST_FAKE_GCS`: the `fake-gcs-server` program (default
+//!   `/opt/pgkeep-test/bin/fake-gcs-server`);
 //! - `PGKEEP_TEST_KEEP=1`: keep test directories (their path is printed).
 
 #![allow(dead_code)]
@@ -125,6 +130,18 @@ pub fn as_postgres(program: impl AsRef<std::ffi::OsStr>, cwd: &Path) -> Command 
     c
 }
 
+/// Removes the object store variables `cmd` would inherit from the test's
+/// own environment (a developer's credentials must not leak into a test),
+/// then sets `env`.
+fn apply_env<'a>(cmd: &'a mut Command, env: &[(String, String)]) -> &'a mut Command {
+    for (k, _) in std::env::vars_os() {
+        if k.to_str().is_some_and(|k| ["AWS_", "AZURE_", "AZURITE_", "GOOGLE_"].iter().any(|p| k.starts_with(p))) {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.envs(env.iter().map(|(k, v)| (k, v)))
+}
+
 fn chown_postgres(path: &Path) {
     run_ok(Command::new("chown").arg("-R").arg("postgres:postgres").arg(path), SQL_TIMEOUT);
 }
@@ -221,7 +238,18 @@ fn stop_immediate(data: &Path, cwd: &Path) {
 #[derive(Clone, Debug)]
 pub enum Repo {
     Local(PathBuf),
-    S3 { endpoint: String, bucket: String, prefix: String },
+    S3 {
+        endpoint: String,
+        bucket: String,
+        prefix: String,
+    },
+    /// Azure Blob at a custom endpoint (Azurite's), with the account and
+    /// key given in the environment as a production install would.
+    Azure {
+        endpoint: String,
+        container: String,
+        prefix: String,
+    },
 }
 
 impl Repo {
@@ -239,6 +267,18 @@ impl Repo {
                 "[[repo]]\nlocation = \"s3://{bucket}/{prefix}\"\nendpoint = \"{endpoint}\"\nregion = \"us-east-1\"\n\
                  path-style = true\naccess-key-id = \"test\"\nsecret-access-key = \"test\"\ncompress = \"zstd\"\n"
             ),
+            Repo::Azure { endpoint, container, prefix } => {
+                format!("[[repo]]\nlocation = \"az://{container}/{prefix}\"\nendpoint = \"{endpoint}\"\ncompress = \"zstd\"\n")
+            }
+        }
+    }
+
+    /// Environment variables pgkeep needs for this repository (credentials
+    /// that the config file does not hold).
+    pub fn env(&self) -> Vec<(String, String)> {
+        match self {
+            Repo::Azure { .. } => Azurite::credentials(),
+            Repo::Local(_) | Repo::S3 { .. } => Vec::new(),
         }
     }
 
@@ -246,7 +286,7 @@ impl Repo {
     pub fn path(&self) -> &Path {
         match self {
             Repo::Local(p) => p,
-            Repo::S3 { .. } => panic!("not a local repository"),
+            Repo::S3 { .. } | Repo::Azure { .. } => panic!("not a local repository"),
         }
     }
 }
@@ -291,11 +331,15 @@ pub fn files_by_size(dir: &Path, suffix: &str) -> Vec<PathBuf> {
 // ---------------------------------------------------------------- pgkeep
 
 /// Runs the test dir's copy of pgkeep as postgres with `--config` and `--stanza`.
+#[derive(Clone)]
 pub struct Pgkeep {
     bin: PathBuf,
     cwd: PathBuf,
     pub config: PathBuf,
     pub stanza: String,
+    /// Environment for pgkeep and for the PostgreSQL servers that run it
+    /// from `archive_command` and `restore_command`.
+    pub env: Vec<(String, String)>,
 }
 
 impl Pgkeep {
@@ -306,12 +350,25 @@ impl Pgkeep {
             cwd: dir.path().to_owned(),
             config: dir.join(&format!("{config_name}.toml")),
             stanza: stanza.to_owned(),
+            env: Vec::new(),
         }
     }
 
     /// The same config file with another `--stanza`.
     pub fn with_stanza(&self, stanza: &str) -> Pgkeep {
-        Pgkeep { bin: self.bin.clone(), cwd: self.cwd.clone(), config: self.config.clone(), stanza: stanza.to_owned() }
+        Pgkeep { stanza: stanza.to_owned(), ..self.clone() }
+    }
+
+    /// The same runner with these environment variables added.
+    pub fn with_env(mut self, env: Vec<(String, String)>) -> Pgkeep {
+        self.env.extend(env);
+        self
+    }
+
+    /// `cmd` with the inherited object store variables removed and this
+    /// runner's environment set.
+    fn apply_env<'a>(&self, cmd: &'a mut Command) -> &'a mut Command {
+        apply_env(cmd, &self.env)
     }
 
     /// Writes the config: this stanza on the given server, one repository.
@@ -343,9 +400,10 @@ impl Pgkeep {
         // local repository must stay writable by PostgreSQL's archive-push.
         let mut c = as_postgres(&self.bin, &self.cwd);
         c.arg("--config").arg(&self.config).arg("--stanza").arg(&self.stanza).args(args).current_dir(&self.cwd);
-        for k in ["PGKEEP_CONFIG", "PGKEEP_STANZA", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT", "AWS_PROFILE"] {
+        for k in ["PGKEEP_CONFIG", "PGKEEP_STANZA"] {
             c.env_remove(k);
         }
+        self.apply_env(&mut c);
         let start = Instant::now();
         let r = run(&mut c, PGKEEP_TIMEOUT);
         eprintln!("pgkeep {} -> {} in {:.1?}", args.join(" "), r.status, start.elapsed());
@@ -360,6 +418,7 @@ impl Pgkeep {
     pub fn spawn(&self, args: &[&str]) -> Background {
         let mut c = as_postgres(&self.bin, &self.cwd);
         c.arg("--config").arg(&self.config).arg("--stanza").arg(&self.stanza).args(args);
+        self.apply_env(&mut c);
         c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
         Background { child: Some(c.spawn().expect("start pgkeep")), what: format!("pgkeep {}", args.join(" ")) }
     }
@@ -407,6 +466,9 @@ pub struct Cluster {
     pub addr: PgAddr,
     cwd: PathBuf,
     log: PathBuf,
+    /// The server's environment, which `archive_command` and
+    /// `restore_command` inherit.
+    env: Vec<(String, String)>,
 }
 
 impl Cluster {
@@ -437,6 +499,7 @@ impl Cluster {
             addr: PgAddr { data: data.clone(), socket_dir: dir.path().to_owned(), port },
             cwd: dir.path().to_owned(),
             log: dir.join(&format!("{name}.log")),
+            env: archive_to.map(|pk| pk.env.clone()).unwrap_or_default(),
         };
         c.pg_ctl_start(&[]);
         c
@@ -451,22 +514,31 @@ impl Cluster {
         c
     }
 
+    /// [`Cluster::start_restored`] with `pk`'s environment, which its
+    /// `restore_command` needs when the repository's credentials come from
+    /// the environment.
+    pub fn start_restored_with(dir: &TestDir, data: &Path, pk: &Pgkeep) -> Cluster {
+        let c = Cluster::start_restored_dir(dir, data, false, &pk.env);
+        c.wait_promoted();
+        c
+    }
+
     /// Starts a restored directory and returns as soon as it takes
     /// connections (it may still be in recovery).
     pub fn start_recovery(dir: &TestDir, data: &Path) -> Cluster {
-        Cluster::start_restored_dir(dir, data, false)
+        Cluster::start_restored_dir(dir, data, false, &[])
     }
 
     /// Starts a restored directory as the stanza's new primary: it keeps the
     /// source's `archive_command`, so after promotion it archives its new
     /// timeline into the same repository. Waits until it is promoted.
     pub fn start_restored_archiving(dir: &TestDir, data: &Path) -> Cluster {
-        let c = Cluster::start_restored_dir(dir, data, true);
+        let c = Cluster::start_restored_dir(dir, data, true, &[]);
         c.wait_promoted();
         c
     }
 
-    fn start_restored_dir(dir: &TestDir, data: &Path, archive: bool) -> Cluster {
+    fn start_restored_dir(dir: &TestDir, data: &Path, archive: bool, env: &[(String, String)]) -> Cluster {
         chown_postgres(data);
         std::fs::set_permissions(data, std::fs::Permissions::from_mode(0o700)).unwrap();
         let name = data.file_name().unwrap().to_string_lossy().into_owned();
@@ -475,6 +547,7 @@ impl Cluster {
             addr: PgAddr { data: data.to_owned(), socket_dir: dir.path().to_owned(), port },
             cwd: dir.path().to_owned(),
             log: dir.join(&format!("{name}.log")),
+            env: env.to_vec(),
         };
         let archive_mode = if archive { "on" } else { "off" };
         let opts = format!(
@@ -488,7 +561,7 @@ impl Cluster {
     fn pg_ctl_start(&self, extra: &[&str]) {
         let t = RECOVERY_TIMEOUT.as_secs().to_string();
         let r = run(
-            as_postgres(pg_tool("pg_ctl"), &self.cwd)
+            apply_env(&mut as_postgres(pg_tool("pg_ctl"), &self.cwd), &self.env)
                 .arg("-D")
                 .arg(&self.addr.data)
                 .arg("-l")
@@ -826,12 +899,184 @@ impl Drop for Moto {
     }
 }
 
+// ---------------------------------------------------------------- Azure (Azurite)
+
+/// An Azurite blob server on 127.0.0.1, in memory, killed on drop.
+pub struct Azurite {
+    child: Child,
+    /// Its working directory, holding its log.
+    dir: tempfile::TempDir,
+    /// Where the server listens: `http://127.0.0.1:PORT`.
+    pub url: String,
+    /// The account's blob service URL, as the `endpoint` of a repository.
+    pub endpoint: String,
+    /// A container created at start.
+    pub container: String,
+}
+
+impl Azurite {
+    /// The emulator's one account.
+    pub const ACCOUNT: &'static str = "devstoreaccount1";
+    /// Its well-known shared key (published by Microsoft; not a secret).
+    pub const KEY: &'static str = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+    /// Starts Azurite on a free port and creates `container`.
+    pub fn start(container: &str) -> Azurite {
+        let program = std::env::var_os("PGKEEP_TEST_AZURITE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| "/opt/pgkeep-test/azurite/node_modules/.bin/azurite-blob".into());
+        assert!(program.exists(), "Azurite not installed: run scripts/test-setup ({} missing)", program.display());
+        let dir = tempfile::Builder::new().prefix("pgkeep-azurite-").tempdir_in("/tmp").unwrap();
+        let log_path = dir.path().join("azurite.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let port = free_port();
+        let child = Command::new(&program)
+            .args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])
+            .args(["--inMemoryPersistence", "--skipApiVersionCheck", "--loose", "--disableTelemetry", "--silent"])
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+        let url = format!("http://127.0.0.1:{port}");
+        let mut azurite = Azurite { child, dir, endpoint: format!("{url}/{}", Self::ACCOUNT), url, container: container.to_owned() };
+        let start = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(azurite.child.try_wait().unwrap().is_none(), "Azurite exited at start:\n{}", tail(&log_path, 20));
+            assert!(start.elapsed() < Duration::from_secs(60), "Azurite not listening after 60 s:\n{}", tail(&log_path, 20));
+            thread::sleep(Duration::from_millis(100));
+        }
+        azurite.create_container(container);
+        azurite
+    }
+
+    /// Creates a container: `object_store` cannot, so this signs the
+    /// request itself (SharedKey, the emulator's account and key).
+    pub fn create_container(&self, name: &str) {
+        use base64::Engine as _;
+        use hmac::{KeyInit as _, Mac as _};
+        let date = chrono::Utc::now().format("%a, %d %b %Y %H:%M:%S GMT").to_string();
+        let version = "2021-08-06";
+        // VERB, eleven standard headers left empty, the x-ms- headers, then
+        // the resource: /account + the URL path, and the query.
+        let to_sign = format!(
+            "PUT\n\n\n\n\n\n\n\n\n\n\n\nx-ms-date:{date}\nx-ms-version:{version}\n/{a}/{a}/{name}\nrestype:container",
+            a = Self::ACCOUNT
+        );
+        let key = base64::engine::general_purpose::STANDARD.decode(Self::KEY).unwrap();
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&key).unwrap();
+        mac.update(to_sign.as_bytes());
+        let signature = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+        let r = run(
+            Command::new("curl")
+                .args(["-sS", "--retry", "5", "--retry-connrefused", "-o", "/dev/stderr", "-w", "%{http_code}", "-X", "PUT"])
+                .args(["-H", &format!("x-ms-date: {date}"), "-H", &format!("x-ms-version: {version}")])
+                .args(["-H", &format!("Authorization: SharedKey {}:{signature}", Self::ACCOUNT), "-H", "Content-Length: 0"])
+                .arg(format!("{}/{name}?restype=container", self.endpoint)),
+            Duration::from_secs(60),
+        );
+        assert_eq!(r.stdout, "201", "creating container {name} on Azurite: HTTP {} {}", r.stdout, r.stderr);
+    }
+
+    /// The environment a pgkeep reaching this server needs: the emulator's
+    /// account and key (the endpoint is in the config).
+    pub fn credentials() -> Vec<(String, String)> {
+        vec![
+            ("AZURE_STORAGE_ACCOUNT_NAME".to_owned(), Self::ACCOUNT.to_owned()),
+            ("AZURE_STORAGE_ACCOUNT_KEY".to_owned(), Self::KEY.to_owned()),
+        ]
+    }
+
+    /// A repository in the container under `prefix`.
+    pub fn repo(&self, prefix: &str) -> Repo {
+        Repo::Azure { endpoint: self.endpoint.clone(), container: self.container.clone(), prefix: prefix.to_owned() }
+    }
+
+    /// Its log (for failure messages).
+    pub fn log(&self) -> PathBuf {
+        self.dir.path().join("azurite.log")
+    }
+}
+
+impl Drop for Azurite {
+    fn drop(&mut self) {
+        // Azurite often ignores SIGTERM: ask, wait a moment, then SIGKILL.
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(2) {
+            if self.child.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------- GCS (fake-gcs-server)
+
+/// A fake-gcs-server on 127.0.0.1 (HTTP, in memory), killed on drop. It
+/// serves reads and lists; it answers `object_store`'s writes with 400, so
+/// its objects come from a seed directory given at start.
+pub struct FakeGcs {
+    child: Child,
+    dir: tempfile::TempDir,
+    /// Base URL, as the `endpoint` of a gs:// repository.
+    pub endpoint: String,
+}
+
+impl FakeGcs {
+    /// Starts the server serving `seed`: each directory in it is a bucket,
+    /// each file under that an object named by its relative path.
+    pub fn start(seed: &Path) -> FakeGcs {
+        let program =
+            std::env::var_os("PGKEEP_TEST_FAKE_GCS").map(PathBuf::from).unwrap_or_else(|| "/opt/pgkeep-test/bin/fake-gcs-server".into());
+        assert!(program.exists(), "fake-gcs-server not installed: run scripts/test-setup ({} missing)", program.display());
+        let dir = tempfile::Builder::new().prefix("pgkeep-fake-gcs-").tempdir_in("/tmp").unwrap();
+        let log_path = dir.path().join("fake-gcs.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let port = free_port();
+        let child = Command::new(&program)
+            .args(["-scheme", "http", "-host", "127.0.0.1", "-port", &port.to_string(), "-backend", "memory"])
+            .args(["-log-level", "warn", "-public-host", &format!("127.0.0.1:{port}"), "-data"])
+            .arg(seed)
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+        let mut gcs = FakeGcs { child, dir, endpoint: format!("http://127.0.0.1:{port}") };
+        let start = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(gcs.child.try_wait().unwrap().is_none(), "fake-gcs-server exited at start:\n{}", tail(&log_path, 20));
+            assert!(start.elapsed() < Duration::from_secs(30), "fake-gcs-server not listening after 30 s:\n{}", tail(&log_path, 20));
+            thread::sleep(Duration::from_millis(100));
+        }
+        gcs
+    }
+
+    /// Its log (for failure messages).
+    pub fn log(&self) -> PathBuf {
+        self.dir.path().join("fake-gcs.log")
+    }
+}
+
+impl Drop for FakeGcs {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 // ---------------------------------------------------------------- fixtures
 
 /// A cluster archiving to `repo` under stanza `stanza`, with its pgkeep
 /// config written (stanza not created yet).
 pub fn cluster_with_config(dir: &TestDir, stanza: &str, repo: &Repo) -> (Cluster, Pgkeep) {
-    let pk = Pgkeep::new(dir, stanza, stanza);
+    let pk = Pgkeep::new(dir, stanza, stanza).with_env(repo.env());
     let pg = Cluster::new(dir, &format!("{stanza}-data"), Some(&pk));
     pk.write_config(&pg.addr, repo);
     (pg, pk)
