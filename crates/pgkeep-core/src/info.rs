@@ -3,8 +3,8 @@
 
 use serde::Serialize;
 
-use crate::error::Result;
-use crate::repo::{BackupType, Manifest};
+use crate::error::{OneLine, Result};
+use crate::repo::{BackupType, Manifest, Repository};
 use crate::types::{BackupLabel, Lsn};
 use crate::Stanza;
 
@@ -22,6 +22,49 @@ pub struct StanzaInfo {
     pub archive: ArchiveInfo,
     /// Backups of every repository, oldest first.
     pub backups: Vec<BackupInfo>,
+    /// Each repository on its own.
+    pub repos: Vec<RepoInfo>,
+}
+
+/// One repository of the stanza.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct RepoInfo {
+    /// Repository number.
+    pub repo: usize,
+    /// Its `location`.
+    pub location: String,
+    /// `ok`, or `error` when it could not be read.
+    pub status: &'static str,
+    /// Why it could not be read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Range of WAL archived in it.
+    pub archive: ArchiveInfo,
+    /// Backups in it.
+    pub backups: usize,
+    /// Bytes its backups store.
+    pub repo_size: u64,
+    /// Backups without a manifest: the one running, or ones interrupted
+    /// (the next backup resumes or removes them).
+    pub unfinished: Vec<BackupLabel>,
+    /// The backup or expire running on it now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub running: Option<Running>,
+}
+
+/// A process holding a repository's stanza lock.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Running {
+    /// `backup` or `expire`.
+    pub command: String,
+    /// Host name.
+    pub host: String,
+    /// Process id.
+    pub pid: u32,
+    /// RFC 3339.
+    pub since: String,
 }
 
 /// Range of archived WAL segments.
@@ -110,23 +153,49 @@ impl BackupInfo {
     }
 }
 
-/// Collects the info of a stanza across its repositories.
+/// Collects the info of a stanza across its repositories. A repository
+/// that cannot be read is reported as such; only when none can is it an
+/// error.
 pub async fn collect(stanza: &Stanza) -> Result<StanzaInfo> {
-    let repos = stanza.open_all().await?;
-    let meta = &repos[0].meta;
     let mut archive = ArchiveInfo::default();
     let mut backups = Vec::new();
-    for r in &repos {
-        for (_, w) in r.list_segments().await? {
-            if archive.min.as_ref().is_none_or(|m| &w.name < m) {
-                archive.min = Some(w.name.clone());
+    let mut repos = Vec::new();
+    let mut meta = None;
+    let mut first_error = None;
+    for number in 1..=stanza.settings.repos.len() {
+        let location = stanza.settings.repos[number - 1].location.clone().unwrap_or_default();
+        match read_repo(stanza, number, location.clone()).await {
+            Ok((r, info, mut found)) => {
+                for end in [&info.archive.min, &info.archive.max].into_iter().flatten() {
+                    if archive.min.as_ref().is_none_or(|m| end < m) {
+                        archive.min = Some(end.clone());
+                    }
+                    if archive.max.as_ref().is_none_or(|m| end > m) {
+                        archive.max = Some(end.clone());
+                    }
+                }
+                backups.append(&mut found);
+                meta.get_or_insert(r.meta);
+                repos.push(info);
             }
-            if archive.max.as_ref().is_none_or(|m| &w.name > m) {
-                archive.max = Some(w.name.clone());
+            Err(e) => {
+                let error = Some(OneLine(&e).to_string());
+                first_error.get_or_insert(e);
+                repos.push(RepoInfo {
+                    repo: number,
+                    location,
+                    status: "error",
+                    error,
+                    archive: ArchiveInfo::default(),
+                    backups: 0,
+                    repo_size: 0,
+                    unfinished: Vec::new(),
+                    running: None,
+                });
             }
         }
-        backups.extend(r.backups().await?.iter().map(|m| BackupInfo::of(m, r.number)));
     }
+    let Some(meta) = meta else { return Err(first_error.expect("at least one repository")) };
     backups.sort_by(|a, b| (&a.start_time, &a.label).cmp(&(&b.start_time, &b.label)));
     Ok(StanzaInfo {
         stanza: stanza.name().to_owned(),
@@ -134,5 +203,40 @@ pub async fn collect(stanza: &Stanza) -> Result<StanzaInfo> {
         pg_version: meta.pg_major().to_string(),
         archive,
         backups,
+        repos,
     })
+}
+
+async fn read_repo(stanza: &Stanza, number: usize, location: String) -> Result<(Repository, RepoInfo, Vec<BackupInfo>)> {
+    let r = stanza.open(number).await?;
+    let mut archive = ArchiveInfo::default();
+    for (_, w) in r.list_segments().await? {
+        if archive.min.as_ref().is_none_or(|m| &w.name < m) {
+            archive.min = Some(w.name.clone());
+        }
+        if archive.max.as_ref().is_none_or(|m| &w.name > m) {
+            archive.max = Some(w.name.clone());
+        }
+    }
+    let manifests = r.backups().await?;
+    let unfinished = crate::backup::resume::unfinished(&r, &manifests).await?.into_iter().map(|u| u.label).collect();
+    let running = crate::repo::lock::holder(&r).await?.map(|h| Running {
+        command: h.command,
+        host: h.host,
+        pid: h.pid,
+        since: h.since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+    });
+    let found: Vec<BackupInfo> = manifests.iter().map(|m| BackupInfo::of(m, number)).collect();
+    let info = RepoInfo {
+        repo: number,
+        location,
+        status: "ok",
+        error: None,
+        archive,
+        backups: found.len(),
+        repo_size: found.iter().map(|b| b.repo_size).sum(),
+        unfinished,
+        running,
+    };
+    Ok((r, info, found))
 }

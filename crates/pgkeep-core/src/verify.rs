@@ -111,6 +111,16 @@ pub async fn run(stanza: &Stanza, opts: &VerifyOptions) -> Result<VerifyReport> 
     for m in chosen {
         backups.push(check_backup(&repo, m, &manifests, jobs, &progress).await);
     }
+    // verify takes no lock: a backup an expire removed meanwhile is gone,
+    // not damaged.
+    let mut gone = Vec::new();
+    for b in backups.iter().filter(|b| !b.problems.is_empty()) {
+        if matches!(repo.manifest(&b.label).await, Ok(None)) {
+            gone.push(b.label.clone());
+        }
+    }
+    backups.retain(|b| !gone.contains(&b.label));
+    manifests.retain(|m| !gone.contains(&m.label));
     backups.sort_by(|a, b| a.label.cmp(&b.label));
 
     let (wal_files, wal_problems) = check_wal_objects(&repo, jobs).await?;
@@ -166,12 +176,15 @@ async fn check_backup(repo: &Repository, m: &Manifest, all: &[Manifest], jobs: u
 async fn check_wal_objects(repo: &Repository, jobs: usize) -> Result<(usize, Vec<String>)> {
     let wal = repo.list_wal().await?;
     let count = wal.len();
-    let problems: Vec<String> = futures::stream::iter(wal)
-        .map(|w| async move { repo.read_wal(&w).await.err().map(|e| crate::error::OneLine(&e).to_string()) })
+    let failed: Vec<(String, String)> = futures::stream::iter(wal)
+        .map(|w| async move { repo.read_wal(&w).await.err().map(|e| (w.key.clone(), crate::error::OneLine(&e).to_string())) })
         .buffer_unordered(jobs)
         .filter_map(|p| async move { p })
         .collect()
         .await;
+    // WAL an expire removed meanwhile is gone, not damaged.
+    let still: Vec<String> = if failed.is_empty() { Vec::new() } else { repo.list_wal().await?.into_iter().map(|w| w.key).collect() };
+    let problems = failed.into_iter().filter(|(key, _)| still.contains(key)).map(|(_, p)| p).collect();
     Ok((count, problems))
 }
 

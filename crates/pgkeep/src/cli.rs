@@ -17,9 +17,11 @@ pub struct Cli {
     /// Stanza: the PostgreSQL cluster to work on.
     #[arg(long, global = true, env = "PGKEEP_STANZA")]
     pub stanza: Option<String>,
-    /// Repository the repository flags (and `backup`) apply to, 1 to 4.
-    #[arg(long, global = true, default_value_t = 1)]
-    pub repo: usize,
+    /// Repository to work on, 1 to 4; the repository flags apply to it.
+    /// Default: repo 1 for backup and restore drills, every repository for
+    /// expire and verify.
+    #[arg(long, global = true)]
+    pub repo: Option<usize>,
     /// Parallel workers for backup and restore.
     #[arg(long, global = true)]
     pub jobs: Option<usize>,
@@ -32,6 +34,22 @@ pub struct Cli {
     pub repo_options: RepoOptions,
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// The repository named by `--repo`, else repo 1.
+    pub fn repo_number(&self) -> usize {
+        self.repo.unwrap_or(1)
+    }
+
+    /// The repositories a command over "every repository unless `--repo`"
+    /// works on.
+    pub fn repo_numbers(&self, configured: usize) -> Vec<usize> {
+        match self.repo {
+            Some(n) => vec![n],
+            None => (1..=configured).collect(),
+        }
+    }
 }
 
 /// Output format.

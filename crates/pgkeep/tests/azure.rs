@@ -40,7 +40,7 @@ fn azure_repository_archives_backs_up_and_restores_exactly() {
     assert_eq!(labels, [full.as_str(), incr.as_str()], "{info}");
     assert!(info[0]["archive"]["max"].as_str().is_some_and(|m| m >= last.as_str()), "archive ends before {last}: {info}");
 
-    let r = pk.run(&["verify", "--output", "json"]);
+    let r = pk.run(&["verify", "--repo", "1", "--output", "json"]);
     assert!(r.status.success(), "verify of the Azure repository failed:\n{}\n{}", r.stdout, r.stderr);
     let report: Value = serde_json::from_str(&r.stdout).unwrap();
     assert!(report["wal"]["files"].as_u64().is_some_and(|n| n >= 3), "verify saw too few WAL files: {report}");

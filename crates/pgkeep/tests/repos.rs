@@ -85,3 +85,82 @@ fn two_repositories_local_and_s3() {
     assert_same_dump("restore from repo 2", &expected, &restored.dump());
     restored.amcheck();
 }
+
+/// Four repositories: two local directories, S3 (moto) and Azure
+/// (Azurite). Each gets its own backup; `info` reports every repository on
+/// its own (one that stops answering is shown as an error while the
+/// others are listed); `verify` and `expire` work on every repository
+/// unless `--repo` names one; a backup restores from the Azure one.
+#[test]
+fn four_repositories_each_reported_verified_and_expired() {
+    let dir = TestDir::new("repos4");
+    let moto = Moto::start("pgkeep-repos4");
+    let azurite = Azurite::start("pgkeep-repos4");
+    let repos = [Repo::local(&dir, "repo1"), Repo::local(&dir, "repo2"), moto.repo("three"), azurite.repo("four")];
+    let pk = Pgkeep::new(&dir, "demo", "demo").with_env(repos[3].env());
+    let pg = Cluster::new(&dir, "demo-data", Some(&pk));
+    pk.write_config(&pg.addr, &repos[0]);
+    let text = std::fs::read_to_string(&pk.config).unwrap();
+    let s3 = format!("{}io-timeout = 2\n", repos[2].toml());
+    pk.write_raw_config(&format!("{text}\n{}\n{s3}\n{}", repos[1].toml(), repos[3].toml()));
+    let created = pk.ok(&["stanza-create"]);
+    assert_eq!(created.matches("created in repo").count(), 4, "{created}");
+    pg.pgbench_init(1);
+
+    let mut labels = Vec::new();
+    for n in 1..=4 {
+        pg.pgbench(1, 2);
+        labels.push(pk.ok(&["backup", "--type", "full", "--repo", &n.to_string()]).trim().to_owned());
+    }
+    let expected = pg.dump();
+    let seg = pg.switch_wal();
+    pg.wait_archived(&seg);
+
+    let info: Value = serde_json::from_str(&pk.ok(&["info", "--output", "json"])).unwrap();
+    let per_repo = info[0]["repos"].as_array().unwrap_or_else(|| panic!("no repos in {info}"));
+    assert_eq!(per_repo.len(), 4, "{info}");
+    for (i, r) in per_repo.iter().enumerate() {
+        assert_eq!(r["repo"].as_u64(), Some(i as u64 + 1), "{r}");
+        assert_eq!(r["status"], "ok", "{r}");
+        assert_eq!(r["backups"].as_u64(), Some(1), "{r}");
+        assert!(r["archive"]["max"].as_str().is_some_and(|m| m >= seg.as_str()), "repo {} lacks {seg}: {r}", i + 1);
+        assert!(r["unfinished"].as_array().unwrap().is_empty() && r.get("running").is_none(), "{r}");
+    }
+    assert_eq!(info[0]["backups"].as_array().unwrap().len(), 4, "{info}");
+
+    // verify with no --repo checks all four.
+    let r = pk.run(&["verify", "--output", "json"]);
+    assert!(r.status.success(), "{}{}", r.stdout, r.stderr);
+    let reports: Value = serde_json::from_str(&r.stdout).unwrap();
+    let checked: Vec<u64> = reports.as_array().unwrap().iter().map(|r| r["repo"].as_u64().unwrap()).collect();
+    assert_eq!(checked, [1, 2, 3, 4]);
+    assert!(reports.as_array().unwrap().iter().all(|r| r["ok"] == true && r["backups"].as_array().unwrap().len() == 1), "{reports}");
+
+    // S3 stops answering: info still reports the other three, and says
+    // what is wrong with repo 3; verify fails naming it.
+    moto.freeze();
+    let info: Value = serde_json::from_str(&pk.ok(&["info", "--output", "json"])).unwrap();
+    let status: Vec<&str> = info[0]["repos"].as_array().unwrap().iter().map(|r| r["status"].as_str().unwrap()).collect();
+    assert_eq!(status, ["ok", "ok", "error", "ok"], "{info}");
+    assert!(info[0]["repos"][2]["error"].as_str().is_some_and(|e| e.contains("repo") || e.contains("s3://")), "{info}");
+    assert_eq!(info[0]["backups"].as_array().unwrap().len(), 3, "{info}");
+    let msg = pk.fails(&["verify"]);
+    assert!(msg.contains("repo 3"), "{msg}");
+    moto.thaw();
+
+    // expire --set with no --repo finds the repository holding the backup.
+    let out = pk.run(&["expire", "--set", &labels[1]]);
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(out.stderr.contains("in repo 2"), "{}", out.stderr);
+    let info: Value = serde_json::from_str(&pk.ok(&["info", "--output", "json"])).unwrap();
+    let counts: Vec<u64> = info[0]["repos"].as_array().unwrap().iter().map(|r| r["backups"].as_u64().unwrap()).collect();
+    assert_eq!(counts, [1, 0, 1, 1], "{info}");
+
+    // The Azure repository's backup restores.
+    let target = dir.join("restored");
+    let out = pk.ok(&["restore", "--pg-data", target.to_str().unwrap(), "--set", &labels[3]]);
+    assert!(out.contains("from repo 4"), "{out}");
+    let restored = Cluster::start_restored_with(&dir, &target, &pk);
+    assert_same_dump("restore from repo 4 (Azure)", &expected, &restored.dump());
+    restored.amcheck();
+}

@@ -68,7 +68,10 @@ fn verify_finds_a_flipped_byte_in_any_object_and_gaps_in_the_archive() {
     std::fs::remove_file(&middle).unwrap();
     let r = pk.run(&["verify", "--output", "json"]);
     assert!(!r.status.success());
-    let report: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let reports: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    // Without --repo: one report per repository.
+    let report = &reports[0];
+    assert_eq!(reports.as_array().map(Vec::len), Some(1), "{reports}");
     let gaps = report["wal"]["gaps"].as_array().unwrap();
     assert_eq!(gaps.len(), 1, "{report}");
     assert_eq!((gaps[0]["from"].as_str().unwrap(), gaps[0]["to"].as_str().unwrap()), (name.as_str(), name.as_str()));

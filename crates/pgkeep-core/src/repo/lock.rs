@@ -91,17 +91,10 @@ pub struct StanzaLock {
 impl StanzaLock {
     /// Takes the lock for `command`, or refuses naming who holds it.
     pub async fn acquire(repo: &Repository, command: &str) -> Result<StanzaLock> {
-        let listed = repo.store().list(DIR).await?;
-        let generations: Vec<u64> = listed.iter().filter_map(|l| l.key.strip_suffix(".json")?.parse().ok()).collect();
+        let (generations, newest) = newest(repo).await?;
         let top = generations.iter().copied().max().unwrap_or(0);
-        if top > 0 {
-            let what = format!("lock of stanza '{}' in repo {}", repo.meta.stanza, repo.number);
-            // A damaged lock object cannot name a live holder.
-            if let Ok(Some(h)) = repo.get_metadata::<Holder>(&key(top), &what).await {
-                if h.alive(Utc::now()) {
-                    return Err(busy(repo, &h));
-                }
-            }
+        if let Some(h) = newest.filter(|h| h.alive(Utc::now())) {
+            return Err(busy(repo, &h));
         }
         let me = Holder::me(command);
         let next = key(top + 1);
@@ -143,6 +136,22 @@ impl Drop for StanzaLock {
     fn drop(&mut self) {
         self.refresher.abort();
     }
+}
+
+/// Who holds the lock now, if anyone alive does (for `info`).
+pub async fn holder(repo: &Repository) -> Result<Option<Holder>> {
+    Ok(newest(repo).await?.1.filter(|h| h.alive(Utc::now())))
+}
+
+/// The generations of the lock, and the holder of the newest one.
+async fn newest(repo: &Repository) -> Result<(Vec<u64>, Option<Holder>)> {
+    let listed = repo.store().list(DIR).await?;
+    let generations: Vec<u64> = listed.iter().filter_map(|l| l.key.strip_suffix(".json")?.parse().ok()).collect();
+    let top = generations.iter().copied().max().unwrap_or(0);
+    let what = format!("lock of stanza '{}' in repo {}", repo.meta.stanza, repo.number);
+    // A damaged lock object cannot name a live holder.
+    let holder = if top > 0 { repo.get_metadata::<Holder>(&key(top), &what).await.ok().flatten() } else { None };
+    Ok((generations, holder))
 }
 
 fn key(generation: u64) -> String {

@@ -131,11 +131,19 @@ impl Spool {
     }
 
     /// Removes status files of WAL no longer waiting (`keep` says which
-    /// names are still ready) and left-over temporary files.
+    /// names are still ready) and temporary files left by other processes
+    /// (this one's are being written).
     pub fn clean_statuses(&self, keep: impl Fn(&str) -> bool) {
+        let mine = format!(".{}.tmp", std::process::id());
         for (path, file) in entries(&self.dir.join("out")) {
+            if file.ends_with(".tmp") {
+                if !file.ends_with(&mine) {
+                    let _ = fs::remove_file(path);
+                }
+                continue;
+            }
             let name = file.rsplit_once('.').map_or(file.as_str(), |(n, _)| n);
-            if file.ends_with(".tmp") || !keep(name) {
+            if !keep(name) {
                 let _ = fs::remove_file(path);
             }
         }
@@ -325,6 +333,24 @@ mod tests {
         assert!(s.take_status(name).unwrap().is_none(), "taken once");
         s.fail(name, "repo 1: down\n").unwrap();
         assert!(matches!(s.take_status(name).unwrap(), Some(Status::Failed(m)) if m == "repo 1: down"));
+    }
+
+    #[test]
+    fn cleaning_keeps_waiting_statuses_and_this_process_temporary_files() {
+        let t = tempfile::tempdir().unwrap();
+        let s = spool(t.path());
+        let ack = Acknowledged { file: "f".into(), warnings: vec![] };
+        s.acknowledge("000000010000000000000001", &ack).unwrap();
+        s.fail("000000010000000000000002", "down").unwrap();
+        let out = s.dir.join("out");
+        let mine = out.join(format!("000000010000000000000003.ok.{}.tmp", std::process::id()));
+        let dead = out.join("000000010000000000000004.ok.1.tmp");
+        fs::write(&mine, b"x").unwrap();
+        fs::write(&dead, b"x").unwrap();
+        s.clean_statuses(|n| n == "000000010000000000000002");
+        assert!(mine.exists(), "a file this process is writing must stay");
+        assert!(!dead.exists() && !s.has_status("000000010000000000000001"));
+        assert!(s.has_status("000000010000000000000002"));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use crate::progress::{bytes, Ticker};
 pub async fn run(cli: &Cli, stanza: &Stanza, kind: Option<BackupTypeArg>) -> Result<()> {
     let progress = Arc::new(pgkeep_core::progress::Progress::default());
     let opts = BackupOptions {
-        repo: cli.repo,
+        repo: cli.repo_number(),
         kind: kind.map(|k| match k {
             BackupTypeArg::Full => BackupType::Full,
             BackupTypeArg::Diff => BackupType::Diff,
@@ -41,7 +41,7 @@ pub async fn run(cli: &Cli, stanza: &Stanza, kind: Option<BackupTypeArg>) -> Res
     }
     // Retention runs after every successful backup; if it fails, the
     // backup still stands.
-    let expired = match pgkeep_core::expire::after_backup(stanza, cli.repo).await {
+    let expired = match pgkeep_core::expire::after_backup(stanza, cli.repo_number()).await {
         Ok(r) => r,
         Err(e) => {
             eprintln!("pgkeep: WARNING: backup {} is complete but expire failed: {e}; run `pgkeep expire` again", m.label);

@@ -7,14 +7,57 @@ use pgkeep_core::Stanza;
 
 use crate::cli::{Cli, Output};
 
+/// Expires in the repository `--repo` names, else in every repository
+/// (for `--set`: every repository holding that backup). A repository that
+/// fails does not stop the others; the command then fails naming it.
 pub async fn run(cli: &Cli, stanza: &Stanza, set: Option<&str>, with_dependents: bool, dry_run: bool) -> Result<()> {
-    let opts = ExpireOptions { repo: cli.repo, set: set.map(|s| BackupLabel(s.to_owned())), with_dependents, dry_run };
-    let report = pgkeep_core::expire::run(stanza, &opts).await?;
-    match cli.output {
-        Output::Json => super::print_json(&json(&report))?,
-        Output::Text => print_text(&report, set.is_none()),
+    let set = set.map(|s| BackupLabel(s.to_owned()));
+    let mut numbers = cli.repo_numbers(stanza.settings.repos.len());
+    if let (Some(label), None) = (&set, cli.repo) {
+        numbers = holding(stanza, label, numbers).await;
+    }
+    let mut reports = Vec::new();
+    let mut failed = Vec::new();
+    for repo in numbers {
+        let opts = ExpireOptions { repo, set: set.clone(), with_dependents, dry_run };
+        match pgkeep_core::expire::run(stanza, &opts).await {
+            Ok(r) => {
+                if cli.output == Output::Text {
+                    print_text(&r, set.is_none());
+                }
+                reports.push(r);
+            }
+            Err(e) if cli.repo.is_some() => return Err(e.into()),
+            Err(e) => failed.push(format!("repo {repo}: {e}")),
+        }
+    }
+    if cli.output == Output::Json {
+        match (cli.repo, reports.as_slice()) {
+            (Some(_), [one]) => super::print_json(&json(one))?,
+            _ => super::print_json(&reports.iter().map(json).collect::<Vec<_>>())?,
+        }
+    }
+    if !failed.is_empty() {
+        anyhow::bail!("expire failed in {}", failed.join("; "));
     }
     Ok(())
+}
+
+/// The repositories among `numbers` that hold backup `label`; all of them
+/// when none does (so that each says it does not exist).
+async fn holding(stanza: &Stanza, label: &BackupLabel, numbers: Vec<usize>) -> Vec<usize> {
+    let mut found = Vec::new();
+    for &n in &numbers {
+        let has = async { Ok::<_, pgkeep_core::Error>(stanza.open(n).await?.backups().await?.iter().any(|m| &m.label == label)) };
+        if has.await.unwrap_or(false) {
+            found.push(n);
+        }
+    }
+    if found.is_empty() {
+        numbers.into_iter().take(1).collect()
+    } else {
+        found
+    }
 }
 
 /// The report as JSON, for `expire` and for the expiry after a backup.

@@ -34,6 +34,25 @@ fn print_text(s: &StanzaInfo) {
         (Some(min), Some(max)) => println!("    wal archive min/max: {min} / {max}"),
         _ => println!("    wal archive: empty"),
     }
+    for r in &s.repos {
+        match &r.error {
+            Some(e) => println!("    repo {} ({}): ERROR: {e}", r.repo, r.location),
+            None => {
+                let wal = match (&r.archive.min, &r.archive.max) {
+                    (Some(min), Some(max)) => format!("wal {min} / {max}"),
+                    _ => "no wal".into(),
+                };
+                println!("    repo {} ({}): {} backups, {} stored, {wal}", r.repo, r.location, r.backups, bytes(r.repo_size));
+            }
+        }
+        if let Some(p) = &r.running {
+            println!("        {} running: pid {} on {}, since {}", p.command, p.pid, p.host, p.since);
+        }
+        for label in &r.unfinished {
+            let what = if r.running.as_ref().is_some_and(|p| p.command == "backup") { "unfinished (or running)" } else { "interrupted" };
+            println!("        {what} backup {label}: no manifest yet");
+        }
+    }
     if s.backups.is_empty() {
         println!("    no backups");
     }

@@ -62,7 +62,7 @@ fn load_file(cli: &Cli) -> Result<(ConfigFile, Option<PathBuf>)> {
 
 /// Resolves one stanza's settings from the file and the flags.
 fn resolve(cli: &Cli, file: &ConfigFile, stanza: Option<&str>) -> Result<Stanza> {
-    let mut settings = Settings::resolve(file, stanza, cli.pg.clone(), cli.repo_options.clone(), cli.repo)?;
+    let mut settings = Settings::resolve(file, stanza, cli.pg.clone(), cli.repo_options.clone(), cli.repo_number())?;
     if let Some(j) = cli.jobs {
         settings.jobs = j.max(1);
     }

@@ -86,8 +86,8 @@ pub fn restore_command(cli: &Cli, stanza: &Stanza, config: Option<&Path>) -> Res
     }
     words.extend(["--stanza".to_owned(), stanza.name().to_owned()]);
     let r = &cli.repo_options;
-    if cli.repo != 1 && !r.is_empty() {
-        words.extend(["--repo".to_owned(), cli.repo.to_string()]);
+    if cli.repo_number() != 1 && !r.is_empty() {
+        words.extend(["--repo".to_owned(), cli.repo_number().to_string()]);
     }
     let flags = [
         ("--location", r.location.clone()),

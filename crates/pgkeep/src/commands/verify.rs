@@ -14,31 +14,60 @@ use pgkeep_core::Stanza;
 use crate::cli::{Cli, Output};
 use crate::progress::{bytes, Ticker};
 
+/// Verifies the repository `--repo` names, else every repository (for
+/// `--set`: every repository holding that backup).
 pub async fn run(cli: &Cli, stanza: &Stanza, set: Option<&str>) -> Result<()> {
-    let progress = Arc::new(pgkeep_core::progress::Progress::default());
-    let opts = VerifyOptions { repo: cli.repo, set: set.map(|s| BackupLabel(s.to_owned())), progress: Some(progress.clone()) };
-    let report = {
-        let _ticker = Ticker::start("verify", progress);
-        pgkeep_core::verify::run(stanza, &opts).await?
-    };
-    match cli.output {
-        Output::Json => super::print_json(&json(&report))?,
-        Output::Text => print_text(&report),
+    let set = set.map(|s| BackupLabel(s.to_owned()));
+    let mut reports = Vec::new();
+    let mut failed = Vec::new();
+    let mut missing = None;
+    for repo in cli.repo_numbers(stanza.settings.repos.len()) {
+        let progress = Arc::new(pgkeep_core::progress::Progress::default());
+        let opts = VerifyOptions { repo, set: set.clone(), progress: Some(progress.clone()) };
+        let result = {
+            let _ticker = Ticker::start("verify", progress);
+            pgkeep_core::verify::run(stanza, &opts).await
+        };
+        match result {
+            Ok(r) => {
+                if cli.output == Output::Text {
+                    print_text(&r);
+                }
+                reports.push(r);
+            }
+            Err(e) if cli.repo.is_some() => return Err(e.into()),
+            // --set names a backup of some repositories only.
+            Err(e @ pgkeep_core::Error::NotFound(_)) if set.is_some() => missing = missing.or(Some(e)),
+            Err(e) => failed.push(format!("repo {repo}: {e}")),
+        }
     }
-    match report.problems() {
-        0 => Ok(()),
-        n => anyhow::bail!(
-            "verify found {n} problem{} in repo {}; restore from another backup or repository until they are fixed",
-            if n == 1 { "" } else { "s" },
-            report.repo
-        ),
+    if reports.is_empty() && failed.is_empty() {
+        if let Some(e) = missing {
+            return Err(e.into());
+        }
     }
+    if cli.output == Output::Json {
+        match (cli.repo, reports.as_slice()) {
+            (Some(_), [one]) => super::print_json(&json(one))?,
+            _ => super::print_json(&reports.iter().map(json).collect::<Vec<_>>())?,
+        }
+    }
+    let bad: Vec<String> = reports
+        .iter()
+        .filter(|r| r.problems() > 0)
+        .map(|r| format!("{} problem{} in repo {}", r.problems(), if r.problems() == 1 { "" } else { "s" }, r.repo))
+        .chain(failed.iter().map(|f| format!("cannot verify {f}")))
+        .collect();
+    if !bad.is_empty() {
+        anyhow::bail!("verify found {}; restore from another backup or repository until they are fixed", bad.join(", "));
+    }
+    Ok(())
 }
 
 /// `verify --restore`: a restore drill.
 pub async fn drill(cli: &Cli, stanza: &Stanza, set: Option<&str>, scratch: Option<PathBuf>, restore_command: String) -> Result<()> {
     let opts = DrillOptions {
-        repo: cli.repo,
+        repo: cli.repo_number(),
         set: set.map(|s| BackupLabel(s.to_owned())),
         scratch,
         restore_command,
