@@ -25,7 +25,6 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 
 use super::spool::{Acknowledged, Spool, Status, Worker};
-use crate::codec::Compress;
 use crate::error::{Error, OneLine, Result};
 use crate::repo::Repository;
 use crate::types::WalFileName;
@@ -301,7 +300,7 @@ async fn try_store_one(s: &Shared, name: &str) -> Result<()> {
     let up: Vec<Option<Repository>> =
         s.lanes.iter().map(|lane| lane.lock().expect("lane")).map(|l| if l.down.is_some() { None } else { l.repo.clone() }).collect();
     // Compressed once per codec and level, off the runtime's threads.
-    let codecs: Vec<(Compress, Option<i32>)> = up.iter().flatten().map(|r| codec_of(s, r)).collect();
+    let codecs: Vec<super::Codec> = up.iter().flatten().map(|r| codec_of(s, r)).collect();
     let packed = {
         let data = data.clone();
         tokio::task::spawn_blocking(move || {
@@ -363,7 +362,7 @@ async fn try_store_one(s: &Shared, name: &str) -> Result<()> {
 }
 
 /// Codec and level of a repository.
-fn codec_of(s: &Shared, repo: &Repository) -> (Compress, Option<i32>) {
+fn codec_of(s: &Shared, repo: &Repository) -> super::Codec {
     let opts = &s.stanza.settings.repos[repo.number - 1];
     (opts.compress.unwrap_or_default(), opts.compress_level)
 }

@@ -77,7 +77,10 @@ pub async fn push(stanza: &Stanza, path: &Path) -> Result<Vec<Pushed>> {
 /// A WAL file compressed once per codec and level, shared by the
 /// repositories that use the same ones.
 #[derive(Default)]
-pub(crate) struct Packed(Vec<((Compress, Option<i32>), std::sync::Arc<Vec<u8>>)>);
+pub(crate) struct Packed(Vec<(Codec, std::sync::Arc<Vec<u8>>)>);
+
+/// A codec and its level.
+pub(crate) type Codec = (Compress, Option<i32>);
 
 impl Packed {
     /// The file as already compressed with `compress` at `level`.
