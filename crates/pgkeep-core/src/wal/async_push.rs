@@ -200,16 +200,23 @@ async fn run(shared: Arc<Shared>) -> Result<()> {
         }
         let mut pending = false;
         for name in &ready {
-            if in_flight.contains(name) || shared.spool.has_status(name) {
+            if in_flight.contains(name) {
                 continue;
+            }
+            if in_flight.len() >= jobs {
+                pending = true;
+                break;
             }
             let wait = match finished.get(name) {
                 Some((at, true)) => at.elapsed() < RECENTLY_STORED,
                 Some((at, false)) => at.elapsed() < RETRY_FAILED,
                 None => false,
             };
-            if wait || in_flight.len() >= jobs {
+            if wait {
                 pending = true;
+                continue;
+            }
+            if shared.spool.has_status(name) {
                 continue;
             }
             in_flight.insert(name.clone());

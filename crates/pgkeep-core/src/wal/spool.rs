@@ -11,8 +11,9 @@
 //! - `push.lock`, `get.lock`: held (flock) by the running worker;
 //!   `push.log`, `get.log`: the workers' logs.
 //!
-//! Every file is written whole (temporary file, fsync, rename), so a
-//! worker killed at any instant leaves no half file under a real name.
+//! Every file is written whole (temporary file, rename), so a worker
+//! killed at any instant leaves no half file under a real name; queued WAL
+//! is also fsynced, as it may be the only copy on its way to a repository.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -101,12 +102,12 @@ impl Spool {
     /// Records that `name` is stored.
     pub fn acknowledge(&self, name: &str, ack: &Acknowledged) -> Result<()> {
         let _ = fs::remove_file(self.out(name, "error"));
-        write_durably(&self.out(name, "ok"), &serde_json::to_vec(ack).expect("serialisable"))
+        write_whole(&self.out(name, "ok"), &serde_json::to_vec(ack).expect("serialisable"), false)
     }
 
     /// Records that `name` could not be stored, and why.
     pub fn fail(&self, name: &str, why: &str) -> Result<()> {
-        write_durably(&self.out(name, "error"), why.as_bytes())
+        write_whole(&self.out(name, "error"), why.as_bytes(), false)
     }
 
     /// Whether a status for `name` is waiting.
@@ -200,7 +201,7 @@ impl Spool {
 
     /// Stores a fetched segment under `in/`.
     pub fn store_prefetched(&self, name: &str, data: &[u8]) -> Result<()> {
-        write_durably(&self.prefetched(name), data)
+        write_whole(&self.prefetched(name), data, false)
     }
 
     /// Moves prefetched segment `name` to `dest`; false when it is not
@@ -226,7 +227,7 @@ impl Spool {
 
     /// Records the last segment recovery took, for the prefetcher.
     pub fn set_want(&self, name: &str) -> Result<()> {
-        write_durably(&self.dir.join("in").join("want"), name.as_bytes())
+        write_whole(&self.dir.join("in").join("want"), name.as_bytes(), false)
     }
 
     /// The last segment recovery took.
@@ -272,6 +273,14 @@ impl Spool {
 /// Writes `data` to `path` whole: a temporary file beside it, fsynced,
 /// renamed over `path`, and the directory fsynced.
 pub fn write_durably(path: &Path, data: &[u8]) -> Result<()> {
+    write_whole(path, data, true)
+}
+
+/// Writes `data` to `path` whole (a temporary file beside it, renamed),
+/// and with `sync` durably. Statuses and prefetched WAL need no fsync: a
+/// crash loses them, and they are made again (a status by storing the file
+/// again, which finds it archived).
+fn write_whole(path: &Path, data: &[u8], sync: bool) -> Result<()> {
     let what = || format!("cannot write {}", path.display());
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(format!(".{}.tmp", std::process::id()));
@@ -279,9 +288,11 @@ pub fn write_durably(path: &Path, data: &[u8]) -> Result<()> {
     let written = (|| {
         let mut f = File::create(&tmp)?;
         f.write_all(data)?;
-        f.sync_all()?;
+        if sync {
+            f.sync_all()?;
+        }
         fs::rename(&tmp, path)?;
-        if let Some(dir) = path.parent() {
+        if let (true, Some(dir)) = (sync, path.parent()) {
             File::open(dir)?.sync_all()?;
         }
         Ok(())
