@@ -68,9 +68,10 @@ pub async fn run(stanza: &Stanza, opts: &DrillOptions) -> Result<DrillReport> {
     let repo = stanza.open(number).await?;
     let backups = repo.backups().await?;
     let m: &Manifest = match &opts.set {
-        Some(l) => backups.iter().find(|m| &m.label == l).ok_or_else(|| {
-            Error::NotFound(format!("backup {l} does not exist in repo {number}; see `pgkeep info`"))
-        })?,
+        Some(l) => backups
+            .iter()
+            .find(|m| &m.label == l)
+            .ok_or_else(|| Error::NotFound(format!("backup {l} does not exist in repo {number}; see `pgkeep info`")))?,
         None => backups.last().ok_or_else(|| Error::NotFound(format!("repo {number} has no backup to restore yet")))?,
     };
     let bin = pg_bin(m.pg_version / 10000)?;

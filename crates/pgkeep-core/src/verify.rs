@@ -125,8 +125,7 @@ pub async fn run(stanza: &Stanza, opts: &VerifyOptions) -> Result<VerifyReport> 
 
     let (wal_files, wal_problems) = check_wal_objects(&repo, jobs).await?;
     let segments: Vec<WalSegment> = repo.list_segments().await?.into_iter().map(|(s, _)| s).collect();
-    let starts: Vec<WalSegment> =
-        manifests.iter().filter_map(|m| WalSegment::parse(&m.start_wal, repo.meta.wal_segment_size)).collect();
+    let starts: Vec<WalSegment> = manifests.iter().filter_map(|m| WalSegment::parse(&m.start_wal, repo.meta.wal_segment_size)).collect();
     let gaps = gaps(&segments, &starts, repo.meta.wal_segment_size);
     Ok(VerifyReport { repo: number, backups, wal_files, wal_problems, gaps })
 }

@@ -90,7 +90,8 @@ fn async_archiving_keeps_up_under_load_and_restores_to_the_last_second() {
             }
         })
     };
-    let before: Vec<u64> = pg.psql("select archived_count, failed_count from pg_stat_archiver").split('|').map(|v| v.parse().unwrap()).collect();
+    let before: Vec<u64> =
+        pg.psql("select archived_count, failed_count from pg_stat_archiver").split('|').map(|v| v.parse().unwrap()).collect();
     let start = Instant::now();
     let load = pg.pgbench_background(seconds, 8);
     // Kill the push worker three times along the way: the next
@@ -121,7 +122,8 @@ fn async_archiving_keeps_up_under_load_and_restores_to_the_last_second() {
     stop.store(true, Ordering::Relaxed);
     sampler.join().unwrap();
 
-    let after: Vec<u64> = pg.psql("select archived_count, failed_count from pg_stat_archiver").split('|').map(|v| v.parse().unwrap()).collect();
+    let after: Vec<u64> =
+        pg.psql("select archived_count, failed_count from pg_stat_archiver").split('|').map(|v| v.parse().unwrap()).collect();
     let archived = after[0] - before[0];
     let lags = lags.lock().unwrap().clone();
     let max_lag = lags.iter().copied().max().unwrap_or(0);

@@ -68,7 +68,11 @@ fn retention_keeps_whole_chains_and_the_wal_they_need() {
     let before = snapshot(repo.path());
     let r = pk.run(&["expire", "--retention-full", "1", "--dry-run"]);
     assert!(r.status.success(), "{}", r.stderr);
-    assert!(r.stderr.contains(&format!("would expire full backup {f1}")) && r.stderr.contains(&format!("would expire diff backup {d1}")), "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!("would expire full backup {f1}")) && r.stderr.contains(&format!("would expire diff backup {d1}")),
+        "{}",
+        r.stderr
+    );
     assert!(!r.stderr.contains(&format!("backup {f2}")), "{}", r.stderr);
     assert_eq!(snapshot(repo.path()).keys().collect::<Vec<_>>(), before.keys().collect::<Vec<_>>(), "a dry run removes nothing");
 

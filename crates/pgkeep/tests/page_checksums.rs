@@ -137,8 +137,11 @@ fn a_corrupt_page_is_reported_and_the_backup_kept() {
     assert!(!scratch.exists(), "the drill's scratch copy is removed");
     let msg = pk.fails(&["verify", "--restore", "--set", &full]);
     assert!(msg.contains(&full) && msg.contains("pg_amcheck found damage"), "{msg}");
-    let archived: Vec<String> =
-        snapshot(&repo.path().join("demo/archive")).into_keys().map(|p| p.display().to_string()).filter(|p| p.contains(".history")).collect();
+    let archived: Vec<String> = snapshot(&repo.path().join("demo/archive"))
+        .into_keys()
+        .map(|p| p.display().to_string())
+        .filter(|p| p.contains(".history"))
+        .collect();
     assert!(archived.is_empty(), "a drill's promoted copy must not archive: {archived:?}");
 
     // PostgreSQL agrees: the same block of the same file fails its checksum.

@@ -49,9 +49,7 @@ fn a_killed_backup_is_resumed_keeping_only_files_unchanged_since_it_began() {
     // Twenty tables of about 4 MB, each a file of its own, compressed at
     // zstd's slowest level on one worker: a copy slow enough to kill midway.
     for i in 0..20 {
-        pg.psql(&format!(
-            "create table t{i} as select g, md5(g::text) || md5((g * {i})::text) as v from generate_series(1, 45000) g"
-        ));
+        pg.psql(&format!("create table t{i} as select g, md5(g::text) || md5((g * {i})::text) as v from generate_series(1, 45000) g"));
     }
     pg.psql("vacuum (freeze, analyze)");
     pg.psql("checkpoint");

@@ -60,8 +60,10 @@ fn verify_finds_a_flipped_byte_in_any_object_and_gaps_in_the_archive() {
 
     // A segment removed from the middle of the archive is a gap.
     let archive = root.join("archive");
-    let mut segments: Vec<PathBuf> =
-        snapshot(&archive).into_keys().filter(|p| p.file_name().unwrap().to_str().unwrap().split('-').next().unwrap().len() == 24).collect();
+    let mut segments: Vec<PathBuf> = snapshot(&archive)
+        .into_keys()
+        .filter(|p| p.file_name().unwrap().to_str().unwrap().split('-').next().unwrap().len() == 24)
+        .collect();
     segments.sort();
     let middle = archive.join(&segments[segments.len() / 2]);
     let name = middle.file_name().unwrap().to_str().unwrap()[..24].to_owned();

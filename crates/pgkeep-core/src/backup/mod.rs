@@ -25,11 +25,11 @@ use crate::codec::Compress;
 use crate::crypto::{Cipher, Sealing};
 use crate::error::{Error, Result};
 use crate::pg::checksum::FileCheck;
+use crate::pg::checksum::MAX_LISTED;
 use crate::pg::Pg;
 use crate::progress::Progress;
-use crate::pg::checksum::MAX_LISTED;
-use crate::repo::manifest::{Part, PART_SIZE};
 use crate::repo::lock::StanzaLock;
+use crate::repo::manifest::{Part, PART_SIZE};
 use crate::repo::{pages, BackupType, FileEntry, Manifest, Repository, Tablespace};
 use crate::storage::ObjectWriter;
 use crate::types::{BackupLabel, Lsn, WalSegment};
@@ -168,8 +168,7 @@ async fn locked(
         // Pages are verified against the backup's start: see pg::checksum.
         let verify = page_checksums.then_some(start.lsn);
         let sink = Sink::new(repo, &label, compress, repo_opts.compress_level);
-        let mut files =
-            copy_files(&sink, plan.files, stanza.settings.jobs, verify, &checkpointer, opts.progress.clone()).await?;
+        let mut files = copy_files(&sink, plan.files, stanza.settings.jobs, verify, &checkpointer, opts.progress.clone()).await?;
         let kept_stats = (kept.len(), kept.iter().map(|f| f.size).sum::<u64>());
         files.extend(kept);
         files.sort_by(|a, b| a.path.cmp(&b.path));
@@ -387,7 +386,15 @@ fn assemble(f: &PlannedFile, pieces: Vec<Option<Stored>>) -> Option<FileEntry> {
     }
     let parts = pieces
         .into_iter()
-        .map(|p| Part { start: p.start, size: p.size, key: p.key, repo_size: p.repo_size, checksum: p.checksum, pages: p.pages, content: p.content })
+        .map(|p| Part {
+            start: p.start,
+            size: p.size,
+            key: p.key,
+            repo_size: p.repo_size,
+            checksum: p.checksum,
+            pages: p.pages,
+            content: p.content,
+        })
         .collect();
     Some(FileEntry { parts, ..entry })
 }

@@ -327,5 +327,4 @@ mod tests {
         assert_eq!(pick(BackupType::Diff, Some("A"), Compress::Zstd), None);
         assert_eq!(pick(BackupType::Full, None, Compress::Lz4), None);
     }
-
 }

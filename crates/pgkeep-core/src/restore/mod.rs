@@ -15,8 +15,8 @@ pub mod target;
 
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
-use std::os::unix::fs::PermissionsExt;
 use std::ops::Range;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -550,7 +550,8 @@ fn prepare_parted(dest: &Path, f: &FileEntry, delta: bool) -> Result<()> {
     if file.metadata().map_err(Error::io(what()))?.len() != f.size {
         file.set_len(f.size).map_err(Error::io(what()))?;
     }
-    file.set_permissions(std::fs::Permissions::from_mode(f.mode & 0o7777)).map_err(Error::io(format!("cannot set the mode of {}", dest.display())))
+    file.set_permissions(std::fs::Permissions::from_mode(f.mode & 0o7777))
+        .map_err(Error::io(format!("cannot set the mode of {}", dest.display())))
 }
 
 fn tablespace_link<'a>(path: &str, map: &'a [(u32, PathBuf)]) -> Option<(u32, &'a PathBuf)> {
@@ -671,12 +672,8 @@ fn restore_unit(u: &Unit, dest: &Path, source: &Source, progress: &Progress, del
             }
         }
     }
-    let out = if parted {
-        std::fs::OpenOptions::new().write(true).open(dest)
-    } else {
-        std::fs::File::create(dest)
-    }
-    .map_err(Error::io(format!("cannot create {}", dest.display())))?;
+    let out = if parted { std::fs::OpenOptions::new().write(true).open(dest) } else { std::fs::File::create(dest) }
+        .map_err(Error::io(format!("cannot create {}", dest.display())))?;
     let write_err = || Error::io(format!("cannot write {}", dest.display()));
     // Writes the part of `data` (at file offset `at`) inside the range.
     let mut write_in_range = |at: u64, data: &[u8]| -> Result<()> {

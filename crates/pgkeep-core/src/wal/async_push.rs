@@ -352,8 +352,12 @@ async fn try_store_one(s: &Shared, name: &str) -> Result<()> {
     }
     let stored = outcomes.iter().filter(|o| matches!(o, Outcome::Stored)).count();
     if stored == 0 {
-        let why: Vec<String> =
-            s.lanes.iter().map(|l| l.lock().expect("lane")).map(|l| format!("repo {}: {}", l.number, l.down.clone().unwrap_or_default())).collect();
+        let why: Vec<String> = s
+            .lanes
+            .iter()
+            .map(|l| l.lock().expect("lane"))
+            .map(|l| format!("repo {}: {}", l.number, l.down.clone().unwrap_or_default()))
+            .collect();
         return Err(Error::Refused(format!(
             "{name} cannot be archived: no repository answers ({}); PostgreSQL keeps it and retries",
             why.join("; ")

@@ -93,8 +93,7 @@ pub async fn worker(stanza: &Stanza) -> Result<()> {
             break;
         }
         if let Some(at) = want.as_deref().and_then(|w| WalSegment::parse(w, seg)) {
-            let window: Vec<String> =
-                (1..=ahead).map(|i| WalSegment { timeline: at.timeline, number: at.number + i }.name(seg)).collect();
+            let window: Vec<String> = (1..=ahead).map(|i| WalSegment { timeline: at.timeline, number: at.number + i }.name(seg)).collect();
             for held in spool.prefetched_names() {
                 if !held.ends_with(".tmp") && !window.contains(&held) {
                     spool.drop_prefetched(&held);

@@ -46,13 +46,6 @@ fn start_worker(stanza: &Stanza, worker: Worker) -> pgkeep_core::Result<()> {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(io)?;
     let exe = std::env::current_exe().map_err(io)?;
     let args = std::env::args_os().skip(1).chain(["--worker".into()]);
-    Command::new(exe)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .process_group(0)
-        .spawn()
-        .map_err(io)?;
+    Command::new(exe).args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).process_group(0).spawn().map_err(io)?;
     Ok(())
 }

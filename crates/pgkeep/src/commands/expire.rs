@@ -78,7 +78,10 @@ pub fn json(r: &ExpireReport) -> serde_json::Value {
 pub fn print_text(r: &ExpireReport, by_retention: bool) {
     let verb = if r.dry_run { "would expire" } else { "expired" };
     if by_retention && !r.retention.is_set() {
-        eprintln!("pgkeep: no retention is configured for repo {} (retention-full, retention-diff, retention-window): nothing expired", r.repo);
+        eprintln!(
+            "pgkeep: no retention is configured for repo {} (retention-full, retention-diff, retention-window): nothing expired",
+            r.repo
+        );
         return;
     }
     for (label, kind) in &r.expired {

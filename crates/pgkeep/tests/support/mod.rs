@@ -628,7 +628,11 @@ impl Cluster {
             let mut c = as_postgres(pg_tool("psql"), &cwd);
             c.args(["-X", "-A", "-t", "-q", "-d", "postgres", "-h"]).arg(&socket).args(["-p", &port.to_string(), "-c", &sql]);
             let r = run(&mut c, SQL_TIMEOUT);
-            if r.status.success() { r.stdout.trim().to_owned() } else { String::new() }
+            if r.status.success() {
+                r.stdout.trim().to_owned()
+            } else {
+                String::new()
+            }
         }
     }
 
