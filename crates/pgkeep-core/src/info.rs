@@ -125,6 +125,18 @@ pub struct ChecksumErrorFile {
     pub pages: u64,
 }
 
+impl ArchiveInfo {
+    /// Widens the range to hold segment `name`.
+    fn include(&mut self, name: &str) {
+        if self.min.as_deref().is_none_or(|m| name < m) {
+            self.min = Some(name.to_owned());
+        }
+        if self.max.as_deref().is_none_or(|m| name > m) {
+            self.max = Some(name.to_owned());
+        }
+    }
+}
+
 impl BackupInfo {
     fn of(m: &Manifest, repo: usize) -> Self {
         let ts = |t: &chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
@@ -167,12 +179,7 @@ pub async fn collect(stanza: &Stanza) -> Result<StanzaInfo> {
         match read_repo(stanza, number, location.clone()).await {
             Ok((r, info, mut found)) => {
                 for end in [&info.archive.min, &info.archive.max].into_iter().flatten() {
-                    if archive.min.as_ref().is_none_or(|m| end < m) {
-                        archive.min = Some(end.clone());
-                    }
-                    if archive.max.as_ref().is_none_or(|m| end > m) {
-                        archive.max = Some(end.clone());
-                    }
+                    archive.include(end);
                 }
                 backups.append(&mut found);
                 meta.get_or_insert(r.meta);
@@ -211,12 +218,7 @@ async fn read_repo(stanza: &Stanza, number: usize, location: String) -> Result<(
     let r = stanza.open(number).await?;
     let mut archive = ArchiveInfo::default();
     for (_, w) in r.list_segments().await? {
-        if archive.min.as_ref().is_none_or(|m| &w.name < m) {
-            archive.min = Some(w.name.clone());
-        }
-        if archive.max.as_ref().is_none_or(|m| &w.name > m) {
-            archive.max = Some(w.name.clone());
-        }
+        archive.include(&w.name);
     }
     let manifests = r.backups().await?;
     let unfinished = crate::backup::resume::unfinished(&r, &manifests).await?.into_iter().map(|u| u.label).collect();

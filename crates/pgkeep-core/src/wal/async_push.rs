@@ -51,9 +51,9 @@ fn fingerprint(meta: &std::fs::Metadata) -> String {
 
 /// Whether `path` can go through the worker: it must sit in a `pg_wal`
 /// with PostgreSQL's `archive_status` queue and be marked ready there.
-fn ready_in_queue(path: &Path, name: &str) -> Option<PathBuf> {
-    let dir = std::path::absolute(path).ok()?.parent()?.to_path_buf();
-    dir.join("archive_status").join(format!("{name}.ready")).exists().then_some(dir)
+fn ready_in_queue(path: &Path, name: &str) -> bool {
+    let dir = std::path::absolute(path).ok().and_then(|p| p.parent().map(Path::to_path_buf));
+    dir.is_some_and(|d| d.join("archive_status").join(format!("{name}.ready")).exists())
 }
 
 /// The foreground of asynchronous `archive-push`: waits until the worker
@@ -62,7 +62,7 @@ fn ready_in_queue(path: &Path, name: &str) -> Option<PathBuf> {
 /// directly for a file outside PostgreSQL's queue.
 pub async fn push(stanza: &Stanza, path: &Path, start_worker: &dyn Fn() -> Result<()>) -> Result<Vec<String>> {
     let name = super::parse_name(path)?;
-    if ready_in_queue(path, name.as_str()).is_none() {
+    if !ready_in_queue(path, name.as_str()) {
         super::push(stanza, path).await?;
         return Ok(Vec::new());
     }
@@ -129,7 +129,7 @@ struct Shared {
 /// and no repository has a queue. Returns at once when another worker runs.
 pub async fn worker(stanza: &Stanza, wal_path: &Path) -> Result<()> {
     let spool = Spool::open(stanza)?;
-    let Some(_lock) = lock_with_patience(&spool).await? else { return Ok(()) };
+    let Some(_lock) = spool.lock_worker(Worker::Push).await? else { return Ok(()) };
     let wal_dir = std::path::absolute(wal_path).map_err(Error::io("cannot resolve the WAL directory"))?;
     let wal_dir = if wal_dir.is_dir() { wal_dir } else { wal_dir.parent().map(Path::to_path_buf).unwrap_or(wal_dir) };
     spool.log(Worker::Push, &format!("started for {}", wal_dir.display()));
@@ -160,17 +160,6 @@ pub async fn worker(stanza: &Stanza, wal_path: &Path) -> Result<()> {
     }
     let shared = Arc::new(Shared { stanza: stanza.clone(), wal_dir, spool, lanes, queue_max: stanza.settings.archive.push_queue_max });
     run(shared).await
-}
-
-async fn lock_with_patience(spool: &Spool) -> Result<Option<super::spool::WorkerLock>> {
-    // The foreground's own check may hold the lock for an instant.
-    for _ in 0..10 {
-        if let Some(l) = spool.try_lock(Worker::Push)? {
-            return Ok(Some(l));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Ok(None)
 }
 
 async fn run(shared: Arc<Shared>) -> Result<()> {

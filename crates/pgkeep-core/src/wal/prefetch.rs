@@ -49,15 +49,7 @@ pub async fn get(stanza: &Stanza, name: &str, dest: &std::path::Path, start_work
 /// another one runs.
 pub async fn worker(stanza: &Stanza) -> Result<()> {
     let spool = Spool::open(stanza)?;
-    let mut lock = None;
-    for _ in 0..10 {
-        lock = spool.try_lock(Worker::Get)?;
-        if lock.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let Some(_lock) = lock else { return Ok(()) };
+    let Some(_lock) = spool.lock_worker(Worker::Get).await? else { return Ok(()) };
     // What an earlier prefetcher left may belong to another recovery.
     for name in spool.prefetched_names() {
         spool.drop_prefetched(&name);

@@ -251,6 +251,19 @@ impl Spool {
         }
     }
 
+    /// Takes the lock of `worker`, waiting a moment for it: a foreground
+    /// checking whether a worker runs holds it for an instant. `None` when
+    /// another worker holds it.
+    pub async fn lock_worker(&self, worker: Worker) -> Result<Option<WorkerLock>> {
+        for _ in 0..10 {
+            if let Some(l) = self.try_lock(worker)? {
+                return Ok(Some(l));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        Ok(None)
+    }
+
     /// Whether a worker holds its lock.
     pub fn running(&self, worker: Worker) -> Result<bool> {
         Ok(self.try_lock(worker)?.is_none())

@@ -32,10 +32,7 @@ pub async fn run(cli: &Cli, stanza: &Stanza, set: Option<&str>, with_dependents:
         }
     }
     if cli.output == Output::Json {
-        match (cli.repo, reports.as_slice()) {
-            (Some(_), [one]) => super::print_json(&json(one))?,
-            _ => super::print_json(&reports.iter().map(json).collect::<Vec<_>>())?,
-        }
+        super::print_json_reports(cli, &reports, json)?;
     }
     if !failed.is_empty() {
         anyhow::bail!("expire failed in {}", failed.join("; "));

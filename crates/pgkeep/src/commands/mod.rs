@@ -69,6 +69,15 @@ fn resolve(cli: &Cli, file: &ConfigFile, stanza: Option<&str>) -> Result<Stanza>
     Ok(Stanza::new(settings))
 }
 
+/// Prints per-repository reports as JSON: the one report when `--repo`
+/// named a repository, else an array with one per repository.
+fn print_json_reports<T>(cli: &Cli, reports: &[T], json: impl Fn(&T) -> serde_json::Value) -> Result<()> {
+    match (cli.repo, reports) {
+        (Some(_), [one]) => print_json(&json(one)),
+        _ => print_json(&reports.iter().map(json).collect::<Vec<_>>()),
+    }
+}
+
 /// Prints a value as pretty JSON on stdout.
 fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);

@@ -47,10 +47,7 @@ pub async fn run(cli: &Cli, stanza: &Stanza, set: Option<&str>) -> Result<()> {
         }
     }
     if cli.output == Output::Json {
-        match (cli.repo, reports.as_slice()) {
-            (Some(_), [one]) => super::print_json(&json(one))?,
-            _ => super::print_json(&reports.iter().map(json).collect::<Vec<_>>())?,
-        }
+        super::print_json_reports(cli, &reports, json)?;
     }
     let bad: Vec<String> = reports
         .iter()

@@ -834,6 +834,39 @@ pub fn assert_same_dump(what: &str, expected: &str, actual: &str) {
     );
 }
 
+// ---------------------------------------------------------------- object store servers
+
+/// A test server's program: `$env` when set, else `default` (where
+/// scripts/test-setup installs it).
+fn server_program(env: &str, default: &str, what: &str) -> PathBuf {
+    let program = std::env::var_os(env).map(PathBuf::from).unwrap_or_else(|| default.into());
+    assert!(program.exists(), "{what} not installed: run scripts/test-setup ({} missing)", program.display());
+    program
+}
+
+/// Starts `cmd` with its output in `log`, in the log's directory.
+fn spawn_logged(cmd: &mut Command, log: &Path) -> Child {
+    let file = std::fs::File::create(log).unwrap();
+    cmd.current_dir(log.parent().unwrap())
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {:?}: {e}", cmd.get_program()))
+}
+
+/// Waits until `port` on 127.0.0.1 takes connections; fails the test if
+/// `child` exits first or `limit` passes, showing `log` when there is one.
+fn wait_listening(child: &mut Child, port: u16, what: &str, limit: Duration, log: Option<&Path>) {
+    let log = || log.map(|p| format!(":\n{}", tail(p, 20))).unwrap_or_default();
+    let start = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(child.try_wait().unwrap().is_none(), "{what} exited at start{}", log());
+        assert!(start.elapsed() < limit, "{what} not listening after {limit:?}{}", log());
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
 // ---------------------------------------------------------------- S3 (moto)
 
 /// A moto S3 server on 127.0.0.1 with one bucket, killed on drop.
@@ -845,9 +878,7 @@ pub struct Moto {
 
 impl Moto {
     pub fn start(bucket: &str) -> Moto {
-        let program =
-            std::env::var_os("PGKEEP_TEST_MOTO").map(PathBuf::from).unwrap_or_else(|| "/opt/pgkeep-test/venv/bin/moto_server".into());
-        assert!(program.exists(), "moto not installed: run scripts/test-setup ({} missing)", program.display());
+        let program = server_program("PGKEEP_TEST_MOTO", "/opt/pgkeep-test/venv/bin/moto_server", "moto");
         let port = free_port();
         let child = Command::new(&program)
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
@@ -857,12 +888,7 @@ impl Moto {
             .spawn()
             .expect("start moto_server");
         let mut moto = Moto { child, endpoint: format!("http://127.0.0.1:{port}"), bucket: bucket.to_owned() };
-        let start = Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(moto.child.try_wait().unwrap().is_none(), "moto_server exited at start");
-            assert!(start.elapsed() < Duration::from_secs(30), "moto_server not listening after 30 s");
-            thread::sleep(Duration::from_millis(100));
-        }
+        wait_listening(&mut moto.child, port, "moto_server", Duration::from_secs(30), None);
         run_ok(
             Command::new("curl").args([
                 "-sS",
@@ -926,31 +952,23 @@ impl Azurite {
 
     /// Starts Azurite on a free port and creates `container`.
     pub fn start(container: &str) -> Azurite {
-        let program = std::env::var_os("PGKEEP_TEST_AZURITE")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| "/opt/pgkeep-test/azurite/node_modules/.bin/azurite-blob".into());
-        assert!(program.exists(), "Azurite not installed: run scripts/test-setup ({} missing)", program.display());
+        let program = server_program("PGKEEP_TEST_AZURITE", "/opt/pgkeep-test/azurite/node_modules/.bin/azurite-blob", "Azurite");
         let dir = tempfile::Builder::new().prefix("pgkeep-azurite-").tempdir_in("/tmp").unwrap();
         let log_path = dir.path().join("azurite.log");
-        let log = std::fs::File::create(&log_path).unwrap();
         let port = free_port();
-        let child = Command::new(&program)
-            .args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])
-            .args(["--inMemoryPersistence", "--skipApiVersionCheck", "--loose", "--disableTelemetry", "--silent"])
-            .current_dir(dir.path())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+        let child = spawn_logged(
+            Command::new(&program).args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()]).args([
+                "--inMemoryPersistence",
+                "--skipApiVersionCheck",
+                "--loose",
+                "--disableTelemetry",
+                "--silent",
+            ]),
+            &log_path,
+        );
         let url = format!("http://127.0.0.1:{port}");
         let mut azurite = Azurite { child, dir, endpoint: format!("{url}/{}", Self::ACCOUNT), url, container: container.to_owned() };
-        let start = Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(azurite.child.try_wait().unwrap().is_none(), "Azurite exited at start:\n{}", tail(&log_path, 20));
-            assert!(start.elapsed() < Duration::from_secs(60), "Azurite not listening after 60 s:\n{}", tail(&log_path, 20));
-            thread::sleep(Duration::from_millis(100));
-        }
+        wait_listening(&mut azurite.child, port, "Azurite", Duration::from_secs(60), Some(&log_path));
         azurite.create_container(container);
         azurite
     }
@@ -1035,30 +1053,19 @@ impl FakeGcs {
     /// Starts the server serving `seed`: each directory in it is a bucket,
     /// each file under that an object named by its relative path.
     pub fn start(seed: &Path) -> FakeGcs {
-        let program =
-            std::env::var_os("PGKEEP_TEST_FAKE_GCS").map(PathBuf::from).unwrap_or_else(|| "/opt/pgkeep-test/bin/fake-gcs-server".into());
-        assert!(program.exists(), "fake-gcs-server not installed: run scripts/test-setup ({} missing)", program.display());
+        let program = server_program("PGKEEP_TEST_FAKE_GCS", "/opt/pgkeep-test/bin/fake-gcs-server", "fake-gcs-server");
         let dir = tempfile::Builder::new().prefix("pgkeep-fake-gcs-").tempdir_in("/tmp").unwrap();
         let log_path = dir.path().join("fake-gcs.log");
-        let log = std::fs::File::create(&log_path).unwrap();
         let port = free_port();
-        let child = Command::new(&program)
-            .args(["-scheme", "http", "-host", "127.0.0.1", "-port", &port.to_string(), "-backend", "memory"])
-            .args(["-log-level", "warn", "-public-host", &format!("127.0.0.1:{port}"), "-data"])
-            .arg(seed)
-            .current_dir(dir.path())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+        let child = spawn_logged(
+            Command::new(&program)
+                .args(["-scheme", "http", "-host", "127.0.0.1", "-port", &port.to_string(), "-backend", "memory"])
+                .args(["-log-level", "warn", "-public-host", &format!("127.0.0.1:{port}"), "-data"])
+                .arg(seed),
+            &log_path,
+        );
         let mut gcs = FakeGcs { child, dir, endpoint: format!("http://127.0.0.1:{port}") };
-        let start = Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(gcs.child.try_wait().unwrap().is_none(), "fake-gcs-server exited at start:\n{}", tail(&log_path, 20));
-            assert!(start.elapsed() < Duration::from_secs(30), "fake-gcs-server not listening after 30 s:\n{}", tail(&log_path, 20));
-            thread::sleep(Duration::from_millis(100));
-        }
+        wait_listening(&mut gcs.child, port, "fake-gcs-server", Duration::from_secs(30), Some(&log_path));
         gcs
     }
 
