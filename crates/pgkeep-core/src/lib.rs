@@ -53,6 +53,22 @@ use config::Settings;
 use repo::Repository;
 use storage::Store;
 
+/// Narrows this process's umask so that whatever it creates (repository
+/// objects on a local directory, spool files, restored files before their
+/// recorded mode is set) is at most `rw-r-----` and directories at most
+/// `rwxr-x---`, as pgBackRest does: backups hold password hashes and must
+/// not be left readable by every local user because the caller's umask
+/// was 0022. A stricter umask (PostgreSQL runs `archive_command` under
+/// 0077) stays as it is. Returns the umask now in force. The front ends
+/// call it once at start; a library embedding the engine should too.
+pub fn restrict_file_modes() -> u32 {
+    use rustix::fs::Mode;
+    let old = rustix::process::umask(Mode::from_raw_mode(0o027));
+    let narrowed = old.as_raw_mode() | 0o027;
+    rustix::process::umask(Mode::from_raw_mode(narrowed));
+    narrowed
+}
+
 /// A stanza as configured: the entry point of every operation.
 #[derive(Debug, Clone)]
 pub struct Stanza {

@@ -39,6 +39,57 @@ impl fmt::Display for TimelineId {
     }
 }
 
+/// The history of a timeline, from its `<tli>.history` file: each
+/// ancestor timeline with the LSN where the next one branched off it.
+/// PostgreSQL writes one line per ancestor, oldest first:
+/// `parent-tli<TAB>switch-lsn<TAB>reason` (`timeline.c`,
+/// `writeTimeLineHistory`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TimelineHistory {
+    /// The timeline this history leads to.
+    pub timeline: TimelineId,
+    /// Its ancestors, oldest first, each with the first LSN that is no
+    /// longer on it (the switch point).
+    pub ancestors: Vec<(TimelineId, Lsn)>,
+}
+
+impl TimelineHistory {
+    /// The history of timeline 1, or of any timeline whose file lists no
+    /// ancestor.
+    pub fn root(timeline: TimelineId) -> TimelineHistory {
+        TimelineHistory { timeline, ancestors: Vec::new() }
+    }
+
+    /// Parses the text of `timeline`'s history file; `None` when a line
+    /// is malformed or the ancestors do not rise.
+    pub fn parse(timeline: TimelineId, text: &str) -> Option<TimelineHistory> {
+        let mut ancestors: Vec<(TimelineId, Lsn)> = Vec::new();
+        for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+            let mut fields = line.split_whitespace();
+            let tli: u32 = fields.next()?.parse().ok()?;
+            let lsn: Lsn = fields.next()?.parse().ok()?;
+            if ancestors.last().is_some_and(|(t, l)| t.0 >= tli || *l > lsn) || tli >= timeline.0 {
+                return None;
+            }
+            ancestors.push((TimelineId(tli), lsn));
+        }
+        Some(TimelineHistory { timeline, ancestors })
+    }
+
+    /// Whether the WAL up to `lsn` on `timeline` is part of this
+    /// timeline's past: the timeline itself, or an ancestor that it left
+    /// at or after `lsn`.
+    pub fn includes(&self, timeline: TimelineId, lsn: Lsn) -> bool {
+        timeline == self.timeline || self.ancestors.iter().any(|(t, switch)| *t == timeline && lsn <= *switch)
+    }
+
+    /// Where this timeline left `timeline` (`None`: it never did, or
+    /// `timeline` is this one).
+    pub fn switch_point(&self, timeline: TimelineId) -> Option<Lsn> {
+        self.ancestors.iter().find(|(t, _)| *t == timeline).map(|(_, l)| *l)
+    }
+}
+
 /// The system identifier written by `initdb`: it tells one cluster from another.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct SystemId(pub u64);
@@ -159,6 +210,18 @@ impl BackupLabel {
         BackupLabel(format!("{base}_{}{suffix}", time.format("%Y%m%d-%H%M%S")))
     }
 
+    /// The latest of the times the label carries (its own, or its full
+    /// backup's for a full one); `None` for a label of another shape.
+    pub fn latest_time(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        self.0
+            .split('_')
+            .filter_map(|part| {
+                let stamp = part.get(..15)?;
+                chrono::NaiveDateTime::parse_from_str(stamp, "%Y%m%d-%H%M%S").ok().map(|t| t.and_utc())
+            })
+            .max()
+    }
+
     /// Checks that `s` has the shape of a label (it is used in object keys).
     pub fn parse(s: &str) -> Result<Self, Error> {
         let ok = !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
@@ -242,6 +305,24 @@ mod tests {
         assert_eq!(WalFileName::parse("00000002.history").unwrap().archive_dir(), "history");
         assert_eq!(WalFileName::parse("postmaster.pid"), None);
         assert_eq!(WalFileName::parse("00000001000000000000000a"), None);
+    }
+
+    #[test]
+    fn timeline_histories_say_which_wal_is_in_the_past() {
+        let text = "1\t0/3000000\tno recovery target specified\n\n2\t0/5000A0\tat restore point \"x\"\n";
+        assert!(TimelineHistory::parse(TimelineId(3), text).is_none(), "switch points must not go back");
+        let text = "1\t0/3000000\tno recovery target specified\n\n2\t0/50000A0\tat restore point \"x\"\n";
+        let h = TimelineHistory::parse(TimelineId(3), text).unwrap();
+        assert_eq!(h.ancestors, vec![(TimelineId(1), Lsn(0x300_0000)), (TimelineId(2), Lsn(0x500_00A0))]);
+        assert!(h.includes(TimelineId(1), Lsn(0x300_0000)));
+        assert!(!h.includes(TimelineId(1), Lsn(0x300_0001)), "WAL of timeline 1 after the switch is another history");
+        assert!(h.includes(TimelineId(2), Lsn(0x400_0000)));
+        assert!(h.includes(TimelineId(3), Lsn(u64::MAX)));
+        assert!(!h.includes(TimelineId(4), Lsn(1)), "a later timeline is not an ancestor");
+        assert_eq!(h.switch_point(TimelineId(2)), Some(Lsn(0x500_00A0)));
+        assert!(TimelineHistory::parse(TimelineId(2), "2\t0/1\tx").is_none(), "a timeline is not its own ancestor");
+        assert!(TimelineHistory::parse(TimelineId(2), "one\t0/1").is_none());
+        assert_eq!(TimelineHistory::parse(TimelineId(1), "").unwrap(), TimelineHistory::root(TimelineId(1)));
     }
 
     #[test]

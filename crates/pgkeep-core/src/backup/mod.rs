@@ -10,6 +10,7 @@
 //! killed one leaves objects no manifest points to and a checkpoint, from
 //! which the next backup resumes (see [`resume`]).
 
+pub mod basis;
 pub mod bundle;
 pub mod plan;
 pub mod resume;
@@ -18,7 +19,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
 
-use chrono::Utc;
+use chrono::{Timelike, Utc};
 use futures::StreamExt;
 
 use crate::codec::Compress;
@@ -32,8 +33,9 @@ use crate::repo::lock::StanzaLock;
 use crate::repo::manifest::{Part, PART_SIZE};
 use crate::repo::{pages, BackupType, FileEntry, Manifest, Repository, Tablespace};
 use crate::storage::ObjectWriter;
-use crate::types::{BackupLabel, Lsn, WalSegment};
+use crate::types::{BackupLabel, Lsn, TimelineHistory, WalSegment};
 use crate::Stanza;
+use basis::{Basis, ClusterNow};
 pub use plan::{BackupPlan, PlannedFile};
 use resume::{Checkpoint, Checkpointer};
 
@@ -48,6 +50,9 @@ pub struct Backup {
     /// Unfinished backups left by killed runs that could not be resumed
     /// and were removed.
     pub removed: Vec<BackupLabel>,
+    /// Why the backup is full although another type was asked for (or
+    /// implied by asking for none while a full backup exists).
+    pub full_because: Option<String>,
 }
 
 /// Options of a backup.
@@ -113,7 +118,16 @@ async fn locked(
     let compress = repo_opts.compress.unwrap_or_default();
 
     let backups = repo.backups().await?;
+    let now = cluster_now(pg, repo, pg_data.as_path(), page_checksums).await?;
     let (kind, prior) = choose_prior(&backups, opts.kind);
+    let (kind, prior, full_because) = match prior.map(|p| (p, basis::prior_unusable(p, &now))) {
+        Some((_, Some(why))) => (BackupType::Full, None, Some(why)),
+        Some((p, None)) => (kind, Some(p), None),
+        None if opts.kind.is_some_and(|k| k != BackupType::Full) => {
+            (kind, None, Some("there is no full backup to build on yet".to_owned()))
+        }
+        None => (kind, None, None),
+    };
     let prior_label = prior.map(|p| p.label.clone());
     let unfinished = resume::unfinished(repo, &backups).await?;
     let taken = resume::choose(&unfinished, kind, prior_label.as_ref(), compress).cloned();
@@ -134,9 +148,19 @@ async fn locked(
         None => Checkpoint::new(label.clone(), kind, prior_label.clone(), compress, start_time, Vec::new()),
     };
     let checkpointer = Checkpointer::start(repo, first).await?;
-    let start = match pg.backup_start(&format!("pgkeep backup {label}")).await {
+    // The prior was judged on the timeline seen before the start; a
+    // promotion in between would void that judgement.
+    let started = pg.backup_start(&format!("pgkeep backup {label}")).await.and_then(|s| match s.timeline == now.timeline {
+        true => Ok(s),
+        false => Err(Error::Refused(format!(
+            "the server at {} moved from timeline {} to {} as the backup started; run the backup again",
+            pg.describe, now.timeline, s.timeline
+        ))),
+    });
+    let start = match started {
         Ok(s) => s,
         Err(e) => {
+            let _ = pg.backup_stop().await;
             if taken.is_none() {
                 let _ = repo.remove_backup_objects(&label).await;
             }
@@ -221,7 +245,28 @@ async fn locked(
     repo.write_manifest(&manifest).await?;
     // The backup is complete without it; a left-over checkpoint is ignored.
     let _ = checkpointer.remove().await;
-    Ok(Backup { manifest, resumed: taken.map(|_| kept_stats), removed })
+    Ok(Backup { manifest, resumed: taken.map(|_| kept_stats), removed, full_because })
+}
+
+/// What a backup needs to know of the cluster to judge a prior (see
+/// [`basis::prior_unusable`]): its WAL position and timeline, and that
+/// timeline's history from `pg_wal`, else from the repository.
+async fn cluster_now(pg: &Pg, repo: &Repository, pg_data: &std::path::Path, page_checksums: bool) -> Result<ClusterNow> {
+    let (timeline, lsn) = pg.wal_position().await?;
+    let history =
+        if timeline.0 == 1 {
+            Some(TimelineHistory::root(timeline))
+        } else {
+            let file = pg_data.join("pg_wal").join(format!("{:08X}.history", timeline.0));
+            match tokio::fs::read_to_string(&file).await {
+                Ok(text) => Some(TimelineHistory::parse(timeline, &text).ok_or_else(|| {
+                    Error::Corrupt(format!("{} is not a timeline history file; check the data directory", file.display()))
+                })?),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => repo.timeline_history(timeline).await?,
+                Err(e) => return Err(Error::io(format!("cannot read {}", file.display()))(e)),
+            }
+        };
+    Ok(ClusterNow { system_id: repo.meta.system_id, page_checksums, timeline, lsn, history })
 }
 
 /// Takes over an interrupted attempt: returns the entries kept from it,
@@ -258,20 +303,28 @@ async fn check_data_directory(pg: &Pg, pg_data: &std::path::Path) -> Result<()> 
     Ok(())
 }
 
-/// A label not used yet in this repository (labels have one-second
-/// resolution: wait for the next second rather than collide).
+/// A label that sorts after every label in the repository, finished or
+/// not (see [`label_after`]).
 async fn new_label(repo: &Repository, kind: BackupType, prior: Option<&Manifest>) -> Result<BackupLabel> {
-    loop {
-        let now = Utc::now();
-        let label = match (kind, prior) {
-            (BackupType::Diff, Some(p)) => BackupLabel::dependent(&p.label, now, 'D'),
-            (BackupType::Incr, Some(p)) => BackupLabel::dependent(&p.label, now, 'I'),
-            _ => BackupLabel::full(now),
-        };
-        if repo.store().list(&Repository::backup_dir(&label)).await?.is_empty() {
-            return Ok(label);
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let existing: Vec<BackupLabel> = repo.store().list_dirs("backup").await?.into_iter().map(BackupLabel).collect();
+    Ok(label_after(&existing, kind, prior, Utc::now()))
+}
+
+/// The label of a new backup taken at `now` (pure): its time is `now`, or
+/// one second after the latest time in any `existing` label when the
+/// clock reads earlier (stepped back, or a second not over yet), so that
+/// the new label sorts after every other and names the newest backup:
+/// `backup` builds on the last label, `expire` keeps the last ones.
+pub fn label_after(existing: &[BackupLabel], kind: BackupType, prior: Option<&Manifest>, now: chrono::DateTime<Utc>) -> BackupLabel {
+    let latest = existing.iter().filter_map(BackupLabel::latest_time).max();
+    let time = match latest {
+        Some(t) if t >= now.with_nanosecond(0).unwrap_or(now) => t + chrono::Duration::seconds(1),
+        _ => now,
+    };
+    match (kind, prior) {
+        (BackupType::Diff, Some(p)) => BackupLabel::dependent(&p.label, time, 'D'),
+        (BackupType::Incr, Some(p)) => BackupLabel::dependent(&p.label, time, 'I'),
+        _ => BackupLabel::full(time),
     }
 }
 
@@ -372,13 +425,14 @@ fn assemble(f: &PlannedFile, pieces: Vec<Option<Stored>>) -> Option<FileEntry> {
         checksum: String::new(),
         key: None,
         repo_size: pieces.iter().map(|p| p.repo_size).sum(),
-        delta: f.since.is_some(),
+        delta: f.delta(),
         pages: pieces.iter().map(|p| p.pages).sum(),
         offset: None,
         content: None,
         checksum_errors: errors,
         checksum_errors_unlisted: unlisted,
         parts: Vec::new(),
+        id: f.id,
     };
     if f.size <= PART_SIZE {
         let p = pieces.pop()?;
@@ -400,7 +454,7 @@ fn assemble(f: &PlannedFile, pieces: Vec<Option<Stored>>) -> Option<FileEntry> {
 }
 
 /// Copies one file, or the `part` of it: read, checksum, compress, upload;
-/// whole, or as the pages changed since `f.since`; with `check`, every
+/// whole, or as its [`basis`] says; with `check`, every
 /// page read is also verified against its page checksum (in a delta too,
 /// stored or not). `None` when the file was removed before it could be
 /// opened.
@@ -436,7 +490,7 @@ fn copy_one(
     let mut hasher = blake3::Hasher::new();
     // For a delta, also the hash of the bytes as read: what a full backup
     // would have stored, which `restore --delta` compares against.
-    let mut content = f.since.map(|_| blake3::Hasher::new());
+    let mut content = f.delta().then(blake3::Hasher::new);
     let mut buf = vec![0u8; 1 << 20];
     let mut record = Vec::with_capacity(pages::PAGE_SIZE + 8);
     let (mut size, mut changed) = (0u64, 0u64);
@@ -454,12 +508,17 @@ fn copy_one(
             };
             c.check(first, &buf[..n], reread).map_err(read_err())?;
         }
-        match f.since {
-            None => {
+        match f.basis {
+            Basis::Whole => {
                 hasher.update(&buf[..n]);
                 enc.write_all(&buf[..n]).map_err(upload_err)?;
             }
-            Some(since) => {
+            Basis::Unchanged => {
+                if let Some(c) = content.as_mut() {
+                    c.update(&buf[..n]);
+                }
+            }
+            Basis::Pages { since } => {
                 if let Some(c) = content.as_mut() {
                     c.update(&buf[..n]);
                 }
@@ -481,7 +540,7 @@ fn copy_one(
     let (checksum_errors, checksum_errors_unlisted) = check.map(FileCheck::finish).unwrap_or_default();
     // A delta of no pages stores nothing: dropping the writer unfinished
     // leaves no object behind.
-    let (key, repo_size, offset) = if f.since.is_some() && changed == 0 {
+    let (key, repo_size, offset) = if f.delta() && changed == 0 {
         (None, 0, None)
     } else {
         match enc.finish().and_then(Sealing::finish).map_err(upload_err)? {
@@ -613,5 +672,22 @@ mod tests {
         assert_eq!((kind(None), pick(None)), (BackupType::Incr, Some("B_F_2I".into())));
         assert_eq!(pick(Some(BackupType::Diff)), Some("B_F".into()));
         assert_eq!((kind(Some(BackupType::Full)), pick(Some(BackupType::Full))), (BackupType::Full, None));
+    }
+
+    #[test]
+    fn a_new_label_sorts_after_every_label_even_when_the_clock_went_back() {
+        let at = |s: &str| chrono::DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc);
+        let labels = |v: &[&str]| v.iter().map(|l| BackupLabel(l.to_string())).collect::<Vec<_>>();
+        let existing = labels(&["20261201-100000F", "20261201-100000F_20261201-110000I", "20261201-120000F"]);
+        let full = label_after(&existing, BackupType::Full, None, at("2026-12-01T09:00:00Z"));
+        assert_eq!(full.0, "20261201-120001F");
+        let newest = Manifest::for_test("20261201-120000F", BackupType::Full, None, at("2026-12-01T12:00:30Z"), 1000, (1, 2));
+        let incr = label_after(&existing, BackupType::Incr, Some(&newest), at("2026-12-01T12:00:00.5Z"));
+        assert_eq!(incr.0, "20261201-120000F_20261201-120001I");
+        assert!(existing.iter().all(|l| *l < full && *l < incr));
+        let later = label_after(&existing, BackupType::Full, None, at("2026-12-02T00:00:00Z"));
+        assert_eq!(later.0, "20261202-000000F", "a clock ahead of every label is used as it is");
+        let with_dependents = labels(&["20261201-100000F", "20261201-100000F_20261201-130000D"]);
+        assert_eq!(label_after(&with_dependents, BackupType::Full, None, at("2026-12-01T12:00:00Z")).0, "20261201-130001F");
     }
 }

@@ -3,13 +3,15 @@
 //! (see "Backing Up the Data Directory" in the PostgreSQL documentation and
 //! `basebackup.c`).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::repo::{DirEntry, Manifest, Tablespace};
-use crate::types::Lsn;
+use crate::repo::manifest::FileIdentity;
+use crate::repo::{DirEntry, FileEntry, Manifest, Tablespace};
+
+use super::basis::{file_basis, Basis};
 
 /// Directories whose contents are never copied (the directory itself is).
 const SKIP_CONTENTS: &[&str] =
@@ -44,9 +46,18 @@ pub struct PlannedFile {
     pub mode: u32,
     /// Modification time, seconds since the epoch.
     pub mtime: i64,
-    /// Copy only the pages changed since this LSN (the prior backup's
-    /// start) instead of the whole file.
-    pub since: Option<Lsn>,
+    /// How much of it to copy (see [`basis`](super::basis)).
+    pub basis: Basis,
+    /// Which file it is, to tell a re-created file from the one a prior
+    /// backup read under the same path.
+    pub id: Option<FileIdentity>,
+}
+
+impl PlannedFile {
+    /// Whether it is stored as a delta over the prior backup's copy.
+    pub fn delta(&self) -> bool {
+        self.basis != Basis::Whole
+    }
 }
 
 /// Everything a backup will copy.
@@ -127,31 +138,30 @@ fn walk(dir: &Path, rel: &str, plan: &mut BackupPlan, tablespaces: &[Tablespace]
                 size: meta.len(),
                 mode: meta.permissions().mode() & 0o7777,
                 mtime: meta.mtime(),
-                since: None,
+                basis: Basis::Whole,
+                id: Some(FileIdentity::of(&meta)),
             });
         }
     }
     Ok(())
 }
 
-/// Turns a plan into an incremental one against `prior`: relation files
-/// the prior backup holds are copied as page deltas since its start LSN.
-/// Everything else (new files, non-relation files, free space maps, init
-/// forks) is copied whole.
+/// Turns a plan into one built on `prior`, which passed
+/// [`basis::prior_unusable`](super::basis::prior_unusable): each file is
+/// copied as [`basis::file_basis`](super::basis::file_basis) says.
 pub fn incremental(plan: &mut BackupPlan, prior: &Manifest) {
-    let known: HashSet<&str> = prior.files.iter().map(|f| f.path.as_str()).collect();
+    let before: HashMap<&str, &FileEntry> = prior.files.iter().map(|f| (f.path.as_str(), f)).collect();
     for f in &mut plan.files {
-        if is_page_tracked(&f.path) && known.contains(f.path.as_str()) {
-            f.since = Some(prior.start_lsn);
-        }
+        f.basis = file_basis(f, prior, before.get(f.path.as_str()).copied());
     }
 }
 
-/// Relation files whose pages carry a WAL-logged LSN: the main fork and
-/// the visibility map, in any segment. Not the free space map (updated
-/// without WAL), not init forks, not catalog-less files.
+/// Relation files every change of whose pages moves the page's LSN, when
+/// data checksums are on: the main fork, in any segment. Not the
+/// visibility map (bits cleared without WAL), not the free space map
+/// (updated without WAL), not init forks, not catalog-less files.
 pub fn is_page_tracked(path: &str) -> bool {
-    relation_file(path).is_some_and(|(fork, _)| fork.is_empty() || fork == "_vm")
+    relation_file(path).is_some_and(|(fork, _)| fork.is_empty())
 }
 
 /// For a relation file of any fork (main, `_fsm`, `_vm`, `_init`, in any
@@ -249,12 +259,14 @@ mod tests {
     }
 
     #[test]
-    fn only_wal_logged_relation_forks_are_page_tracked() {
-        for p in ["base/5/16384", "base/5/16384.12", "base/5/16384_vm", "global/1262", "pg_tblspc/16390/PG_15_202209061/5/16391"] {
+    fn only_main_forks_are_page_tracked() {
+        for p in ["base/5/16384", "base/5/16384.12", "global/1262", "pg_tblspc/16390/PG_15_202209061/5/16391"] {
             assert!(is_page_tracked(p), "{p}");
         }
         for p in [
             "base/5/16384_fsm",
+            "base/5/16384_vm",
+            "base/5/16384_vm.1",
             "base/5/16384_init",
             "base/5/PG_VERSION",
             "base/5/pg_filenode.map",
@@ -303,7 +315,7 @@ mod tests {
 
     #[test]
     fn keeps_only_the_init_fork_of_unlogged_relations() {
-        let f = |p: &str| PlannedFile { path: p.into(), source: p.into(), size: 1, mode: 0o600, mtime: 0, since: None };
+        let f = |p: &str| PlannedFile { path: p.into(), source: p.into(), size: 1, mode: 0o600, mtime: 0, basis: Basis::Whole, id: None };
         let mut plan = BackupPlan {
             dirs: vec![],
             files: ["base/5/100", "base/5/100_init", "base/5/100_fsm", "base/5/100.1", "base/5/1000", "base/6/100", "global/100"]

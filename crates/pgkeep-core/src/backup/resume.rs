@@ -117,7 +117,7 @@ pub fn choose<'a>(
 }
 
 /// The entries of `interrupted` that the new attempt keeps for the files
-/// it plans (pure): same path, size and mtime as recorded, that mtime a
+/// it plans (pure): same path, file identity, size and mtime as recorded, that mtime a
 /// whole second before the interrupted attempt began, the same kind of
 /// copy (whole or delta), and its objects still stored with their
 /// recorded sizes (`stored`: key → size).
@@ -128,8 +128,9 @@ pub fn reusable(interrupted: &Checkpoint, planned: &[PlannedFile], stored: &Hash
         .iter()
         .filter_map(|f| {
             let e = *by_path.get(f.path.as_str())?;
-            let unchanged = e.size == f.size && e.mtime == f.mtime && e.mtime < began;
-            let same_kind = e.delta == f.since.is_some() && e.offset.is_none();
+            let same_file = matches!((&e.id, &f.id), (Some(a), Some(b)) if a.same_file(b));
+            let unchanged = same_file && e.size == f.size && e.mtime == f.mtime && e.mtime < began;
+            let same_kind = e.delta == f.delta() && e.offset.is_none();
             let object_there = e.own_objects().iter().all(|(key, size)| stored.get(*key) == Some(size));
             (unchanged && same_kind && object_there).then(|| e.clone())
         })
@@ -229,11 +230,13 @@ mod tests {
             checksum_errors: vec![],
             checksum_errors_unlisted: 0,
             parts: vec![],
+            id: crate::backup::basis::test_identity(1, 1),
         }
     }
 
     fn planned(path: &str, size: u64, mtime: i64) -> PlannedFile {
-        PlannedFile { path: path.into(), source: path.into(), size, mode: 0o600, mtime, since: None }
+        let id = crate::backup::basis::test_identity(1, 1);
+        PlannedFile { path: path.into(), source: path.into(), size, mode: 0o600, mtime, basis: crate::backup::basis::Basis::Whole, id }
     }
 
     fn checkpoint(label: &str, kind: BackupType, prior: Option<&str>, at: DateTime<Utc>) -> Checkpoint {
@@ -260,6 +263,7 @@ mod tests {
             entry("object-short", 100, 998, Some("k/object-short")),
             entry("removed", 100, 998, Some("k/removed")),
             entry("was-whole", 100, 998, Some("k/was-whole")),
+            entry("re-created", 100, 998, Some("k/re-created")),
         ];
         let plan = vec![
             planned("old", 100, 998),
@@ -269,9 +273,10 @@ mod tests {
             planned("object-gone", 100, 998),
             planned("object-short", 100, 998),
             planned("new", 100, 998),
-            PlannedFile { since: Some(crate::types::Lsn(1)), ..planned("was-whole", 100, 998) },
+            PlannedFile { basis: crate::backup::basis::Basis::Pages { since: crate::types::Lsn(1) }, ..planned("was-whole", 100, 998) },
+            PlannedFile { id: crate::backup::basis::test_identity(1, 2), ..planned("re-created", 100, 998) },
         ];
-        let stored: HashMap<String, u64> = ["k/old", "k/grown", "k/touched", "k/same-second", "k/removed", "k/was-whole"]
+        let stored: HashMap<String, u64> = ["k/old", "k/grown", "k/touched", "k/same-second", "k/removed", "k/was-whole", "k/re-created"]
             .iter()
             .map(|k| (k.to_string(), 10))
             .chain([("k/object-short".to_string(), 9)])
@@ -304,7 +309,10 @@ mod tests {
 
         // An empty delta stores no object and is kept as it is.
         cp.files = vec![FileEntry { delta: true, ..entry("was-whole", 100, 998, None) }];
-        let plan = vec![PlannedFile { since: Some(crate::types::Lsn(1)), ..planned("was-whole", 100, 998) }];
+        let plan = vec![PlannedFile {
+            basis: crate::backup::basis::Basis::Pages { since: crate::types::Lsn(1) },
+            ..planned("was-whole", 100, 998)
+        }];
         let kept: Vec<String> = reusable(&cp, &plan, &stored).into_iter().map(|e| e.path).collect();
         assert_eq!(kept, vec!["was-whole"]);
     }

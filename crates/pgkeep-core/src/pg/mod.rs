@@ -183,6 +183,24 @@ impl Pg {
         self.one_text("SELECT pg_walfile_name(pg_switch_wal())", "switch WAL (pg_switch_wal)").await
     }
 
+    /// The timeline WAL is inserted on and the insert position
+    /// (`pg_walfile_name` names the segment with the insert timeline,
+    /// which after a promotion is the new one even before the first
+    /// checkpoint on it).
+    pub async fn wal_position(&self) -> Result<(TimelineId, Lsn)> {
+        let row = self
+            .client
+            .query_one("SELECT pg_current_wal_lsn()::text, pg_walfile_name(pg_current_wal_lsn())", &[])
+            .await
+            .map_err(self.err("report its WAL position"))?;
+        let name: String = row.get(1);
+        let timeline = name
+            .get(..8)
+            .and_then(|t| u32::from_str_radix(t, 16).ok())
+            .ok_or_else(|| Error::Input(format!("unexpected WAL file name '{name}' from the server at {}", self.describe)))?;
+        Ok((TimelineId(timeline), row.get::<_, String>(0).parse()?))
+    }
+
     /// Current WAL insert position.
     pub async fn current_lsn(&self) -> Result<Lsn> {
         self.one_text("SELECT pg_current_wal_lsn()::text", "report its WAL position").await?.parse()

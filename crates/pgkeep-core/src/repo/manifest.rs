@@ -139,6 +139,84 @@ pub struct FileEntry {
     /// stored as for a file of its own (then `key` is `None`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub parts: Vec<Part>,
+    /// Which file on disk this was (see [`FileIdentity`]): a later backup
+    /// skips pages of this path only while it is still the same file.
+    /// Absent in manifests written before pgkeep recorded it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<FileIdentity>,
+}
+
+/// Which file a path named when a backup read it: device, inode and, where
+/// the file system keeps it, birth time (`statx`'s `btime`). A file that
+/// is removed and created again under the same name (a database dropped
+/// and created again with the same OID, a relation file number reused) is
+/// another file even when its inode number is reused, because its birth
+/// time differs; nothing on Linux can set a birth time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileIdentity {
+    /// `st_dev`.
+    pub dev: u64,
+    /// `st_ino`.
+    pub ino: u64,
+    /// Birth time in nanoseconds since the epoch, when known.
+    pub birth: Option<i128>,
+}
+
+impl FileIdentity {
+    /// The identity of the file `meta` describes.
+    pub fn of(meta: &std::fs::Metadata) -> FileIdentity {
+        use std::os::unix::fs::MetadataExt;
+        let birth = meta.created().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_nanos() as i128);
+        FileIdentity { dev: meta.dev(), ino: meta.ino(), birth }
+    }
+
+    /// Whether two identities name the same file. With birth times on both
+    /// sides, inode and birth time decide (the device number of a volume
+    /// can change when it is mounted again, on another node say); without,
+    /// device and inode, and an inode number can be reused (see
+    /// `docs/incremental.md`).
+    pub fn same_file(&self, other: &FileIdentity) -> bool {
+        match (self.birth, other.birth) {
+            (Some(a), Some(b)) => self.ino == other.ino && a == b,
+            (None, None) => self.ino == other.ino && self.dev == other.dev,
+            _ => false,
+        }
+    }
+}
+
+impl std::fmt::Display for FileIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.birth {
+            Some(b) => write!(f, "{}:{}:{b}", self.dev, self.ino),
+            None => write!(f, "{}:{}:-", self.dev, self.ino),
+        }
+    }
+}
+
+impl std::str::FromStr for FileIdentity {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || Error::Corrupt(format!("'{s}' is not a file identity (device:inode:birth)"));
+        let mut it = s.split(':');
+        let (dev, ino, birth) = (it.next().ok_or_else(bad)?, it.next().ok_or_else(bad)?, it.next().ok_or_else(bad)?);
+        Ok(FileIdentity {
+            dev: dev.parse().map_err(|_| bad())?,
+            ino: ino.parse().map_err(|_| bad())?,
+            birth: if birth == "-" { None } else { Some(birth.parse().map_err(|_| bad())?) },
+        })
+    }
+}
+
+impl Serialize for FileIdentity {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for FileIdentity {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 /// One part of a file stored in parts: the bytes from `start`, up to

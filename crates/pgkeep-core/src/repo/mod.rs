@@ -27,7 +27,7 @@ use crate::codec::{self, Compress};
 use crate::crypto::Cipher;
 use crate::error::{Error, Result};
 use crate::storage::{Listed, Store};
-use crate::types::{BackupLabel, SystemId, WalFileName, WalSegment};
+use crate::types::{BackupLabel, SystemId, TimelineHistory, TimelineId, WalFileName, WalSegment};
 pub use manifest::{BackupType, DirEntry, FileEntry, Manifest, StanzaMeta, Tablespace};
 
 /// A stanza in one repository.
@@ -216,6 +216,24 @@ impl Repository {
             return Err(Error::Corrupt(format!("{what} fails its checksum: it is corrupt or truncated")));
         }
         Ok(data)
+    }
+
+    /// The history of `timeline` from its archived history file; `None`
+    /// when the archive does not have it. Timeline 1 has no ancestors.
+    pub async fn timeline_history(&self, timeline: TimelineId) -> Result<Option<TimelineHistory>> {
+        if timeline.0 == 1 {
+            return Ok(Some(TimelineHistory::root(timeline)));
+        }
+        let name = WalFileName::History(format!("{:08X}.history", timeline.0));
+        let data = match self.get_wal(&name).await {
+            Ok(data) => data,
+            Err(Error::NotFound(_)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let text = String::from_utf8_lossy(&data);
+        TimelineHistory::parse(timeline, &text)
+            .map(Some)
+            .ok_or_else(|| Error::Corrupt(format!("archived {} in repo {} is not a timeline history file", name.as_str(), self.number)))
     }
 
     /// Every archived WAL file, sorted by name.

@@ -6,10 +6,12 @@
 //! - a running cluster is never touched, a non-empty directory only with
 //!   `force`;
 //! - every file is checked against its checksum and size as it is written;
-//! - `global/pg_control` and `backup_label` are written last, so a restore
-//!   that stops halfway leaves a directory PostgreSQL refuses to start,
-//!   never one it would start inconsistent; on failure the files written are
-//!   removed again.
+//! - `backup_label` and the recovery settings are written and synced, and
+//!   every directory synced, before `global/pg_control`, written last: a
+//!   restore that stops halfway leaves a directory PostgreSQL refuses to
+//!   start (no `pg_control`), never one it would start from the copied
+//!   checkpoint instead of the backup's start; on failure the files
+//!   written are removed again.
 
 pub mod target;
 
@@ -259,12 +261,16 @@ fn check_destination(dir: &Path, force: bool) -> Result<()> {
 fn prepare_dirs(plan: &Plan, force: bool) -> Result<Vec<PathBuf>> {
     let mut dirs = vec![plan.pg_data.clone()];
     dirs.extend(plan.tablespaces.iter().map(|(_, d)| d.clone()));
+    // 0700, or 0750 when the source allowed its group to read (initdb
+    // --allow-group-access: its files are 0640), as PostgreSQL requires.
+    let group = plan.chain[0].files.iter().any(|f| f.path == "global/pg_control" && f.mode & 0o040 != 0);
+    let mode = if group { 0o750 } else { 0o700 };
     for d in &dirs {
         if force {
             clear_dir(d).map_err(Error::io(format!("cannot empty {}", d.display())))?;
         }
         std::fs::create_dir_all(d).map_err(Error::io(format!("cannot create {}", d.display())))?;
-        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode))
             .map_err(Error::io(format!("cannot set the mode of {}", d.display())))?;
     }
     Ok(dirs)
@@ -292,6 +298,15 @@ async fn write_everything(plan: &Plan, opts: &RestoreOptions, jobs: usize) -> Re
     let m = &plan.chain[0];
     let root = &plan.pg_data;
     let io = |what: String| Error::io(what);
+    if opts.delta {
+        // First of all, so that the directory does not start while it is
+        // half rewritten.
+        match std::fs::remove_file(root.join("global/pg_control")) {
+            Ok(()) => sync_dir(&root.join("global"))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(format!("cannot remove {}", root.join("global/pg_control").display()))(e)),
+        }
+    }
     let removed = if opts.delta { remove_extraneous(root, m).map_err(io(format!("cannot clean {}", root.display())))? } else { 0 };
     for d in &m.dirs {
         let path = root.join(&d.path);
@@ -343,12 +358,19 @@ async fn write_everything(plan: &Plan, opts: &RestoreOptions, jobs: usize) -> Re
         .map(|j| j.map_err(|e| Error::Input(format!("a restore worker stopped: {e}")))?)
         .try_collect()
         .await?;
+    // What tells PostgreSQL where to start recovery goes in before
+    // pg_control, which alone would let it start from the copied
+    // checkpoint: backup_label, then the recovery settings, then every
+    // directory synced, and pg_control last.
+    write_file(&root.join("backup_label"), m.backup_label.as_bytes())?;
     write_recovery_settings(root, m, opts)?;
+    sync_dirs(root, m)?;
     for f in last {
         for u in restore_units(f, &layers(&plan.chain, &by_path, &f.path)?) {
             fetch((usize::MAX, u)).await.map_err(|e| Error::Input(format!("a restore worker stopped: {e}")))??;
         }
     }
+    sync_dir(&root.join("global"))?;
     // A file is unchanged when every unit of it was.
     let mut changed = vec![false; rest.len()];
     let mut seen = vec![false; rest.len()];
@@ -357,7 +379,6 @@ async fn write_everything(plan: &Plan, opts: &RestoreOptions, jobs: usize) -> Re
         changed[i] |= !kept;
     }
     let unchanged = seen.iter().zip(&changed).filter(|(s, c)| **s && !**c).count();
-    write_file(&root.join("backup_label"), m.backup_label.as_bytes())?;
     Ok(RestoreReport {
         label: m.label.clone(),
         repo: plan.repo.number,
@@ -702,6 +723,23 @@ fn restore_unit(u: &Unit, dest: &Path, source: &Source, progress: &Progress, del
     Ok(false)
 }
 
+/// Syncs a directory, so that the entries created in it survive a crash.
+fn sync_dir(path: &Path) -> Result<()> {
+    std::fs::File::open(path).and_then(|d| d.sync_all()).map_err(Error::io(format!("cannot sync directory {}", path.display())))
+}
+
+/// Syncs every directory of the restored data directory (tablespace
+/// directories through their links), children before parents, and the
+/// data directory itself.
+fn sync_dirs(root: &Path, m: &Manifest) -> Result<()> {
+    let mut dirs: Vec<&str> = m.dirs.iter().map(|d| d.path.as_str()).chain(["pg_wal/archive_status", "pg_wal"]).collect();
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.matches('/').count()));
+    for d in dirs {
+        sync_dir(&root.join(d))?;
+    }
+    sync_dir(root)
+}
+
 fn sync_file(path: &Path) -> Result<()> {
     std::fs::File::open(path).and_then(|f| f.sync_all()).map_err(Error::io(format!("cannot sync {}", path.display())))
 }
@@ -817,6 +855,7 @@ mod tests {
                     content: delta.then(|| format!("content{start}")),
                 })
                 .collect(),
+            id: None,
         }
     }
 

@@ -33,8 +33,8 @@ pub async fn run(cli: &Cli, stanza: &Stanza, kind: Option<BackupTypeArg>) -> Res
     if let Some((files, size)) = done.resumed {
         eprintln!("pgkeep: resumed the interrupted backup {}: kept {files} files ({}) it had stored", m.label, bytes(size));
     }
-    if opts.kind.is_some_and(|k| k != BackupType::Full) && m.kind == BackupType::Full {
-        eprintln!("pgkeep: no full backup to build on yet, so this backup is a full one");
+    if let Some(why) = &done.full_because {
+        eprintln!("pgkeep: NOTICE: backup {} is a full backup because {why}", m.label);
     }
     for f in m.files.iter().filter(|f| f.checksum_error_pages() > 0) {
         eprintln!("{}", checksum_warning(f));
@@ -57,6 +57,7 @@ pub async fn run(cli: &Cli, stanza: &Stanza, kind: Option<BackupTypeArg>) -> Res
             "size": m.size, "repo-size": m.repo_size, "files": m.files.len(), "seconds": started.elapsed().as_secs_f64(),
             "page-checksums": m.page_checksums, "checksum-errors": m.checksum_error_pages(),
             "resumed-files": done.resumed.map(|r| r.0), "resumed-bytes": done.resumed.map(|r| r.1),
+            "full-because": done.full_because,
             "expire": expired.as_ref().map(super::expire::json),
         }))?,
         Output::Text => {

@@ -1,0 +1,259 @@
+//! The one rule that lets a backup skip work: whether a differential or
+//! incremental backup may build on a prior backup at all, and, file by
+//! file, what it may leave out. Pure functions; `docs/incremental.md`
+//! gives the argument for each condition from PostgreSQL's source, and
+//! names the test that breaks each on purpose.
+//!
+//! A backup builds on a prior only when all of these hold (else it is
+//! taken full, and says why):
+//! - the same system (`system-id`) and the same data checksum state as
+//!   when the prior was taken: `pg_checksums` rewrites every page's
+//!   checksum without moving its LSN;
+//! - the prior is in this cluster's past: on its timeline, or on an
+//!   ancestor that this timeline left at or after the prior's end (an
+//!   in-place restore to an earlier point, a failover or `pg_rewind` make
+//!   a history in which later backups never happened);
+//! - this backup starts after the prior ended.
+//!
+//! Then each file is, against the prior's entry for the same path:
+//! - copied whole when the prior has no such path, or it is another file
+//!   now (its [`FileIdentity`](crate::repo::manifest::FileIdentity) differs: the file was removed and created
+//!   again, as `CREATE DATABASE ... STRATEGY FILE_COPY` does with pages
+//!   that keep their template's old LSNs);
+//! - with data checksums on, for the main fork of a relation: only the
+//!   pages whose LSN is at or after the prior's start ([`Basis::Pages`]),
+//!   every hint-bit change being WAL-logged then;
+//! - with data checksums off, hint bits and the all-visible flag of heap
+//!   pages change without moving their LSN: a relation file is left out
+//!   only when its size and mtime are what the prior recorded and that
+//!   mtime was a whole second before the prior began ([`Basis::Unchanged`]),
+//!   else copied whole;
+//! - every other file (visibility maps, free space maps, init forks,
+//!   non-relation files) is copied whole: visibility-map bits are cleared
+//!   without WAL and without moving the map page's LSN.
+
+#[cfg(test)]
+use crate::repo::manifest::FileIdentity;
+use crate::repo::{FileEntry, Manifest};
+use crate::types::{Lsn, SystemId, TimelineHistory, TimelineId};
+
+use super::plan::{is_page_tracked, relation_segment, PlannedFile};
+
+/// How a file is copied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Basis {
+    /// All of it.
+    Whole,
+    /// Only the pages whose LSN is at or after `since` (the prior's start),
+    /// and those that cannot be judged by their LSN.
+    Pages {
+        /// The prior backup's start LSN.
+        since: Lsn,
+    },
+    /// Nothing: the file is byte for byte what the prior stored. It is
+    /// still read, for its page checksums and its content hash.
+    Unchanged,
+}
+
+/// The cluster as a backup about to start finds it.
+#[derive(Debug, Clone)]
+pub struct ClusterNow {
+    /// Its system identifier.
+    pub system_id: SystemId,
+    /// Whether data checksums are on.
+    pub page_checksums: bool,
+    /// The timeline WAL is written on.
+    pub timeline: TimelineId,
+    /// The WAL insert position before the backup starts (the backup's
+    /// own start is after it).
+    pub lsn: Lsn,
+    /// This timeline's history; `None` when its history file could not be
+    /// found (on timeline 1 there is none to find).
+    pub history: Option<TimelineHistory>,
+}
+
+/// Why a backup cannot build on `prior`; `None` when it can.
+pub fn prior_unusable(prior: &Manifest, now: &ClusterNow) -> Option<String> {
+    let onoff = |b: bool| if b { "on" } else { "off" };
+    if prior.system_id != now.system_id {
+        return Some(format!("backup {} is of another system ({}, this cluster is {})", prior.label, prior.system_id, now.system_id));
+    }
+    if prior.page_checksums != now.page_checksums {
+        return Some(format!(
+            "data checksums were {} when backup {} was taken and are {} now (pg_checksums rewrote the pages)",
+            onoff(prior.page_checksums),
+            prior.label,
+            onoff(now.page_checksums)
+        ));
+    }
+    if prior.timeline != now.timeline {
+        let Some(history) = &now.history else {
+            return Some(format!(
+                "backup {} is on timeline {} and the history of timeline {} is neither in pg_wal nor in the repository, so it cannot be shown to be in this cluster's past",
+                prior.label, prior.timeline, now.timeline
+            ));
+        };
+        if !history.includes(prior.timeline, prior.stop_lsn) {
+            let left = match history.switch_point(prior.timeline) {
+                Some(at) => format!("which left timeline {} at {at}", prior.timeline),
+                None => format!("which does not descend from timeline {}", prior.timeline),
+            };
+            return Some(format!(
+                "backup {} (timeline {}, ending at {}) is not in the past of timeline {}, {left} (a restore to an earlier point, a failover or pg_rewind)",
+                prior.label, prior.timeline, prior.stop_lsn, now.timeline
+            ));
+        }
+    }
+    if now.lsn <= prior.stop_lsn {
+        return Some(format!("the cluster's WAL position {} is not after the end of backup {} ({})", now.lsn, prior.label, prior.stop_lsn));
+    }
+    None
+}
+
+/// How to copy `f` in a backup built on `prior`, whose entry for the same
+/// path is `before` (pure). `prior` passed [`prior_unusable`], so its
+/// checksum state is the cluster's.
+pub fn file_basis(f: &PlannedFile, prior: &Manifest, before: Option<&FileEntry>) -> Basis {
+    let Some(before) = before else { return Basis::Whole };
+    let same_file = matches!((&f.id, &before.id), (Some(now), Some(then)) if now.same_file(then));
+    if !same_file {
+        return Basis::Whole;
+    }
+    if prior.page_checksums {
+        return match is_page_tracked(&f.path) {
+            true => Basis::Pages { since: prior.start_lsn },
+            false => Basis::Whole,
+        };
+    }
+    let untouched = relation_segment(&f.path).is_some()
+        && f.size == before.size
+        && f.mtime == before.mtime
+        && before.mtime + 1 < prior.start_time.timestamp();
+    if untouched {
+        Basis::Unchanged
+    } else {
+        Basis::Whole
+    }
+}
+
+/// The identity a planned file carries, for tests.
+#[cfg(test)]
+pub(crate) fn test_identity(ino: u64, birth: i128) -> Option<FileIdentity> {
+    Some(FileIdentity { dev: 1, ino, birth: Some(birth) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repo::BackupType;
+
+    fn prior(checksums: bool) -> Manifest {
+        let stop = chrono::DateTime::parse_from_rfc3339("2026-12-01T10:00:00Z").unwrap().with_timezone(&chrono::Utc);
+        Manifest { page_checksums: checksums, ..Manifest::for_test("P", BackupType::Full, None, stop, 0x500_0000, (1, 2)) }
+    }
+
+    fn now(timeline: u32, lsn: u64, history: Option<&str>) -> ClusterNow {
+        ClusterNow {
+            system_id: SystemId(1),
+            page_checksums: true,
+            timeline: TimelineId(timeline),
+            lsn: Lsn(lsn),
+            history: history.map(|h| TimelineHistory::parse(TimelineId(timeline), h).unwrap()),
+        }
+    }
+
+    #[test]
+    fn a_prior_must_be_in_this_clusters_past() {
+        let p = prior(true);
+        assert_eq!(prior_unusable(&p, &now(1, 0x600_0000, None)), None);
+        // Restored from the prior itself and promoted: timeline 2 starts
+        // after the prior's end.
+        assert_eq!(prior_unusable(&p, &now(2, 0x600_0000, Some("1\t0/5000000\tx"))), None);
+        assert_eq!(prior_unusable(&p, &now(3, 0x900_0000, Some("1\t0/5000100\tx\n2\t0/8000000\ty"))), None);
+        // Restored to a point before the prior's end.
+        let e = prior_unusable(&p, &now(2, 0x600_0000, Some("1\t0/4FFFFFF\tx"))).unwrap();
+        assert!(e.contains("left timeline 1 at 0/4FFFFFF"), "{e}");
+        let e = prior_unusable(&p, &now(3, 0x600_0000, Some("2\t0/4000000\tx"))).unwrap();
+        assert!(e.contains("does not descend from timeline 1"), "{e}");
+        let e = prior_unusable(&p, &now(2, 0x600_0000, None)).unwrap();
+        assert!(e.contains("history of timeline 2"), "{e}");
+        let e = prior_unusable(&p, &now(1, 0x500_0000, None)).unwrap();
+        assert!(e.contains("not after the end"), "{e}");
+    }
+
+    #[test]
+    fn a_change_of_checksum_state_or_system_makes_a_full_backup() {
+        let e = prior_unusable(&prior(false), &now(1, 0x600_0000, None)).unwrap();
+        assert!(e.contains("data checksums were off") && e.contains("are on now"), "{e}");
+        let other = ClusterNow { system_id: SystemId(2), ..now(1, 0x600_0000, None) };
+        assert!(prior_unusable(&prior(true), &other).unwrap().contains("another system"));
+    }
+
+    fn planned(path: &str, id: Option<FileIdentity>, size: u64, mtime: i64) -> PlannedFile {
+        PlannedFile { path: path.into(), source: path.into(), size, mode: 0o600, mtime, basis: Basis::Whole, id }
+    }
+
+    fn entry(path: &str, id: Option<FileIdentity>, size: u64, mtime: i64) -> FileEntry {
+        FileEntry {
+            path: path.into(),
+            size,
+            mode: 0o600,
+            mtime,
+            checksum: String::new(),
+            key: None,
+            repo_size: 0,
+            delta: false,
+            pages: 0,
+            offset: None,
+            content: None,
+            checksum_errors: vec![],
+            checksum_errors_unlisted: 0,
+            parts: vec![],
+            id,
+        }
+    }
+
+    #[test]
+    fn only_the_main_fork_of_the_same_file_is_copied_by_page_lsn() {
+        let p = prior(true);
+        let since = Basis::Pages { since: p.start_lsn };
+        let id = test_identity(7, 100);
+        let basis = |path: &str, now: Option<FileIdentity>, then: Option<FileIdentity>| {
+            file_basis(&planned(path, now, 8192, 5), &p, Some(&entry(path, then, 8192, 5)))
+        };
+        assert_eq!(basis("base/5/16384", id, id), since);
+        assert_eq!(basis("base/5/16384.3", id, id), since);
+        assert_eq!(basis("base/5/16384_vm", id, id), Basis::Whole, "visibility-map bits are cleared without WAL");
+        assert_eq!(basis("base/5/16384_fsm", id, id), Basis::Whole);
+        assert_eq!(basis("base/5/16384_init", id, id), Basis::Whole);
+        assert_eq!(basis("global/pg_control", id, id), Basis::Whole);
+        assert_eq!(basis("base/5/16384", id, test_identity(7, 101)), Basis::Whole, "re-created: another file");
+        assert_eq!(basis("base/5/16384", id, test_identity(8, 100)), Basis::Whole);
+        assert_eq!(basis("base/5/16384", id, None), Basis::Whole, "a prior that did not record identities");
+        assert_eq!(basis("base/5/16384", None, id), Basis::Whole);
+        assert_eq!(file_basis(&planned("base/5/1", id, 1, 1), &p, None), Basis::Whole, "new file");
+        // A volume mounted again under another device number: the birth
+        // time still tells the file.
+        let moved = Some(FileIdentity { dev: 99, ..id.unwrap() });
+        assert_eq!(basis("base/5/16384", moved, id), since);
+        let no_birth = Some(FileIdentity { dev: 1, ino: 7, birth: None });
+        assert_eq!(basis("base/5/16384", no_birth, no_birth), since);
+        assert_eq!(basis("base/5/16384", Some(FileIdentity { dev: 2, ino: 7, birth: None }), no_birth), Basis::Whole);
+    }
+
+    #[test]
+    fn without_checksums_a_relation_file_is_left_out_only_when_untouched_since_before_the_prior() {
+        let p = prior(false);
+        let begun = p.start_time.timestamp();
+        let id = test_identity(7, 100);
+        let basis = |mtime_then: i64, mtime_now: i64, size_now: u64| {
+            file_basis(&planned("base/5/16384", id, size_now, mtime_now), &p, Some(&entry("base/5/16384", id, 8192, mtime_then)))
+        };
+        assert_eq!(basis(begun - 2, begun - 2, 8192), Basis::Unchanged);
+        assert_eq!(basis(begun - 1, begun - 1, 8192), Basis::Whole, "written in the second before the prior began");
+        assert_eq!(basis(begun - 2, begun + 5, 8192), Basis::Whole, "written since");
+        assert_eq!(basis(begun - 2, begun - 2, 16384), Basis::Whole, "extended");
+        let vm = file_basis(&planned("pg_xact/0000", id, 8192, begun - 9), &p, Some(&entry("pg_xact/0000", id, 8192, begun - 9)));
+        assert_eq!(vm, Basis::Whole, "not a relation file");
+    }
+}
