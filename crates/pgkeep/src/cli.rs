@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use pgkeep_core::config::{RepoOptions, StanzaOptions};
-use pgkeep_core::restore::TargetAction;
+use pgkeep_core::restore::{ArchiveMode, TargetAction};
 
 /// PostgreSQL backup, WAL archiving and point-in-time restore.
 #[derive(Debug, Parser)]
@@ -179,4 +179,13 @@ pub struct RestoreArgs {
     /// Restore a tablespace elsewhere: OID-or-NAME=DIR (repeatable).
     #[arg(long, value_name = "TABLESPACE=DIR")]
     pub tablespace_map: Vec<String>,
+    /// With --force, also replace the contents of tablespaces restored to
+    /// their original location outside the data directory.
+    #[arg(long)]
+    pub force_tablespaces: bool,
+    /// Archiving in the restored cluster: off writes archive_mode = off,
+    /// preserve keeps the source's settings (default: preserve when
+    /// restoring into the stanza's own pg-data, off elsewhere).
+    #[arg(long, value_enum)]
+    pub archive_mode: Option<ArchiveMode>,
 }

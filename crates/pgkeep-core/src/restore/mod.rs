@@ -32,7 +32,7 @@ use crate::progress::Progress;
 use crate::repo::manifest::Piece;
 use crate::repo::{pages, FileEntry, Manifest, Repository};
 use crate::storage::ObjectReader;
-use crate::types::{BackupLabel, WalSegment};
+use crate::types::{BackupLabel, TimelineHistory, TimelineId, WalSegment};
 use crate::Stanza;
 pub use target::{Target, TargetAction};
 
@@ -59,6 +59,14 @@ pub struct RestoreOptions {
     pub delta: bool,
     /// Tablespace destinations by OID or name: (oid-or-name, directory).
     pub tablespace_map: Vec<(String, PathBuf)>,
+    /// With `force`, also empty tablespace directories outside the data
+    /// directory that `tablespace_map` does not point elsewhere (the
+    /// original locations, in use by the cluster being replaced).
+    pub force_tablespaces: bool,
+    /// Whether the restored cluster archives WAL; `None`: as the source
+    /// did when restoring into the stanza's own pg-data, off elsewhere (a
+    /// clone must not archive into the stanza's repository unless asked).
+    pub archive_mode: Option<ArchiveMode>,
     /// The `restore_command` to write (the front end knows how it was run).
     pub restore_command: String,
     /// Where to count progress.
@@ -84,6 +92,19 @@ pub struct RestoreReport {
     /// Files and directories removed because the backup does not have
     /// them (`delta`).
     pub removed: usize,
+    /// What was decided for archiving in the restored cluster.
+    pub archive_mode: ArchiveMode,
+    /// The `recovery_target_timeline` written, if any.
+    pub timeline: Option<String>,
+}
+
+/// `restore --archive-mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ArchiveMode {
+    /// Write `archive_mode = off`: the restored cluster archives nothing.
+    Off,
+    /// Keep the source's archiving settings.
+    Preserve,
 }
 
 /// The decided restore, before any file is written.
@@ -94,11 +115,18 @@ struct Plan {
     pg_data: PathBuf,
     /// (link name under pg_tblspc, destination directory).
     tablespaces: Vec<(u32, PathBuf)>,
+    /// The `recovery_target_timeline` to write (see
+    /// [`target::choose_with_timeline`]).
+    timeline: Option<String>,
+    /// The destination is the stanza's own pg-data.
+    in_place: bool,
 }
 
 /// Restores as `opts` says.
 pub async fn run(stanza: &Stanza, opts: &RestoreOptions) -> Result<RestoreReport> {
     let plan = plan(stanza, opts).await?;
+    let archive_mode = opts.archive_mode.unwrap_or(if plan.in_place { ArchiveMode::Preserve } else { ArchiveMode::Off });
+    let opts = &RestoreOptions { timeline: plan.timeline.clone(), archive_mode: Some(archive_mode), ..opts.clone() };
     let created = prepare_dirs(&plan, opts.force && !opts.delta)?;
     match write_everything(&plan, opts, stanza.settings.jobs).await {
         Ok(report) => Ok(report),
@@ -124,24 +152,41 @@ async fn plan(stanza: &Stanza, opts: &RestoreOptions) -> Result<Plan> {
     if !pg_data.is_absolute() {
         return Err(Error::Input(format!("--pg-data {} must be an absolute path", pg_data.display())));
     }
-    check_destination(&pg_data, opts.force || opts.delta)?;
+    check_destination(&pg_data, opts.force || opts.delta, "pass --force to replace its contents")?;
+    let in_place = stanza.settings.pg_data().ok().is_some_and(|own| same_path(own, &pg_data));
     let mut first_err = None;
     for number in 1..=stanza.settings.repos.len() {
         let attempt = async {
             let repo = stanza.open(number).await?;
             let backups = repo.backups().await?;
-            let m = target::choose(&backups, &selection_target(&repo, &backups, &target).await?, opts.set.as_ref())?.clone();
+            let path = recovery_path(&repo, opts.timeline.as_deref()).await?;
+            let selection = selection_target(&repo, &backups, &target).await?;
+            let (m, timeline) =
+                target::choose_with_timeline(&backups, &selection, opts.set.as_ref(), opts.timeline.as_deref(), path.as_ref())?;
+            let m = m.clone();
             check_archive(&repo, &m, &target).await?;
             let chain = backup_chain(&backups, m, repo.number)?;
-            Ok::<_, Error>((repo, chain))
+            Ok::<_, Error>((repo, chain, timeline))
         };
         match attempt.await {
-            Ok((repo, chain)) => {
-                let tablespaces = map_tablespaces(&chain[0], &opts.tablespace_map)?;
-                for (_, dir) in &tablespaces {
-                    check_destination(dir, opts.force || opts.delta)?;
+            Ok((repo, chain, timeline)) => {
+                if opts.delta {
+                    check_delta_target(&pg_data, &chain[0])?;
                 }
-                return Ok(Plan { repo, chain, pg_data, tablespaces });
+                let tablespaces = map_tablespaces(&chain[0], &opts.tablespace_map)?;
+                for (oid, dir) in &tablespaces {
+                    let ts = chain[0].tablespaces.iter().find(|t| t.oid == *oid);
+                    let mapped = opts.tablespace_map.iter().any(|(k, _)| ts.is_some_and(|t| *k == t.oid.to_string() || *k == t.name));
+                    let may_empty = mapped || dir.starts_with(&pg_data) || opts.force_tablespaces;
+                    check_destination(
+                        dir,
+                        opts.delta || (opts.force && may_empty),
+                        &format!(
+                            "it is tablespace {oid}'s own location, which --force leaves alone: pass --force-tablespaces to replace it too, or --tablespace-map {oid}=DIR to restore it elsewhere"
+                        ),
+                    )?;
+                }
+                return Ok(Plan { repo, chain, pg_data, tablespaces, timeline, in_place });
             }
             Err(e) => {
                 first_err.get_or_insert(e);
@@ -167,6 +212,38 @@ fn backup_chain(backups: &[Manifest], m: Manifest, repo: usize) -> Result<Vec<Ma
         chain.push(found.clone());
     }
     Ok(chain)
+}
+
+/// The history of the timeline recovery will follow: the one asked for by
+/// number, else the newest one in the archive; `None` for `current` (the
+/// backup's own timeline), or when the newest timeline's history file is
+/// not archived.
+async fn recovery_path(repo: &Repository, asked: Option<&str>) -> Result<Option<TimelineHistory>> {
+    let timeline = match asked {
+        Some("current") => return Ok(None),
+        Some(n) if n != "latest" => {
+            let number = match n.strip_prefix("0x") {
+                Some(hex) => u32::from_str_radix(hex, 16).ok(),
+                None => n.parse().ok(),
+            };
+            let tli = TimelineId(number.ok_or_else(|| Error::Input(format!("--target-timeline '{n}' is not a timeline number")))?);
+            return match repo.timeline_history(tli).await? {
+                Some(h) => Ok(Some(h)),
+                None => Err(Error::Input(format!(
+                    "timeline {tli} has no history file in repo {}; check --target-timeline (`pgkeep info` shows the archive)",
+                    repo.number
+                ))),
+            };
+        }
+        _ => repo
+            .list_wal()
+            .await?
+            .iter()
+            .filter_map(|w| u32::from_str_radix(w.name.get(..8)?, 16).ok())
+            .max()
+            .map_or(TimelineId(1), TimelineId),
+    };
+    repo.timeline_history(timeline).await
 }
 
 /// The target that decides which backup can reach it: a restore point is
@@ -233,8 +310,54 @@ fn map_tablespaces(m: &Manifest, map: &[(String, PathBuf)]) -> Result<Vec<(u32, 
         .collect())
 }
 
-/// Refuses a running cluster always, and a non-empty directory unless forced.
-fn check_destination(dir: &Path, force: bool) -> Result<()> {
+/// Whether two paths name the same directory (the same once resolved, or
+/// written the same when they do not exist).
+fn same_path(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
+
+/// Where a delta restore keeps the old `pg_control` while it rewrites the
+/// directory: not where PostgreSQL looks, so the directory does not start
+/// half rewritten, but still there to show whose directory it is if the
+/// restore must be run again.
+const DELTA_CONTROL: &str = "global/pg_control.pgkeep-delta";
+
+/// `--delta` rewrites a directory in place, keeping files that match:
+/// only one that is empty, or holds a data directory of the backup's own
+/// system (`PG_VERSION`, and `global/pg_control` whose first field is the
+/// system identifier), never anything else a mistyped path points at.
+fn check_delta_target(dir: &Path, m: &Manifest) -> Result<()> {
+    match std::fs::read_dir(dir).map(|mut entries| entries.next().is_some()) {
+        Ok(false) => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(format!("cannot read {}", dir.display()))(e)),
+        Ok(true) => {}
+    }
+    let refuse = |why: String| {
+        Error::Refused(format!(
+            "{} {why}, and --delta only rewrites a data directory of the same cluster; restore into an empty directory, or pass --force instead of --delta to replace its contents",
+            dir.display()
+        ))
+    };
+    if !dir.join("PG_VERSION").is_file() {
+        return Err(refuse("holds no PostgreSQL data directory (no PG_VERSION)".into()));
+    }
+    let control = [dir.join("global/pg_control"), dir.join(DELTA_CONTROL)].into_iter().find_map(|p| std::fs::read(p).ok());
+    let Some(control) = control else { return Err(refuse("has no global/pg_control".into())) };
+    let id = control.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+    match id {
+        Some(id) if id == m.system_id.0 => Ok(()),
+        Some(id) => Err(refuse(format!("holds the data directory of another system ({id}, backup {} is of {})", m.label, m.system_id))),
+        None => Err(refuse("has a truncated global/pg_control".into())),
+    }
+}
+
+/// Refuses a running cluster always, and a non-empty directory unless
+/// `force`; `hint` says how to go on.
+fn check_destination(dir: &Path, force: bool, hint: &str) -> Result<()> {
     let pid_file = dir.join("postmaster.pid");
     if let Ok(text) = std::fs::read_to_string(&pid_file) {
         let pid = text.lines().next().unwrap_or("").trim().to_owned();
@@ -246,10 +369,9 @@ fn check_destination(dir: &Path, force: bool) -> Result<()> {
         }
     }
     match std::fs::read_dir(dir).map(|mut entries| entries.next().is_some()) {
-        Ok(true) if !force => Err(Error::Refused(format!(
-            "{} is not empty; restore into an empty or new directory, or pass --force to replace its contents",
-            dir.display()
-        ))),
+        Ok(true) if !force => {
+            Err(Error::Refused(format!("{} is not empty; restore into an empty or new directory, or {hint}", dir.display())))
+        }
         Ok(_) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(Error::io(format!("cannot read {}", dir.display()))(e)),
@@ -301,10 +423,10 @@ async fn write_everything(plan: &Plan, opts: &RestoreOptions, jobs: usize) -> Re
     if opts.delta {
         // First of all, so that the directory does not start while it is
         // half rewritten.
-        match std::fs::remove_file(root.join("global/pg_control")) {
+        match std::fs::rename(root.join("global/pg_control"), root.join(DELTA_CONTROL)) {
             Ok(()) => sync_dir(&root.join("global"))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io(format!("cannot remove {}", root.join("global/pg_control").display()))(e)),
+            Err(e) => return Err(io(format!("cannot move {} aside", root.join("global/pg_control").display()))(e)),
         }
     }
     let removed = if opts.delta { remove_extraneous(root, m).map_err(io(format!("cannot clean {}", root.display())))? } else { 0 };
@@ -370,6 +492,9 @@ async fn write_everything(plan: &Plan, opts: &RestoreOptions, jobs: usize) -> Re
             fetch((usize::MAX, u)).await.map_err(|e| Error::Input(format!("a restore worker stopped: {e}")))??;
         }
     }
+    if opts.delta {
+        let _ = std::fs::remove_file(root.join(DELTA_CONTROL));
+    }
     sync_dir(&root.join("global"))?;
     // A file is unchanged when every unit of it was.
     let mut changed = vec![false; rest.len()];
@@ -387,6 +512,8 @@ async fn write_everything(plan: &Plan, opts: &RestoreOptions, jobs: usize) -> Re
         bytes: m.size,
         unchanged,
         removed,
+        archive_mode: opts.archive_mode.unwrap_or(ArchiveMode::Preserve),
+        timeline: opts.timeline.clone(),
     })
 }
 
@@ -416,7 +543,8 @@ fn same_range(dest: &Path, f: &FileEntry, range: &Range<u64>, expect: &str) -> s
 
 /// entries went.
 fn remove_extraneous(root: &Path, m: &Manifest) -> std::io::Result<usize> {
-    let files: HashSet<&str> = m.files.iter().map(|f| f.path.as_str()).filter(|p| *p != "global/pg_control").collect();
+    let mut files: HashSet<&str> = m.files.iter().map(|f| f.path.as_str()).filter(|p| *p != "global/pg_control").collect();
+    files.insert(DELTA_CONTROL);
     let mut dirs: HashSet<&str> = m.dirs.iter().map(|d| d.path.as_str()).collect();
     dirs.extend(["pg_wal", "pg_wal/archive_status"]);
     fn walk(root: &Path, rel: &str, files: &HashSet<&str>, dirs: &HashSet<&str>) -> std::io::Result<usize> {
@@ -791,6 +919,9 @@ pub fn recovery_settings(label: &BackupLabel, opts: &RestoreOptions) -> Vec<Stri
     if let Some(tl) = &opts.timeline {
         lines.push(format!("recovery_target_timeline = {}", quote(tl)));
     }
+    if opts.archive_mode == Some(ArchiveMode::Off) {
+        lines.push("archive_mode = 'off'".into());
+    }
     lines
 }
 
@@ -801,7 +932,8 @@ fn write_recovery_settings(root: &Path, m: &Manifest, opts: &RestoreOptions) -> 
         .lines()
         .filter(|l| {
             let key = l.split('=').next().unwrap_or("").trim();
-            !RECOVERY_KEYS.contains(&key) && !l.starts_with("# recovery settings written by pgkeep")
+            let ours = RECOVERY_KEYS.contains(&key) || (key == "archive_mode" && opts.archive_mode == Some(ArchiveMode::Off));
+            !ours && !l.starts_with("# recovery settings written by pgkeep")
         })
         .map(|l| format!("{l}\n"))
         .collect();
@@ -935,13 +1067,13 @@ mod tests {
     #[test]
     fn refuses_non_empty_directories_unless_forced() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(check_destination(&dir.path().join("new"), false).is_ok());
-        assert!(check_destination(dir.path(), false).is_ok());
+        assert!(check_destination(&dir.path().join("new"), false, "h").is_ok());
+        assert!(check_destination(dir.path(), false, "h").is_ok());
         std::fs::write(dir.path().join("PG_VERSION"), "15").unwrap();
-        assert!(matches!(check_destination(dir.path(), false), Err(Error::Refused(_))));
-        assert!(check_destination(dir.path(), true).is_ok());
+        assert!(matches!(check_destination(dir.path(), false, "h"), Err(Error::Refused(_))));
+        assert!(check_destination(dir.path(), true, "h").is_ok());
         std::fs::write(dir.path().join("postmaster.pid"), format!("{}\n", std::process::id())).unwrap();
-        let e = check_destination(dir.path(), true).unwrap_err().to_string();
+        let e = check_destination(dir.path(), true, "h").unwrap_err().to_string();
         assert!(e.contains("is running"), "{e}");
     }
 }

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Result};
-use pgkeep_core::restore::{parse_timeline, target, RestoreOptions, Target};
+use pgkeep_core::restore::{parse_timeline, target, ArchiveMode, RestoreOptions, Target};
 use pgkeep_core::types::BackupLabel;
 use pgkeep_core::Stanza;
 
@@ -45,6 +45,8 @@ pub async fn run(cli: &Cli, stanza: &Stanza, config: Option<&Path>, args: &Resto
         force: args.force,
         delta: args.delta,
         tablespace_map,
+        force_tablespaces: args.force_tablespaces,
+        archive_mode: args.archive_mode,
         restore_command: restore_command(cli, stanza, config)?,
         progress: Some(progress.clone()),
     };
@@ -57,6 +59,8 @@ pub async fn run(cli: &Cli, stanza: &Stanza, config: Option<&Path>, args: &Resto
         Output::Json => super::print_json(&serde_json::json!({
             "label": r.label, "repo": r.repo, "pg-data": r.pg_data, "files": r.files, "size": r.bytes,
             "unchanged-files": r.unchanged, "removed": r.removed,
+            "archive-mode": match r.archive_mode { ArchiveMode::Off => "off", ArchiveMode::Preserve => "preserve" },
+            "target-timeline": r.timeline,
             "seconds": started.elapsed().as_secs_f64(),
         }))?,
         Output::Text => {
@@ -69,7 +73,10 @@ pub async fn run(cli: &Cli, stanza: &Stanza, config: Option<&Path>, args: &Resto
                 r.files,
                 bytes(r.bytes),
                 started.elapsed().as_secs_f64()
-            )
+            );
+            if r.archive_mode == ArchiveMode::Off && args.archive_mode.is_none() {
+                eprintln!("pgkeep: the restored cluster will not archive WAL (archive_mode = off, as it is not the stanza's pg-data); pass --archive-mode preserve to keep archiving");
+            }
         }
     }
     Ok(())
