@@ -231,6 +231,9 @@ pub struct Settings {
     pub stanza: String,
     /// PostgreSQL connection and data directory.
     pub pg: StanzaOptions,
+    /// The stanza's `pg-data` as the config file has it, before flags: a
+    /// restore into it is in place.
+    pub configured_pg_data: Option<PathBuf>,
     /// Repositories, repo 1 first; never empty.
     pub repos: Vec<RepoOptions>,
     /// Parallel workers.
@@ -339,6 +342,7 @@ impl Settings {
         }
         let archive = ArchiveSettings::resolve(&pg)?;
         Ok(Settings {
+            configured_pg_data: file.stanza.get(&stanza).and_then(|s| s.pg_data.clone()),
             stanza,
             pg,
             archive,

@@ -118,7 +118,8 @@ struct Plan {
     /// The `recovery_target_timeline` to write (see
     /// [`target::choose_with_timeline`]).
     timeline: Option<String>,
-    /// The destination is the stanza's own pg-data.
+    /// The destination is the stanza's own pg-data (as configured, not
+    /// as a flag overrides it).
     in_place: bool,
 }
 
@@ -153,7 +154,11 @@ async fn plan(stanza: &Stanza, opts: &RestoreOptions) -> Result<Plan> {
         return Err(Error::Input(format!("--pg-data {} must be an absolute path", pg_data.display())));
     }
     check_destination(&pg_data, opts.force || opts.delta, "pass --force to replace its contents")?;
-    let in_place = stanza.settings.pg_data().ok().is_some_and(|own| same_path(own, &pg_data));
+    let in_place = match (&opts.pg_data, &stanza.settings.configured_pg_data) {
+        (None, _) => true,
+        (Some(asked), Some(own)) => same_path(asked, own),
+        (Some(_), None) => false,
+    };
     let mut first_err = None;
     for number in 1..=stanza.settings.repos.len() {
         let attempt = async {
