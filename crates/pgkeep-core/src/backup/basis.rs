@@ -194,23 +194,7 @@ mod tests {
     }
 
     fn entry(path: &str, id: Option<FileIdentity>, size: u64, mtime: i64) -> FileEntry {
-        FileEntry {
-            path: path.into(),
-            size,
-            mode: 0o600,
-            mtime,
-            checksum: String::new(),
-            key: None,
-            repo_size: 0,
-            delta: false,
-            pages: 0,
-            offset: None,
-            content: None,
-            checksum_errors: vec![],
-            checksum_errors_unlisted: 0,
-            parts: vec![],
-            id,
-        }
+        FileEntry { id, ..FileEntry::for_test(path, size, mtime) }
     }
 
     #[test]

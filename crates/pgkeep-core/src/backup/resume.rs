@@ -216,21 +216,11 @@ mod tests {
 
     fn entry(path: &str, size: u64, mtime: i64, key: Option<&str>) -> FileEntry {
         FileEntry {
-            path: path.into(),
-            size,
-            mode: 0o600,
-            mtime,
             checksum: "c".into(),
             key: key.map(str::to_owned),
             repo_size: 10,
-            delta: false,
-            pages: 0,
-            offset: None,
-            content: None,
-            checksum_errors: vec![],
-            checksum_errors_unlisted: 0,
-            parts: vec![],
             id: crate::backup::basis::test_identity(1, 1),
+            ..FileEntry::for_test(path, size, mtime)
         }
     }
 

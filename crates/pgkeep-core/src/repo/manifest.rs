@@ -266,6 +266,29 @@ pub struct Piece {
 }
 
 impl FileEntry {
+    /// A whole-copy entry with only path, size and mtime set, for unit
+    /// tests of planning functions.
+    #[cfg(test)]
+    pub(crate) fn for_test(path: &str, size: u64, mtime: i64) -> Self {
+        FileEntry {
+            path: path.into(),
+            size,
+            mode: 0o600,
+            mtime,
+            checksum: String::new(),
+            key: None,
+            repo_size: 0,
+            delta: false,
+            pages: 0,
+            offset: None,
+            content: None,
+            checksum_errors: vec![],
+            checksum_errors_unlisted: 0,
+            parts: vec![],
+            id: None,
+        }
+    }
+
     /// How many pages of this file failed their page checksum.
     pub fn checksum_error_pages(&self) -> u64 {
         self.checksum_errors.len() as u64 + self.checksum_errors_unlisted

@@ -967,19 +967,10 @@ mod tests {
 
     fn entry(size: u64, delta: bool, parts: &[(u64, u64)]) -> FileEntry {
         FileEntry {
-            path: "base/5/16384".into(),
-            size,
-            mode: 0o600,
-            mtime: 0,
             checksum: if parts.is_empty() { format!("whole-{size}") } else { String::new() },
             key: parts.is_empty().then(|| format!("k{size}")),
             repo_size: 1,
             delta,
-            pages: 0,
-            offset: None,
-            content: None,
-            checksum_errors: vec![],
-            checksum_errors_unlisted: 0,
             parts: parts
                 .iter()
                 .map(|&(start, size)| Part {
@@ -992,7 +983,7 @@ mod tests {
                     content: delta.then(|| format!("content{start}")),
                 })
                 .collect(),
-            id: None,
+            ..FileEntry::for_test("base/5/16384", size, 0)
         }
     }
 
