@@ -245,8 +245,13 @@ impl Repository {
 
     /// Archived segments (not history, partial or backup files), sorted.
     pub async fn list_segments(&self) -> Result<Vec<(WalSegment, ArchivedWal)>> {
+        Ok(self.segments_of(self.list_wal().await?))
+    }
+
+    /// The segments among `listed` (from [`Repository::list_wal`]).
+    pub fn segments_of(&self, listed: Vec<ArchivedWal>) -> Vec<(WalSegment, ArchivedWal)> {
         let seg = self.meta.wal_segment_size;
-        Ok(self.list_wal().await?.into_iter().filter_map(|w| WalSegment::parse(&w.name, seg).map(|s| (s, w))).collect())
+        listed.into_iter().filter_map(|w| WalSegment::parse(&w.name, seg).map(|s| (s, w))).collect()
     }
 
     /// The first segment from `first` to `last` (same timeline) that

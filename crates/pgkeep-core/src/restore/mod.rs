@@ -30,7 +30,7 @@ use crate::crypto::{unsealing, Cipher};
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::repo::manifest::Piece;
-use crate::repo::{pages, FileEntry, Manifest, Repository};
+use crate::repo::{pages, ArchivedWal, FileEntry, Manifest, Repository};
 use crate::storage::ObjectReader;
 use crate::types::{BackupLabel, TimelineHistory, TimelineId, WalSegment};
 use crate::Stanza;
@@ -164,12 +164,13 @@ async fn plan(stanza: &Stanza, opts: &RestoreOptions) -> Result<Plan> {
         let attempt = async {
             let repo = stanza.open(number).await?;
             let backups = repo.backups().await?;
-            let path = recovery_path(&repo, opts.timeline.as_deref()).await?;
+            let listed = repo.list_wal().await?;
+            let path = recovery_path(&repo, opts.timeline.as_deref(), &listed).await?;
             let selection = selection_target(&repo, &backups, &target).await?;
             let (m, timeline) =
                 target::choose_with_timeline(&backups, &selection, opts.set.as_ref(), opts.timeline.as_deref(), path.as_ref())?;
             let m = m.clone();
-            check_archive(&repo, &m, &target).await?;
+            check_archive(&repo, &m, &target, repo.segments_of(listed))?;
             let chain = backup_chain(&backups, m, repo.number)?;
             Ok::<_, Error>((repo, chain, timeline))
         };
@@ -223,7 +224,7 @@ fn backup_chain(backups: &[Manifest], m: Manifest, repo: usize) -> Result<Vec<Ma
 /// number, else the newest one in the archive; `None` for `current` (the
 /// backup's own timeline), or when the newest timeline's history file is
 /// not archived.
-async fn recovery_path(repo: &Repository, asked: Option<&str>) -> Result<Option<TimelineHistory>> {
+async fn recovery_path(repo: &Repository, asked: Option<&str>, listed: &[ArchivedWal]) -> Result<Option<TimelineHistory>> {
     let timeline = match asked {
         Some("current") => return Ok(None),
         Some(n) if n != "latest" => {
@@ -240,13 +241,7 @@ async fn recovery_path(repo: &Repository, asked: Option<&str>) -> Result<Option<
                 ))),
             };
         }
-        _ => repo
-            .list_wal()
-            .await?
-            .iter()
-            .filter_map(|w| u32::from_str_radix(w.name.get(..8)?, 16).ok())
-            .max()
-            .map_or(TimelineId(1), TimelineId),
+        _ => listed.iter().filter_map(|w| u32::from_str_radix(w.name.get(..8)?, 16).ok()).max().map_or(TimelineId(1), TimelineId),
     };
     repo.timeline_history(timeline).await
 }
@@ -267,8 +262,7 @@ async fn selection_target(repo: &Repository, backups: &[Manifest], target: &Targ
 
 /// The archive must hold the WAL that makes the backup consistent, and
 /// reach the target: say so now rather than let recovery fail later.
-async fn check_archive(repo: &Repository, m: &Manifest, target: &Target) -> Result<()> {
-    let segments = repo.list_segments().await?;
+fn check_archive(repo: &Repository, m: &Manifest, target: &Target, segments: Vec<(WalSegment, ArchivedWal)>) -> Result<()> {
     let seg_size = repo.meta.wal_segment_size;
     let (first, last) = (WalSegment::parse(&m.start_wal, seg_size), WalSegment::parse(&m.stop_wal, seg_size));
     if let (Some(first), Some(last)) = (first, last) {
