@@ -166,7 +166,8 @@ fn incr_after_enabling_checksums_restores_pages_with_valid_checksums() {
     let incr = pk.ok(&["backup", "--type", "incr"]).trim().to_owned();
 
     let target = restore_to(&dir, &pk, &incr, "restored");
-    let restored = Cluster::start_restored(&dir, &target);
+    let restored = Cluster::start_recovery(&dir, &target);
+    wait_promoted_failing_fast(&restored, &format!("restore of {incr}"));
     // Read every table and index of every kind in database postgres.
     let read_all = restored.try_psql_in(
         "postgres",
@@ -182,6 +183,22 @@ fn incr_after_enabling_checksums_restores_pages_with_valid_checksums() {
     restored.stop_clean();
     let check = restored.pg_checksums(&["--check"]);
     assert!(check.status.success(), "restore of {incr}: pg_checksums --check failed:\n{}{}", check.stdout, check.stderr);
+}
+
+/// Waits until `c` has recovered and promoted, failing at once (not
+/// after the harness's five minutes) when connecting reports a damaged page.
+fn wait_promoted_failing_fast(c: &Cluster, what: &str) {
+    let start = Instant::now();
+    loop {
+        let r = c.try_psql_in("postgres", "select pg_is_in_recovery()");
+        if r.status.success() && r.stdout.trim() == "f" {
+            return;
+        }
+        let err = r.stderr.trim();
+        assert!(!err.contains("invalid page"), "{what}: cannot connect to the restored cluster: {err}");
+        assert!(start.elapsed() < Duration::from_secs(300), "{what}: not promoted: {err}\n{}", tail(&c.log_path(), 30));
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// Issue 10, case 5: restore writes `global/pg_control` before
