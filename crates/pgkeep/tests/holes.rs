@@ -203,9 +203,20 @@ fn wait_promoted_failing_fast(c: &Cluster, what: &str) {
 
 /// Issue 10, case 5: restore writes `global/pg_control` before
 /// `backup_label`. Killed between the two, it leaves a directory that
-/// PostgreSQL starts as if it were a crashed primary (or recovers from
-/// the wrong checkpoint), never consistent. Whatever a kill leaves: where
-/// `global/pg_control` exists, `backup_label` must exist and be whole.
+/// PostgreSQL takes for a crashed primary: without `backup_label` it
+/// looks for the checkpoint in `pg_wal` only, and once that segment is
+/// there (copied by hand, or by a later tool) it runs crash recovery,
+/// declares the copy consistent at once and takes connections (seen
+/// here by hand: "consistent recovery state reached", "ready to accept
+/// read-only connections", on a copy taken while the source ran). The
+/// invariant, whatever a kill leaves: where `global/pg_control` exists,
+/// `backup_label` exists and is whole (the manifest's backup-label).
+///
+/// Kills at points spread over a run almost never land in the window (a
+/// file write and an fsync at the very end); the kills watched from
+/// outside (SIGKILL the moment `global/pg_control` reaches its 8192
+/// bytes, no engine hook) land in it every time. Directories must also be
+/// fsynced, which only a power cut shows: not tested.
 #[test]
 fn a_killed_restore_never_leaves_pg_control_without_a_complete_backup_label() {
     const SPREAD: u32 = 20;
@@ -225,91 +236,83 @@ fn a_killed_restore_never_leaves_pg_control_without_a_complete_backup_label() {
             .map(String::from)
             .to_vec()
     };
-    let start = Instant::now();
-    let probe = dir.join("probe");
-    pk.ok(&args(&probe).iter().map(String::as_str).collect::<Vec<_>>());
-    let took = start.elapsed();
-    std::fs::remove_dir_all(&probe).unwrap();
+    // Its length when left alone (the second run: the first warms the cache).
+    let mut took = Duration::ZERO;
+    for _ in 0..2 {
+        let probe = dir.join("probe");
+        let start = Instant::now();
+        pk.ok(&args(&probe).iter().map(String::as_str).collect::<Vec<_>>());
+        took = start.elapsed();
+        std::fs::remove_dir_all(&probe).unwrap();
+    }
 
-    // What a kill left in `target`: None when the invariant holds.
+    // What a kill (or a run to the end) left in `target`: None when the
+    // invariant holds.
     let violation = |target: &std::path::Path| -> Option<String> {
-        if !target.join("global/pg_control").exists() {
-            return None;
-        }
+        let control = std::fs::metadata(target.join("global/pg_control")).ok()?;
         match std::fs::read_to_string(target.join("backup_label")) {
             Ok(text) if text == label_text => None,
-            Ok(text) => Some(format!("backup_label is incomplete ({} of {} bytes)", text.len(), label_text.len())),
-            Err(e) => Some(format!("global/pg_control exists but backup_label does not ({e})")),
+            Ok(text) => Some(format!(
+                "global/pg_control ({} bytes) exists, backup_label is incomplete ({} of {} bytes)",
+                control.len(),
+                text.len(),
+                label_text.len()
+            )),
+            Err(e) => Some(format!("global/pg_control ({} bytes) exists, backup_label does not ({e})", control.len())),
         }
     };
-    let mut violations = Vec::new();
-    let mut hit_window = 0;
-
-    // Kills at points spread over a whole run.
-    for i in 0..SPREAD {
-        let target = dir.join(&format!("spread-{i}"));
+    // Runs a restore into `dir/name` and kills it when `kill_now` says so
+    // (checked every moment while it runs); returns the violation, if any,
+    // and whether the restore was still running when killed.
+    let attempt = |name: &str, kill_now: &dyn Fn(Duration, &std::path::Path) -> bool| -> (std::path::PathBuf, Option<String>, bool) {
+        let target = dir.join(name);
         let a = args(&target);
         let mut p = pk.spawn(&a.iter().map(String::as_str).collect::<Vec<_>>());
-        std::thread::sleep(took * (i + 1) / (SPREAD + 1));
-        let killed = p.running();
-        drop(p);
-        if killed {
-            if let Some(v) = violation(&target) {
-                hit_window += 1;
-                violations.push((target.clone(), format!("kill at {}/{} of a run: {v}", i + 1, SPREAD + 1)));
-            }
-        }
-    }
-    // Kills the moment global/pg_control appears (watched from outside,
-    // no engine hook): the restore's last steps.
-    for i in 0..WATCHED {
-        let target = dir.join(&format!("watched-{i}"));
-        let a = args(&target);
-        let mut p = pk.spawn(&a.iter().map(String::as_str).collect::<Vec<_>>());
-        let control = target.join("global/pg_control");
-        while p.running() && !control.exists() {
+        let start = Instant::now();
+        while p.running() && !kill_now(start.elapsed(), &target) {
             std::hint::spin_loop();
         }
         let killed = p.running();
-        drop(p);
-        if killed {
-            if let Some(v) = violation(&target) {
-                hit_window += 1;
-                violations.push((target.clone(), format!("kill as global/pg_control appeared: {v}")));
-            }
-        }
+        drop(p); // SIGKILL, if still running
+        (target.clone(), violation(&target), killed)
+    };
+    let mut violations: Vec<(std::path::PathBuf, String)> = Vec::new();
+    let mut killed = 0;
+    let keep = |violations: &mut Vec<_>, target: std::path::PathBuf, v: Option<String>, what: String| match v {
+        Some(v) => violations.push((target, format!("{what}: {v}"))),
+        None => std::fs::remove_dir_all(&target).unwrap_or_default(),
+    };
+
+    // Kills at points spread over a whole run.
+    for i in 0..SPREAD {
+        let at = took * (i + 1) / (SPREAD + 1);
+        let (target, v, k) = attempt(&format!("spread-{i}"), &|elapsed, _| elapsed >= at);
+        killed += k as u32;
+        keep(&mut violations, target, v, format!("kill at {}/{} of a run", i + 1, SPREAD + 1));
     }
-    eprintln!("{hit_window} of {} kills left pg_control without a whole backup_label", SPREAD + WATCHED);
-    if let Some((target, first)) = violations.first() {
-        let starts = postgres_starts(&dir, target);
+    let spread_hits = violations.len();
+    // Kills the moment global/pg_control is whole (watched from outside,
+    // no engine hook): the restore's last steps.
+    for i in 0..WATCHED {
+        let whole = |_: Duration, target: &std::path::Path| {
+            std::fs::metadata(target.join("global/pg_control")).is_ok_and(|m| m.len() == 8192)
+        };
+        let (target, v, k) = attempt(&format!("watched-{i}"), &whole);
+        killed += k as u32;
+        keep(&mut violations, target, v, "kill as global/pg_control became whole".to_string());
+    }
+    eprintln!(
+        "{killed} of {} restores killed while running; the window was hit by {spread_hits} of {SPREAD} spread kills, {} of {WATCHED} watched kills",
+        SPREAD + WATCHED,
+        violations.len() - spread_hits
+    );
+    if let Some((_, first)) = violations.first() {
         panic!(
-            "{} of {} killed restores left global/pg_control without a whole backup_label; first: {first}; \
-             PostgreSQL {} that directory",
+            "{} of {} killed restores left global/pg_control without a whole backup_label; first: {first}",
             violations.len(),
-            SPREAD + WATCHED,
-            if starts { "STARTS" } else { "refuses to start" }
+            SPREAD + WATCHED
         );
     }
-}
-
-/// Whether PostgreSQL starts on `data` (archiving off, its own port), then
-/// stops it again.
-fn postgres_starts(dir: &TestDir, data: &std::path::Path) -> bool {
-    run_ok(Command::new("chown").arg("-R").arg("postgres:postgres").arg(data), Duration::from_secs(60));
-    std::fs::set_permissions(data, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
-    let opts = format!(
-        "-c archive_mode=off -c port={} -c unix_socket_directories={} -c listen_addresses=",
-        free_port(),
-        dir.path().display()
-    );
-    let log = dir.join("starts.log");
-    let r = run(
-        as_postgres(pg_tool("pg_ctl"), dir.path()).arg("-D").arg(data).arg("-l").arg(&log).args(["-w", "-t", "60", "-o", &opts, "start"]),
-        Duration::from_secs(120),
-    );
-    let _ = run(as_postgres(pg_tool("pg_ctl"), dir.path()).arg("-D").arg(data).args(["-m", "immediate", "-w", "stop"]), Duration::from_secs(60));
-    eprintln!("pg_ctl start on the killed restore: {}\n{}", r.status, tail(&log, 15));
-    r.status.success()
 }
 
 /// Issue 10, case 6: a backup killed with SIGKILL whose parent does not
