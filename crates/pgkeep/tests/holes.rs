@@ -357,11 +357,16 @@ while True:
     std::io::BufReader::new(reaper.stdout.take().unwrap()).read_line(&mut line).unwrap();
     let reaper = Reaper(reaper);
     let pid: u32 = line.trim().parse().unwrap_or_else(|_| panic!("the subreaper did not print a pid: {line:?}"));
-    assert_eq!(
-        std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim(),
-        "pgkeep",
-        "pid {pid} is the backup itself"
-    );
+    // setsid and setpriv exec in place: the pid becomes pgkeep itself.
+    let start = Instant::now();
+    loop {
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.trim() == "pgkeep" {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "pid {pid} should become the backup, is {comm:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
 
     // Kill it while it runs, with the stanza lock taken.
     let start = Instant::now();
