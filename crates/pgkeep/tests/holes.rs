@@ -4,15 +4,45 @@
 //! local user. One test per case of the issue (case 7, a lock race, is
 //! covered by unit tests).
 //!
-//! What each test gave on the engine of commit af2060f (before the fixes):
+//! What each test gave on the engine of commit af2060f (before the fixes),
+//! run one at a time here (PostgreSQL 15.18):
 //!
-//! - case 1, `incr_after_delete_restores_a_correct_visibility_map`: FAILURE_1
-//! - case 2, `incr_after_restoring_an_older_backup_in_place_follows_the_new_timeline`: FAILURE_2
-//! - case 3, `incr_after_recreating_a_database_with_file_copy_restores_the_new_database`: FAILURE_3
-//! - case 4, `incr_after_enabling_checksums_restores_pages_with_valid_checksums`: FAILURE_4
-//! - case 5, `a_killed_restore_never_leaves_pg_control_without_a_complete_backup_label`: FAILURE_5
-//! - case 6, `a_killed_backup_left_unreaped_does_not_block_the_next_backup`: FAILURE_6
-//! - case 8, `repository_and_restored_files_are_private_under_umask_0022`: FAILURE_8
+//! - case 1, `incr_after_delete_restores_a_correct_visibility_map`:
+//!   "restore of <incr>: pg_check_visible gave 50000 and pg_check_frozen
+//!   gave 50000 tuples on pages the visibility map marks
+//!   all-visible/all-frozen (both must be 0)".
+//! - case 2, `incr_after_restoring_an_older_backup_in_place_follows_the_new_timeline`:
+//!   "pg_dump -d postgres of the restored cluster failed: pg_dump: error:
+//!   query failed: ERROR: could not read block 56 in file "base/5/1249":
+//!   read only 0 of 8192 bytes". PostgreSQL started the in-place restore of
+//!   F without complaint (recovery_target_timeline was no problem there).
+//! - case 3, `incr_after_recreating_a_database_with_file_copy_restores_the_new_database`:
+//!   "restore of <incr>: database app (tables: from_tmpl): pg_dump -d app of
+//!   the restored cluster failed: ... ERROR: relation "public.from_tmpl"
+//!   does not exist". The catalog is a mix of both databases: the pg_class
+//!   heap page that the source's reads re-wrote (hint bits, a full-page
+//!   image under checksums) is the new one, its indexes are still the old
+//!   app's (`select count(*) from old_app` gives "could not open relation
+//!   with OID 16385", from_tmpl's OID).
+//! - case 4, `incr_after_enabling_checksums_restores_pages_with_valid_checksums`:
+//!   "cannot connect to the restored cluster: ... FATAL: invalid page in
+//!   block 0 of relation global/1260" (server log: "page verification
+//!   failed, calculated checksum 21145 but expected 0").
+//! - case 5, `a_killed_restore_never_leaves_pg_control_without_a_complete_backup_label`:
+//!   "10 of 30 killed restores left global/pg_control without a whole
+//!   backup_label; first: kill as global/pg_control became whole:
+//!   global/pg_control (8192 bytes) exists, backup_label does not". The
+//!   window was hit by 0 of 20 spread kills and 10 of 10 watched kills.
+//! - case 6, `a_killed_backup_left_unreaped_does_not_block_the_next_backup`:
+//!   "a backup after one killed and left a zombie (pid N, state Some('Z'))
+//!   must run: pgkeep: backup is running on stanza 'demo' in repo 1 (pid N
+//!   on vm, since ...); wait for it to finish".
+//! - case 8, `repository_and_restored_files_are_private_under_umask_0022`:
+//!   "written under umask 0022: 47 repository entries are open to group or
+//!   others beyond 0640/0750, e.g.: / 755 (dir), demo 755 (dir), ...,
+//!   demo/archive/0000000100000000/000000010000000000000001-<hash>.zst 644
+//!   ... and 0 entries of the restored data directory beyond 0700/0600"
+//!   (the restore half already holds; the repository half fails).
 
 mod support;
 
@@ -132,7 +162,10 @@ fn incr_after_recreating_a_database_with_file_copy_restores_the_new_database() {
 
     let target = restore_to(&dir, &pk, &incr, "restored");
     let restored = Cluster::start_restored(&dir, &target);
-    let tables = restored.try_psql_in("app", "select string_agg(relname, ',' order by relname) from pg_class where relkind = 'r' and relnamespace = 'public'::regnamespace");
+    let tables = restored.try_psql_in(
+        "app",
+        "select string_agg(relname, ',' order by relname) from pg_class where relkind = 'r' and relnamespace = 'public'::regnamespace",
+    );
     let what = format!("restore of {incr}: database app (tables: {})", tables.stdout.trim());
     assert_same_dump(&what, &expected, &restored_dump(&restored, "app", &what));
     restored.amcheck();
@@ -232,9 +265,7 @@ fn a_killed_restore_never_leaves_pg_control_without_a_complete_backup_label() {
     let label = pk.ok(&["backup", "--type", "full"]).trim().to_owned();
     let label_text = read_manifest(&repo, &label)["backup-label"].as_str().expect("the manifest's backup-label").to_owned();
     let args = |target: &std::path::Path| -> Vec<String> {
-        ["restore", "--pg-data", target.to_str().unwrap(), "--set", &label, "--target-immediate", "--jobs", "1"]
-            .map(String::from)
-            .to_vec()
+        ["restore", "--pg-data", target.to_str().unwrap(), "--set", &label, "--target-immediate", "--jobs", "1"].map(String::from).to_vec()
     };
     // Its length when left alone (the second run: the first warms the cache).
     let mut took = Duration::ZERO;
@@ -294,9 +325,8 @@ fn a_killed_restore_never_leaves_pg_control_without_a_complete_backup_label() {
     // Kills the moment global/pg_control is whole (watched from outside,
     // no engine hook): the restore's last steps.
     for i in 0..WATCHED {
-        let whole = |_: Duration, target: &std::path::Path| {
-            std::fs::metadata(target.join("global/pg_control")).is_ok_and(|m| m.len() == 8192)
-        };
+        let whole =
+            |_: Duration, target: &std::path::Path| std::fs::metadata(target.join("global/pg_control")).is_ok_and(|m| m.len() == 8192);
         let (target, v, k) = attempt(&format!("watched-{i}"), &whole);
         killed += k as u32;
         keep(&mut violations, target, v, "kill as global/pg_control became whole".to_string());
@@ -387,11 +417,7 @@ while True:
     let r = pk.run(&["backup", "--type", "full"]);
     let zombie = process_state(pid);
     drop(reaper);
-    assert!(
-        r.status.success(),
-        "a backup after one killed and left a zombie (pid {pid}, state {zombie:?}) must run: {}",
-        r.stderr.trim()
-    );
+    assert!(r.status.success(), "a backup after one killed and left a zombie (pid {pid}, state {zombie:?}) must run: {}", r.stderr.trim());
     let out = pk.ok(&["verify"]);
     assert!(out.contains("1 backup") && out.contains("all good"), "{out}");
 }
@@ -414,23 +440,28 @@ fn repository_and_restored_files_are_private_under_umask_0022() {
     pk.ok(&["backup", "--type", "full"]);
     pg.pgbench(1, 1);
     let incr = pk.ok(&["backup", "--type", "incr"]).trim().to_owned();
+    pg.psql("create table after_backups as select generate_series(1, 1000) g");
     let seg = pg.switch_wal();
     pg.wait_archived(&seg);
 
-    let mut loose: Vec<String> = modes(repo.path())
-        .into_iter()
-        .filter(|(_, mode, _)| mode & 0o027 != 0)
-        .map(|(p, mode, is_dir)| format!("repo/{} {:o}{}", p.display(), mode, if is_dir { " (dir)" } else { "" }))
-        .collect();
+    let shown = |p: &std::path::Path, mode: u32, is_dir: bool| format!("{}/ {:o}{}", p.display(), mode, if is_dir { " (dir)" } else { "" });
+    let repo_loose: Vec<String> =
+        modes(repo.path()).into_iter().filter(|(_, mode, _)| mode & 0o027 != 0).map(|(p, m, d)| shown(&p, m, d)).collect();
 
     let target = restore_to(&dir, &pk, &incr, "restored");
-    for (p, mode, is_dir) in modes(&target) {
-        let bad = if p.as_os_str().is_empty() { mode != 0o700 } else { mode & 0o077 != 0 };
-        if bad {
-            loose.push(format!("restored/{} {:o}{}", p.display(), mode, if is_dir { " (dir)" } else { "" }));
-        }
-    }
-    let n = loose.len();
-    loose.truncate(12);
-    assert!(n == 0, "{n} files or directories written under umask 0022 are readable by others, e.g.:\n{}", loose.join("\n"));
+    let restored_loose: Vec<String> = modes(&target)
+        .into_iter()
+        .filter(|(p, mode, _)| if p.as_os_str().is_empty() { *mode != 0o700 } else { mode & 0o077 != 0 })
+        .map(|(p, m, d)| shown(&p, m, d))
+        .collect();
+    let some = |v: &[String]| v.iter().take(8).map(|l| format!("\n  {l}")).collect::<String>();
+    assert!(
+        repo_loose.is_empty() && restored_loose.is_empty(),
+        "written under umask 0022: {} repository entries are open to group or others beyond 0640/0750, e.g.:{}\n\
+         and {} entries of the restored data directory beyond 0700/0600, e.g.:{}",
+        repo_loose.len(),
+        some(&repo_loose),
+        restored_loose.len(),
+        some(&restored_loose)
+    );
 }

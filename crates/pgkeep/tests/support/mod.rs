@@ -1213,9 +1213,8 @@ impl Cluster {
 
     /// pg_dump of database `db`; fails the test if pg_dump fails.
     pub fn dump_db(&self, db: &str) -> String {
-        self.try_dump_db(db).unwrap_or_else(|r| {
-            panic!("pg_dump -d {db} of {} failed ({}): {}", self.addr.data.display(), r.status, r.stderr.trim())
-        })
+        self.try_dump_db(db)
+            .unwrap_or_else(|r| panic!("pg_dump -d {db} of {} failed ({}): {}", self.addr.data.display(), r.status, r.stderr.trim()))
     }
 
     /// pg_amcheck of every database, returning what it reported instead
