@@ -736,16 +736,9 @@ impl Torture {
 
     // ------------------------------------------------------------ state
 
-    fn dumps_now(&self) -> BTreeMap<String, String> {
-        self.src
-            .conn
-            .databases()
-            .into_iter()
-            .map(|db| {
-                let d = self.src.conn.dump(&db).unwrap_or_else(|e| panic!("the source: {e}"));
-                (db, d)
-            })
-            .collect()
+    /// A dump of every database of the source.
+    fn dumps_now(&self) -> Result<BTreeMap<String, String>, String> {
+        self.src.conn.databases().into_iter().map(|db| self.src.conn.dump(&db).map(|d| (db, d))).collect()
     }
 
     /// Stores one dump (gzip, one file per distinct content).
@@ -769,7 +762,8 @@ impl Torture {
     }
 
     fn expected_now(&self) -> Expected {
-        Expected { dumps: self.dumps_now().into_iter().map(|(db, d)| (db, self.store(&d))).collect() }
+        let dumps = self.dumps_now().unwrap_or_else(|e| panic!("the source cannot be dumped: {e}"));
+        Expected { dumps: dumps.into_iter().map(|(db, d)| (db, self.store(&d))).collect() }
     }
 
     fn load(path: &Path) -> String {
@@ -1093,7 +1087,7 @@ impl Torture {
     /// Compares the source with what it should hold now; a difference is
     /// recorded (the run goes on from what the source holds).
     fn compare_source(&mut self, what: &str, expected: &BTreeMap<String, String>) {
-        let now = self.dumps_now();
+        let now = self.dumps_now().unwrap_or_else(|e| panic!("{what}: the source cannot be dumped: {e}"));
         let (e, a): (Vec<&String>, Vec<&String>) = (expected.keys().collect(), now.keys().collect());
         let mut problems = Vec::new();
         if a != e {
@@ -1158,7 +1152,7 @@ impl Torture {
     fn promote_new_dir(&mut self) {
         self.note("promote a restored copy in a new directory; retire the source");
         self.close_wal("before retiring this source");
-        let before = self.dumps_now();
+        let before = self.dumps_now().unwrap_or_else(|e| panic!("the source cannot be dumped: {e}"));
         self.src.stop("fast");
         self.generation += 1;
         let g = self.generation;
