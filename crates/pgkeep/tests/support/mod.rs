@@ -1256,11 +1256,6 @@ impl Pgkeep {
         Pgkeep { bin: wrapper, ..self.clone() }
     }
 
-    /// The program it runs (the pgkeep copy or a wrapper of it).
-    pub fn bin(&self) -> &Path {
-        &self.bin
-    }
-
     /// The command line (program and arguments) of `pgkeep args` as this
     /// runner starts it, as the postgres user, for a test that starts it
     /// by other means (a shell, another parent).
