@@ -1124,3 +1124,184 @@ pub fn is_full_label(s: &str) -> bool {
     let b = s.as_bytes();
     b.len() == 16 && b[8] == b'-' && b[15] == b'F' && b.iter().enumerate().all(|(i, c)| i == 8 || i == 15 || c.is_ascii_digit())
 }
+
+// ---------------------------------------------------------------- holes (issue 10)
+
+impl Cluster {
+    /// [`Cluster::new`] with `initdb_args` instead of the default `-k`
+    /// (e.g. `&[]` for a cluster without data checksums). Authentication,
+    /// user, encoding and locale are the same as [`Cluster::new`]'s.
+    pub fn new_with_initdb(dir: &TestDir, name: &str, archive_to: Option<&Pgkeep>, initdb_args: &[&str]) -> Cluster {
+        let data = dir.join(name);
+        run_ok(
+            as_postgres(pg_tool("initdb"), dir.path())
+                .args(initdb_args)
+                .args(["-A", "trust", "-U", "postgres", "-E", "UTF8", "--locale=C", "-D"])
+                .arg(&data),
+            SQL_TIMEOUT,
+        );
+        let port = free_port();
+        let mut conf = format!(
+            "\n# pgkeep tests\nport = {port}\nlisten_addresses = ''\nunix_socket_directories = '{}'\nwal_level = replica\n",
+            dir.path().display()
+        );
+        match archive_to {
+            Some(pk) => {
+                let _ = write!(conf, "archive_mode = on\narchive_command = '{}'\n", pk.archive_command());
+            }
+            None => conf.push_str("archive_mode = off\n"),
+        }
+        let mut f = std::fs::OpenOptions::new().append(true).open(data.join("postgresql.conf")).unwrap();
+        std::io::Write::write_all(&mut f, conf.as_bytes()).unwrap();
+        let c = Cluster {
+            addr: PgAddr { data: data.clone(), socket_dir: dir.path().to_owned(), port },
+            cwd: dir.path().to_owned(),
+            log: dir.join(&format!("{name}.log")),
+            env: archive_to.map(|pk| pk.env.clone()).unwrap_or_default(),
+        };
+        c.pg_ctl_start(&[]);
+        c
+    }
+
+    fn psql_in_cmd(&self, db: &str, sql: &str) -> Command {
+        let mut c = as_postgres(pg_tool("psql"), &self.cwd);
+        c.args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-d", db, "-h"]).arg(&self.addr.socket_dir).args([
+            "-p",
+            &self.addr.port.to_string(),
+            "-c",
+            sql,
+        ]);
+        c
+    }
+
+    /// [`Cluster::psql`] in database `db`.
+    pub fn psql_in(&self, db: &str, sql: &str) -> String {
+        let r = run(&mut self.psql_in_cmd(db, sql), SQL_TIMEOUT);
+        assert!(r.status.success(), "psql -d {db} {sql:?} failed: {}\n--- server log:\n{}", r.stderr, tail(&self.log, 20));
+        r.stdout.trim().to_owned()
+    }
+
+    /// Runs SQL in database `db` without requiring success.
+    pub fn try_psql_in(&self, db: &str, sql: &str) -> Run {
+        run(&mut self.psql_in_cmd(db, sql), SQL_TIMEOUT)
+    }
+
+    /// pg_dump of database `db` (without the `\restrict` lines), or the
+    /// failed run: a damaged restore can make pg_dump fail.
+    pub fn try_dump_db(&self, db: &str) -> Result<String, Run> {
+        let r = run(
+            as_postgres(pg_tool("pg_dump"), &self.cwd).arg("-h").arg(&self.addr.socket_dir).args([
+                "-p",
+                &self.addr.port.to_string(),
+                "-d",
+                db,
+            ]),
+            Duration::from_secs(300),
+        );
+        if !r.status.success() {
+            return Err(r);
+        }
+        Ok(r.stdout.lines().filter(|l| !l.starts_with("\\restrict ") && !l.starts_with("\\unrestrict ")).fold(
+            String::with_capacity(r.stdout.len()),
+            |mut s, l| {
+                s.push_str(l);
+                s.push('\n');
+                s
+            },
+        ))
+    }
+
+    /// pg_dump of database `db`; fails the test if pg_dump fails.
+    pub fn dump_db(&self, db: &str) -> String {
+        self.try_dump_db(db)
+            .unwrap_or_else(|r| panic!("pg_dump -d {db} of {} failed ({}): {}", self.addr.data.display(), r.status, r.stderr.trim()))
+    }
+
+    /// pg_amcheck of every database, returning what it reported instead
+    /// of failing: (success, stdout + stderr).
+    pub fn try_amcheck(&self) -> (bool, String) {
+        let r = run(
+            as_postgres(pg_tool("pg_amcheck"), &self.cwd).arg("-h").arg(&self.addr.socket_dir).args([
+                "-p",
+                &self.addr.port.to_string(),
+                "--install-missing",
+                "--all",
+            ]),
+            Duration::from_secs(300),
+        );
+        let out = format!("{}{}", r.stdout, r.stderr);
+        (r.status.success() && r.stdout.trim().is_empty(), out)
+    }
+
+    /// Runs `pg_checksums` with `args` on this cluster's data directory
+    /// (which must be stopped cleanly), as postgres.
+    pub fn pg_checksums(&self, args: &[&str]) -> Run {
+        run(as_postgres(pg_tool("pg_checksums"), &self.cwd).args(args).arg("-D").arg(&self.addr.data), Duration::from_secs(300))
+    }
+
+    /// The server's log file.
+    pub fn log_path(&self) -> PathBuf {
+        self.log.clone()
+    }
+}
+
+impl Pgkeep {
+    /// The same runner, with every pgkeep it starts (its own runs and,
+    /// for a cluster created with it, `archive_command`) run under
+    /// `umask` through a small wrapper script in the test dir.
+    pub fn with_umask(&self, umask: &str) -> Pgkeep {
+        let wrapper = self.cwd.join(format!("pgkeep-umask-{umask}"));
+        std::fs::write(&wrapper, format!("#!/bin/sh\numask {umask}\nexec {} \"$@\"\n", self.bin.display())).unwrap();
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Pgkeep { bin: wrapper, ..self.clone() }
+    }
+
+    /// The command line (program and arguments) of `pgkeep args` as this
+    /// runner starts it, as the postgres user, for a test that starts it
+    /// by other means (a shell, another parent).
+    pub fn command_line(&self, args: &[&str]) -> Vec<String> {
+        let mut v: Vec<String> =
+            ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups", "--"].iter().map(|s| s.to_string()).collect();
+        v.push(self.bin.display().to_string());
+        v.extend(["--config".to_string(), self.config.display().to_string(), "--stanza".to_string(), self.stanza.clone()]);
+        v.extend(args.iter().map(|s| s.to_string()));
+        v
+    }
+
+    /// The working directory it runs in.
+    pub fn cwd(&self) -> &Path {
+        &self.cwd
+    }
+}
+
+/// The state letter of process `pid` (`R`, `S`, `Z`...) from
+/// `/proc/PID/stat`, or `None` once it is gone (reaped).
+pub fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) S ...": comm may hold spaces and parentheses.
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+/// Every file and directory under `dir` (recursively, `dir` itself
+/// included as ""), with its mode bits and whether it is a directory.
+/// Symbolic links are listed but not followed.
+pub fn modes(dir: &Path) -> Vec<(PathBuf, u32, bool)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_owned()];
+    while let Some(d) = todo.pop() {
+        let meta = std::fs::symlink_metadata(&d).unwrap();
+        out.push((d.strip_prefix(dir).unwrap().to_owned(), meta.mode() & 0o7777, true));
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            let meta = std::fs::symlink_metadata(&p).unwrap();
+            if meta.is_dir() {
+                todo.push(p);
+            } else if !meta.file_type().is_symlink() {
+                out.push((p.strip_prefix(dir).unwrap().to_owned(), meta.mode() & 0o7777, false));
+            }
+        }
+    }
+    out.sort();
+    out
+}
