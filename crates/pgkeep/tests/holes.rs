@@ -32,7 +32,8 @@
 //!   "10 of 30 killed restores left global/pg_control without a whole
 //!   backup_label; first: kill as global/pg_control became whole:
 //!   global/pg_control (8192 bytes) exists, backup_label does not". The
-//!   window was hit by 0 of 20 spread kills and 10 of 10 watched kills.
+//!   window was hit by 0 of 20 spread kills and by 9 or 10 of the 10
+//!   watched kills (three runs).
 //! - case 6, `a_killed_backup_left_unreaped_does_not_block_the_next_backup`:
 //!   "a backup after one killed and left a zombie (pid N, state Some('Z'))
 //!   must run: pgkeep: backup is running on stanza 'demo' in repo 1 (pid N
