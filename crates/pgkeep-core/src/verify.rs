@@ -72,12 +72,14 @@ pub struct VerifyReport {
     pub wal_problems: Vec<String>,
     /// Holes in the archive.
     pub gaps: Vec<Gap>,
+    /// Damaged stanza lock objects, one line each.
+    pub lock_problems: Vec<String>,
 }
 
 impl VerifyReport {
     /// Problems found, in all.
     pub fn problems(&self) -> usize {
-        self.backups.iter().map(|b| b.problems.len()).sum::<usize>() + self.wal_problems.len() + self.gaps.len()
+        self.backups.iter().map(|b| b.problems.len()).sum::<usize>() + self.wal_problems.len() + self.gaps.len() + self.lock_problems.len()
     }
 }
 
@@ -127,7 +129,8 @@ pub async fn run(stanza: &Stanza, opts: &VerifyOptions) -> Result<VerifyReport> 
     let segments: Vec<WalSegment> = repo.list_segments().await?.into_iter().map(|(s, _)| s).collect();
     let starts: Vec<WalSegment> = manifests.iter().filter_map(|m| WalSegment::parse(&m.start_wal, repo.meta.wal_segment_size)).collect();
     let gaps = gaps(&segments, &starts, repo.meta.wal_segment_size);
-    Ok(VerifyReport { repo: number, backups, wal_files, wal_problems, gaps })
+    let lock_problems = crate::repo::lock::damaged(&repo).await?;
+    Ok(VerifyReport { repo: number, backups, wal_files, wal_problems, gaps, lock_problems })
 }
 
 /// Reads every stored piece of `m`'s files; checks its chain.

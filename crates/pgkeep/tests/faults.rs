@@ -152,12 +152,20 @@ fn two_backups_started_together_one_runs_and_one_is_refused() {
         let line = refused.stderr.trim();
         assert!(!line.contains('\n') && (line.contains("is running") || line.contains("took the lock")), "round {round}: {line}");
     }
-    assert!(snapshot(&repo.path().join("demo/lock")).is_empty(), "the lock is released");
+    // Released generations stay (numbers never go back), marked released.
+    let held = || {
+        snapshot(&repo.path().join("demo/lock")).values().any(|bytes| {
+            let envelope: serde_json::Value = serde_json::from_slice(bytes).unwrap();
+            envelope["content"]["released"] != true
+        })
+    };
+    assert!(!snapshot(&repo.path().join("demo/lock")).is_empty(), "the lock's last generation is kept");
+    assert!(!held(), "the lock is released");
 
     // expire waits for no backup: it is refused while one runs.
     let mut slow = pk.spawn(&["backup", "--type", "full", "--jobs", "1", "--compress-level", "19"]);
     let start = Instant::now();
-    while snapshot(&repo.path().join("demo/lock")).is_empty() {
+    while !held() {
         assert!(start.elapsed() < Duration::from_secs(60), "the backup never took the lock");
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -68,6 +68,8 @@ fn two_repositories_local_and_s3() {
     let wal_dir = dir.mkdir("wal");
     let file = wal_dir.join(&seg);
     std::fs::copy(&got, &file).unwrap();
+    // Copied by root from a file pgkeep wrote 0640: let postgres read it.
+    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
     moto.freeze();
     let msg = pk.fails(&["archive-push", file.to_str().unwrap(), "--repo", "2", "--io-timeout", "3"]);
     moto.thaw();

@@ -126,8 +126,7 @@ impl Conn {
     }
 
     fn sql(&self, db: &str, sql: &str) -> String {
-        self.try_sql(db, sql)
-            .unwrap_or_else(|e| panic!("psql in {db}: {sql}\nfailed: {e}\n--- server log:\n{}", tail(&self.log, 30)))
+        self.try_sql(db, sql).unwrap_or_else(|e| panic!("psql in {db}: {sql}\nfailed: {e}\n--- server log:\n{}", tail(&self.log, 30)))
     }
 
     /// Connectable non-template databases, by name.
@@ -232,7 +231,12 @@ impl Server {
         let opts = format!("-c port={} -c unix_socket_directories={} -c listen_addresses=", c.port, c.socket.display());
         let t = START_TIMEOUT.as_secs().to_string();
         let r = run(
-            as_postgres(pg_tool("pg_ctl"), &c.cwd).arg("-D").arg(&self.data).arg("-l").arg(&c.log).args(["-w", "-t", &t, "-o", &opts, "start"]),
+            as_postgres(pg_tool("pg_ctl"), &c.cwd)
+                .arg("-D")
+                .arg(&self.data)
+                .arg("-l")
+                .arg(&c.log)
+                .args(["-w", "-t", &t, "-o", &opts, "start"]),
             START_TIMEOUT + Duration::from_secs(30),
         );
         if !r.status.success() {
@@ -247,7 +251,11 @@ impl Server {
                 return Err(format!("{} stopped during recovery:\n--- server log:\n{}", self.data.display(), tail(&c.log, 40)));
             }
             if start.elapsed() > START_TIMEOUT {
-                return Err(format!("{} still in recovery after {START_TIMEOUT:?}:\n--- server log:\n{}", self.data.display(), tail(&c.log, 40)));
+                return Err(format!(
+                    "{} still in recovery after {START_TIMEOUT:?}:\n--- server log:\n{}",
+                    self.data.display(),
+                    tail(&c.log, 40)
+                ));
             }
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -258,7 +266,13 @@ impl Server {
             as_postgres(pg_tool("pg_ctl"), &self.conn.cwd).arg("-D").arg(&self.data).args(["-m", mode, "-w", "-t", "300", "stop"]),
             Duration::from_secs(330),
         );
-        assert!(r.status.success(), "{} did not stop ({mode}): {}\n--- server log:\n{}", self.data.display(), r.stderr, tail(&self.conn.log, 30));
+        assert!(
+            r.status.success(),
+            "{} did not stop ({mode}): {}\n--- server log:\n{}",
+            self.data.display(),
+            r.stderr,
+            tail(&self.conn.log, 30)
+        );
     }
 
     fn addr(&self) -> PgAddr {
@@ -269,7 +283,8 @@ impl Server {
 /// Stops whatever runs on `data` (immediate), if anything.
 fn stop_if_running(data: &Path, cwd: &Path) {
     if data.join("postmaster.pid").exists() {
-        let _ = run(as_postgres(pg_tool("pg_ctl"), cwd).arg("-D").arg(data).args(["-m", "immediate", "-w", "stop"]), Duration::from_secs(120));
+        let _ =
+            run(as_postgres(pg_tool("pg_ctl"), cwd).arg("-D").arg(data).args(["-m", "immediate", "-w", "stop"]), Duration::from_secs(120));
     }
 }
 
@@ -1137,8 +1152,7 @@ impl Torture {
         }
         self.timeline = self.src.conn.timeline();
         self.outcome(format!("promoted on timeline {}", self.timeline));
-        let expected: BTreeMap<String, String> =
-            self.backups[i].expected.dumps.iter().map(|(db, p)| (db.clone(), Self::load(p))).collect();
+        let expected: BTreeMap<String, String> = self.backups[i].expected.dumps.iter().map(|(db, p)| (db.clone(), Self::load(p))).collect();
         self.compare_source(&what, &expected);
         self.check_source(&what);
         self.base = Some(i);
@@ -1212,7 +1226,8 @@ impl Torture {
         self.checks += 1;
         let n = self.checks;
         let target = self.dir.join(&format!("check{n}"));
-        let map: Vec<(String, PathBuf)> = self.tablespaces.iter().map(|(t, _)| (t.clone(), self.dir.join(&format!("check{n}-{t}")))).collect();
+        let map: Vec<(String, PathBuf)> =
+            self.tablespaces.iter().map(|(t, _)| (t.clone(), self.dir.join(&format!("check{n}-{t}")))).collect();
         let mut all: Vec<String> = vec!["restore".into(), "--pg-data".into(), target.to_str().unwrap().into()];
         all.extend(args.iter().cloned());
         all.extend(Self::ts_map_args(&map));
@@ -1270,7 +1285,12 @@ impl Torture {
                         tail(&conn.log, 15)
                     ));
                 } else if !r.status.success() {
-                    problems.push(format!("pg_checksums --check ({}):\n{}\n{}", r.status, first_lines(&r.stdout, 20), first_lines(&r.stderr, 20)));
+                    problems.push(format!(
+                        "pg_checksums --check ({}):\n{}\n{}",
+                        r.status,
+                        first_lines(&r.stdout, 20),
+                        first_lines(&r.stderr, 20)
+                    ));
                 }
             }
             Err(e) => problems.push(format!("clean stop failed: {}", panic_text(e))),

@@ -59,6 +59,10 @@ pub async fn run(stanza: &Stanza, opts: &ExpireOptions) -> Result<ExpireReport> 
     let number = opts.repo.max(1);
     let repo = stanza.open(number).await?;
     let retention = stanza.settings.repos[number - 1].retention(number)?;
+    // A dry run changes nothing, the lock included.
+    if opts.dry_run {
+        return locked(&repo, retention, opts).await;
+    }
     let lock = StanzaLock::acquire(&repo, "expire").await?;
     let result = locked(&repo, retention, opts).await;
     // A lock that cannot be released now is taken over once this
@@ -67,12 +71,18 @@ pub async fn run(stanza: &Stanza, opts: &ExpireOptions) -> Result<ExpireReport> 
     result
 }
 
-/// The expiry itself, with the stanza lock held.
+/// The expiry itself, with the stanza lock held (or, for a dry run,
+/// without it).
 async fn locked(repo: &Repository, retention: Retention, opts: &ExpireOptions) -> Result<ExpireReport> {
     let number = repo.number;
     let backups = repo.backups().await?;
-    // Under the lock no backup runs: what has no manifest is abandoned.
-    let unfinished = crate::backup::resume::unfinished(repo, &backups).await?;
+    // Under the lock no backup runs: what has no manifest is abandoned. A
+    // dry run holds no lock: while a backup runs it lists no leftovers.
+    let running = opts.dry_run && crate::repo::lock::holder(repo).await?.is_some();
+    let unfinished = match running {
+        true => Vec::new(),
+        false => crate::backup::resume::unfinished(repo, &backups).await?,
+    };
     let plan = match &opts.set {
         Some(label) => by_label(&backups, label, opts.with_dependents)?,
         None => by_policy(&backups, &retention, Utc::now()),

@@ -236,6 +236,21 @@ pub async fn holder(repo: &Repository) -> Result<Option<Holder>> {
     Ok(newest(repo).await?.1.filter(|h| h.alive(Utc::now())))
 }
 
+/// The lock objects that cannot be read (for `verify`), one line each. A
+/// damaged generation names no live holder, so the next backup or expire
+/// takes the lock over and deletes it; it is still a damaged object.
+pub async fn damaged(repo: &Repository) -> Result<Vec<String>> {
+    let (generations, _) = newest(repo).await?;
+    let mut out = Vec::new();
+    for g in generations {
+        let what = format!("lock object {} of stanza '{}' in repo {}", key(g), repo.meta.stanza, repo.number);
+        if let Err(e) = repo.get_metadata::<Holder>(&key(g), &what).await {
+            out.push(format!("{}; the next backup or expire replaces it", crate::error::OneLine(&e)));
+        }
+    }
+    Ok(out)
+}
+
 /// The generations of the lock, and the holder of the newest one.
 async fn newest(repo: &Repository) -> Result<(Vec<u64>, Option<Holder>)> {
     let listed = repo.store().list(DIR).await?;

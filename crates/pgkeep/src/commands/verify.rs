@@ -107,6 +107,7 @@ fn json(r: &VerifyReport) -> serde_json::Value {
             "problems": r.wal_problems,
             "gaps": r.gaps.iter().map(|g| serde_json::json!({"timeline": g.timeline.0, "from": g.from, "to": g.to})).collect::<Vec<_>>(),
         },
+        "lock-problems": r.lock_problems,
     })
 }
 
@@ -117,6 +118,9 @@ fn print_text(r: &VerifyReport) {
         }
     }
     for p in &r.wal_problems {
+        println!("{p}");
+    }
+    for p in &r.lock_problems {
         println!("{p}");
     }
     for g in &r.gaps {
