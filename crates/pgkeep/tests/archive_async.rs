@@ -227,3 +227,161 @@ fn a_repository_that_stays_down_is_queued_then_skipped_past_the_limit() {
         assert_eq!(std::fs::metadata(&got).unwrap().len(), 16 << 20);
     }
 }
+
+/// The files of a spool queue directory, by name (none when it is absent).
+fn queued_files(queue: &std::path::Path) -> Vec<String> {
+    let mut q: Vec<String> = std::fs::read_dir(queue)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| !n.ends_with(".tmp"))
+        .collect();
+    q.sort();
+    q
+}
+
+/// Kills the processes matching a pattern when dropped: a failed test
+/// leaves no push worker of its own behind.
+struct KillOnDrop(String);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for pid in pids_of(&self.0) {
+            let _ = std::process::Command::new("kill").args(["-KILL", &pid]).status();
+        }
+    }
+}
+
+/// Issue 10: two local repositories, asynchronous archiving, pgbench
+/// and bulk inserts writing all along. Repository 2 is made unwritable for
+/// the postgres user (its directory chmod 000) until WAL is queued for it,
+/// then writable again, three times. Each time, once PostgreSQL has
+/// archived past the segment it was writing when repository 2 came back
+/// (so every upload that started while it was down has ended), its queue
+/// must drain to empty: an upload that started while it was down and
+/// ended after it came back used to queue its file for a repository that
+/// was up again, where nothing delivered it and the worker never went
+/// idle. At the end the worker exits by itself, with no archive-push to
+/// wake it, and repository 2 holds every segment.
+///
+/// Repository 1 compresses hard (gzip, level 9) and repository 2 stores
+/// WAL as is: an upload (which compresses for both) lasts several times
+/// as long as delivering one queued file (a copy), so uploads are in
+/// flight whenever the queue runs empty, and the queue does drain while
+/// the load goes on.
+#[test]
+fn a_repository_that_comes_back_under_load_gets_its_whole_queue_and_the_worker_goes_idle() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TestDir::new("archive-back");
+    let (one, two) = (Repo::local(&dir, "repo1"), Repo::local(&dir, "repo2"));
+    let zstd = "compress = \"zstd\"";
+    let toml1 = one.toml().replace(zstd, "compress = \"gzip\"\ncompress-level = 9");
+    let toml2 = two.toml().replace(zstd, "compress = \"none\"");
+    let spool = dir.mkdir("spool");
+    let pk = Pgkeep::new(&dir, "demo", "demo");
+    let pg = Cluster::new(&dir, "demo-data", Some(&pk));
+    write_async_config(&pk, &pg, &spool, "", &[toml1, toml2]);
+    pk.ok(&["stanza-create"]);
+    pg.pgbench_init(5);
+    let queue = spool.join("demo/queue/repo2");
+    let push_log = spool.join("demo/push.log");
+    let log = || std::fs::read_to_string(&push_log).unwrap_or_default();
+    let worker = format!("{} .*archive-push .*--worker", dir.pgkeep_bin().display());
+    let _workers = KillOnDrop(worker.clone());
+    let mode = std::fs::metadata(two.path()).unwrap().permissions().mode() & 0o7777;
+    let limit = Duration::from_secs(120);
+
+    // pgbench, and beside it bulk inserts (about 10 MiB of WAL each, one
+    // a second): several uploads run at any moment.
+    let mut load = pg.pgbench_background(900, 4);
+    pg.psql("create table filler (t text)");
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        let insert = pg.psql_command("insert into filler select repeat(md5(i::text), 16) from generate_series(1, 15000) i");
+        let truncate = pg.psql_command("truncate filler");
+        thread::spawn(move || {
+            for i in 0u64.. {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                insert();
+                if i % 20 == 19 {
+                    truncate();
+                }
+                thread::sleep(Duration::from_secs(1));
+            }
+        })
+    };
+    for cycle in 1..=3usize {
+        // Repository 2 fails: WAL is acknowledged (repo 1 has it) and
+        // queued for repo 2.
+        std::fs::set_permissions(two.path(), std::fs::Permissions::from_mode(0o000)).unwrap();
+        let start = Instant::now();
+        while queued_files(&queue).len() < 3 {
+            assert!(load.running(), "pgbench ended before WAL was queued for repo 2");
+            assert!(start.elapsed() < limit, "cycle {cycle}: no WAL queued for repo 2 while it was unwritable:\n{}", tail(&push_log, 20));
+            thread::sleep(Duration::from_millis(100));
+        }
+        // It is writable again, with uploads still running.
+        std::fs::set_permissions(two.path(), std::fs::Permissions::from_mode(mode)).unwrap();
+        let start = Instant::now();
+        while log().matches("repo 2 is up again").count() < cycle {
+            assert!(
+                start.elapsed() < limit,
+                "cycle {cycle}: repo 2 is writable again but not back after {limit:?}; {} files queued for it; push.log:\n{}",
+                queued_files(&queue).len(),
+                tail(&push_log, 30)
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+        // Every upload that started while it was down is for a segment
+        // before this one: once PostgreSQL has archived it, they have
+        // all ended, and nothing may be left queued.
+        let current = pg.current_segment();
+        pg.wait_archived(&current);
+        let start = Instant::now();
+        while !queued_files(&queue).is_empty() {
+            assert!(
+                start.elapsed() < limit,
+                "cycle {cycle}: repo 2 came back and {current} is archived, but {:?} are still queued for it after {limit:?}; push.log:\n{}",
+                queued_files(&queue),
+                tail(&push_log, 30)
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+    assert!(load.running(), "pgbench ended during the test: the uploads did not overlap repo 2's return");
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    drop(load);
+    pg.psql("insert into filler values ('last')");
+    let last = pg.switch_wal();
+    pg.wait_archived(&last);
+
+    // Nothing new to archive: the queue is empty and the worker exits
+    // on its own.
+    let start = Instant::now();
+    loop {
+        let (left, running) = (queued_files(&queue), pids_of(&worker));
+        if left.is_empty() && running.is_empty() {
+            break;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "{limit:?} after the last archive-push, {left:?} are still queued for repo 2 and the push worker ({running:?}) has not gone idle; push.log:\n{}",
+            tail(&push_log, 30)
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+    assert!(log().ends_with("idle; stopping\n"), "the worker did not stop as idle:\n{}", tail(&push_log, 10));
+    // How often an upload outlived an outage (each would have been
+    // stranded): the test proves most when it is not zero.
+    eprintln!("uploads that ended after repo 2 came back: {}", log().matches("came back while it was stored elsewhere").count());
+    for repo in ["1", "2"] {
+        let (ok, v) = verify_json(&pk, repo);
+        assert!(ok, "repo {repo} must hold every segment: {v}");
+        assert!(v["wal"]["files"].as_u64().unwrap() >= seg_no(&last), "repo {repo}: {v}");
+    }
+}

@@ -117,6 +117,16 @@ struct Lane {
     draining: bool,
 }
 
+impl Lane {
+    /// Whether the worker must try it again: it is down, or has WAL
+    /// queued. The worker stays up while a queue waits, so a queue also
+    /// makes it try: the loop never waits for what it does not act on
+    /// (files are queued only while the lane is down, see [`keep_for`]).
+    fn needs_drain(&self) -> bool {
+        self.down.is_some() || !self.queued.is_empty()
+    }
+}
+
 struct Shared {
     stanza: Stanza,
     wal_dir: PathBuf,
@@ -219,7 +229,7 @@ async fn run(shared: Arc<Shared>) -> Result<()> {
         for lane in &shared.lanes {
             let mut l = lane.lock().expect("lane");
             queued |= !l.queued.is_empty();
-            if l.down.is_some() && !l.draining && l.last_probe.elapsed() >= PROBE_EVERY {
+            if l.needs_drain() && !l.draining && l.last_probe.elapsed() >= PROBE_EVERY {
                 l.draining = true;
                 l.last_probe = Instant::now();
                 let (s, number) = (shared.clone(), l.number);
@@ -322,12 +332,7 @@ async fn try_store_one(s: &Shared, name: &str) -> Result<()> {
             match stored.await {
                 Ok(_) => Outcome::Stored,
                 Err(e) if e.retryable() => {
-                    let mut l = lane.lock().expect("lane");
-                    if l.down.is_none() {
-                        s.spool.log(Worker::Push, &format!("repo {} is down: {}", l.number, OneLine(&e)));
-                        l.down = Some(OneLine(&e).to_string());
-                        l.last_probe = Instant::now();
-                    }
+                    mark_down(s, lane, &e);
                     Outcome::Down
                 }
                 Err(e) => Outcome::Refused(e),
@@ -355,7 +360,7 @@ async fn try_store_one(s: &Shared, name: &str) -> Result<()> {
     let mut warnings = Vec::new();
     for (lane, outcome) in s.lanes.iter().zip(&outcomes) {
         if matches!(outcome, Outcome::Down) {
-            warnings.push(queue_for(s, lane, name, &data)?);
+            warnings.extend(keep_for(s, lane, name, &data).await?);
         }
     }
     s.spool.acknowledge(name, &Acknowledged { file: fingerprint(&meta), warnings })
@@ -375,15 +380,60 @@ async fn store_in(s: &Shared, repo: &Repository, wal: &WalFileName, data: &[u8],
     Ok(())
 }
 
+/// Marks a repository down after a store error.
+fn mark_down(s: &Shared, lane: &Mutex<Lane>, e: &Error) {
+    let mut l = lane.lock().expect("lane");
+    if l.down.is_none() {
+        s.spool.log(Worker::Push, &format!("repo {} is down: {}", l.number, OneLine(e)));
+        l.down = Some(OneLine(e).to_string());
+        l.last_probe = Instant::now();
+    }
+}
+
+/// Keeps `name`, which this upload found down, for the repository of
+/// `lane`; returns the line for PostgreSQL's log, if any.
+///
+/// The upload saw the repository down when it started, but it may have
+/// come back since: its queue delivered and the lane marked up by a drain
+/// that will not look again. So whether to queue is decided anew, under
+/// the lane's lock: the file is queued only while the lane is still down
+/// (then a drain is coming for it), and a repository that is up again
+/// gets the file now.
+async fn keep_for(s: &Shared, lane: &Mutex<Lane>, name: &str, data: &[u8]) -> Result<Option<String>> {
+    loop {
+        let repo = {
+            let mut l = lane.lock().expect("lane");
+            match (l.down.is_none(), l.repo.clone()) {
+                (true, Some(repo)) => repo,
+                _ => return queue_for(s, &mut l, name, data).map(Some),
+            }
+        };
+        let path = s.wal_dir.join(name);
+        let wal = super::parse_name(&path)?;
+        match store_in(s, &repo, &wal, data, &path).await {
+            Ok(()) => {
+                let number = repo.number;
+                s.spool.log(
+                    Worker::Push,
+                    &format!("{name}: repo {number} came back while it was stored elsewhere; stored in repo {number} now"),
+                );
+                return Ok(None);
+            }
+            // Down again: queued on the next turn.
+            Err(e) if e.retryable() => mark_down(s, lane, &e),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Keeps `name` for a down repository, within the queue limit; returns the
 /// line for PostgreSQL's log.
 ///
 /// Over the limit the queue keeps the oldest WAL, so that the repository
 /// misses one run of segments, not scattered ones: files stored at once
 /// reach this point in any order, and an older one takes the place of the
-/// newest queued one.
-fn queue_for(s: &Shared, lane: &Mutex<Lane>, name: &str, data: &[u8]) -> Result<String> {
-    let mut l = lane.lock().expect("lane");
+/// newest queued one. Called with the lane's lock held, the lane down.
+fn queue_for(s: &Shared, l: &mut Lane, name: &str, data: &[u8]) -> Result<String> {
     let number = l.number;
     let why = l.down.clone().unwrap_or_default();
     if l.queued.iter().any(|(n, _)| n == name) {
@@ -430,21 +480,20 @@ async fn drain(s: &Shared, number: usize) {
     l.draining = false;
     l.last_probe = Instant::now();
     match result {
-        Ok(true) => {
-            let skipped = std::mem::take(&mut l.skipped);
-            l.down = None;
+        Ok(skipped) => {
             let note = if skipped > 0 { format!("; it missed {skipped} segments while its queue was full") } else { String::new() };
             s.spool.log(Worker::Push, &format!("repo {number} is up again and its queue is delivered{note}"));
         }
-        Ok(false) => {}
         Err(e) => {
             l.down = Some(OneLine(&e).to_string());
         }
     }
 }
 
-/// Ok(true) once the queue is empty and the repository answers.
-async fn drain_queue(s: &Shared, lane: &Mutex<Lane>, number: usize) -> Result<bool> {
+/// Delivers the queue; once it is empty and the repository answers, marks
+/// the lane up and returns how many segments it missed while its queue
+/// was full.
+async fn drain_queue(s: &Shared, lane: &Mutex<Lane>, number: usize) -> Result<u64> {
     let opened = lane.lock().expect("lane").repo.clone();
     let repo = match opened {
         Some(r) => r,
@@ -461,11 +510,16 @@ async fn drain_queue(s: &Shared, lane: &Mutex<Lane>, number: usize) -> Result<bo
     }
     loop {
         let next = {
-            let l = lane.lock().expect("lane");
+            let mut l = lane.lock().expect("lane");
             match l.queued.first() {
                 Some((n, _)) => n.clone(),
-                // Emptied under the lock: new files go straight to it now.
-                None => return Ok(true),
+                // Found empty and marked up under one lock: a file is
+                // queued only while the lane is down, so none is left
+                // behind, and new files go straight to it now.
+                None => {
+                    l.down = None;
+                    return Ok(std::mem::take(&mut l.skipped));
+                }
             }
         };
         let data = s.spool.read_queued(number, &next)?;
@@ -482,5 +536,101 @@ async fn drain_queue(s: &Shared, lane: &Mutex<Lane>, number: usize) -> Result<bo
         }
         s.spool.dequeue(number, &next);
         lane.lock().expect("lane").queued.retain(|(n, _)| n != &next);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ConfigFile, Settings};
+    use crate::repo::StanzaMeta;
+
+    /// A worker's state over two local repositories (both up) and an empty
+    /// PostgreSQL queue, in `dir`. Timeline history files stand for WAL:
+    /// they are stored like segments, without a cluster's page headers.
+    async fn shared(dir: &Path) -> Arc<Shared> {
+        let wal_dir = dir.join("pg_wal");
+        std::fs::create_dir_all(wal_dir.join("archive_status")).unwrap();
+        let text = format!(
+            "[stanza.demo]\npg-data = \"{d}/pgdata\"\narchive-async = true\nspool-path = \"{d}/spool\"\n\n\
+             [[repo]]\nlocation = \"{d}/repo1\"\n\n[[repo]]\nlocation = \"{d}/repo2\"\ncompress = \"none\"\n",
+            d = dir.display()
+        );
+        let file = ConfigFile::parse(&text).unwrap();
+        let stanza = Stanza::new(Settings::resolve(&file, Some("demo"), Default::default(), Default::default(), 1).unwrap());
+        let meta = StanzaMeta {
+            stanza: "demo".into(),
+            system_id: crate::types::SystemId(1),
+            pg_version: 150000,
+            wal_segment_size: 16 << 20,
+            created: chrono::Utc::now(),
+            cipher: None,
+        };
+        let mut lanes = Vec::new();
+        for number in 1..=2 {
+            let (repo, _) = Repository::create(&stanza.store(number).unwrap(), meta.clone(), number, None).await.unwrap();
+            let last_probe = Instant::now();
+            lanes.push(Mutex::new(Lane {
+                number,
+                repo: Some(repo),
+                down: None,
+                queued: Vec::new(),
+                skipped: 0,
+                last_probe,
+                draining: false,
+            }));
+        }
+        let spool = Spool::open(&stanza).unwrap();
+        Arc::new(Shared { stanza, wal_dir, spool, lanes, queue_max: None })
+    }
+
+    fn history(timeline: u32) -> (String, Vec<u8>) {
+        (format!("{timeline:08X}.history"), format!("{}\t0/{timeline}000000\tno recovery target specified\n", timeline - 1).into_bytes())
+    }
+
+    async fn in_repo(s: &Shared, number: usize, name: &str) -> bool {
+        let repo = s.lanes[number - 1].lock().expect("lane").repo.clone().expect("opened");
+        !repo.find_wal(&WalFileName::parse(name).unwrap()).await.unwrap().is_empty()
+    }
+
+    /// Issue 10: an upload that found repository 2 down (and stored its
+    /// file in repository 1 only) ends after the worker delivered repo 2's
+    /// queue and marked it up. The file it keeps for repo 2 must still
+    /// reach repo 2, and the worker must then go idle: it used to be
+    /// queued for a repository that was up, where no drain ever looked
+    /// (drains are for down repositories) while the worker waited for
+    /// that queue forever.
+    #[tokio::test]
+    async fn a_file_kept_by_an_upload_that_outlived_the_outage_reaches_the_repository_and_the_worker_goes_idle() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = shared(dir.path()).await;
+        let lane = &s.lanes[1];
+        let (early, early_data) = history(2);
+        let (late, late_data) = history(3);
+
+        // Repo 2 is down; an earlier upload queued its file for it.
+        lane.lock().expect("lane").down = Some("unwritable".into());
+        assert!(keep_for(&s, lane, &early, &early_data).await.unwrap().is_some_and(|w| w.contains("is queued for it")));
+        // An upload starts and finds repo 2 down. Meanwhile repo 2
+        // answers: its queue is delivered and it is up again.
+        drain(&s, 2).await;
+        assert!(lane.lock().expect("lane").down.is_none(), "repo 2 should be up once its queue is delivered");
+        assert!(in_repo(&s, 2, &early).await);
+        // The upload ends and keeps its file for repo 2.
+        keep_for(&s, lane, &late, &late_data).await.unwrap();
+
+        let limit = Duration::from_secs(60);
+        let ran = tokio::time::timeout(limit, run(s.clone())).await;
+        let (queued, down) = {
+            let l = lane.lock().expect("lane");
+            (l.queued.clone(), l.down.clone())
+        };
+        assert!(
+            ran.is_ok(),
+            "the worker did not go idle within {limit:?}: {queued:?} queued for repo 2 (down: {down:?}), on disk {:?}",
+            s.spool.queued(2)
+        );
+        assert!(s.spool.queued(2).is_empty() && queued.is_empty(), "{queued:?} {:?}", s.spool.queued(2));
+        assert!(in_repo(&s, 2, &late).await, "{late} never reached repo 2");
     }
 }

@@ -14,15 +14,33 @@
 //! Every file is written whole (temporary file, rename), so a worker
 //! killed at any instant leaves no half file under a real name; queued WAL
 //! is also fsynced, as it may be the only copy on its way to a repository.
+//! The spool holds copies of WAL: its files are created `rw-r-----` and
+//! its directories `rwxr-x---` at most, whatever the umask.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::Stanza;
+
+/// The mode the spool's files are created with (the umask may narrow it).
+const FILE_MODE: u32 = 0o640;
+/// The mode the spool's directories are created with.
+const DIR_MODE: u32 = 0o750;
+
+/// Creates `dir` and its missing parents, each with [`DIR_MODE`].
+fn create_dirs(dir: &Path) -> std::io::Result<()> {
+    DirBuilder::new().recursive(true).mode(DIR_MODE).create(dir)
+}
+
+/// Opens (creating with [`FILE_MODE`]) a file to append to.
+fn open_append(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new().create(true).append(true).mode(FILE_MODE).open(path)
+}
 
 /// The spool directory of one stanza.
 #[derive(Debug, Clone)]
@@ -80,7 +98,7 @@ impl Spool {
         let root = &stanza.settings.archive.spool;
         let dir = root.join(stanza.name());
         for sub in ["out", "queue", "in"] {
-            fs::create_dir_all(dir.join(sub)).map_err(|e| {
+            create_dirs(&dir.join(sub)).map_err(|e| {
                 Error::Input(format!(
                     "cannot use spool-path {}: {e}; create it, writable by the user PostgreSQL runs as, or set spool-path",
                     root.display()
@@ -169,7 +187,7 @@ impl Spool {
     /// Keeps a copy of `name` for repository `number`.
     pub fn enqueue(&self, number: usize, name: &str, data: &[u8]) -> Result<()> {
         let dir = self.queue(number);
-        fs::create_dir_all(&dir).map_err(Error::io(format!("cannot create {}", dir.display())))?;
+        create_dirs(&dir).map_err(Error::io(format!("cannot create {}", dir.display())))?;
         write_durably(&dir.join(name), data)
     }
 
@@ -242,6 +260,7 @@ impl Spool {
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(FILE_MODE)
             .open(&path)
             .map_err(Error::io(format!("cannot open {}", path.display())))?;
         match file.try_lock() {
@@ -274,17 +293,24 @@ impl Spool {
         self.dir.join(format!("{}.log", worker.name()))
     }
 
+    /// The log file of `worker`, opened to append (created if needed):
+    /// what a starting worker's own output goes to.
+    pub fn open_log(&self, worker: Worker) -> std::io::Result<File> {
+        open_append(&self.log_path(worker))
+    }
+
     /// Appends a time-stamped line to the log of `worker`.
     pub fn log(&self, worker: Worker, line: &str) {
         let now = chrono::Utc::now().format("%Y-%m-%d %H:%M:%S%.3f");
-        if let Ok(mut f) = OpenOptions::new().create(true).append(true).open(self.log_path(worker)) {
+        if let Ok(mut f) = self.open_log(worker) {
             let _ = writeln!(f, "{now} [{}] {line}", std::process::id());
         }
     }
 }
 
-/// Writes `data` to `path` whole: a temporary file beside it, fsynced,
-/// renamed over `path`, and the directory fsynced.
+/// Writes `data` to `path` whole: a temporary file beside it (created
+/// `rw-r-----` at most), fsynced, renamed over `path`, and the directory
+/// fsynced.
 pub fn write_durably(path: &Path, data: &[u8]) -> Result<()> {
     write_whole(path, data, true)
 }
@@ -299,7 +325,7 @@ fn write_whole(path: &Path, data: &[u8], sync: bool) -> Result<()> {
     tmp.push(format!(".{}.tmp", std::process::id()));
     let tmp = PathBuf::from(tmp);
     let written = (|| {
-        let mut f = File::create(&tmp)?;
+        let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(FILE_MODE).open(&tmp)?;
         f.write_all(data)?;
         if sync {
             f.sync_all()?;
@@ -388,6 +414,46 @@ mod tests {
         assert!(s.queued(1).is_empty());
         s.dequeue(2, "000000010000000000000004");
         assert_eq!(s.queued(2).len(), 1);
+    }
+
+    /// Whatever the umask lets through (0022 here), what the spool and
+    /// its workers create is at most rw-r----- and directories rwxr-x---.
+    #[test]
+    fn spool_files_and_directories_are_created_at_most_0640_and_0750() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let text = format!(
+            "[stanza.demo]\npg-data = \"/nonexistent\"\narchive-async = true\nspool-path = \"{}/spool/deep\"\n\n[[repo]]\nlocation = \"/nonexistent\"\n",
+            t.path().display()
+        );
+        let file = crate::config::ConfigFile::parse(&text).unwrap();
+        let settings = crate::config::Settings::resolve(&file, Some("demo"), Default::default(), Default::default(), 1).unwrap();
+        let s = Spool::open(&Stanza::new(settings)).unwrap();
+        s.acknowledge("000000010000000000000001", &Acknowledged { file: "f".into(), warnings: vec![] }).unwrap();
+        s.fail("000000010000000000000002", "down").unwrap();
+        s.enqueue(2, "000000010000000000000003", b"wal").unwrap();
+        s.store_prefetched("000000010000000000000004", b"wal").unwrap();
+        s.set_want("000000010000000000000004").unwrap();
+        drop(s.try_lock(Worker::Push).unwrap());
+        s.log(Worker::Push, "started");
+        drop(s.open_log(Worker::Get).unwrap());
+        write_durably(&t.path().join("spool/deep/restored"), b"wal").unwrap();
+
+        let mut seen = 0;
+        let mut todo = vec![t.path().join("spool")];
+        while let Some(dir) = todo.pop() {
+            for e in fs::read_dir(&dir).unwrap().flatten() {
+                let mode = e.metadata().unwrap().permissions().mode() & 0o7777;
+                if e.file_type().unwrap().is_dir() {
+                    assert!(mode & !0o750 == 0, "directory {} was created {mode:o}, wider than 750", e.path().display());
+                    todo.push(e.path());
+                } else {
+                    assert!(mode & !0o640 == 0, "file {} was created {mode:o}, wider than 640", e.path().display());
+                }
+                seen += 1;
+            }
+        }
+        assert!(seen >= 14, "only {seen} entries");
     }
 
     #[test]

@@ -43,7 +43,7 @@ fn start_worker(stanza: &Stanza, worker: Worker) -> pgkeep_core::Result<()> {
     let spool = Spool::open(stanza)?;
     let log_path = spool.log_path(worker);
     let io = |e| pgkeep_core::Error::io(format!("cannot start the archive worker (log {})", log_path.display()))(e);
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(io)?;
+    let log = spool.open_log(worker).map_err(io)?;
     let exe = std::env::current_exe().map_err(io)?;
     let args = std::env::args_os().skip(1).chain(["--worker".into()]);
     Command::new(exe).args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).process_group(0).spawn().map_err(io)?;
