@@ -79,6 +79,12 @@ enum Source {
 impl ObjectReader {
     /// Opens `key` of `store`, or only `range` of it.
     pub fn open(store: Arc<dyn ObjectStore>, key: &str, range: Option<std::ops::Range<u64>>, rt: Handle) -> object_store::Result<Self> {
+        // An empty range (an empty file bundled uncompressed) reads
+        // nothing; stores refuse to serve one.
+        if range.as_ref().is_some_and(|r| r.is_empty()) {
+            let empty = Box::pin(futures::stream::empty()) as BoxStream<'static, object_store::Result<Bytes>>;
+            return Ok(ObjectReader { source: Source::Stream { stream: empty, chunk: Bytes::new() }, rt, read: 0 });
+        }
         let key = KeyPath::from(key);
         let opts = GetOptions { range: range.map(GetRange::Bounded), ..Default::default() };
         let got = rt.block_on(async move { store.get_opts(&key, opts).await })?;
