@@ -50,11 +50,12 @@
 //! (`--target-timeline current`, or `--set` of the newest backup on its
 //! history) so that the run goes on; a restored source that differs from
 //! what it should hold, or is unsound itself (pg_amcheck, pg_visibility), is
-//! recorded too, and later findings say they may be inherited
-//! ("INHERITED?"; pg_visibility findings the source itself had when a
-//! backup was taken are not counted against that backup). Anything else
-//! that fails while the operations run stops them (at that step); the
-//! backups taken so far are still all checked.
+//! recorded too, then healed: the newest full backup taken from a sound
+//! source is restored in place. Should the source stay unsound, later
+//! findings say they may be inherited ("INHERITED?"; pg_visibility findings
+//! the source itself had when a backup was taken are never counted against
+//! that backup). Anything else that fails while the operations run stops
+//! them (at that step); the backups taken so far are still all checked.
 //!
 //! Knobs:
 //! - `TORTURE_SEED=N` replays a run (the seed is printed at the start and in
@@ -845,20 +846,57 @@ impl Torture {
     }
 
     /// After the source was restored: it must be sound itself (pg_amcheck,
-    /// pg_visibility). Findings are failures of that restore, but the run
-    /// goes on: later backups copy what the source holds, and their checks
-    /// do not count what the source already had.
-    fn check_source(&mut self, what: &str) {
+    /// pg_visibility). Findings are failures of that restore; true when
+    /// there are none.
+    fn check_source(&mut self, what: &str) -> bool {
         let mut problems = Vec::new();
         problems.extend(self.src.conn.amcheck());
         let vis = self.source_visibility();
         if !vis.is_empty() {
             problems.push(format!("pg_visibility:\n    {}", vis.iter().take(20).cloned().collect::<Vec<_>>().join("\n    ")));
         }
-        if !problems.is_empty() {
-            self.record(format!("step {}: {what}: the restored source itself:\n  {}", self.step, problems.join("\n  ")));
-            self.tainted.get_or_insert(self.step);
+        if problems.is_empty() {
+            return true;
         }
+        self.record(format!("step {}: {what}: the restored source itself:\n  {}", self.step, problems.join("\n  ")));
+        self.tainted.get_or_insert(self.step);
+        false
+    }
+
+    /// After a restore of the source that went wrong (recorded already):
+    /// restores in place the newest full backup taken from a sound source,
+    /// so that the rest of the run starts from a sound state again. Only
+    /// when that does not work either does the source stay unsound (later
+    /// findings then say they may be inherited).
+    fn heal(&mut self) {
+        let Some(i) = self.backups.iter().rposition(|b| b.kind == "full" && b.tainted.is_none()) else { return };
+        let label = self.backups[i].label.clone();
+        self.note(format!("heal the source: in-place restore of {label}, the newest full backup of a sound source"));
+        // Archive what this timeline wrote (time marks need the commit
+        // after them), if the source still answers.
+        if let Ok(seg) = self.src.conn.try_sql("postgres", "select pg_walfile_name(pg_switch_wal())") {
+            self.src.conn.wait_archived(&seg);
+        }
+        self.src.stop("fast");
+        let data = self.src.data.to_str().unwrap().to_owned();
+        let mut args: Vec<String> =
+            ["restore", "--pg-data", &data, "--force", "--set", &label, "--target-immediate", "--target-timeline", "current"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+        args.extend(Self::ts_map_args(&self.tablespaces));
+        self.run_restore(&args);
+        if let Err(e) = self.src.start() {
+            panic!("healing the source: it did not start after the restore of the full backup {label}: {e}");
+        }
+        self.timeline = self.src.conn.timeline();
+        self.outcome(format!("promoted on timeline {}", self.timeline));
+        let expected: BTreeMap<String, String> = self.backups[i].expected.dumps.iter().map(|(db, p)| (db.clone(), Self::load(p))).collect();
+        let what = format!("healing: in-place restore of the full backup {label}");
+        if self.compare_source(&what, &expected) & self.check_source(&what) {
+            self.tainted = None;
+        }
+        self.base = Some(i);
     }
 
     /// A write, a WAL switch, and the wait until it is archived: the old
@@ -1160,8 +1198,15 @@ impl Torture {
 
     /// Compares the source with what it should hold now; a difference is
     /// recorded (the run goes on from what the source holds).
-    fn compare_source(&mut self, what: &str, expected: &BTreeMap<String, String>) {
-        let now = self.dumps_now().unwrap_or_else(|e| panic!("{what}: the source cannot be dumped: {e}"));
+    /// True when it holds what it should.
+    fn compare_source(&mut self, what: &str, expected: &BTreeMap<String, String>) -> bool {
+        let now = match self.dumps_now() {
+            Ok(now) => now,
+            Err(e) => {
+                self.record(format!("step {}: {what}: the source cannot be dumped: {e}", self.step));
+                return false;
+            }
+        };
         let (e, a): (Vec<&String>, Vec<&String>) = (expected.keys().collect(), now.keys().collect());
         let mut problems = Vec::new();
         if a != e {
@@ -1172,9 +1217,11 @@ impl Torture {
                 problems.push(format!("pg_dump of {db}: {diff}"));
             }
         }
-        if !problems.is_empty() {
-            self.record(format!("step {}: {what}: the source differs from what it should hold:\n  {}", self.step, problems.join("\n  ")));
+        if problems.is_empty() {
+            return true;
         }
+        self.record(format!("step {}: {what}: the source differs from what it should hold:\n  {}", self.step, problems.join("\n  ")));
+        false
     }
 
     fn run_restore(&mut self, args: &[String]) {
@@ -1212,9 +1259,10 @@ impl Torture {
         self.timeline = self.src.conn.timeline();
         self.outcome(format!("promoted on timeline {}", self.timeline));
         let expected: BTreeMap<String, String> = self.backups[i].expected.dumps.iter().map(|(db, p)| (db.clone(), Self::load(p))).collect();
-        self.compare_source(&what, &expected);
-        self.check_source(&what);
         self.base = Some(i);
+        if !(self.compare_source(&what, &expected) & self.check_source(&what)) {
+            self.heal();
+        }
     }
 
     /// Stops and retires the source; a restore of the end of the archive
@@ -1268,13 +1316,14 @@ impl Torture {
         self.timeline = self.src.conn.timeline();
         self.outcome(format!("{} promoted on timeline {}; {} retired", self.src.data.display(), self.timeline, old.data.display()));
         let what = "the restored copy that became the source (end of the archive)";
-        self.compare_source(what, &before);
-        self.check_source(what);
         remove_path(&old.data);
         for (_, d) in std::mem::replace(&mut self.tablespaces, map) {
             remove_path(&d);
         }
         self.base = set.or(Some(self.backups.len() - 1));
+        if !(self.compare_source(what, &before) & self.check_source(what)) {
+            self.heal();
+        }
     }
 
     // ------------------------------------------------------------ checks
