@@ -877,7 +877,9 @@ impl Torture {
         if let Ok(seg) = self.src.conn.try_sql("postgres", "select pg_walfile_name(pg_switch_wal())") {
             self.src.conn.wait_archived(&seg);
         }
-        self.src.stop("fast");
+        if self.src.data.join("postmaster.pid").exists() {
+            self.src.stop("fast");
+        }
         let data = self.src.data.to_str().unwrap().to_owned();
         let mut args: Vec<String> =
             ["restore", "--pg-data", &data, "--force", "--set", &label, "--target-immediate", "--target-timeline", "current"]
@@ -1253,7 +1255,9 @@ impl Torture {
             args.extend(["--target-timeline".to_owned(), "current".to_owned()]);
             self.run_restore(&args);
             if let Err(e) = self.src.start() {
-                panic!("{what}, again with --target-timeline current: the source did not start: {e}");
+                self.record(format!("step {}: {what}, again with --target-timeline current: the source did not start: {e}", self.step));
+                stop_if_running(&self.src.data, self.dir.path());
+                return self.heal();
             }
         }
         self.timeline = self.src.conn.timeline();
@@ -1267,9 +1271,11 @@ impl Torture {
 
     /// Stops and retires the source; a restore of the end of the archive
     /// into a new directory becomes the source (a new timeline, archiving
-    /// into the same stanza). When it does not start without `--set`, that
-    /// is recorded and it is restored again from the newest backup on the
-    /// source's history (`--set`), so that the run can go on.
+    /// into the same stanza). When it does not start, that is recorded and
+    /// it is restored again, with `--set` of the newest backup on the
+    /// source's history, and failing that from the newest full backup of a
+    /// sound source (`--target-immediate --target-timeline current`), so
+    /// that the run can go on.
     fn promote_new_dir(&mut self) {
         self.note("promote a restored copy in a new directory; retire the source");
         self.close_wal("before retiring this source");
@@ -1279,49 +1285,67 @@ impl Torture {
         let g = self.generation;
         let data = self.dir.join(&format!("src{g}"));
         let map: Vec<(String, PathBuf)> = self.tablespaces.iter().map(|(n, _)| (n.clone(), self.dir.join(&format!("{n}-g{g}")))).collect();
-        let mut set = if self.rng.chance(0.5) { self.base } else { None };
-        let args = |set: Option<usize>, force: bool| {
-            let mut args: Vec<String> = vec!["restore".into(), "--pg-data".into(), data.to_str().unwrap().into()];
-            if let Some(i) = set {
-                args.extend(["--set".to_owned(), self.backups[i].label.clone()]);
+        let args = |set: Option<&str>, extra: &[&str]| {
+            let mut args: Vec<String> = vec!["restore".into(), "--pg-data".into(), data.to_str().unwrap().into(), "--force".into()];
+            if let Some(label) = set {
+                args.extend(["--set".to_owned(), label.to_owned()]);
             }
-            if force {
-                args.push("--force".into());
-            }
+            args.extend(extra.iter().map(|s| s.to_string()));
             args.extend(Self::ts_map_args(&map));
             args
         };
-        let first = args(set, false);
-        let retry = args(self.base, true);
-        self.run_restore(&first);
+        // (restore arguments, the backup it builds on, the state it must hold)
+        let mut attempts: Vec<(Vec<String>, Option<usize>, Option<usize>)> = Vec::new();
+        let first = if self.rng.chance(0.5) { self.base } else { None };
+        attempts.push((args(first.map(|i| self.backups[i].label.as_str()), &[]), first, None));
+        if first.is_none() {
+            if let Some(b) = self.base {
+                attempts.push((args(Some(&self.backups[b].label), &[]), Some(b), None));
+            }
+        }
+        if let Some(f) = self.backups.iter().rposition(|b| b.kind == "full" && b.tainted.is_none()) {
+            attempts.push((args(Some(&self.backups[f].label), &["--target-immediate", "--target-timeline", "current"]), Some(f), Some(f)));
+        }
         let new = Server {
             data: data.clone(),
             conn: Conn { port: free_port(), log: self.dir.join(&format!("src{g}.log")), ..self.src.conn.clone() },
         };
-        if let Err(e) = new.start() {
-            let msg = format!("step {}: restore into a new directory (pgkeep {}): it did not start: {e}", self.step, first.join(" "));
-            if set.is_some() || self.base.is_none() {
-                panic!("{msg}");
+        let mut started = None;
+        for (n, (args, set, state)) in attempts.iter().enumerate() {
+            if n > 0 {
+                stop_if_running(&data, self.dir.path());
             }
-            self.record(msg);
-            stop_if_running(&data, self.dir.path());
-            self.run_restore(&retry);
-            set = self.base;
-            if let Err(e) = new.start() {
-                panic!("restore into a new directory, again with --set: it did not start: {e}");
+            self.run_restore(args);
+            match new.start() {
+                Ok(()) => {
+                    started = Some((*set, *state));
+                    break;
+                }
+                Err(e) => self.record(format!(
+                    "step {}: restore into a new directory (pgkeep {}): it did not start: {e}",
+                    self.step,
+                    args.join(" ")
+                )),
             }
         }
+        let Some((set, state)) = started else { panic!("restore into a new directory: no attempt started (see the problems before)") };
         let old = std::mem::replace(&mut self.src, new);
         self.pk.write_config(&self.src.addr(), &self.repo);
         self.timeline = self.src.conn.timeline();
         self.outcome(format!("{} promoted on timeline {}; {} retired", self.src.data.display(), self.timeline, old.data.display()));
-        let what = "the restored copy that became the source (end of the archive)";
         remove_path(&old.data);
         for (_, d) in std::mem::replace(&mut self.tablespaces, map) {
             remove_path(&d);
         }
         self.base = set.or(Some(self.backups.len() - 1));
-        if !(self.compare_source(what, &before) & self.check_source(what)) {
+        let (what, expected) = match state {
+            None => ("the restored copy that became the source (end of the archive)".to_owned(), before),
+            Some(f) => (
+                format!("the restored copy that became the source (full backup {})", self.backups[f].label),
+                self.backups[f].expected.dumps.iter().map(|(db, p)| (db.clone(), Self::load(p))).collect(),
+            ),
+        };
+        if !(self.compare_source(&what, &expected) & self.check_source(&what)) {
             self.heal();
         }
     }
