@@ -50,11 +50,12 @@
 //! (`--target-timeline current`, or `--set` of the newest backup on its
 //! history) so that the run goes on; a restored source that differs from
 //! what it should hold, or is unsound itself (pg_amcheck, pg_visibility), is
-//! recorded too, and later findings say they may be inherited
-//! ("INHERITED?"; pg_visibility findings the source itself had when a
-//! backup was taken are not counted against that backup). Anything else
-//! that fails while the operations run stops them (at that step); the
-//! backups taken so far are still all checked.
+//! recorded too, then healed: the newest full backup taken from a sound
+//! source is restored in place. Should the source stay unsound, later
+//! findings say they may be inherited ("INHERITED?"; pg_visibility findings
+//! the source itself had when a backup was taken are never counted against
+//! that backup). Anything else that fails while the operations run stops
+//! them (at that step); the backups taken so far are still all checked.
 //!
 //! Knobs:
 //! - `TORTURE_SEED=N` replays a run (the seed is printed at the start and in
@@ -845,19 +846,68 @@ impl Torture {
     }
 
     /// After the source was restored: it must be sound itself (pg_amcheck,
-    /// pg_visibility). Findings are failures of that restore, but the run
-    /// goes on: later backups copy what the source holds, and their checks
-    /// do not count what the source already had.
-    fn check_source(&mut self, what: &str) {
+    /// pg_visibility). Findings are failures of that restore; true when
+    /// there are none.
+    fn check_source(&mut self, what: &str) -> bool {
         let mut problems = Vec::new();
         problems.extend(self.src.conn.amcheck());
         let vis = self.source_visibility();
         if !vis.is_empty() {
             problems.push(format!("pg_visibility:\n    {}", vis.iter().take(20).cloned().collect::<Vec<_>>().join("\n    ")));
         }
-        if !problems.is_empty() {
-            self.record(format!("step {}: {what}: the restored source itself:\n  {}", self.step, problems.join("\n  ")));
-            self.tainted.get_or_insert(self.step);
+        if problems.is_empty() {
+            return true;
+        }
+        self.record(format!("step {}: {what}: the restored source itself:\n  {}", self.step, problems.join("\n  ")));
+        self.tainted.get_or_insert(self.step);
+        false
+    }
+
+    /// After a restore of the source that went wrong (recorded already):
+    /// restores in place the newest full backup taken from a sound source,
+    /// so that the rest of the run starts from a sound state again. Only
+    /// when that does not work either does the source stay unsound (later
+    /// findings then say they may be inherited).
+    fn heal(&mut self) {
+        let Some(i) = self.backups.iter().rposition(|b| b.kind == "full" && b.tainted.is_none()) else { return };
+        let label = self.backups[i].label.clone();
+        self.note(format!("heal the source: in-place restore of {label}, the newest full backup of a sound source"));
+        // Archive what this timeline wrote (time marks need the commit
+        // after them), if the source still answers.
+        if let Ok(seg) = self.src.conn.try_sql("postgres", "select pg_walfile_name(pg_switch_wal())") {
+            self.src.conn.wait_archived(&seg);
+        }
+        if self.src.data.join("postmaster.pid").exists() {
+            self.src.stop("fast");
+        }
+        let data = self.src.data.to_str().unwrap().to_owned();
+        let mut args: Vec<String> =
+            ["restore", "--pg-data", &data, "--force", "--set", &label, "--target-immediate", "--target-timeline", "current"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+        args.extend(Self::ts_map_args(&self.tablespaces));
+        self.run_restore(&args);
+        if let Err(e) = self.src.start() {
+            panic!("healing the source: it did not start after the restore of the full backup {label}: {e}");
+        }
+        self.timeline = self.src.conn.timeline();
+        self.outcome(format!("promoted on timeline {}", self.timeline));
+        let expected: BTreeMap<String, String> = self.backups[i].expected.dumps.iter().map(|(db, p)| (db.clone(), Self::load(p))).collect();
+        let what = format!("healing: in-place restore of the full backup {label}");
+        if self.compare_source(&what, &expected) & self.check_source(&what) {
+            self.tainted = None;
+        }
+        self.base = Some(i);
+    }
+
+    /// Waits until the source takes writes again after PostgreSQL restarted
+    /// it by itself (a PANIC).
+    fn wait_source_back(&self) {
+        let start = Instant::now();
+        while self.src.conn.try_sql("postgres", "select pg_is_in_recovery()").as_deref() != Ok("f") {
+            assert!(start.elapsed() < START_TIMEOUT, "the source did not come back:\n--- server log:\n{}", tail(&self.src.conn.log, 40));
+            std::thread::sleep(Duration::from_millis(200));
         }
     }
 
@@ -1085,7 +1135,23 @@ impl Torture {
         );
         let (oid, ts) = row.split_once('|').unwrap();
         let (oid, ts): (u32, String) = (oid.parse().unwrap(), ts.to_owned());
-        self.exec("postgres", &format!("drop database {db} with (force)"));
+        let sql = format!("drop database {db} with (force)");
+        self.note(format!("[postgres] {sql}"));
+        if let Err(e) = self.src.conn.try_sql("postgres", &sql) {
+            // PostgreSQL 15 itself (no pgkeep in it): dropping a database
+            // made with the OID of one dropped just before can PANIC at
+            // commit ("trying to drop stats entry already dropped"); the
+            // drop is committed and the server restarts.
+            if !e.contains("trying to drop stats entry already dropped") {
+                panic!("psql in postgres: {sql}\nfailed: {e}\n--- server log:\n{}", tail(&self.src.conn.log, 30));
+            }
+            self.outcome(format!(
+                "PostgreSQL PANIC (its own stats bug with a reused database OID, not pgkeep's): {}",
+                e.replace('\n', " ")
+            ));
+            self.wait_source_back();
+            assert!(!self.src.conn.user_databases().contains(&db), "{db} is still there after the PANIC of its drop");
+        }
         self.outcome(format!("oid {oid} free"));
         if !self.dropped_oids.contains(&oid) {
             self.dropped_oids.push(oid);
@@ -1160,8 +1226,15 @@ impl Torture {
 
     /// Compares the source with what it should hold now; a difference is
     /// recorded (the run goes on from what the source holds).
-    fn compare_source(&mut self, what: &str, expected: &BTreeMap<String, String>) {
-        let now = self.dumps_now().unwrap_or_else(|e| panic!("{what}: the source cannot be dumped: {e}"));
+    /// True when it holds what it should.
+    fn compare_source(&mut self, what: &str, expected: &BTreeMap<String, String>) -> bool {
+        let now = match self.dumps_now() {
+            Ok(now) => now,
+            Err(e) => {
+                self.record(format!("step {}: {what}: the source cannot be dumped: {e}", self.step));
+                return false;
+            }
+        };
         let (e, a): (Vec<&String>, Vec<&String>) = (expected.keys().collect(), now.keys().collect());
         let mut problems = Vec::new();
         if a != e {
@@ -1172,9 +1245,11 @@ impl Torture {
                 problems.push(format!("pg_dump of {db}: {diff}"));
             }
         }
-        if !problems.is_empty() {
-            self.record(format!("step {}: {what}: the source differs from what it should hold:\n  {}", self.step, problems.join("\n  ")));
+        if problems.is_empty() {
+            return true;
         }
+        self.record(format!("step {}: {what}: the source differs from what it should hold:\n  {}", self.step, problems.join("\n  ")));
+        false
     }
 
     fn run_restore(&mut self, args: &[String]) {
@@ -1206,22 +1281,27 @@ impl Torture {
             args.extend(["--target-timeline".to_owned(), "current".to_owned()]);
             self.run_restore(&args);
             if let Err(e) = self.src.start() {
-                panic!("{what}, again with --target-timeline current: the source did not start: {e}");
+                self.record(format!("step {}: {what}, again with --target-timeline current: the source did not start: {e}", self.step));
+                stop_if_running(&self.src.data, self.dir.path());
+                return self.heal();
             }
         }
         self.timeline = self.src.conn.timeline();
         self.outcome(format!("promoted on timeline {}", self.timeline));
         let expected: BTreeMap<String, String> = self.backups[i].expected.dumps.iter().map(|(db, p)| (db.clone(), Self::load(p))).collect();
-        self.compare_source(&what, &expected);
-        self.check_source(&what);
         self.base = Some(i);
+        if !(self.compare_source(&what, &expected) & self.check_source(&what)) {
+            self.heal();
+        }
     }
 
     /// Stops and retires the source; a restore of the end of the archive
     /// into a new directory becomes the source (a new timeline, archiving
-    /// into the same stanza). When it does not start without `--set`, that
-    /// is recorded and it is restored again from the newest backup on the
-    /// source's history (`--set`), so that the run can go on.
+    /// into the same stanza). When it does not start, that is recorded and
+    /// it is restored again, with `--set` of the newest backup on the
+    /// source's history, and failing that from the newest full backup of a
+    /// sound source (`--target-immediate --target-timeline current`), so
+    /// that the run can go on.
     fn promote_new_dir(&mut self) {
         self.note("promote a restored copy in a new directory; retire the source");
         self.close_wal("before retiring this source");
@@ -1231,50 +1311,69 @@ impl Torture {
         let g = self.generation;
         let data = self.dir.join(&format!("src{g}"));
         let map: Vec<(String, PathBuf)> = self.tablespaces.iter().map(|(n, _)| (n.clone(), self.dir.join(&format!("{n}-g{g}")))).collect();
-        let mut set = if self.rng.chance(0.5) { self.base } else { None };
-        let args = |set: Option<usize>, force: bool| {
-            let mut args: Vec<String> = vec!["restore".into(), "--pg-data".into(), data.to_str().unwrap().into()];
-            if let Some(i) = set {
-                args.extend(["--set".to_owned(), self.backups[i].label.clone()]);
+        let args = |set: Option<&str>, extra: &[&str]| {
+            let mut args: Vec<String> = vec!["restore".into(), "--pg-data".into(), data.to_str().unwrap().into(), "--force".into()];
+            if let Some(label) = set {
+                args.extend(["--set".to_owned(), label.to_owned()]);
             }
-            if force {
-                args.push("--force".into());
-            }
+            args.extend(extra.iter().map(|s| s.to_string()));
             args.extend(Self::ts_map_args(&map));
             args
         };
-        let first = args(set, false);
-        let retry = args(self.base, true);
-        self.run_restore(&first);
+        // (restore arguments, the backup it builds on, the state it must hold)
+        let mut attempts: Vec<(Vec<String>, Option<usize>, Option<usize>)> = Vec::new();
+        let first = if self.rng.chance(0.5) { self.base } else { None };
+        attempts.push((args(first.map(|i| self.backups[i].label.as_str()), &[]), first, None));
+        if first.is_none() {
+            if let Some(b) = self.base {
+                attempts.push((args(Some(&self.backups[b].label), &[]), Some(b), None));
+            }
+        }
+        if let Some(f) = self.backups.iter().rposition(|b| b.kind == "full" && b.tainted.is_none()) {
+            attempts.push((args(Some(&self.backups[f].label), &["--target-immediate", "--target-timeline", "current"]), Some(f), Some(f)));
+        }
         let new = Server {
             data: data.clone(),
             conn: Conn { port: free_port(), log: self.dir.join(&format!("src{g}.log")), ..self.src.conn.clone() },
         };
-        if let Err(e) = new.start() {
-            let msg = format!("step {}: restore into a new directory (pgkeep {}): it did not start: {e}", self.step, first.join(" "));
-            if set.is_some() || self.base.is_none() {
-                panic!("{msg}");
+        let mut started = None;
+        for (n, (args, set, state)) in attempts.iter().enumerate() {
+            if n > 0 {
+                stop_if_running(&data, self.dir.path());
             }
-            self.record(msg);
-            stop_if_running(&data, self.dir.path());
-            self.run_restore(&retry);
-            set = self.base;
-            if let Err(e) = new.start() {
-                panic!("restore into a new directory, again with --set: it did not start: {e}");
+            self.run_restore(args);
+            match new.start() {
+                Ok(()) => {
+                    started = Some((*set, *state));
+                    break;
+                }
+                Err(e) => self.record(format!(
+                    "step {}: restore into a new directory (pgkeep {}): it did not start: {e}",
+                    self.step,
+                    args.join(" ")
+                )),
             }
         }
+        let Some((set, state)) = started else { panic!("restore into a new directory: no attempt started (see the problems before)") };
         let old = std::mem::replace(&mut self.src, new);
         self.pk.write_config(&self.src.addr(), &self.repo);
         self.timeline = self.src.conn.timeline();
         self.outcome(format!("{} promoted on timeline {}; {} retired", self.src.data.display(), self.timeline, old.data.display()));
-        let what = "the restored copy that became the source (end of the archive)";
-        self.compare_source(what, &before);
-        self.check_source(what);
         remove_path(&old.data);
         for (_, d) in std::mem::replace(&mut self.tablespaces, map) {
             remove_path(&d);
         }
         self.base = set.or(Some(self.backups.len() - 1));
+        let (what, expected) = match state {
+            None => ("the restored copy that became the source (end of the archive)".to_owned(), before),
+            Some(f) => (
+                format!("the restored copy that became the source (full backup {})", self.backups[f].label),
+                self.backups[f].expected.dumps.iter().map(|(db, p)| (db.clone(), Self::load(p))).collect(),
+            ),
+        };
+        if !(self.compare_source(&what, &expected) & self.check_source(&what)) {
+            self.heal();
+        }
     }
 
     // ------------------------------------------------------------ checks
