@@ -1312,7 +1312,15 @@ impl Torture {
         let data = self.dir.join(&format!("src{g}"));
         let map: Vec<(String, PathBuf)> = self.tablespaces.iter().map(|(n, _)| (n.clone(), self.dir.join(&format!("{n}-g{g}")))).collect();
         let args = |set: Option<&str>, extra: &[&str]| {
-            let mut args: Vec<String> = vec!["restore".into(), "--pg-data".into(), data.to_str().unwrap().into(), "--force".into()];
+            // The copy becomes the source: it archives into the stanza.
+            let mut args: Vec<String> = vec![
+                "restore".into(),
+                "--pg-data".into(),
+                data.to_str().unwrap().into(),
+                "--force".into(),
+                "--archive-mode".into(),
+                "preserve".into(),
+            ];
             if let Some(label) = set {
                 args.extend(["--set".to_owned(), label.to_owned()]);
             }
