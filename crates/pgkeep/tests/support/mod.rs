@@ -475,34 +475,7 @@ impl Cluster {
     /// `initdb -k` at `dir/name` and start it. With `archive_to`, WAL is
     /// archived by that pgkeep config and stanza; without, archiving is off.
     pub fn new(dir: &TestDir, name: &str, archive_to: Option<&Pgkeep>) -> Cluster {
-        let data = dir.join(name);
-        run_ok(
-            as_postgres(pg_tool("initdb"), dir.path())
-                .args(["-k", "-A", "trust", "-U", "postgres", "-E", "UTF8", "--locale=C", "-D"])
-                .arg(&data),
-            SQL_TIMEOUT,
-        );
-        let port = free_port();
-        let mut conf = format!(
-            "\n# pgkeep tests\nport = {port}\nlisten_addresses = ''\nunix_socket_directories = '{}'\nwal_level = replica\n",
-            dir.path().display()
-        );
-        match archive_to {
-            Some(pk) => {
-                let _ = write!(conf, "archive_mode = on\narchive_command = '{}'\n", pk.archive_command());
-            }
-            None => conf.push_str("archive_mode = off\n"),
-        }
-        let mut f = std::fs::OpenOptions::new().append(true).open(data.join("postgresql.conf")).unwrap();
-        std::io::Write::write_all(&mut f, conf.as_bytes()).unwrap();
-        let c = Cluster {
-            addr: PgAddr { data: data.clone(), socket_dir: dir.path().to_owned(), port },
-            cwd: dir.path().to_owned(),
-            log: dir.join(&format!("{name}.log")),
-            env: archive_to.map(|pk| pk.env.clone()).unwrap_or_default(),
-        };
-        c.pg_ctl_start(&[]);
-        c
+        Cluster::new_with_initdb(dir, name, archive_to, &["-k"])
     }
 
     /// Starts a directory that `pgkeep restore` wrote, as its own server
