@@ -68,8 +68,8 @@
 //! The same seed replays the same operations with the same parameters:
 //! every choice is made by the PRNG from the seed and from the source's
 //! catalog, which the earlier operations decided. (pgbench's own random
-//! numbers and autovacuum's timing are not replayed: they change the data,
-//! not the operations.)
+//! numbers, autovacuum's timing, the OIDs the server assigns and the
+//! backup labels are not replayed: they change values, not the operations.)
 
 mod support;
 
