@@ -230,7 +230,7 @@ fn wait_promoted_failing_fast(c: &Cluster, what: &str) {
         }
         let err = r.stderr.trim();
         assert!(!err.contains("invalid page"), "{what}: cannot connect to the restored cluster: {err}");
-        assert!(start.elapsed() < Duration::from_secs(300), "{what}: not promoted: {err}\n{}", tail(&c.log_path(), 30));
+        assert!(start.elapsed() < Duration::from_secs(300), "{what}: not promoted: {err}\n{}", tail(c.log(), 30));
         std::thread::sleep(Duration::from_millis(200));
     }
 }

@@ -651,38 +651,14 @@ impl Cluster {
     /// pg_dump of database `postgres`, without the random `\restrict` /
     /// `\unrestrict` lines that pg_dump 15.14+ writes.
     pub fn dump(&self) -> String {
-        let out = run_ok(
-            as_postgres(pg_tool("pg_dump"), &self.cwd).arg("-h").arg(&self.addr.socket_dir).args([
-                "-p",
-                &self.addr.port.to_string(),
-                "-d",
-                "postgres",
-            ]),
-            Duration::from_secs(300),
-        );
-        out.lines().filter(|l| !l.starts_with("\\restrict ") && !l.starts_with("\\unrestrict ")).fold(
-            String::with_capacity(out.len()),
-            |mut s, l| {
-                s.push_str(l);
-                s.push('\n');
-                s
-            },
-        )
+        self.dump_db("postgres")
     }
 
     /// pg_amcheck of every database (installing amcheck where missing; do it
     /// after any dump you compare); fails the test on any finding.
     pub fn amcheck(&self) {
-        let out = run_ok(
-            as_postgres(pg_tool("pg_amcheck"), &self.cwd).arg("-h").arg(&self.addr.socket_dir).args([
-                "-p",
-                &self.addr.port.to_string(),
-                "--install-missing",
-                "--all",
-            ]),
-            Duration::from_secs(300),
-        );
-        assert!(out.trim().is_empty(), "pg_amcheck found problems in {}:\n{out}", self.addr.data.display());
+        let (clean, out) = self.try_amcheck();
+        assert!(clean, "pg_amcheck found problems in {}:\n{out}", self.addr.data.display());
     }
 
     /// Forces a WAL switch; returns the name of the segment it completed.
@@ -1210,11 +1186,6 @@ impl Cluster {
     /// (which must be stopped cleanly), as postgres.
     pub fn pg_checksums(&self, args: &[&str]) -> Run {
         run(as_postgres(pg_tool("pg_checksums"), &self.cwd).args(args).arg("-D").arg(&self.addr.data), Duration::from_secs(300))
-    }
-
-    /// The server's log file.
-    pub fn log_path(&self) -> PathBuf {
-        self.log.clone()
     }
 }
 
