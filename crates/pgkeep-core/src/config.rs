@@ -58,6 +58,37 @@ pub struct StanzaOptions {
     /// How much WAL `archive-get` fetches ahead of recovery (default 128MiB).
     #[arg(long, global = true)]
     pub archive_get_queue_max: Option<String>,
+    /// Where backups read the files: `n` the primary (default), `y` the
+    /// streaming standby named by the `standby-*` keys, `prefer` that
+    /// standby when it streams and keeps up, else the primary.
+    #[arg(long, global = true)]
+    pub backup_standby: Option<BackupStandby>,
+    /// Data directory of the standby that `backup-standby` uses.
+    #[arg(long, global = true)]
+    pub standby_data: Option<PathBuf>,
+    /// Socket directory or host name of that standby (default: pg-host).
+    #[arg(long, global = true)]
+    pub standby_host: Option<String>,
+    /// Port of that standby (default: pg-port).
+    #[arg(long, global = true)]
+    pub standby_port: Option<u16>,
+    /// How far the standby's replay may be behind the primary's WAL, when
+    /// the backup starts and when it ends, like 1GiB (default 1GiB).
+    #[arg(long, global = true)]
+    pub standby_max_lag: Option<String>,
+}
+
+/// Where backups read the files (`backup-standby`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BackupStandby {
+    /// The primary.
+    #[default]
+    N,
+    /// The standby; refuse when it cannot be used.
+    Y,
+    /// The standby when it can be used, else the primary.
+    Prefer,
 }
 
 /// One repository: where backups and WAL are stored, and how.
@@ -171,6 +202,24 @@ impl StanzaOptions {
             spool_path: self.spool_path.or_else(|| file.spool_path.clone()),
             archive_push_queue_max: self.archive_push_queue_max.or_else(|| file.archive_push_queue_max.clone()),
             archive_get_queue_max: self.archive_get_queue_max.or_else(|| file.archive_get_queue_max.clone()),
+            backup_standby: self.backup_standby.or(file.backup_standby),
+            standby_data: self.standby_data.or_else(|| file.standby_data.clone()),
+            standby_host: self.standby_host.or_else(|| file.standby_host.clone()),
+            standby_port: self.standby_port.or(file.standby_port),
+            standby_max_lag: self.standby_max_lag.or_else(|| file.standby_max_lag.clone()),
+        }
+    }
+}
+
+impl StanzaOptions {
+    /// The primary's address (`pg-host`, `pg-port`, `pg-user`,
+    /// `pg-database`, with their defaults).
+    pub fn primary(&self) -> PgAddress {
+        PgAddress {
+            host: self.pg_host.clone().unwrap_or_else(|| "/var/run/postgresql".into()),
+            port: self.pg_port.unwrap_or(5432),
+            user: self.pg_user.clone().unwrap_or_else(|| "postgres".into()),
+            database: self.pg_database.clone().unwrap_or_else(|| "postgres".into()),
         }
     }
 }
@@ -242,6 +291,78 @@ pub struct Settings {
     pub archive_timeout: u64,
     /// Asynchronous archiving.
     pub archive: ArchiveSettings,
+    /// Backups from a standby.
+    pub standby: StandbySettings,
+}
+
+/// Where a server is and how to log in: the primary (`pg-*`) or the
+/// standby (`standby-*`, with `pg-user` and `pg-database`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PgAddress {
+    /// Socket directory or host name.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// User.
+    pub user: String,
+    /// Database.
+    pub database: String,
+}
+
+impl PgAddress {
+    /// `host:port`, for messages.
+    pub fn describe(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+/// Backups from a standby, resolved.
+#[derive(Debug, Clone)]
+pub struct StandbySettings {
+    /// `backup-standby`.
+    pub mode: BackupStandby,
+    /// The standby's data directory and address; `None` when
+    /// `backup-standby` is `n`.
+    pub server: Option<(PathBuf, PgAddress)>,
+    /// `standby-max-lag` in bytes.
+    pub max_lag: u64,
+}
+
+/// Default of `standby-max-lag`.
+pub const DEFAULT_STANDBY_MAX_LAG: u64 = 1 << 30;
+
+impl StandbySettings {
+    fn resolve(stanza: &str, pg: &StanzaOptions) -> Result<StandbySettings> {
+        let mode = pg.backup_standby.unwrap_or_default();
+        let max_lag = match &pg.standby_max_lag {
+            Some(t) => parse_size("standby-max-lag", t)?,
+            None => DEFAULT_STANDBY_MAX_LAG,
+        };
+        let server = match (mode, &pg.standby_data) {
+            (BackupStandby::N, _) => None,
+            (_, None) => {
+                return Err(Error::Input(format!(
+                    "backup-standby is set for stanza '{stanza}' but standby-data is not: name the standby's data directory"
+                )))
+            }
+            (_, Some(data)) => {
+                let address = StanzaOptions {
+                    pg_host: pg.standby_host.clone().or_else(|| pg.pg_host.clone()),
+                    pg_port: pg.standby_port.or(pg.pg_port),
+                    ..pg.clone()
+                }
+                .primary();
+                if address == pg.primary() {
+                    return Err(Error::Input(format!(
+                        "the standby of stanza '{stanza}' has the primary's address {}: set standby-host or standby-port",
+                        address.describe()
+                    )));
+                }
+                Some((data.clone(), address))
+            }
+        };
+        Ok(StandbySettings { mode, server, max_lag })
+    }
 }
 
 /// How WAL is archived and fetched.
@@ -341,7 +462,9 @@ impl Settings {
             r.retention(i + 1)?;
         }
         let archive = ArchiveSettings::resolve(&pg)?;
+        let standby = StandbySettings::resolve(&stanza, &pg)?;
         Ok(Settings {
+            standby,
             configured_pg_data: file.stanza.get(&stanza).and_then(|s| s.pg_data.clone()),
             stanza,
             pg,

@@ -108,6 +108,8 @@ pub struct BackupInfo {
     /// Whether the backup verified page checksums (false when the cluster
     /// has data checksums off, and for backups taken before pgkeep did).
     pub page_checksums: bool,
+    /// The server the backup read: `primary` or `standby`.
+    pub from: crate::repo::ServerRole,
     /// Pages that failed their page checksum when the backup read them
     /// (the backup is kept; its manifest lists them per file).
     pub checksum_errors: u64,
@@ -154,6 +156,7 @@ impl BackupInfo {
             repo_size: m.repo_size,
             repo,
             page_checksums: m.page_checksums,
+            from: m.from,
             checksum_errors: m.checksum_error_pages(),
             checksum_error_files: m
                 .files

@@ -188,4 +188,13 @@ pub struct RestoreArgs {
     /// restoring into the stanza's own pg-data, off elsewhere).
     #[arg(long, value_enum)]
     pub archive_mode: Option<ArchiveMode>,
+    /// Make the restored cluster a standby: it replays the archive, and
+    /// streams from --primary-conninfo when given (standby.signal, no
+    /// recovery target).
+    #[arg(long)]
+    pub standby: bool,
+    /// With --standby: the primary_conninfo to write, like
+    /// 'host=db1 port=5432 user=replicator'.
+    #[arg(long, requires = "standby")]
+    pub primary_conninfo: Option<String>,
 }

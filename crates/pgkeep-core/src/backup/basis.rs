@@ -13,7 +13,10 @@
 //!   ancestor that this timeline left at or after the prior's end (an
 //!   in-place restore to an earlier point, a failover or `pg_rewind` make
 //!   a history in which later backups never happened);
-//! - this backup starts after the prior ended.
+//! - this backup starts after the prior ended;
+//! - it reads the same data directory as the prior did (a standby's files
+//!   are other files than the primary's, and a data directory cloned
+//!   again is another directory).
 //!
 //! Then each file is, against the prior's entry for the same path:
 //! - copied whole when the prior has no such path, or it is another file
@@ -32,9 +35,8 @@
 //!   non-relation files) is copied whole: visibility-map bits are cleared
 //!   without WAL and without moving the map page's LSN.
 
-#[cfg(test)]
 use crate::repo::manifest::FileIdentity;
-use crate::repo::{FileEntry, Manifest};
+use crate::repo::{FileEntry, Manifest, ServerRole};
 use crate::types::{Lsn, SystemId, TimelineHistory, TimelineId};
 
 use super::plan::{is_page_tracked, relation_segment, PlannedFile};
@@ -70,6 +72,10 @@ pub struct ClusterNow {
     /// This timeline's history; `None` when its history file could not be
     /// found (on timeline 1 there is none to find).
     pub history: Option<TimelineHistory>,
+    /// The server the backup reads, and its data directory.
+    pub from: ServerRole,
+    /// The identity of that data directory.
+    pub data_directory: FileIdentity,
 }
 
 /// Why a backup cannot build on `prior`; `None` when it can.
@@ -103,6 +109,18 @@ pub fn prior_unusable(prior: &Manifest, now: &ClusterNow) -> Option<String> {
                 prior.label, prior.timeline, prior.stop_lsn, now.timeline
             ));
         }
+    }
+    // Manifests written before pgkeep recorded the directory are of
+    // backups of the primary; their files' identities still decide.
+    let same_directory = match &prior.data_directory {
+        Some(then) => then.same_file(&now.data_directory),
+        None => now.from == ServerRole::Primary,
+    };
+    if !same_directory {
+        return Some(format!(
+            "backup {} read another data directory (of the {}) than this one reads (of the {})",
+            prior.label, prior.from, now.from
+        ));
     }
     if now.lsn <= prior.stop_lsn {
         return Some(format!("the cluster's WAL position {} is not after the end of backup {} ({})", now.lsn, prior.label, prior.stop_lsn));
@@ -159,7 +177,26 @@ mod tests {
             timeline: TimelineId(timeline),
             lsn: Lsn(lsn),
             history: history.map(|h| TimelineHistory::parse(TimelineId(timeline), h).unwrap()),
+            from: ServerRole::Primary,
+            data_directory: FileIdentity { dev: 1, ino: 2, birth: Some(3) },
         }
+    }
+
+    #[test]
+    fn a_prior_read_from_another_data_directory_is_not_built_on() {
+        let mut p = prior(true);
+        let here = now(1, 0x600_0000, None);
+        assert_eq!(prior_unusable(&p, &here), None, "an old manifest of the primary, read from the primary");
+        let standby =
+            ClusterNow { from: ServerRole::Standby, data_directory: FileIdentity { dev: 1, ino: 9, birth: Some(4) }, ..here.clone() };
+        let e = prior_unusable(&p, &standby).unwrap();
+        assert!(e.contains("another data directory (of the primary)") && e.contains("(of the standby)"), "{e}");
+        p.data_directory = Some(standby.data_directory);
+        p.from = ServerRole::Standby;
+        assert_eq!(prior_unusable(&p, &standby), None, "the same standby");
+        assert!(prior_unusable(&p, &here).is_some(), "back on the primary");
+        let recloned = ClusterNow { data_directory: FileIdentity { dev: 1, ino: 9, birth: Some(5) }, ..standby };
+        assert!(prior_unusable(&p, &recloned).is_some(), "the standby's directory created again");
     }
 
     #[test]

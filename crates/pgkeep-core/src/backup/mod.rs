@@ -14,6 +14,7 @@ pub mod basis;
 pub mod bundle;
 pub mod plan;
 pub mod resume;
+pub mod source;
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -27,17 +28,17 @@ use crate::crypto::{Cipher, Sealing};
 use crate::error::{Error, Result};
 use crate::pg::checksum::FileCheck;
 use crate::pg::checksum::MAX_LISTED;
-use crate::pg::Pg;
 use crate::progress::Progress;
 use crate::repo::lock::StanzaLock;
 use crate::repo::manifest::{Part, PART_SIZE};
-use crate::repo::{pages, BackupType, FileEntry, Manifest, Repository, Tablespace};
+use crate::repo::{pages, BackupType, FileEntry, Manifest, Repository, ServerRole, Tablespace};
 use crate::storage::ObjectWriter;
 use crate::types::{BackupLabel, Lsn, TimelineHistory, WalSegment};
 use crate::Stanza;
 use basis::{Basis, ClusterNow};
 pub use plan::{BackupPlan, PlannedFile};
 use resume::{Checkpoint, Checkpointer};
+use source::Source;
 
 /// A finished backup.
 #[derive(Debug)]
@@ -53,6 +54,8 @@ pub struct Backup {
     /// Why the backup is full although another type was asked for (or
     /// implied by asking for none while a full backup exists).
     pub full_because: Option<String>,
+    /// With `backup-standby = prefer`, why the backup read the primary.
+    pub passed_over: Option<String>,
 }
 
 /// Options of a backup.
@@ -84,19 +87,10 @@ pub fn choose_prior(backups: &[Manifest], requested: Option<BackupType>) -> (Bac
 pub async fn run(stanza: &Stanza, opts: &BackupOptions) -> Result<Backup> {
     let number = opts.repo.max(1);
     let repo = stanza.open(number).await?;
-    let pg_data = stanza.settings.pg_data()?.to_path_buf();
-    let pg = Pg::connect(&stanza.settings.pg).await?;
-    repo.check_system_id(pg.system_id().await?, &format!("the server at {}", pg.describe))?;
-    if pg.in_recovery().await? {
-        return Err(Error::Input(format!(
-            "the server at {} is a standby; backups from a standby are not supported yet: point pg-host/pg-port at the primary",
-            pg.describe
-        )));
-    }
-    check_data_directory(&pg, &pg_data).await?;
-    let page_checksums = pg.data_checksums().await?;
+    let source = source::choose(&stanza.settings, &repo).await?;
+    let page_checksums = source.pg.data_checksums().await?;
     let lock = StanzaLock::acquire(&repo, "backup").await?;
-    let result = locked(stanza, opts, &repo, &pg, &pg_data, page_checksums).await;
+    let result = locked(stanza, opts, &repo, &source, page_checksums).await;
     // A lock that cannot be released now is taken over once this
     // process has exited; the result is what matters.
     let _ = lock.release().await;
@@ -104,21 +98,15 @@ pub async fn run(stanza: &Stanza, opts: &BackupOptions) -> Result<Backup> {
 }
 
 /// The backup itself, with the stanza lock held.
-async fn locked(
-    stanza: &Stanza,
-    opts: &BackupOptions,
-    repo: &Repository,
-    pg: &Pg,
-    pg_data: &std::path::Path,
-    page_checksums: bool,
-) -> Result<Backup> {
+async fn locked(stanza: &Stanza, opts: &BackupOptions, repo: &Repository, source: &Source, page_checksums: bool) -> Result<Backup> {
+    let pg = &source.pg;
     let number = repo.number;
-    let pg_data = pg_data.to_path_buf();
+    let pg_data = source.data.clone();
     let repo_opts = &stanza.settings.repos[number - 1];
     let compress = repo_opts.compress.unwrap_or_default();
 
     let backups = repo.backups().await?;
-    let now = cluster_now(pg, repo, pg_data.as_path(), page_checksums).await?;
+    let now = cluster_now(source, repo, page_checksums).await?;
     let (kind, prior) = choose_prior(&backups, opts.kind);
     let (kind, prior, full_because) = match prior.map(|p| (p, basis::prior_unusable(p, &now))) {
         Some((_, Some(why))) => (BackupType::Full, None, Some(why)),
@@ -153,8 +141,15 @@ async fn locked(
     let started = pg.backup_start(&format!("pgkeep backup {label}")).await.and_then(|s| match s.timeline == now.timeline {
         true => Ok(s),
         false => Err(Error::Refused(format!(
-            "the server at {} moved from timeline {} to {} as the backup started; run the backup again",
-            pg.describe, now.timeline, s.timeline
+            "the {} at {} was on timeline {} before the backup started and its backup starts on timeline {}; run the backup again{}",
+            source.role,
+            pg.describe,
+            now.timeline,
+            s.timeline,
+            match source.role {
+                ServerRole::Standby => " once the standby has made a restartpoint on its new timeline",
+                ServerRole::Primary => "",
+            }
         ))),
     });
     let start = match started {
@@ -209,10 +204,20 @@ async fn locked(
             return Err(e);
         }
     };
-    let stop = pg.backup_stop().await?;
+    let stop = match stop_backup(source, start.timeline).await {
+        Ok(stop) => stop,
+        Err(e) => {
+            let _ = repo.remove_backup_objects(&label).await;
+            return Err(e);
+        }
+    };
     let seg = repo.meta.wal_segment_size;
     let first = WalSegment::containing(start.timeline, start.lsn, seg);
     let last = WalSegment::containing(start.timeline, Lsn(stop.lsn.0.saturating_sub(1)), seg);
+    if let Err(e) = archive_end(source, last, seg).await {
+        let _ = repo.remove_backup_objects(&label).await;
+        return Err(e);
+    }
     if let Err(e) = wait_for_wal(repo, first, last, stanza.settings.archive_timeout).await {
         let _ = repo.remove_backup_objects(&label).await;
         return Err(e);
@@ -241,23 +246,41 @@ async fn locked(
         dirs,
         files,
         page_checksums,
+        from: source.role,
+        data_directory: Some(now.data_directory),
     };
     repo.write_manifest(&manifest).await?;
     // The backup is complete without it; a left-over checkpoint is ignored.
     let _ = checkpointer.remove().await;
-    Ok(Backup { manifest, resumed: taken.map(|_| kept_stats), removed, full_because })
+    Ok(Backup { manifest, resumed: taken.map(|_| kept_stats), removed, full_because, passed_over: source.passed_over.clone() })
 }
 
 /// What a backup needs to know of the cluster to judge a prior (see
-/// [`basis::prior_unusable`]): its WAL position and timeline, and that
-/// timeline's history from `pg_wal`, else from the repository.
-async fn cluster_now(pg: &Pg, repo: &Repository, pg_data: &std::path::Path, page_checksums: bool) -> Result<ClusterNow> {
-    let (timeline, lsn) = pg.wal_position().await?;
+/// [`basis::prior_unusable`]): the server's WAL position and timeline (a
+/// standby's replay position and the timeline it receives), that
+/// timeline's history from `pg_wal`, else from the repository, and the
+/// data directory read.
+async fn cluster_now(source: &Source, repo: &Repository, page_checksums: bool) -> Result<ClusterNow> {
+    let (timeline, lsn) = match source.role {
+        ServerRole::Primary => source.pg.wal_position().await?,
+        ServerRole::Standby => {
+            let state = source.pg.standby_state().await?;
+            match (state.timeline, state.replay) {
+                (Some(t), Some(l)) => (t, l),
+                _ => {
+                    return Err(Error::Refused(format!(
+                        "the standby at {} does not report its replay position; run the backup again",
+                        source.pg.describe
+                    )))
+                }
+            }
+        }
+    };
     let history =
         if timeline.0 == 1 {
             Some(TimelineHistory::root(timeline))
         } else {
-            let file = pg_data.join("pg_wal").join(format!("{:08X}.history", timeline.0));
+            let file = source.data.join("pg_wal").join(format!("{:08X}.history", timeline.0));
             match tokio::fs::read_to_string(&file).await {
                 Ok(text) => Some(TimelineHistory::parse(timeline, &text).ok_or_else(|| {
                     Error::Corrupt(format!("{} is not a timeline history file; check the data directory", file.display()))
@@ -266,7 +289,68 @@ async fn cluster_now(pg: &Pg, repo: &Repository, pg_data: &std::path::Path, page
                 Err(e) => return Err(Error::io(format!("cannot read {}", file.display()))(e)),
             }
         };
-    Ok(ClusterNow { system_id: repo.meta.system_id, page_checksums, timeline, lsn, history })
+    Ok(ClusterNow {
+        system_id: repo.meta.system_id,
+        page_checksums,
+        timeline,
+        lsn,
+        history,
+        from: source.role,
+        data_directory: source::directory_identity(&source.data)?,
+    })
+}
+
+/// Stops the backup on the server it started on. On a standby, first
+/// checks that it is still one (`pg_backup_stop` would also refuse), then
+/// that the backup ends on the timeline it started on and that the
+/// standby kept within `standby-max-lag` of the primary.
+async fn stop_backup(source: &Source, timeline: crate::types::TimelineId) -> Result<crate::pg::BackupStop> {
+    let pg = &source.pg;
+    let Some(primary) = &source.primary else { return pg.backup_stop().await };
+    let promoted = || {
+        Error::Refused(format!(
+            "the standby at {} was promoted during the backup, which is discarded; run the backup again (from the new primary's standby, or with backup-standby = n)",
+            pg.describe
+        ))
+    };
+    if !pg.standby_state().await?.in_recovery {
+        let _ = pg.backup_stop().await;
+        return Err(promoted());
+    }
+    let stop = pg.backup_stop().await.map_err(|e| match e.to_string().contains("promoted during online backup") {
+        true => promoted(),
+        false => e,
+    })?;
+    let ended_on = pg.min_recovery_timeline().await?;
+    if ended_on != timeline {
+        return Err(Error::Refused(format!(
+            "the standby at {} moved from timeline {timeline} to {ended_on} during the backup, which is discarded; run the backup again",
+            pg.describe
+        )));
+    }
+    let state = pg.standby_state().await?;
+    let lag = source::lag(primary, state.replay).await?;
+    if lag > source.max_lag {
+        return Err(Error::Refused(format!(
+            "the standby at {} fell {} behind the primary during the backup, more than standby-max-lag ({}); the backup is discarded: run it again, or raise standby-max-lag",
+            pg.describe,
+            crate::types::human_bytes(lag),
+            crate::types::human_bytes(source.max_lag)
+        )));
+    }
+    Ok(stop)
+}
+
+/// Has the segment holding a standby backup's end archived: the primary
+/// archives WAL, and completes a segment only when it is full, so it is
+/// asked to switch when it is still writing `last`. A primary backup's
+/// `pg_backup_stop` switched already.
+async fn archive_end(source: &Source, last: WalSegment, seg: u64) -> Result<()> {
+    let Some(primary) = &source.primary else { return Ok(()) };
+    if primary.current_lsn().await?.0 / seg <= last.number {
+        primary.switch_wal_only().await?;
+    }
+    Ok(())
 }
 
 /// Takes over an interrupted attempt: returns the entries kept from it,
@@ -283,24 +367,6 @@ async fn take_over(repo: &Repository, interrupted: &Checkpoint, planned: &mut Ve
     let kept_paths: std::collections::HashSet<&str> = kept.iter().map(|e| e.path.as_str()).collect();
     planned.retain(|f| !kept_paths.contains(f.path.as_str()));
     Ok(kept)
-}
-
-/// The server and the configured pg-data must be the same directory, or
-/// the backup would copy another cluster's files.
-async fn check_data_directory(pg: &Pg, pg_data: &std::path::Path) -> Result<()> {
-    let server = pg.data_directory().await?;
-    let same = match (std::fs::canonicalize(&server), std::fs::canonicalize(pg_data)) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
-    };
-    if !same {
-        return Err(Error::Input(format!(
-            "pg-data is {} but the server at {} runs on {server}; fix pg-data for this stanza",
-            pg_data.display(),
-            pg.describe
-        )));
-    }
-    Ok(())
 }
 
 /// A label that sorts after every label in the repository, finished or
@@ -359,30 +425,36 @@ async fn copy_files(
     units.iter().for_each(|(i, _)| units_of[*i] += 1);
     let progress = progress.unwrap_or_default();
     progress.plan(units.len() as u64, files.iter().map(|f| f.size).sum());
-    let mut results = futures::stream::iter(units)
-        .map(|(i, part)| {
-            let (sink, progress, files) = (sink.clone(), progress.clone(), files.clone());
-            let f = &files[i];
-            let name = match &part {
-                Some(r) => format!("{}.part{}", f.path, r.start / PART_SIZE),
-                None => f.path.clone(),
-            };
-            let key = format!("{}/pg_data/{name}{}", sink.dir, sink.compress.extension());
-            let check = verify.and_then(|start| Some(FileCheck::new(plan::relation_segment(&f.path)?, start)));
-            tokio::task::spawn_blocking(move || copy_one(&files[i], part, &sink, key, &progress, check).map(|s| (i, s)))
-        })
-        .buffer_unordered(jobs);
+    // `global/pg_control` is read once every other file has been: a
+    // standby backup ends at the minimum recovery point recorded there,
+    // which must cover every page read (see docs/standby.md).
+    let (control, rest): (Vec<_>, Vec<_>) = units.into_iter().partition(|(i, _)| files[*i].path == crate::pg::CONTROL_FILE);
     let mut stored: HashMap<usize, Vec<Option<Stored>>> = HashMap::new();
     let mut out = Vec::with_capacity(files.len());
-    while let Some(joined) = results.next().await {
-        let (i, piece) = joined.map_err(|e| Error::Input(format!("a backup worker stopped: {e}")))??;
-        let pieces = stored.entry(i).or_default();
-        pieces.push(piece);
-        if pieces.len() == units_of[i] {
-            let pieces = stored.remove(&i).unwrap_or_default();
-            if let Some(entry) = assemble(&files[i], pieces) {
-                checkpointer.record(&entry);
-                out.push(entry);
+    for phase in [rest, control] {
+        let mut results = futures::stream::iter(phase)
+            .map(|(i, part)| {
+                let (sink, progress, files) = (sink.clone(), progress.clone(), files.clone());
+                let f = &files[i];
+                let name = match &part {
+                    Some(r) => format!("{}.part{}", f.path, r.start / PART_SIZE),
+                    None => f.path.clone(),
+                };
+                let key = format!("{}/pg_data/{name}{}", sink.dir, sink.compress.extension());
+                let check = verify.and_then(|start| Some(FileCheck::new(plan::relation_segment(&f.path)?, start)));
+                tokio::task::spawn_blocking(move || copy_one(&files[i], part, &sink, key, &progress, check).map(|s| (i, s)))
+            })
+            .buffer_unordered(jobs);
+        while let Some(joined) = results.next().await {
+            let (i, piece) = joined.map_err(|e| Error::Input(format!("a backup worker stopped: {e}")))??;
+            let pieces = stored.entry(i).or_default();
+            pieces.push(piece);
+            if pieces.len() == units_of[i] {
+                let pieces = stored.remove(&i).unwrap_or_default();
+                if let Some(entry) = assemble(&files[i], pieces) {
+                    checkpointer.record(&entry);
+                    out.push(entry);
+                }
             }
         }
     }

@@ -7,9 +7,13 @@ use std::time::Duration;
 
 use tokio_postgres::{Client, NoTls};
 
-use crate::config::StanzaOptions;
+use crate::config::{PgAddress, StanzaOptions};
 use crate::error::{Error, Result};
 use crate::types::{Lsn, SystemId, TimelineId};
+
+/// The control file, relative to the data directory: a backup copies it
+/// last, a restore writes it last.
+pub const CONTROL_FILE: &str = "global/pg_control";
 
 /// A connection to the stanza's server.
 pub struct Pg {
@@ -42,21 +46,46 @@ pub struct BackupStop {
     pub xid: u64,
 }
 
+/// What a standby reports (see [`Pg::standby_state`]).
+#[derive(Debug, Clone)]
+pub struct StandbyState {
+    /// `pg_is_in_recovery()`.
+    pub in_recovery: bool,
+    /// `pg_last_wal_replay_lsn()`; `None` on a primary.
+    pub replay: Option<Lsn>,
+    /// `pg_stat_wal_receiver.status` (`streaming`, `starting`, ...);
+    /// `None` when no WAL receiver runs.
+    pub receiver: Option<String>,
+    /// The timeline the WAL receiver receives, else that of the minimum
+    /// recovery point.
+    pub timeline: Option<TimelineId>,
+}
+
 impl Pg {
-    /// Connects as configured; the error says which server and what to check.
+    /// Connects to the stanza's primary (`pg-*`).
     pub async fn connect(opts: &StanzaOptions) -> Result<Pg> {
-        let host = opts.pg_host.clone().unwrap_or_else(|| "/var/run/postgresql".into());
-        let port = opts.pg_port.unwrap_or(5432);
-        let user = opts.pg_user.clone().unwrap_or_else(|| "postgres".into());
-        let db = opts.pg_database.clone().unwrap_or_else(|| "postgres".into());
-        let describe = format!("{host}:{port}");
+        Pg::connect_to(&opts.primary(), "pg-host/pg-port/pg-user").await
+    }
+
+    /// Connects to `addr`; the error says which server and which `keys`
+    /// to check. A server that is down, unreachable or still starting is a
+    /// [`Error::Postgres`] (worth trying again); one that refuses the
+    /// login is an [`Error::Input`].
+    pub async fn connect_to(addr: &PgAddress, keys: &str) -> Result<Pg> {
+        let describe = addr.describe();
         let mut cfg = tokio_postgres::Config::new();
-        cfg.host(&host).port(port).user(&user).dbname(&db).application_name("pgkeep").connect_timeout(Duration::from_secs(10));
+        cfg.host(&addr.host)
+            .port(addr.port)
+            .user(&addr.user)
+            .dbname(&addr.database)
+            .application_name("pgkeep")
+            .connect_timeout(Duration::from_secs(10));
         let (client, conn) = cfg.connect(NoTls).await.map_err(|e| {
-            Error::Input(format!(
-                "cannot connect to PostgreSQL at {describe} as user {user}: {}; check that the server runs and pg-host/pg-port/pg-user",
-                crate::error::one_line(&e)
-            ))
+            let what = format!("cannot connect to PostgreSQL at {describe} as user {}", addr.user);
+            match login_refused(&e) {
+                true => Error::Input(format!("{what}: {}; check {keys}", crate::error::one_line(&e))),
+                false => Error::postgres(format!("{what} (check that the server runs and {keys})"))(e),
+            }
         })?;
         tokio::spawn(async move {
             let _ = conn.await;
@@ -201,10 +230,67 @@ impl Pg {
         Ok((TimelineId(timeline), row.get::<_, String>(0).parse()?))
     }
 
+    /// How a standby stands: whether it is in recovery, what it replayed,
+    /// and its WAL receiver.
+    pub async fn standby_state(&self) -> Result<StandbyState> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text, \
+                 (SELECT status FROM pg_stat_wal_receiver), \
+                 coalesce((SELECT received_tli FROM pg_stat_wal_receiver), (SELECT min_recovery_end_timeline FROM pg_control_recovery()))::int8",
+                &[],
+            )
+            .await
+            .map_err(self.err("report its replication state"))?;
+        let replay: Option<String> = row.get(1);
+        Ok(StandbyState {
+            in_recovery: row.get(0),
+            replay: replay.map(|l| l.parse()).transpose()?,
+            receiver: row.get(2),
+            timeline: row.get::<_, Option<i64>>(3).map(|t| TimelineId(t as u32)),
+        })
+    }
+
+    /// The timeline of a standby's minimum recovery point
+    /// (`pg_control_recovery()`): after `pg_backup_stop` on a standby, the
+    /// timeline of the backup's end.
+    pub async fn min_recovery_timeline(&self) -> Result<TimelineId> {
+        let row = self
+            .client
+            .query_one("SELECT min_recovery_end_timeline::int8 FROM pg_control_recovery()", &[])
+            .await
+            .map_err(self.err("report its minimum recovery point"))?;
+        Ok(TimelineId(row.get::<_, i64>(0) as u32))
+    }
+
+    /// Switches WAL (`pg_switch_wal`), so that the segment in progress is
+    /// archived.
+    pub async fn switch_wal_only(&self) -> Result<()> {
+        self.client.query_one("SELECT pg_switch_wal()", &[]).await.map_err(self.err("switch WAL (pg_switch_wal)"))?;
+        Ok(())
+    }
+
     /// Current WAL insert position.
     pub async fn current_lsn(&self) -> Result<Lsn> {
         self.one_text("SELECT pg_current_wal_lsn()::text", "report its WAL position").await?.parse()
     }
+}
+
+/// Whether a failed connection was refused by the server itself (bad
+/// password, no such role or database, no `pg_hba.conf` entry): trying
+/// again cannot help. A server that is down, shutting down or starting
+/// (SQLSTATE 57P01-57P03) is not refusing.
+fn login_refused(e: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    let Some(code) = e.code() else { return false };
+    [
+        SqlState::INVALID_PASSWORD,
+        SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
+        SqlState::INVALID_CATALOG_NAME,
+        SqlState::INSUFFICIENT_PRIVILEGE,
+    ]
+    .contains(code)
 }
 
 /// Reads the system identifier from the long page header at the start of

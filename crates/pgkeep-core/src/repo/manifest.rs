@@ -394,6 +394,36 @@ pub struct Manifest {
     /// checksums on); false in manifests written before pgkeep did.
     #[serde(default)]
     pub page_checksums: bool,
+    /// Which server's files the backup read: the primary, or a standby
+    /// (`backup-standby`); absent (primary) in manifests written before
+    /// pgkeep could back up a standby.
+    #[serde(default)]
+    pub from: ServerRole,
+    /// The data directory the backup read (its [`FileIdentity`]): a later
+    /// backup builds on this one only when it reads the same directory.
+    /// Absent in manifests written before pgkeep recorded it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_directory: Option<FileIdentity>,
+}
+
+/// The role of the server a backup was taken from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServerRole {
+    /// The primary.
+    #[default]
+    Primary,
+    /// A streaming standby.
+    Standby,
+}
+
+impl std::fmt::Display for ServerRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ServerRole::Primary => "primary",
+            ServerRole::Standby => "standby",
+        })
+    }
 }
 
 impl Manifest {
@@ -432,6 +462,8 @@ impl Manifest {
             dirs: vec![],
             files: vec![],
             page_checksums: false,
+            from: ServerRole::Primary,
+            data_directory: None,
         }
     }
 }

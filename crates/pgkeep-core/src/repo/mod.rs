@@ -28,7 +28,7 @@ use crate::crypto::Cipher;
 use crate::error::{Error, Result};
 use crate::storage::{Listed, Store};
 use crate::types::{BackupLabel, SystemId, TimelineHistory, TimelineId, WalFileName, WalSegment};
-pub use manifest::{BackupType, DirEntry, FileEntry, Manifest, StanzaMeta, Tablespace};
+pub use manifest::{BackupType, DirEntry, FileEntry, Manifest, ServerRole, StanzaMeta, Tablespace};
 
 /// A stanza in one repository.
 #[derive(Clone, Debug)]

@@ -28,6 +28,7 @@ use futures::{StreamExt, TryStreamExt};
 use crate::codec::Compress;
 use crate::crypto::{unsealing, Cipher};
 use crate::error::{Error, Result};
+use crate::pg::CONTROL_FILE;
 use crate::progress::Progress;
 use crate::repo::manifest::Piece;
 use crate::repo::{pages, ArchivedWal, FileEntry, Manifest, Repository};
@@ -69,6 +70,12 @@ pub struct RestoreOptions {
     pub archive_mode: Option<ArchiveMode>,
     /// The `restore_command` to write (the front end knows how it was run).
     pub restore_command: String,
+    /// Make the restored cluster a standby (`standby.signal`): it replays
+    /// the archive and then, with `primary_conninfo`, streams. No
+    /// recovery target goes with it.
+    pub standby: bool,
+    /// With `standby`: the `primary_conninfo` to write.
+    pub primary_conninfo: Option<String>,
     /// Where to count progress.
     pub progress: Option<Arc<Progress>>,
 }
@@ -96,6 +103,8 @@ pub struct RestoreReport {
     pub archive_mode: ArchiveMode,
     /// The `recovery_target_timeline` written, if any.
     pub timeline: Option<String>,
+    /// Restored as a standby.
+    pub standby: bool,
 }
 
 /// `restore --archive-mode`.
@@ -146,6 +155,12 @@ pub async fn run(stanza: &Stanza, opts: &RestoreOptions) -> Result<RestoreReport
 
 async fn plan(stanza: &Stanza, opts: &RestoreOptions) -> Result<Plan> {
     let target = opts.target.clone().unwrap_or(Target::End);
+    if opts.standby && target != Target::End {
+        return Err(Error::Input("a standby replays to the end of the archive and then streams: it takes no recovery target".into()));
+    }
+    if opts.primary_conninfo.is_some() && !opts.standby {
+        return Err(Error::Input("primary_conninfo is only written for a standby".into()));
+    }
     let pg_data = match &opts.pg_data {
         Some(p) => p.clone(),
         None => stanza.settings.pg_data()?.to_path_buf(),
@@ -344,7 +359,7 @@ fn check_delta_target(dir: &Path, m: &Manifest) -> Result<()> {
     if !dir.join("PG_VERSION").is_file() {
         return Err(refuse("holds no PostgreSQL data directory (no PG_VERSION)".into()));
     }
-    let control = [dir.join("global/pg_control"), dir.join(DELTA_CONTROL)].into_iter().find_map(|p| std::fs::read(p).ok());
+    let control = [dir.join(CONTROL_FILE), dir.join(DELTA_CONTROL)].into_iter().find_map(|p| std::fs::read(p).ok());
     let Some(control) = control else { return Err(refuse("has no global/pg_control".into())) };
     let id = control.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
     match id {
@@ -384,7 +399,7 @@ fn prepare_dirs(plan: &Plan, force: bool) -> Result<Vec<PathBuf>> {
     dirs.extend(plan.tablespaces.iter().map(|(_, d)| d.clone()));
     // 0700, or 0750 when the source allowed its group to read (initdb
     // --allow-group-access: its files are 0640), as PostgreSQL requires.
-    let group = plan.chain[0].files.iter().any(|f| f.path == "global/pg_control" && f.mode & 0o040 != 0);
+    let group = plan.chain[0].files.iter().any(|f| f.path == CONTROL_FILE && f.mode & 0o040 != 0);
     let mode = if group { 0o750 } else { 0o700 };
     for d in &dirs {
         if force {
@@ -422,10 +437,10 @@ async fn write_everything(plan: &Plan, opts: &RestoreOptions, jobs: usize) -> Re
     if opts.delta {
         // First of all, so that the directory does not start while it is
         // half rewritten.
-        match std::fs::rename(root.join("global/pg_control"), root.join(DELTA_CONTROL)) {
+        match std::fs::rename(root.join(CONTROL_FILE), root.join(DELTA_CONTROL)) {
             Ok(()) => sync_dir(&root.join("global"))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io(format!("cannot move {} aside", root.join("global/pg_control").display()))(e)),
+            Err(e) => return Err(io(format!("cannot move {} aside", root.join(CONTROL_FILE).display()))(e)),
         }
     }
     let removed = if opts.delta { remove_extraneous(root, m).map_err(io(format!("cannot clean {}", root.display())))? } else { 0 };
@@ -453,7 +468,7 @@ async fn write_everything(plan: &Plan, opts: &RestoreOptions, jobs: usize) -> Re
 
     let by_path: Vec<HashMap<&str, &FileEntry>> =
         plan.chain.iter().map(|b| b.files.iter().map(|f| (f.path.as_str(), f)).collect()).collect();
-    let (last, mut rest): (Vec<&FileEntry>, Vec<&FileEntry>) = m.files.iter().partition(|f| f.path == "global/pg_control");
+    let (last, mut rest): (Vec<&FileEntry>, Vec<&FileEntry>) = m.files.iter().partition(|f| f.path == CONTROL_FILE);
     // Largest first, so that the workers finish together.
     rest.sort_by_key(|f| std::cmp::Reverse(f.size));
     let mut units = Vec::new();
@@ -513,6 +528,7 @@ async fn write_everything(plan: &Plan, opts: &RestoreOptions, jobs: usize) -> Re
         removed,
         archive_mode: opts.archive_mode.unwrap_or(ArchiveMode::Preserve),
         timeline: opts.timeline.clone(),
+        standby: opts.standby,
     })
 }
 
@@ -542,7 +558,7 @@ fn same_range(dest: &Path, f: &FileEntry, range: &Range<u64>, expect: &str) -> s
 
 /// entries went.
 fn remove_extraneous(root: &Path, m: &Manifest) -> std::io::Result<usize> {
-    let mut files: HashSet<&str> = m.files.iter().map(|f| f.path.as_str()).filter(|p| *p != "global/pg_control").collect();
+    let mut files: HashSet<&str> = m.files.iter().map(|f| f.path.as_str()).filter(|p| *p != CONTROL_FILE).collect();
     files.insert(DELTA_CONTROL);
     let mut dirs: HashSet<&str> = m.dirs.iter().map(|d| d.path.as_str()).collect();
     dirs.extend(["pg_wal", "pg_wal/archive_status"]);
@@ -908,7 +924,10 @@ pub fn recovery_settings(label: &BackupLabel, opts: &RestoreOptions) -> Vec<Stri
         Some(Target::Xid(x)) => Some(("recovery_target_xid", x.to_string())),
         Some(Target::Name(n)) => Some(("recovery_target_name", n.clone())),
     };
-    if let Some((key, value)) = target {
+    if let Some(conninfo) = opts.primary_conninfo.as_deref().filter(|_| opts.standby) {
+        lines.push(format!("primary_conninfo = {}", quote(conninfo)));
+    }
+    if let Some((key, value)) = target.filter(|_| !opts.standby) {
         lines.push(format!("{key} = {}", quote(&value)));
         if opts.exclusive && key != "recovery_target" {
             lines.push("recovery_target_inclusive = false".into());
@@ -931,7 +950,9 @@ fn write_recovery_settings(root: &Path, m: &Manifest, opts: &RestoreOptions) -> 
         .lines()
         .filter(|l| {
             let key = l.split('=').next().unwrap_or("").trim();
-            let ours = RECOVERY_KEYS.contains(&key) || (key == "archive_mode" && opts.archive_mode == Some(ArchiveMode::Off));
+            let ours = RECOVERY_KEYS.contains(&key)
+                || (key == "archive_mode" && opts.archive_mode == Some(ArchiveMode::Off))
+                || (key == "primary_conninfo" && opts.primary_conninfo.is_some() && opts.standby);
             !ours && !l.starts_with("# recovery settings written by pgkeep")
         })
         .map(|l| format!("{l}\n"))
@@ -941,7 +962,18 @@ fn write_recovery_settings(root: &Path, m: &Manifest, opts: &RestoreOptions) -> 
         text.push('\n');
     }
     write_file(&auto, text.as_bytes())?;
-    write_file(&root.join("recovery.signal"), b"")
+    // With both files PostgreSQL runs as a standby: remove the other one
+    // (a delta restore over a standby, or a standby made of a primary).
+    let (signal, other) = match opts.standby {
+        true => ("standby.signal", "recovery.signal"),
+        false => ("recovery.signal", "standby.signal"),
+    };
+    match std::fs::remove_file(root.join(other)) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(format!("cannot remove {}", root.join(other).display()))(e)),
+    }
+    write_file(&root.join(signal), b"")
 }
 
 /// Validates a `--target-timeline` value.
@@ -1052,6 +1084,19 @@ mod tests {
         );
         let end = recovery_settings(&BackupLabel("L".into()), &RestoreOptions::default());
         assert_eq!(end.len(), 2, "no target, no action: {end:?}");
+    }
+
+    #[test]
+    fn a_standby_gets_its_primary_and_no_target() {
+        let opts = RestoreOptions {
+            standby: true,
+            primary_conninfo: Some("host=db1 user='rep'".into()),
+            target: Some(Target::Immediate),
+            restore_command: "pgkeep archive-get %f \"%p\"".into(),
+            ..Default::default()
+        };
+        let lines = recovery_settings(&BackupLabel("L".into()), &opts);
+        assert_eq!(lines[1..], ["restore_command = 'pgkeep archive-get %f \"%p\"'", "primary_conninfo = 'host=db1 user=''rep'''"]);
     }
 
     #[test]

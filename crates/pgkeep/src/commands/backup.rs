@@ -33,6 +33,11 @@ pub async fn run(cli: &Cli, stanza: &Stanza, kind: Option<BackupTypeArg>) -> Res
     if let Some((files, size)) = done.resumed {
         eprintln!("pgkeep: resumed the interrupted backup {}: kept {files} files ({}) it had stored", m.label, bytes(size));
     }
+    if let Some(why) = &done.passed_over {
+        eprintln!("pgkeep: NOTICE: backup {} read the primary because {why}", m.label);
+    } else if m.from == pgkeep_core::repo::ServerRole::Standby {
+        eprintln!("pgkeep: backup {} read the standby", m.label);
+    }
     if let Some(why) = &done.full_because {
         eprintln!("pgkeep: NOTICE: backup {} is a full backup because {why}", m.label);
     }
@@ -57,7 +62,7 @@ pub async fn run(cli: &Cli, stanza: &Stanza, kind: Option<BackupTypeArg>) -> Res
             "size": m.size, "repo-size": m.repo_size, "files": m.files.len(), "seconds": started.elapsed().as_secs_f64(),
             "page-checksums": m.page_checksums, "checksum-errors": m.checksum_error_pages(),
             "resumed-files": done.resumed.map(|r| r.0), "resumed-bytes": done.resumed.map(|r| r.1),
-            "full-because": done.full_because,
+            "full-because": done.full_because, "from": m.from, "standby-passed-over": done.passed_over,
             "expire": expired.as_ref().map(super::expire::json),
         }))?,
         Output::Text => {

@@ -59,7 +59,7 @@ fn print_text(s: &StanzaInfo) {
     for b in &s.backups {
         let kind = serde_json::to_value(b.kind).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
         println!();
-        println!("    {kind} backup: {} (repo {})", b.label, b.repo);
+        println!("    {kind} backup: {} (repo {}, from the {})", b.label, b.repo, b.from);
         println!("        start/stop time: {} / {}", b.start_time, b.stop_time);
         println!("        start/stop lsn: {} / {}, wal {} / {}", b.start_lsn, b.stop_lsn, b.start_wal, b.stop_wal);
         println!("        database size: {}, stored: {}", bytes(b.size), bytes(b.repo_size));

@@ -26,6 +26,9 @@ pub async fn run(cli: &Cli, stanza: &Stanza, config: Option<&Path>, args: &Resto
     } else {
         None
     };
+    if args.standby && target.is_some() {
+        bail!("--standby takes no recovery target: a standby replays to the end of the archive and then streams; leave the --target-* flags out (--target-timeline and --set are fine)");
+    }
     if target.is_none() && args.target_exclusive {
         bail!("--target-exclusive needs a target (--target-time, --target-lsn, --target-xid or --target-name)");
     }
@@ -48,6 +51,8 @@ pub async fn run(cli: &Cli, stanza: &Stanza, config: Option<&Path>, args: &Resto
         force_tablespaces: args.force_tablespaces,
         archive_mode: args.archive_mode,
         restore_command: restore_command(cli, stanza, config)?,
+        standby: args.standby,
+        primary_conninfo: args.primary_conninfo.clone(),
         progress: Some(progress.clone()),
     };
     let started = std::time::Instant::now();
@@ -60,19 +65,20 @@ pub async fn run(cli: &Cli, stanza: &Stanza, config: Option<&Path>, args: &Resto
             "label": r.label, "repo": r.repo, "pg-data": r.pg_data, "files": r.files, "size": r.bytes,
             "unchanged-files": r.unchanged, "removed": r.removed,
             "archive-mode": match r.archive_mode { ArchiveMode::Off => "off", ArchiveMode::Preserve => "preserve" },
-            "target-timeline": r.timeline,
+            "target-timeline": r.timeline, "standby": args.standby,
             "seconds": started.elapsed().as_secs_f64(),
         }))?,
         Output::Text => {
             let delta = if args.delta { format!(", {} already up to date, {} removed", r.unchanged, r.removed) } else { String::new() };
             println!(
-                "restored backup {} from repo {} into {} ({} files{delta}, {}) in {:.1}s; start PostgreSQL there to recover",
+                "restored backup {} from repo {} into {} ({} files{delta}, {}) in {:.1}s; start PostgreSQL there to {}",
                 r.label,
                 r.repo,
                 r.pg_data.display(),
                 r.files,
                 bytes(r.bytes),
-                started.elapsed().as_secs_f64()
+                started.elapsed().as_secs_f64(),
+                if args.standby { "run it as a standby" } else { "recover" }
             );
             if r.archive_mode == ArchiveMode::Off && args.archive_mode.is_none() {
                 eprintln!("pgkeep: the restored cluster will not archive WAL (archive_mode = off, as it is not the stanza's pg-data); pass --archive-mode preserve to keep archiving");

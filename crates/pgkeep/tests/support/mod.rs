@@ -423,6 +423,15 @@ impl Pgkeep {
         Background { child: Some(c.spawn().expect("start pgkeep")), what: format!("pgkeep {}", args.join(" ")) }
     }
 
+    /// [`Pgkeep::spawn`] keeping its stderr, for [`Background::finish`].
+    pub fn spawn_piped(&self, args: &[&str]) -> Background {
+        let mut c = as_postgres(&self.bin, &self.cwd);
+        c.arg("--config").arg(&self.config).arg("--stanza").arg(&self.stanza).args(args);
+        self.apply_env(&mut c);
+        c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        Background { child: Some(c.spawn().expect("start pgkeep")), what: format!("pgkeep {}", args.join(" ")) }
+    }
+
     /// Runs and requires success; returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let r = self.run(args);
@@ -745,6 +754,13 @@ impl Background {
     /// Still running?
     pub fn running(&mut self) -> bool {
         self.child.as_mut().unwrap().try_wait().unwrap().is_none()
+    }
+
+    /// Waits for it to end: whether it succeeded, and its stderr (when
+    /// piped).
+    pub fn finish(mut self) -> (bool, String) {
+        let out = self.child.take().unwrap().wait_with_output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
     }
 
     /// Waits for it to end and requires success.
@@ -1168,16 +1184,14 @@ impl Cluster {
 
     /// pg_amcheck of every database, returning what it reported instead
     /// of failing: (success, stdout + stderr).
+    /// A standby cannot install amcheck: install it on its primary first.
     pub fn try_amcheck(&self) -> (bool, String) {
-        let r = run(
-            as_postgres(pg_tool("pg_amcheck"), &self.cwd).arg("-h").arg(&self.addr.socket_dir).args([
-                "-p",
-                &self.addr.port.to_string(),
-                "--install-missing",
-                "--all",
-            ]),
-            Duration::from_secs(300),
-        );
+        let mut cmd = as_postgres(pg_tool("pg_amcheck"), &self.cwd);
+        cmd.arg("-h").arg(&self.addr.socket_dir).args(["-p", &self.addr.port.to_string(), "--all"]);
+        if self.psql("select pg_is_in_recovery()") == "f" {
+            cmd.arg("--install-missing");
+        }
+        let r = run(&mut cmd, Duration::from_secs(300));
         let out = format!("{}{}", r.stdout, r.stderr);
         (r.status.success() && r.stdout.trim().is_empty(), out)
     }
@@ -1248,4 +1262,93 @@ pub fn modes(dir: &Path) -> Vec<(PathBuf, u32, bool)> {
     }
     out.sort();
     out
+}
+
+// ---------------------------------------------------------------- standbys
+
+impl Cluster {
+    /// A streaming standby of `primary` at `dir/name`: `pg_basebackup -R`
+    /// (fast checkpoint, WAL streamed), then started on a port of its own.
+    /// It keeps the primary's archive settings, which a standby does not
+    /// use until it is promoted. Returns once it streams.
+    pub fn standby_of(dir: &TestDir, name: &str, primary: &Cluster) -> Cluster {
+        let data = dir.join(name);
+        run_ok(
+            as_postgres(pg_tool("pg_basebackup"), dir.path()).arg("-D").arg(&data).arg("-h").arg(&primary.addr.socket_dir).args([
+                "-p",
+                &primary.addr.port.to_string(),
+                "-U",
+                "postgres",
+                "-X",
+                "stream",
+                "-R",
+                "-c",
+                "fast",
+            ]),
+            Duration::from_secs(300),
+        );
+        let port = free_port();
+        let mut f = std::fs::OpenOptions::new().append(true).open(data.join("postgresql.conf")).unwrap();
+        std::io::Write::write_all(&mut f, format!("\n# standby\nport = {port}\n").as_bytes()).unwrap();
+        let c = Cluster {
+            addr: PgAddr { data, socket_dir: dir.path().to_owned(), port },
+            cwd: dir.path().to_owned(),
+            log: dir.join(&format!("{name}.log")),
+            env: primary.env.clone(),
+        };
+        c.pg_ctl_start(&[]);
+        c.wait_streaming();
+        c
+    }
+
+    /// Starts a directory that `pgkeep restore --standby` wrote, with the
+    /// settings of [`Cluster::start_recovery`]; it stays in recovery.
+    /// With `archive`, it keeps the source's `archive_command`, so that once
+    /// promoted it archives into the same repository.
+    pub fn start_standby(dir: &TestDir, data: &Path, archive: bool) -> Cluster {
+        Cluster::start_restored_dir(dir, data, archive, &[])
+    }
+
+    /// The `primary_conninfo` that reaches this server.
+    pub fn conninfo(&self) -> String {
+        format!("host={} port={} user=postgres application_name=pgkeep-test", self.addr.socket_dir.display(), self.addr.port)
+    }
+
+    /// Waits until its WAL receiver streams (`pg_stat_wal_receiver`).
+    pub fn wait_streaming(&self) {
+        self.wait_for("streaming", "select coalesce((select status from pg_stat_wal_receiver), 'none')", |s| s == "streaming");
+    }
+
+    /// Waits until it has replayed up to `lsn` (a standby).
+    pub fn wait_replayed(&self, lsn: &str) {
+        let sql = format!("select pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn");
+        self.wait_for(&format!("replay to {lsn}"), &sql, |s| s == "t");
+    }
+
+    /// Polls `sql` until `done` holds for its output, for at most
+    /// [`RECOVERY_TIMEOUT`].
+    pub fn wait_for(&self, what: &str, sql: &str, done: impl Fn(&str) -> bool) {
+        let start = Instant::now();
+        loop {
+            let r = run(&mut self.psql_cmd(sql), SQL_TIMEOUT);
+            if r.status.success() && done(r.stdout.trim()) {
+                return;
+            }
+            assert!(
+                start.elapsed() < RECOVERY_TIMEOUT,
+                "{}: no {what} after {RECOVERY_TIMEOUT:?} ({:?} {}):\n--- server log:\n{}",
+                self.addr.data.display(),
+                r.stdout.trim(),
+                r.stderr.trim(),
+                tail(&self.log, 40)
+            );
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// `pg_ctl promote`, then waits until it is out of recovery.
+    pub fn promote(&self) {
+        run_ok(as_postgres(pg_tool("pg_ctl"), &self.cwd).arg("-D").arg(&self.addr.data).args(["-w", "promote"]), SQL_TIMEOUT);
+        self.wait_promoted();
+    }
 }
