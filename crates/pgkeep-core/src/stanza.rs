@@ -1,9 +1,10 @@
-//! `stanza-create` and `check`.
+//! `stanza-create`, `stanza-delete` and `check`.
 
 use chrono::Utc;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::pg::Pg;
+use crate::repo::lock::StanzaLock;
 use crate::repo::{Repository, StanzaMeta};
 use crate::Stanza;
 
@@ -58,4 +59,96 @@ pub async fn check(stanza: &Stanza) -> Result<CheckReport> {
         crate::wal::wait_archived(r, &segment, stanza.settings.archive_timeout).await?;
     }
     Ok(CheckReport { segment, repos: repos.len() })
+}
+
+/// What `stanza-delete` removed from one repository.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct DeleteReport {
+    /// The repository.
+    pub repo: usize,
+    /// Backups whose manifests were removed.
+    pub backups: usize,
+    /// Objects removed, the stanza's metadata and lock included.
+    pub objects: usize,
+}
+
+/// Deletes the stanza from repository `repo`, or from every repository.
+/// Refuses while the cluster runs with archiving on (it would go on
+/// archiving into a stanza that no longer exists), unless `force`.
+///
+/// In each repository, with the stanza lock held (no backup or expire
+/// runs): the backups' manifests first, so that no backup looks complete
+/// with files missing, then every other object, then `stanza.json`, then
+/// the lock. Interrupted, the stanza is still there to delete again.
+pub async fn delete(stanza: &Stanza, repo: Option<usize>, force: bool) -> Result<Vec<DeleteReport>> {
+    if !force {
+        not_archiving(stanza).await?;
+    }
+    let numbers: Vec<usize> = match repo {
+        Some(n) => vec![n],
+        None => (1..=stanza.settings.repos.len()).collect(),
+    };
+    let mut out = Vec::new();
+    for number in numbers {
+        let repo = stanza.open(number).await?;
+        let lock = StanzaLock::acquire(&repo, "stanza-delete").await?;
+        let result = delete_objects(&repo).await;
+        match result {
+            Ok(report) => {
+                lock.forget().await;
+                // The lock objects go last, after stanza.json.
+                let locks: Vec<String> = repo.store().list("lock").await?.into_iter().map(|l| format!("lock/{}", l.key)).collect();
+                let report = DeleteReport { objects: report.objects + locks.len(), ..report };
+                repo.store().delete_all(locks).await?;
+                out.push(report);
+            }
+            Err(e) => {
+                let _ = lock.release().await;
+                return Err(e);
+            }
+        }
+    }
+    Ok(out)
+}
+
+async fn delete_objects(repo: &Repository) -> Result<DeleteReport> {
+    let store = repo.store();
+    let all: Vec<String> = store.list("").await?.into_iter().map(|l| l.key).collect();
+    let (manifests, rest): (Vec<String>, Vec<String>) =
+        all.into_iter().partition(|k| k.starts_with("backup/") && k.ends_with("/manifest.json"));
+    let backups = manifests.len();
+    let rest: Vec<String> = rest.into_iter().filter(|k| k != "stanza.json" && !k.starts_with("lock/")).collect();
+    let objects = manifests.len() + rest.len() + 1;
+    store.delete_all(manifests).await?;
+    store.delete_all(rest).await?;
+    store.delete_all(vec!["stanza.json".to_owned()]).await?;
+    Ok(DeleteReport { repo: repo.number, backups, objects })
+}
+
+/// Refuses while the stanza's cluster answers with `archive_mode` on, or
+/// seems to run (a `postmaster.pid` in pg-data) without answering: the
+/// check [`delete`] makes unless forced.
+pub async fn not_archiving(stanza: &Stanza) -> Result<()> {
+    match Pg::connect(&stanza.settings.pg).await {
+        Ok(pg) => {
+            let mode = pg.setting("archive_mode").await?;
+            if mode != "off" {
+                return Err(Error::Refused(format!(
+                    "the cluster at {} runs with archive_mode = {mode} and archives into stanza '{}': stop it or turn archiving off before deleting the stanza",
+                    pg.describe,
+                    stanza.name()
+                )));
+            }
+            Ok(())
+        }
+        Err(_) => match stanza.settings.pg.pg_data.as_deref().map(|d| d.join("postmaster.pid")) {
+            Some(pid) if pid.exists() => Err(Error::Refused(format!(
+                "{} exists but the cluster does not answer: it may run and archive into stanza '{}'; stop it before deleting the stanza",
+                pid.display(),
+                stanza.name()
+            ))),
+            _ => Ok(()),
+        },
+    }
 }

@@ -76,6 +76,13 @@ pub enum BackupTypeArg {
 pub enum Command {
     /// Initialise the stanza in every repository.
     StanzaCreate,
+    /// Delete the stanza, its backups and its WAL from every repository
+    /// (or --repo N); refused while the cluster runs with archiving on.
+    StanzaDelete {
+        /// Delete even while the cluster seems to run and archive.
+        #[arg(long)]
+        force: bool,
+    },
     /// Check configuration, connection and the WAL archive round trip.
     Check,
     /// Archive one WAL file (archive_command = 'pgkeep archive-push %p').

@@ -225,6 +225,15 @@ impl StanzaLock {
     }
 }
 
+impl StanzaLock {
+    /// Stops refreshing without writing anything: for `stanza-delete`,
+    /// which deletes the lock objects with the rest of the stanza.
+    pub async fn forget(self) {
+        self.state.lock().await.released = true;
+        self.refresher.abort();
+    }
+}
+
 impl Drop for StanzaLock {
     fn drop(&mut self) {
         self.refresher.abort();

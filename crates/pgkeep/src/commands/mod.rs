@@ -8,6 +8,7 @@ mod expire;
 mod info;
 mod restore;
 mod stanza_create;
+mod stanza_delete;
 mod verify;
 
 use std::path::PathBuf;
@@ -29,6 +30,7 @@ pub async fn run(cli: Cli) -> Result<()> {
     let stanza = resolve(&cli, &file, cli.stanza.as_deref())?;
     match &cli.command {
         Command::StanzaCreate => stanza_create::run(&stanza).await,
+        Command::StanzaDelete { force } => stanza_delete::run(&cli, &stanza, *force).await,
         Command::Check => check::run(&stanza).await,
         Command::ArchivePush { path, worker } => archive::push(&stanza, path, *worker).await,
         Command::ArchiveGet { name, dest, worker } => archive::get(&stanza, name, dest, *worker).await,
