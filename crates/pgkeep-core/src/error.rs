@@ -51,6 +51,10 @@ pub enum Error {
         /// The driver's error.
         cause: tokio_postgres::Error,
     },
+    /// A bug: a task of the engine panicked. Not the input's fault, and
+    /// trying again is not expected to help.
+    #[error("internal error: {0} (a bug in pgkeep; please report it)")]
+    Internal(String),
     /// A local file operation failed.
     #[error("{what}: {}", one_line(cause))]
     Io {
@@ -65,6 +69,23 @@ impl Error {
     /// Whether retrying the same operation may succeed.
     pub fn retryable(&self) -> bool {
         matches!(self, Error::Storage { .. } | Error::Postgres { .. })
+    }
+
+    /// A task that did not finish: it panicked (an [`Error::Internal`]) or
+    /// was cancelled; `what` names the task.
+    pub fn task(what: impl Into<String>) -> impl FnOnce(tokio::task::JoinError) -> Error {
+        let what = what.into();
+        move |e| match e.try_into_panic() {
+            Ok(panic) => {
+                let text = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "no message".into());
+                Error::Internal(format!("{what} panicked: {}", text.replace('\n', " ")))
+            }
+            Err(_) => Error::Internal(format!("{what} was cancelled")),
+        }
     }
 
     /// Wraps an I/O error with what was being done.

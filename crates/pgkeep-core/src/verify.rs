@@ -165,7 +165,7 @@ async fn check_backup(repo: &Repository, m: &Manifest, all: &[Manifest], jobs: u
             })
         })
         .buffer_unordered(jobs)
-        .map(|j| j.unwrap_or_else(|e| (0, Some(format!("a verify worker stopped: {e}")))))
+        .map(|j| j.unwrap_or_else(|e| (0, Some(Error::task("a verify worker")(e).to_string()))))
         .collect()
         .await;
     let bytes = results.iter().map(|(b, _)| b).sum();

@@ -1252,10 +1252,14 @@ impl Torture {
         false
     }
 
-    fn run_restore(&mut self, args: &[String]) {
+    /// Runs `pgkeep restore` (which must succeed); returns the label of
+    /// the backup it restored.
+    fn run_restore(&mut self, args: &[String]) -> String {
         self.note(format!("pgkeep {}", args.join(" ")));
         let r = self.pk.run(&args.iter().map(String::as_str).collect::<Vec<_>>());
         assert!(r.status.success(), "pgkeep {} failed ({}): {}", args.join(" "), r.status, r.stderr);
+        let label = r.stdout.split_whitespace().skip_while(|w| *w != "backup").nth(1);
+        label.unwrap_or_else(|| panic!("pgkeep {} did not say which backup it restored: {}", args.join(" "), r.stdout)).to_owned()
     }
 
     /// Stops the source and restores an older backup into its own data
@@ -1349,10 +1353,10 @@ impl Torture {
             if n > 0 {
                 stop_if_running(&data, self.dir.path());
             }
-            self.run_restore(args);
+            let restored = self.run_restore(args);
             match new.start() {
                 Ok(()) => {
-                    started = Some((*set, *state));
+                    started = Some((*set, *state, restored));
                     break;
                 }
                 Err(e) => self.record(format!(
@@ -1362,7 +1366,9 @@ impl Torture {
                 )),
             }
         }
-        let Some((set, state)) = started else { panic!("restore into a new directory: no attempt started (see the problems before)") };
+        let Some((set, state, restored)) = started else {
+            panic!("restore into a new directory: no attempt started (see the problems before)")
+        };
         let old = std::mem::replace(&mut self.src, new);
         self.pk.write_config(&self.src.addr(), &self.repo);
         self.timeline = self.src.conn.timeline();
@@ -1371,7 +1377,10 @@ impl Torture {
         for (_, d) in std::mem::replace(&mut self.tablespaces, map) {
             remove_path(&d);
         }
-        self.base = set.or(Some(self.backups.len() - 1));
+        // Without --set, pgkeep chose the newest backup in the past of the
+        // latest timeline, which need not be the newest backup taken (that
+        // one may be on a branch an in-place restore abandoned).
+        self.base = set.or_else(|| self.backups.iter().position(|b| b.label == restored));
         let (what, expected) = match state {
             None => ("the restored copy that became the source (end of the archive)".to_owned(), before),
             Some(f) => (

@@ -178,7 +178,7 @@ async fn locked(stanza: &Stanza, opts: &BackupOptions, repo: &Repository, source
             }
         })
         .await
-        .map_err(|e| Error::Input(format!("backup planning stopped: {e}")))??;
+        .map_err(Error::task("backup planning"))??;
         let kept = match &taken {
             Some(t) => take_over(repo, t, &mut plan.files).await?,
             None => Vec::new(),
@@ -446,7 +446,7 @@ async fn copy_files(
             })
             .buffer_unordered(jobs);
         while let Some(joined) = results.next().await {
-            let (i, piece) = joined.map_err(|e| Error::Input(format!("a backup worker stopped: {e}")))??;
+            let (i, piece) = joined.map_err(Error::task("a backup worker"))??;
             let pieces = stored.entry(i).or_default();
             pieces.push(piece);
             if pieces.len() == units_of[i] {
@@ -461,7 +461,7 @@ async fn copy_files(
     let bundler = sink.bundler.clone();
     tokio::task::spawn_blocking(move || bundler.finish())
         .await
-        .map_err(|e| Error::Input(format!("a backup worker stopped: {e}")))?
+        .map_err(Error::task("a backup worker"))?
         .map_err(|e| Error::Io { what: format!("cannot store a bundle in repo {}", sink.repo_no), cause: e })?;
     Ok(out)
 }

@@ -491,7 +491,7 @@ async fn write_everything(plan: &Plan, opts: &RestoreOptions, jobs: usize) -> Re
     let done: Vec<(usize, bool)> = futures::stream::iter(units)
         .map(fetch)
         .buffer_unordered(jobs)
-        .map(|j| j.map_err(|e| Error::Input(format!("a restore worker stopped: {e}")))?)
+        .map(|j| j.map_err(Error::task("a restore worker"))?)
         .try_collect()
         .await?;
     // What tells PostgreSQL where to start recovery goes in before
@@ -503,7 +503,7 @@ async fn write_everything(plan: &Plan, opts: &RestoreOptions, jobs: usize) -> Re
     sync_dirs(root, m)?;
     for f in last {
         for u in restore_units(f, &layers(&plan.chain, &by_path, &f.path)?) {
-            fetch((usize::MAX, u)).await.map_err(|e| Error::Input(format!("a restore worker stopped: {e}")))??;
+            fetch((usize::MAX, u)).await.map_err(Error::task("a restore worker"))??;
         }
     }
     if opts.delta {

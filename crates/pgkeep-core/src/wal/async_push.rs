@@ -176,6 +176,9 @@ async fn run(shared: Arc<Shared>) -> Result<()> {
     let jobs = shared.stanza.settings.jobs.max(1) * 2;
     let mut in_flight: BTreeSet<String> = BTreeSet::new();
     let mut tasks: JoinSet<(String, bool)> = JoinSet::new();
+    // Which file each upload task is for: a task that panics returns no
+    // name, and its file must not stay in flight forever.
+    let mut names: HashMap<tokio::task::Id, String> = HashMap::new();
     let mut drains: JoinSet<()> = JoinSet::new();
     // Files recently finished, and when: PostgreSQL may not have marked a
     // file done yet when the next scan sees it ready.
@@ -183,10 +186,14 @@ async fn run(shared: Arc<Shared>) -> Result<()> {
     let mut idle_since = Instant::now();
     let mut cleaned = Instant::now() - Duration::from_secs(60);
     loop {
-        while let Some(done) = tasks.try_join_next() {
-            finish(Some(done), &mut in_flight, &mut finished);
+        while let Some(done) = tasks.try_join_next_with_id() {
+            finish(&shared, done, &mut names, &mut in_flight, &mut finished);
         }
-        while drains.try_join_next().is_some() {}
+        while let Some(done) = drains.try_join_next() {
+            if let Err(e) = done {
+                shared.spool.log(Worker::Push, &OneLine(&Error::task("a queue delivery")(e)).to_string());
+            }
+        }
         if !shared.wal_dir.join("archive_status").is_dir() {
             shared.spool.log(Worker::Push, "the WAL directory is gone; stopping");
             break;
@@ -220,10 +227,11 @@ async fn run(shared: Arc<Shared>) -> Result<()> {
             }
             in_flight.insert(name.clone());
             let (s, n) = (shared.clone(), name.clone());
-            tasks.spawn(async move {
+            let task = tasks.spawn(async move {
                 let stored = store_one(&s, &n).await;
                 (n, stored)
             });
+            names.insert(task.id(), name.clone());
         }
         let mut queued = false;
         for lane in &shared.lanes {
@@ -243,7 +251,7 @@ async fn run(shared: Arc<Shared>) -> Result<()> {
         }
         finished.retain(|_, (at, _)| at.elapsed() < RECENTLY_STORED);
         tokio::select! {
-            done = tasks.join_next(), if !tasks.is_empty() => finish(done, &mut in_flight, &mut finished),
+            Some(done) = tasks.join_next_with_id(), if !tasks.is_empty() => finish(&shared, done, &mut names, &mut in_flight, &mut finished),
             _ = tokio::time::sleep(Duration::from_millis(20)) => {}
         }
     }
@@ -255,11 +263,31 @@ async fn run(shared: Arc<Shared>) -> Result<()> {
 
 type Finished = HashMap<String, (Instant, bool)>;
 
-fn finish(done: Option<Result<(String, bool), tokio::task::JoinError>>, in_flight: &mut BTreeSet<String>, finished: &mut Finished) {
-    if let Some(Ok((name, stored))) = done {
-        in_flight.remove(&name);
-        finished.insert(name, (Instant::now(), stored));
-    }
+/// Records an upload task's end. One that panicked fails its file (its
+/// status says why, and `archive-push` reports it to PostgreSQL, which
+/// tries again), so that the worker still goes idle.
+fn finish(
+    s: &Shared,
+    done: std::result::Result<(tokio::task::Id, (String, bool)), tokio::task::JoinError>,
+    names: &mut HashMap<tokio::task::Id, String>,
+    in_flight: &mut BTreeSet<String>,
+    finished: &mut Finished,
+) {
+    let (name, stored) = match done {
+        Ok((id, (name, stored))) => {
+            names.remove(&id);
+            (name, stored)
+        }
+        Err(e) => {
+            let Some(name) = names.remove(&e.id()) else { return };
+            let err = Error::task(format!("the upload of {name}"))(e);
+            let _ = s.spool.fail(&name, &OneLine(&err).to_string());
+            s.spool.log(Worker::Push, &format!("{name}: {}", OneLine(&err)));
+            (name, false)
+        }
+    };
+    in_flight.remove(&name);
+    finished.insert(name, (Instant::now(), stored));
 }
 
 /// Names of the files PostgreSQL has marked ready, in name order
@@ -317,7 +345,7 @@ async fn try_store_one(s: &Shared, name: &str) -> Result<()> {
             Ok::<_, Error>(p)
         })
         .await
-        .map_err(|e| Error::Refused(format!("compressing {name} failed: {e}")))??
+        .map_err(Error::task(format!("compressing {name}")))??
     };
     let attempts = s.lanes.iter().zip(up).map(|(lane, repo)| {
         let (wal, data, path, packed) = (&wal, &data, &path, &packed);

@@ -73,9 +73,11 @@ pub async fn worker(stanza: &Stanza) -> Result<()> {
     let mut missing: HashMap<String, Instant> = HashMap::new();
     let mut in_flight: BTreeSet<String> = BTreeSet::new();
     let mut tasks: JoinSet<(String, Result<()>)> = JoinSet::new();
+    // Which segment each task fetches: one that panics returns no name.
+    let mut names: HashMap<tokio::task::Id, String> = HashMap::new();
     loop {
-        while let Some(done) = tasks.try_join_next() {
-            note(done, &spool, &mut in_flight, &mut missing);
+        while let Some(done) = tasks.try_join_next_with_id() {
+            note(done, &spool, &mut names, &mut in_flight, &mut missing);
         }
         let now_want = spool.want();
         if now_want != want {
@@ -100,19 +102,16 @@ pub async fn worker(stanza: &Stanza) -> Result<()> {
                     continue;
                 }
                 in_flight.insert(name.clone());
-                let (repos, spool) = (repos.clone(), spool.clone());
-                tasks.spawn(async move {
-                    let result = fetch_into(&repos, &spool, &name).await;
-                    (name, result)
+                let (repos, spool, fetched) = (repos.clone(), spool.clone(), name.clone());
+                let task = tasks.spawn(async move {
+                    let result = fetch_into(&repos, &spool, &fetched).await;
+                    (fetched, result)
                 });
+                names.insert(task.id(), name);
             }
         }
         tokio::select! {
-            done = tasks.join_next(), if !tasks.is_empty() => {
-                if let Some(done) = done {
-                    note(done, &spool, &mut in_flight, &mut missing);
-                }
-            }
+            Some(done) = tasks.join_next_with_id(), if !tasks.is_empty() => note(done, &spool, &mut names, &mut in_flight, &mut missing),
             _ = tokio::time::sleep(Duration::from_millis(20)) => {}
         }
     }
@@ -120,13 +119,26 @@ pub async fn worker(stanza: &Stanza) -> Result<()> {
     Ok(())
 }
 
+/// Records a fetch task's end; one that panicked counts as a failed fetch
+/// (logged, tried again later), so the worker still goes idle.
 fn note(
-    done: std::result::Result<(String, Result<()>), tokio::task::JoinError>,
+    done: std::result::Result<(tokio::task::Id, (String, Result<()>)), tokio::task::JoinError>,
     spool: &Spool,
+    names: &mut HashMap<tokio::task::Id, String>,
     in_flight: &mut BTreeSet<String>,
     missing: &mut HashMap<String, Instant>,
 ) {
-    let Ok((name, result)) = done else { return };
+    let (name, result) = match done {
+        Ok((id, done)) => {
+            names.remove(&id);
+            done
+        }
+        Err(e) => {
+            let Some(name) = names.remove(&e.id()) else { return };
+            let err = Error::task(format!("fetching {name}"))(e);
+            (name, Err(err))
+        }
+    };
     in_flight.remove(&name);
     match result {
         Ok(()) => {
