@@ -245,14 +245,27 @@ impl RepoOptions {
     }
 
     /// The retention policy of this repository (number `n`, for errors).
-    pub fn retention(&self, n: usize) -> Result<crate::expire::Retention> {
+    pub fn retention(&self, n: usize) -> Result<Retention> {
         for (key, value) in [("retention-full", self.retention_full), ("retention-diff", self.retention_diff)] {
             if value == Some(0) {
                 return Err(Error::Input(format!("{key} of repo {n} is 0: keep at least 1, or leave it out to keep all")));
             }
         }
-        let window = self.retention_window.as_deref().map(crate::expire::parse_window).transpose()?;
-        Ok(crate::expire::Retention { full: self.retention_full, diff: self.retention_diff, window })
+        let window = self.retention_window.as_deref().map(parse_window).transpose()?;
+        Ok(Retention { full: self.retention_full, diff: self.retention_diff, window })
+    }
+
+    /// What the store of this repository is opened with.
+    pub fn store(&self) -> crate::storage::StoreOptions {
+        crate::storage::StoreOptions {
+            location: self.location.clone().unwrap_or_default(),
+            endpoint: self.endpoint.clone(),
+            region: self.region.clone(),
+            path_style: self.path_style,
+            access_key_id: self.access_key_id.clone(),
+            secret_access_key: self.secret_access_key.clone(),
+            io_timeout: self.io_timeout,
+        }
     }
 
     /// Whether any field is set.
@@ -391,6 +404,41 @@ impl ArchiveSettings {
             get_queue_max: size("archive-get-queue-max", &pg.archive_get_queue_max)?.unwrap_or(128 << 20),
         })
     }
+}
+
+/// A retention policy (from the repository's settings).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Retention {
+    /// Full backups to keep, with their chains.
+    pub full: Option<u32>,
+    /// Differential backups to keep, with their incrementals.
+    pub diff: Option<u32>,
+    /// Keep what a recovery to any point in this window needs.
+    pub window: Option<chrono::Duration>,
+}
+
+impl Retention {
+    /// Whether any rule is set.
+    pub fn is_set(&self) -> bool {
+        self.full.is_some() || self.diff.is_some() || self.window.is_some()
+    }
+}
+
+/// Parses a window such as `30d`, `12h`, `2w`, `90m` or `3600s`.
+pub fn parse_window(text: &str) -> Result<chrono::Duration> {
+    let bad = || Error::Input(format!("retention-window '{text}' is not a duration: write a number and a unit, like 30d, 12h, 2w or 90m"));
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let n: i64 = t[..split].parse().map_err(|_| bad())?;
+    let d = match t[split..].trim() {
+        "s" => chrono::Duration::try_seconds(n),
+        "m" | "min" => chrono::Duration::try_minutes(n),
+        "h" => chrono::Duration::try_hours(n),
+        "d" => chrono::Duration::try_days(n),
+        "w" => chrono::Duration::try_weeks(n),
+        _ => None,
+    };
+    d.filter(|d| *d > chrono::Duration::zero()).ok_or_else(bad)
 }
 
 /// Parses a size: bytes, or a number with KiB, MiB, GiB or TiB (KB, MB,

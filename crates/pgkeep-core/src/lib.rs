@@ -92,7 +92,7 @@ impl Stanza {
         let opts = self.settings.repos.get(number.wrapping_sub(1)).ok_or_else(|| {
             Error::Input(format!("repo {number} is not configured ({} configured); check --repo", self.settings.repos.len()))
         })?;
-        Store::open(opts)
+        Store::open(&opts.store())
     }
 
     /// Opens the stanza in repository `number`.

@@ -331,7 +331,7 @@ fn options(location: String) -> RepoOptions {
 }
 
 fn open(opts: RepoOptions) -> Store {
-    Store::open(&opts).unwrap_or_else(|e| panic!("{e}"))
+    Store::open(&opts.store()).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn local() -> Backend {

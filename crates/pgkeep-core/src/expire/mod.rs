@@ -12,12 +12,13 @@ pub mod plan;
 
 use chrono::Utc;
 
+pub use crate::config::{parse_window, Retention};
 use crate::error::Result;
 use crate::repo::lock::StanzaLock;
 use crate::repo::{BackupType, Repository};
 use crate::types::{BackupLabel, WalFileName, WalSegment};
 use crate::Stanza;
-pub use plan::{by_label, by_policy, parse_window, ExpirePlan, Retention};
+pub use plan::{by_label, by_policy, ExpirePlan};
 
 /// Options of `expire`.
 #[derive(Debug, Clone, Default)]

@@ -22,46 +22,12 @@
 
 use std::collections::{HashMap, HashSet};
 
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Utc};
 
+use crate::config::Retention;
 use crate::error::{Error, Result};
 use crate::repo::{BackupType, Manifest};
 use crate::types::BackupLabel;
-
-/// A retention policy (from the repository's settings).
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Retention {
-    /// Full backups to keep, with their chains.
-    pub full: Option<u32>,
-    /// Differential backups to keep, with their incrementals.
-    pub diff: Option<u32>,
-    /// Keep what a recovery to any point in this window needs.
-    pub window: Option<Duration>,
-}
-
-impl Retention {
-    /// Whether any rule is set.
-    pub fn is_set(&self) -> bool {
-        self.full.is_some() || self.diff.is_some() || self.window.is_some()
-    }
-}
-
-/// Parses a window such as `30d`, `12h`, `2w`, `90m` or `3600s`.
-pub fn parse_window(text: &str) -> Result<Duration> {
-    let bad = || Error::Input(format!("retention-window '{text}' is not a duration: write a number and a unit, like 30d, 12h, 2w or 90m"));
-    let t = text.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
-    let n: i64 = t[..split].parse().map_err(|_| bad())?;
-    let d = match t[split..].trim() {
-        "s" => Duration::try_seconds(n),
-        "m" | "min" => Duration::try_minutes(n),
-        "h" => Duration::try_hours(n),
-        "d" => Duration::try_days(n),
-        "w" => Duration::try_weeks(n),
-        _ => None,
-    };
-    d.filter(|d| *d > Duration::zero()).ok_or_else(bad)
-}
 
 /// The decision for a catalog.
 #[derive(Debug, Clone, PartialEq)]
@@ -164,6 +130,8 @@ fn chain<'a>(m: &'a Manifest, by_label: &HashMap<&BackupLabel, &'a Manifest>) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::parse_window;
+    use chrono::Duration;
 
     /// A catalog from a compact description: one entry per backup,
     /// `(label, type, prior, stop day)`.

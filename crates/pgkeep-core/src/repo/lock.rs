@@ -342,7 +342,7 @@ mod tests {
             created: Utc::now(),
             cipher: None,
         };
-        Repository::create(&crate::storage::Store::open(&opts).unwrap(), meta, 1, None).await.unwrap().0
+        Repository::create(&crate::storage::Store::open(&opts.store()).unwrap(), meta, 1, None).await.unwrap().0
     }
 
     /// Issue 10, case 7: a process that listed the lock, then paused while

@@ -39,8 +39,29 @@ use object_store::path::Path as KeyPath;
 use object_store::prefix::PrefixStore;
 use object_store::{BackoffConfig, ClientOptions, ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig};
 
-use crate::config::RepoOptions;
 use crate::error::{Error, Result};
+
+pub mod testing;
+
+/// Where a store is and how to reach it: a repository's `location`,
+/// `endpoint`, `region`, `path-style`, access keys and `io-timeout`.
+#[derive(Debug, Clone, Default)]
+pub struct StoreOptions {
+    /// A directory, or s3://, gs://, az:// with bucket and prefix.
+    pub location: String,
+    /// Endpoint URL of the service.
+    pub endpoint: Option<String>,
+    /// S3 region.
+    pub region: Option<String>,
+    /// S3 path-style requests.
+    pub path_style: Option<bool>,
+    /// S3 access key id.
+    pub access_key_id: Option<String>,
+    /// S3 secret access key.
+    pub secret_access_key: Option<String>,
+    /// Seconds one request may take.
+    pub io_timeout: Option<u64>,
+}
 
 /// Retries of transient store errors: exponential backoff from 100 ms,
 /// at most 5 retries and one minute per request, so that a store that
@@ -132,9 +153,20 @@ pub struct Listed {
 }
 
 impl Store {
+    /// A store over any `object_store` implementation (an in-memory one,
+    /// a wrapper that injects failures); `location` names it in messages.
+    pub fn from_object_store(inner: Arc<dyn ObjectStore>, location: impl Into<String>) -> Store {
+        Store { inner, location: location.into() }
+    }
+
+    /// An empty store in memory.
+    pub fn memory() -> Store {
+        Store::from_object_store(Arc::new(object_store::memory::InMemory::new()), "memory://")
+    }
+
     /// Opens the store named by a repository's `location`.
-    pub fn open(opts: &RepoOptions) -> Result<Store> {
-        let location = opts.location.clone().unwrap_or_default();
+    pub fn open(opts: &StoreOptions) -> Result<Store> {
+        let location = opts.location.clone();
         let bad = |why: String| Error::Input(format!("repository location '{location}': {why}"));
         let (scheme, rest) = match location.split_once("://") {
             Some((s, r)) => (s, r),

@@ -661,4 +661,32 @@ mod tests {
         assert!(s.spool.queued(2).is_empty() && queued.is_empty(), "{queued:?} {:?}", s.spool.queued(2));
         assert!(in_repo(&s, 2, &late).await, "{late} never reached repo 2");
     }
+
+    /// Issue 11: an upload task that panics (a bug, simulated by a store
+    /// that panics on the write) must not keep its file "in flight"
+    /// forever: the file is failed with an internal error, which
+    /// `archive-push` hands to PostgreSQL, and the worker goes idle.
+    #[tokio::test]
+    async fn an_upload_that_panics_fails_its_file_and_the_worker_still_goes_idle() {
+        use crate::storage::testing::{Fault, Faulty, Op, Rule};
+        let dir = tempfile::tempdir().unwrap();
+        let s = shared(dir.path()).await;
+        let faulty = Faulty::new(std::sync::Arc::new(object_store::memory::InMemory::new()));
+        let store = crate::storage::Store::from_object_store(faulty.clone(), "faulty://");
+        let meta = s.lanes[0].lock().expect("lane").repo.as_ref().unwrap().meta.clone();
+        let (repo, _) = Repository::create(&store, meta, 2, None).await.unwrap();
+        s.lanes[1].lock().expect("lane").repo = Some(repo);
+        let (name, data) = history(2);
+        std::fs::write(s.wal_dir.join(&name), &data).unwrap();
+        std::fs::write(s.wal_dir.join("archive_status").join(format!("{name}.ready")), b"").unwrap();
+        faulty.set(vec![Rule::new(Op::Put, &name, Fault::Panic)]);
+
+        let limit = Duration::from_secs(60);
+        let ran = tokio::time::timeout(limit, run(s.clone())).await;
+        assert!(ran.is_ok(), "the worker did not go idle within {limit:?} after an upload panicked");
+        match s.spool.take_status(&name).unwrap() {
+            Some(Status::Failed(why)) => assert!(why.contains("internal error") && why.contains("panicked"), "{why}"),
+            other => panic!("the file of the panicked upload has status {other:?}"),
+        }
+    }
 }
