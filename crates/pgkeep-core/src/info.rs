@@ -224,7 +224,7 @@ async fn read_repo(stanza: &Stanza, number: usize, location: String) -> Result<(
         archive.include(&w.name);
     }
     let manifests = r.backups().await?;
-    let unfinished = crate::backup::resume::unfinished(&r, &manifests).await?.into_iter().map(|u| u.label).collect();
+    let unfinished = crate::repo::partial::unfinished(&r, &manifests).await?.into_iter().map(|u| u.label).collect();
     let running = crate::repo::lock::holder(&r).await?.map(|h| Running {
         command: h.command,
         host: h.host,

@@ -117,7 +117,7 @@ async fn locked(stanza: &Stanza, opts: &BackupOptions, repo: &Repository, source
         None => (kind, None, None),
     };
     let prior_label = prior.map(|p| p.label.clone());
-    let unfinished = resume::unfinished(repo, &backups).await?;
+    let unfinished = crate::repo::partial::unfinished(repo, &backups).await?;
     let taken = resume::choose(&unfinished, kind, prior_label.as_ref(), compress).cloned();
     let mut removed = Vec::new();
     for u in unfinished.into_iter().filter(|u| taken.as_ref().is_none_or(|t| t.label != u.label)) {

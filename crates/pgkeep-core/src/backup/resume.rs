@@ -26,80 +26,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
 
 use crate::codec::Compress;
 use crate::error::{Error, Result};
-use crate::repo::{BackupType, FileEntry, Manifest, Repository};
+use crate::repo::{BackupType, FileEntry, Repository};
 use crate::types::BackupLabel;
 
 use super::PlannedFile;
+pub use crate::repo::partial::{Checkpoint, Unfinished, CHECKPOINT};
 
-/// Name of the checkpoint object in a backup's directory.
-pub const CHECKPOINT: &str = "partial.json";
 /// How often a running backup rewrites its checkpoint (when files finished).
 const INTERVAL: Duration = Duration::from_secs(3);
-
-/// The state of a backup that is copying.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(rename_all = "kebab-case")]
-pub struct Checkpoint {
-    /// The backup's label.
-    pub label: BackupLabel,
-    /// Its type.
-    #[serde(rename = "type")]
-    pub kind: BackupType,
-    /// The backup it builds on.
-    pub prior: Option<BackupLabel>,
-    /// How its objects are compressed.
-    pub compress: Compress,
-    /// When this attempt began (before `pg_backup_start`).
-    pub start_time: DateTime<Utc>,
-    /// Files stored so far as objects of their own.
-    pub files: Vec<FileEntry>,
-}
-
-/// A directory under `backup/` that has no manifest.
-#[derive(Debug)]
-pub struct Unfinished {
-    /// Its label.
-    pub label: BackupLabel,
-    /// Its checkpoint, when one was written.
-    pub checkpoint: Option<Checkpoint>,
-}
-
-impl Checkpoint {
-    /// The checkpoint of an attempt that began at `start_time`.
-    pub fn new(
-        label: BackupLabel,
-        kind: BackupType,
-        prior: Option<BackupLabel>,
-        compress: Compress,
-        start_time: DateTime<Utc>,
-        files: Vec<FileEntry>,
-    ) -> Checkpoint {
-        Checkpoint { label, kind, prior, compress, start_time, files }
-    }
-}
-
-/// The unfinished backups of the repository: abandoned ones, as the caller
-/// holds the stanza lock that every running backup holds.
-pub async fn unfinished(repo: &Repository, complete: &[Manifest]) -> Result<Vec<Unfinished>> {
-    let mut out = Vec::new();
-    let mut labels = repo.store().list_dirs("backup").await?;
-    labels.sort();
-    for label in labels.into_iter().map(BackupLabel) {
-        if complete.iter().any(|m| m.label == label) {
-            continue;
-        }
-        let key = format!("{}/{CHECKPOINT}", Repository::backup_dir(&label));
-        let what = format!("checkpoint of unfinished backup {label} in repo {}", repo.number);
-        // A damaged checkpoint only means nothing can be resumed.
-        let checkpoint: Option<Checkpoint> = repo.get_metadata(&key, &what).await.unwrap_or(None);
-        out.push(Unfinished { label, checkpoint });
-    }
-    Ok(out)
-}
 
 /// The newest abandoned backup that a backup of `kind` on `prior` with
 /// `compress` can take over (pure).

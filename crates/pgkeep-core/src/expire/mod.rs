@@ -82,7 +82,7 @@ async fn locked(repo: &Repository, retention: Retention, opts: &ExpireOptions) -
     let running = opts.dry_run && crate::repo::lock::holder(repo).await?.is_some();
     let unfinished = match running {
         true => Vec::new(),
-        false => crate::backup::resume::unfinished(repo, &backups).await?,
+        false => crate::repo::partial::unfinished(repo, &backups).await?,
     };
     let plan = match &opts.set {
         Some(label) => by_label(&backups, label, opts.with_dependents)?,

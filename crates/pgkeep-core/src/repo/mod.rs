@@ -20,6 +20,7 @@
 pub mod lock;
 pub mod manifest;
 pub mod pages;
+pub mod partial;
 
 use bytes::Bytes;
 
