@@ -97,6 +97,30 @@ pub async fn run(stanza: &Stanza, opts: &BackupOptions) -> Result<Backup> {
     result
 }
 
+/// A backup and the retention applied after it.
+#[derive(Debug)]
+pub struct BackupThenExpire {
+    /// The backup.
+    pub backup: Backup,
+    /// What retention removed; `None` when no retention is configured, or
+    /// when it failed.
+    pub expired: Option<crate::expire::ExpireReport>,
+    /// Why retention failed; the backup stands all the same.
+    pub expire_failed: Option<Error>,
+}
+
+/// Takes a backup, then applies the repository's retention, as every
+/// front end does after a backup. Retention that fails does not undo the
+/// backup: the failure is reported beside it.
+pub async fn run_then_expire(stanza: &Stanza, opts: &BackupOptions) -> Result<BackupThenExpire> {
+    let backup = run(stanza, opts).await?;
+    let (expired, expire_failed) = match crate::expire::after_backup(stanza, opts.repo).await {
+        Ok(r) => (r, None),
+        Err(e) => (None, Some(e)),
+    };
+    Ok(BackupThenExpire { backup, expired, expire_failed })
+}
+
 /// The backup itself, with the stanza lock held.
 async fn locked(stanza: &Stanza, opts: &BackupOptions, repo: &Repository, source: &Source, page_checksums: bool) -> Result<Backup> {
     let pg = &source.pg;

@@ -24,8 +24,9 @@ pub async fn run(cli: &Cli, stanza: &Stanza, kind: Option<BackupTypeArg>) -> Res
     let started = std::time::Instant::now();
     let done = {
         let _ticker = Ticker::start("backup", progress);
-        pgkeep_core::backup::run(stanza, &opts).await?
+        pgkeep_core::backup::run_then_expire(stanza, &opts).await?
     };
+    let (done, expired) = (done.backup, (done.expired, done.expire_failed));
     let m = &done.manifest;
     for label in &done.removed {
         eprintln!("pgkeep: removed the unfinished backup {label} left by an interrupted run (not resumable as a {} backup)", m.kind);
@@ -46,9 +47,9 @@ pub async fn run(cli: &Cli, stanza: &Stanza, kind: Option<BackupTypeArg>) -> Res
     }
     // Retention runs after every successful backup; if it fails, the
     // backup still stands.
-    let expired = match pgkeep_core::expire::after_backup(stanza, cli.repo_number()).await {
-        Ok(r) => r,
-        Err(e) => {
+    let expired = match expired {
+        (r, None) => r,
+        (_, Some(e)) => {
             eprintln!("pgkeep: WARNING: backup {} is complete but expire failed: {e}; run `pgkeep expire` again", m.label);
             None
         }
