@@ -69,6 +69,42 @@ pub fn restrict_file_modes() -> u32 {
     narrowed
 }
 
+/// What an operation over several repositories did: the reports of those
+/// where it succeeded, and the failures of the others.
+#[derive(Debug)]
+pub struct PerRepo<T> {
+    /// Reports, in repository order.
+    pub done: Vec<T>,
+    /// (repository number, why it failed there).
+    pub failed: Vec<(usize, Error)>,
+}
+
+impl<T> PerRepo<T> {
+    /// The failures as one line: `repo 2: ...; repo 3: ...`.
+    pub fn failures(&self) -> Option<String> {
+        (!self.failed.is_empty()).then(|| self.failed.iter().map(|(n, e)| format!("repo {n}: {e}")).collect::<Vec<_>>().join("; "))
+    }
+}
+
+/// Runs `op` in each repository of `numbers`: with `stop`, the first
+/// failure is the result; else failures are collected and the others go
+/// on.
+pub async fn each_of<T, F, Fut>(numbers: Vec<usize>, stop: bool, mut op: F) -> Result<PerRepo<T>>
+where
+    F: FnMut(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut out = PerRepo { done: Vec::new(), failed: Vec::new() };
+    for number in numbers {
+        match op(number).await {
+            Ok(r) => out.done.push(r),
+            Err(e) if stop => return Err(e),
+            Err(e) => out.failed.push((number, e)),
+        }
+    }
+    Ok(out)
+}
+
 /// A stanza as configured: the entry point of every operation.
 #[derive(Debug, Clone)]
 pub struct Stanza {
@@ -98,6 +134,26 @@ impl Stanza {
     /// Opens the stanza in repository `number`.
     pub async fn open(&self, number: usize) -> Result<Repository> {
         Repository::open(&self.store(number)?, self.name(), number, self.settings.passphrase(number)?.as_deref()).await
+    }
+
+    /// The repositories an operation over "every repository unless one is
+    /// named" works on.
+    pub fn repo_numbers(&self, named: Option<usize>) -> Vec<usize> {
+        match named {
+            Some(n) => vec![n],
+            None => (1..=self.settings.repos.len()).collect(),
+        }
+    }
+
+    /// Runs `op` in repository `named`, whose failure is the result, or in
+    /// every repository, where one that fails does not stop the others:
+    /// its failure is collected beside the others' reports.
+    pub async fn each_repo<T, F, Fut>(&self, named: Option<usize>, op: F) -> Result<PerRepo<T>>
+    where
+        F: FnMut(usize) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        each_of(self.repo_numbers(named), named.is_some(), op).await
     }
 
     /// Opens the stanza in every repository.

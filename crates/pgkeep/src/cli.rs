@@ -41,15 +41,6 @@ impl Cli {
     pub fn repo_number(&self) -> usize {
         self.repo.unwrap_or(1)
     }
-
-    /// The repositories a command over "every repository unless `--repo`"
-    /// works on.
-    pub fn repo_numbers(&self, configured: usize) -> Vec<usize> {
-        match self.repo {
-            Some(n) => vec![n],
-            None => (1..=configured).collect(),
-        }
-    }
 }
 
 /// Output format.

@@ -143,6 +143,29 @@ fn segment_of(name: &str, seg_size: u64) -> Option<WalSegment> {
     }
 }
 
+/// Expires in repository `named`, else in every repository (for `set`:
+/// every repository holding that backup, or the first when none does, so
+/// that it says the backup does not exist); a repository that fails does
+/// not stop the others.
+pub async fn run_each(stanza: &Stanza, named: Option<usize>, opts: &ExpireOptions) -> Result<crate::PerRepo<ExpireReport>> {
+    let mut numbers = stanza.repo_numbers(named);
+    if let (Some(label), None) = (&opts.set, named) {
+        let mut found = Vec::new();
+        for &n in &numbers {
+            let has = async { Ok::<_, crate::Error>(stanza.open(n).await?.backups().await?.iter().any(|m| &m.label == label)) };
+            if has.await.unwrap_or(false) {
+                found.push(n);
+            }
+        }
+        numbers = if found.is_empty() { numbers.into_iter().take(1).collect() } else { found };
+    }
+    crate::each_of(numbers, named.is_some(), |number| {
+        let opts = ExpireOptions { repo: number, ..opts.clone() };
+        async move { run(stanza, &opts).await }
+    })
+    .await
+}
+
 /// Expires `repo` by its retention after a backup; `None` when no
 /// retention is configured.
 pub async fn after_backup(stanza: &Stanza, repo: usize) -> Result<Option<ExpireReport>> {

@@ -12,49 +12,16 @@ use crate::cli::{Cli, Output};
 /// fails does not stop the others; the command then fails naming it.
 pub async fn run(cli: &Cli, stanza: &Stanza, set: Option<&str>, with_dependents: bool, dry_run: bool) -> Result<()> {
     let set = set.map(|s| BackupLabel(s.to_owned()));
-    let mut numbers = cli.repo_numbers(stanza.settings.repos.len());
-    if let (Some(label), None) = (&set, cli.repo) {
-        numbers = holding(stanza, label, numbers).await;
+    let opts = ExpireOptions { repo: 0, set: set.clone(), with_dependents, dry_run };
+    let r = pgkeep_core::expire::run_each(stanza, cli.repo, &opts).await?;
+    match cli.output {
+        Output::Text => r.done.iter().for_each(|r| print_text(r, set.is_none())),
+        Output::Json => super::print_json_reports(cli, &r.done, json)?,
     }
-    let mut reports = Vec::new();
-    let mut failed = Vec::new();
-    for repo in numbers {
-        let opts = ExpireOptions { repo, set: set.clone(), with_dependents, dry_run };
-        match pgkeep_core::expire::run(stanza, &opts).await {
-            Ok(r) => {
-                if cli.output == Output::Text {
-                    print_text(&r, set.is_none());
-                }
-                reports.push(r);
-            }
-            Err(e) if cli.repo.is_some() => return Err(e.into()),
-            Err(e) => failed.push(format!("repo {repo}: {e}")),
-        }
-    }
-    if cli.output == Output::Json {
-        super::print_json_reports(cli, &reports, json)?;
-    }
-    if !failed.is_empty() {
-        anyhow::bail!("expire failed in {}", failed.join("; "));
+    if let Some(failed) = r.failures() {
+        anyhow::bail!("expire failed in {failed}");
     }
     Ok(())
-}
-
-/// The repositories among `numbers` that hold backup `label`; all of them
-/// when none does (so that each says it does not exist).
-async fn holding(stanza: &Stanza, label: &BackupLabel, numbers: Vec<usize>) -> Vec<usize> {
-    let mut found = Vec::new();
-    for &n in &numbers {
-        let has = async { Ok::<_, pgkeep_core::Error>(stanza.open(n).await?.backups().await?.iter().any(|m| &m.label == label)) };
-        if has.await.unwrap_or(false) {
-            found.push(n);
-        }
-    }
-    if found.is_empty() {
-        numbers.into_iter().take(1).collect()
-    } else {
-        found
-    }
 }
 
 /// The report as JSON, for `expire` and for the expiry after a backup.

@@ -18,34 +18,34 @@ use crate::progress::{bytes, Ticker};
 /// `--set`: every repository holding that backup).
 pub async fn run(cli: &Cli, stanza: &Stanza, set: Option<&str>) -> Result<()> {
     let set = set.map(|s| BackupLabel(s.to_owned()));
-    let mut reports = Vec::new();
-    let mut failed = Vec::new();
-    let mut missing = None;
-    for repo in cli.repo_numbers(stanza.settings.repos.len()) {
-        let progress = Arc::new(pgkeep_core::progress::Progress::default());
-        let opts = VerifyOptions { repo, set: set.clone(), progress: Some(progress.clone()) };
-        let result = {
-            let _ticker = Ticker::start("verify", progress);
-            pgkeep_core::verify::run(stanza, &opts).await
-        };
-        match result {
-            Ok(r) => {
-                if cli.output == Output::Text {
-                    print_text(&r);
+    let r = stanza
+        .each_repo(cli.repo, |repo| {
+            let set = set.clone();
+            async move {
+                let progress = Arc::new(pgkeep_core::progress::Progress::default());
+                let opts = VerifyOptions { repo, set, progress: Some(progress.clone()) };
+                let r = {
+                    let _ticker = Ticker::start("verify", progress);
+                    pgkeep_core::verify::run(stanza, &opts).await
+                };
+                if let (Ok(r), Output::Text) = (&r, cli.output) {
+                    print_text(r);
                 }
-                reports.push(r);
+                r
             }
-            Err(e) if cli.repo.is_some() => return Err(e.into()),
-            // --set names a backup of some repositories only.
-            Err(e @ pgkeep_core::Error::NotFound(_)) if set.is_some() => missing = missing.or(Some(e)),
-            Err(e) => failed.push(format!("repo {repo}: {e}")),
-        }
-    }
+        })
+        .await?;
+    // --set names a backup of some repositories only: "not found" in the
+    // others is no failure, unless it is not found anywhere.
+    let (missing, failed): (Vec<_>, Vec<_>) =
+        r.failed.into_iter().partition(|(_, e)| set.is_some() && matches!(e, pgkeep_core::Error::NotFound(_)));
+    let reports = r.done;
     if reports.is_empty() && failed.is_empty() {
-        if let Some(e) = missing {
+        if let Some((_, e)) = missing.into_iter().next() {
             return Err(e.into());
         }
     }
+    let failed: Vec<String> = failed.iter().map(|(n, e)| format!("repo {n}: {e}")).collect();
     if cli.output == Output::Json {
         super::print_json_reports(cli, &reports, json)?;
     }
