@@ -1,0 +1,174 @@
+//! Step 2 of a restore: check the destination (never a running cluster;
+//! a non-empty directory only when asked; `--delta` only over the same
+//! system) and prepare it.
+
+use std::collections::HashSet;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use super::*;
+use crate::error::{Error, Result};
+use crate::pg::CONTROL_FILE;
+use crate::repo::Manifest;
+
+/// Where a delta restore keeps the old `pg_control` while it rewrites the
+/// directory: not where PostgreSQL looks, so the directory does not start
+/// half rewritten, but still there to show whose directory it is if the
+/// restore must be run again.
+pub(super) const DELTA_CONTROL: &str = "global/pg_control.pgkeep-delta";
+
+/// `--delta` rewrites a directory in place, keeping files that match:
+/// only one that is empty, or holds a data directory of the backup's own
+/// system (`PG_VERSION`, and `global/pg_control` whose first field is the
+/// system identifier), never anything else a mistyped path points at.
+pub(super) fn check_delta_target(dir: &Path, m: &Manifest) -> Result<()> {
+    match std::fs::read_dir(dir).map(|mut entries| entries.next().is_some()) {
+        Ok(false) => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(format!("cannot read {}", dir.display()))(e)),
+        Ok(true) => {}
+    }
+    let refuse = |why: String| {
+        Error::Refused(format!(
+            "{} {why}, and --delta only rewrites a data directory of the same cluster; restore into an empty directory, or pass --force instead of --delta to replace its contents",
+            dir.display()
+        ))
+    };
+    if !dir.join("PG_VERSION").is_file() {
+        return Err(refuse("holds no PostgreSQL data directory (no PG_VERSION)".into()));
+    }
+    let control = [dir.join(CONTROL_FILE), dir.join(DELTA_CONTROL)].into_iter().find_map(|p| std::fs::read(p).ok());
+    let Some(control) = control else { return Err(refuse("has no global/pg_control".into())) };
+    let id = control.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+    match id {
+        Some(id) if id == m.system_id.0 => Ok(()),
+        Some(id) => Err(refuse(format!("holds the data directory of another system ({id}, backup {} is of {})", m.label, m.system_id))),
+        None => Err(refuse("has a truncated global/pg_control".into())),
+    }
+}
+
+/// Refuses a running cluster always, and a non-empty directory unless
+/// `force`; `hint` says how to go on.
+pub(super) fn check_destination(dir: &Path, force: bool, hint: &str) -> Result<()> {
+    let pid_file = dir.join("postmaster.pid");
+    if let Ok(text) = std::fs::read_to_string(&pid_file) {
+        let pid = text.lines().next().unwrap_or("").trim().to_owned();
+        if !pid.is_empty() && Path::new("/proc").join(&pid).exists() {
+            return Err(Error::Refused(format!(
+                "a PostgreSQL server (pid {pid}) is running on {}; stop it before restoring there",
+                dir.display()
+            )));
+        }
+    }
+    match std::fs::read_dir(dir).map(|mut entries| entries.next().is_some()) {
+        Ok(true) if !force => {
+            Err(Error::Refused(format!("{} is not empty; restore into an empty or new directory, or {hint}", dir.display())))
+        }
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(format!("cannot read {}", dir.display()))(e)),
+    }
+}
+
+/// Creates (or, forced, empties) the destinations; returns those to clear
+/// again if the restore fails.
+pub(super) fn prepare_dirs(plan: &Plan, force: bool) -> Result<Vec<PathBuf>> {
+    let mut dirs = vec![plan.pg_data.clone()];
+    dirs.extend(plan.tablespaces.iter().map(|(_, d)| d.clone()));
+    // 0700, or 0750 when the source allowed its group to read (initdb
+    // --allow-group-access: its files are 0640), as PostgreSQL requires.
+    let group = plan.chain[0].files.iter().any(|f| f.path == CONTROL_FILE && f.mode & 0o040 != 0);
+    let mode = if group { 0o750 } else { 0o700 };
+    for d in &dirs {
+        if force {
+            clear_dir(d).map_err(Error::io(format!("cannot empty {}", d.display())))?;
+        }
+        std::fs::create_dir_all(d).map_err(Error::io(format!("cannot create {}", d.display())))?;
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode))
+            .map_err(Error::io(format!("cannot set the mode of {}", d.display())))?;
+    }
+    Ok(dirs)
+}
+
+pub(super) fn clear_dir(dir: &Path) -> std::io::Result<()> {
+    match std::fs::read_dir(dir) {
+        Ok(entries) => {
+            for e in entries {
+                let p = e?.path();
+                if p.is_dir() && !p.is_symlink() {
+                    std::fs::remove_dir_all(&p)?;
+                } else {
+                    std::fs::remove_file(&p)?;
+                }
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// entries went.
+pub(super) fn remove_extraneous(root: &Path, m: &Manifest) -> std::io::Result<usize> {
+    let mut files: HashSet<&str> = m.files.iter().map(|f| f.path.as_str()).filter(|p| *p != CONTROL_FILE).collect();
+    files.insert(DELTA_CONTROL);
+    let mut dirs: HashSet<&str> = m.dirs.iter().map(|d| d.path.as_str()).collect();
+    dirs.extend(["pg_wal", "pg_wal/archive_status"]);
+    fn walk(root: &Path, rel: &str, files: &HashSet<&str>, dirs: &HashSet<&str>) -> std::io::Result<usize> {
+        let mut removed = 0;
+        let entries = match std::fs::read_dir(root.join(rel)) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+                std::fs::remove_file(entry.path())?;
+                removed += 1;
+                continue;
+            };
+            let child = if rel.is_empty() { name } else { format!("{rel}/{name}") };
+            let kind = entry.file_type()?;
+            let is_dir = kind.is_dir() || (kind.is_symlink() && entry.path().is_dir());
+            if is_dir && dirs.contains(child.as_str()) {
+                removed += walk(root, &child, files, dirs)?;
+            } else if !is_dir && !kind.is_symlink() && files.contains(child.as_str()) {
+                continue;
+            } else {
+                if kind.is_dir() {
+                    std::fs::remove_dir_all(entry.path())?;
+                } else {
+                    std::fs::remove_file(entry.path())?;
+                }
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+    walk(root, "", &files, &dirs)
+}
+
+/// Before a delta restore rewrites `root`: sets `pg_control` aside (the
+/// directory must not start while it is half rewritten; the copy still
+/// shows whose directory it is if the restore must run again), then
+/// removes what the backup `m` does not have. Returns how many entries
+/// went.
+pub(super) fn clear_for_delta(root: &Path, m: &Manifest) -> Result<usize> {
+    match std::fs::rename(root.join(CONTROL_FILE), root.join(DELTA_CONTROL)) {
+        Ok(()) => super::files::sync_dir(&root.join("global"))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(format!("cannot move {} aside", root.join(CONTROL_FILE).display()))(e)),
+    }
+    remove_extraneous(root, m).map_err(Error::io(format!("cannot clean {}", root.display())))
+}
+
+/// Once the backup's `pg_control` is in place: the old one set aside by
+/// [`clear_for_delta`] goes, and `global/` is synced.
+pub(super) fn done_with_delta(root: &Path, delta: bool) -> Result<()> {
+    if delta {
+        let _ = std::fs::remove_file(root.join(DELTA_CONTROL));
+    }
+    super::files::sync_dir(&root.join("global"))
+}
