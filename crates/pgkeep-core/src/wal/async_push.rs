@@ -20,9 +20,10 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 
 use super::spool::{Acknowledged, Spool, Status, Worker};
 use crate::error::{Error, OneLine, Result};
@@ -688,5 +689,82 @@ mod tests {
             Some(Status::Failed(why)) => assert!(why.contains("internal error") && why.contains("panicked"), "{why}"),
             other => panic!("the file of the panicked upload has status {other:?}"),
         }
+    }
+
+    /// Issue 11: repository 2 down, up, down and up again, on the paused
+    /// clock (every probe and wait happens in virtual time). Each file
+    /// PostgreSQL hands over is acknowledged while repository 2 is down
+    /// (stored in repository 1, queued for 2), the queue reaches repository
+    /// 2 each time it answers again, and the worker then goes idle.
+    #[tokio::test(start_paused = true)]
+    async fn a_repository_down_up_down_and_up_again_gets_every_file_and_the_worker_goes_idle() {
+        use crate::storage::testing::{Fault, Faulty, Op, Rule};
+        let dir = tempfile::tempdir().unwrap();
+        let s = shared(dir.path()).await;
+        let faulty = Faulty::new(std::sync::Arc::new(object_store::memory::InMemory::new()));
+        let store = crate::storage::Store::from_object_store(faulty.clone(), "faulty://");
+        let meta = s.lanes[0].lock().expect("lane").repo.as_ref().unwrap().meta.clone();
+        let (repo, _) = Repository::create(&store, meta, 2, None).await.unwrap();
+        s.lanes[1].lock().expect("lane").repo = Some(repo);
+        let status = s.wal_dir.join("archive_status");
+        // PostgreSQL's side: a file made ready, then its acknowledgement
+        // awaited (in virtual time) and the file marked done.
+        let hand_over = |timeline: u32| {
+            let (name, data) = history(timeline);
+            std::fs::write(s.wal_dir.join(&name), &data).unwrap();
+            std::fs::write(status.join(format!("{name}.ready")), b"").unwrap();
+            name
+        };
+        let acknowledged = |name: String| {
+            let (s, status) = (s.clone(), status.clone());
+            async move {
+                for _ in 0..6000 {
+                    match s.spool.take_status(&name).unwrap() {
+                        Some(Status::Ok(ack)) => {
+                            std::fs::rename(status.join(format!("{name}.ready")), status.join(format!("{name}.done"))).unwrap();
+                            return ack.warnings;
+                        }
+                        Some(Status::Failed(why)) => panic!("{name} failed: {why}"),
+                        None => tokio::time::sleep(Duration::from_millis(100)).await,
+                    }
+                }
+                panic!("{name} was not acknowledged in 10 minutes of virtual time");
+            }
+        };
+        let until = |what: &'static str, cond: Box<dyn Fn() -> bool>| async move {
+            for _ in 0..6000 {
+                if cond() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            panic!("{what}: not within 10 minutes of virtual time");
+        };
+        let down = |s: &Arc<Shared>| s.lanes[1].lock().expect("lane").down.is_some();
+        let worker = tokio::spawn(run(s.clone()));
+
+        let mut names = Vec::new();
+        for round in 0..2u32 {
+            faulty.set(vec![Rule::new(Op::Any, "", Fault::Fail)]);
+            for k in 0..3 {
+                let name = hand_over(2 + round * 3 + k);
+                let warnings = acknowledged(name.clone()).await;
+                assert!(
+                    warnings.iter().any(|w| w.contains("repo 2")),
+                    "round {round}: {name} acknowledged without a word on repo 2: {warnings:?}"
+                );
+                assert!(in_repo(&s, 1, &name).await);
+                names.push(name);
+            }
+            assert!(down(&s), "round {round}: repo 2 should be down");
+            faulty.clear();
+            let s2 = s.clone();
+            until("repo 2 up with its queue delivered", Box::new(move || !down(&s2) && s2.spool.queued(2).is_empty())).await;
+            for name in &names {
+                assert!(in_repo(&s, 2, name).await, "round {round}: {name} never reached repo 2");
+            }
+        }
+        let ran = tokio::time::timeout(Duration::from_secs(600), worker).await;
+        assert!(ran.is_ok(), "the worker did not go idle once everything was delivered");
     }
 }
