@@ -409,3 +409,87 @@ fn parse_archived(dir: &str, l: Listed) -> Option<ArchivedWal> {
         modified: l.modified,
     })
 }
+
+/// Repository operations on an in-memory store, with failures injected
+/// where the logic must hold against them.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::testing::{Fault, Faulty, Op, Rule};
+
+    fn meta() -> StanzaMeta {
+        StanzaMeta {
+            stanza: "demo".into(),
+            system_id: SystemId(7),
+            pg_version: 150000,
+            wal_segment_size: 16 << 20,
+            created: chrono::Utc::now(),
+            cipher: None,
+        }
+    }
+
+    async fn faulty_repo() -> (std::sync::Arc<Faulty>, Repository) {
+        let faulty = Faulty::new(std::sync::Arc::new(object_store::memory::InMemory::new()));
+        let store = Store::from_object_store(faulty.clone(), "faulty://");
+        let (repo, created) = Repository::create(&store, meta(), 1, None).await.unwrap();
+        assert!(created);
+        (faulty, repo)
+    }
+
+    #[tokio::test]
+    async fn a_wal_file_is_stored_once_and_never_overwritten_by_other_content() {
+        let (_, repo) = faulty_repo().await;
+        let name = WalFileName::History("00000002.history".into());
+        assert_eq!(repo.push_wal(&name, b"1\t0/5000000\tx\n", Compress::Zstd, None).await.unwrap(), Pushed::Stored);
+        assert_eq!(repo.push_wal(&name, b"1\t0/5000000\tx\n", Compress::Lz4, None).await.unwrap(), Pushed::AlreadyArchived);
+        let e = repo.push_wal(&name, b"1\t0/6000000\ty\n", Compress::Zstd, None).await.unwrap_err();
+        assert!(matches!(e, Error::Refused(_)) && e.to_string().contains("different content"), "{e}");
+        assert_eq!(repo.get_wal(&name).await.unwrap(), b"1\t0/5000000\tx\n");
+        assert_eq!(repo.find_wal(&name).await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_store_that_fails_writes_leaves_nothing_and_says_to_try_again() {
+        let (faulty, repo) = faulty_repo().await;
+        let name = WalFileName::History("00000003.history".into());
+        faulty.set(vec![Rule::new(Op::Put, "archive/", Fault::Fail)]);
+        let e = repo.push_wal(&name, b"2\t0/7000000\tz\n", Compress::Zstd, None).await.unwrap_err();
+        assert!(e.retryable(), "a store that does not take the write is worth another try: {e}");
+        faulty.clear();
+        assert!(repo.find_wal(&name).await.unwrap().is_empty(), "a failed write left an object");
+        assert_eq!(repo.push_wal(&name, b"2\t0/7000000\tz\n", Compress::Zstd, None).await.unwrap(), Pushed::Stored);
+        // A store that stops answering lists: an error, not "not archived".
+        faulty.set(vec![Rule::new(Op::List, "", Fault::Fail)]);
+        assert!(repo.find_wal(&name).await.unwrap_err().retryable());
+    }
+
+    #[tokio::test]
+    async fn a_backup_exists_once_its_manifest_is_written_and_is_removed_whole() {
+        let (faulty, repo) = faulty_repo().await;
+        let t = chrono::Utc::now();
+        let m = Manifest { system_id: SystemId(7), ..Manifest::for_test("20261201-100000F", BackupType::Full, None, t, 1000, (1, 2)) };
+        let dir = Repository::backup_dir(&m.label);
+        repo.store().put(&format!("{dir}/pg_data/PG_VERSION"), "15".into(), false).await.unwrap();
+        assert!(repo.backups().await.unwrap().is_empty(), "no manifest, no backup");
+        faulty.set(vec![Rule::new(Op::Put, "manifest.json", Fault::Fail)]);
+        assert!(repo.write_manifest(&m).await.is_err());
+        assert!(repo.backups().await.unwrap().is_empty(), "a manifest that failed to be written is no backup");
+        faulty.clear();
+        repo.write_manifest(&m).await.unwrap();
+        assert_eq!(repo.backups().await.unwrap().iter().map(|b| b.label.clone()).collect::<Vec<_>>(), [m.label.clone()]);
+        repo.remove_backup(&m.label).await.unwrap();
+        assert!(repo.backups().await.unwrap().is_empty());
+        assert!(repo.store().list(&dir).await.unwrap().is_empty(), "objects of a removed backup remain");
+    }
+
+    #[tokio::test]
+    async fn a_second_stanza_create_for_another_system_is_refused() {
+        let (faulty, repo) = faulty_repo().await;
+        let store = Store::from_object_store(faulty, "faulty://");
+        let (again, created) = Repository::create(&store, meta(), 1, None).await.unwrap();
+        assert!(!created && again.meta.system_id == repo.meta.system_id);
+        let other = StanzaMeta { system_id: SystemId(8), ..meta() };
+        let e = Repository::create(&store, other, 1, None).await.unwrap_err();
+        assert!(e.to_string().contains('8') && e.to_string().contains('7'), "{e}");
+    }
+}
