@@ -476,7 +476,7 @@ mod tests {
         assert!(repo.backups().await.unwrap().is_empty(), "a manifest that failed to be written is no backup");
         faulty.clear();
         repo.write_manifest(&m).await.unwrap();
-        assert_eq!(repo.backups().await.unwrap().iter().map(|b| b.label.clone()).collect::<Vec<_>>(), [m.label.clone()]);
+        assert_eq!(repo.backups().await.unwrap().iter().map(|b| b.label.clone()).collect::<Vec<_>>(), std::slice::from_ref(&m.label));
         repo.remove_backup(&m.label).await.unwrap();
         assert!(repo.backups().await.unwrap().is_empty());
         assert!(repo.store().list(&dir).await.unwrap().is_empty(), "objects of a removed backup remain");
