@@ -83,6 +83,59 @@ impl VerifyReport {
     }
 }
 
+/// As JSON: `repo`, `ok`, `backups` (`label`, `files`, `repo-bytes`,
+/// `problems`), `wal` (`files`, `problems`, `gaps`: `timeline`, `from`,
+/// `to`), `lock-problems`.
+impl serde::Serialize for VerifyReport {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        #[derive(serde::Serialize)]
+        #[serde(rename_all = "kebab-case")]
+        struct Backup<'a> {
+            label: &'a BackupLabel,
+            files: usize,
+            repo_bytes: u64,
+            problems: &'a [String],
+        }
+        #[derive(serde::Serialize)]
+        struct GapOut<'a> {
+            timeline: u32,
+            from: &'a str,
+            to: &'a str,
+        }
+        #[derive(serde::Serialize)]
+        struct Wal<'a> {
+            files: usize,
+            problems: &'a [String],
+            gaps: Vec<GapOut<'a>>,
+        }
+        #[derive(serde::Serialize)]
+        #[serde(rename_all = "kebab-case")]
+        struct Out<'a> {
+            repo: usize,
+            ok: bool,
+            backups: Vec<Backup<'a>>,
+            wal: Wal<'a>,
+            lock_problems: &'a [String],
+        }
+        Out {
+            repo: self.repo,
+            ok: self.problems() == 0,
+            backups: self
+                .backups
+                .iter()
+                .map(|b| Backup { label: &b.label, files: b.files, repo_bytes: b.bytes, problems: &b.problems })
+                .collect(),
+            wal: Wal {
+                files: self.wal_files,
+                problems: &self.wal_problems,
+                gaps: self.gaps.iter().map(|g| GapOut { timeline: g.timeline.0, from: &g.from, to: &g.to }).collect(),
+            },
+            lock_problems: &self.lock_problems,
+        }
+        .serialize(s)
+    }
+}
+
 /// Verifies one repository.
 pub async fn run(stanza: &Stanza, opts: &VerifyOptions) -> Result<VerifyReport> {
     let number = opts.repo.max(1);

@@ -55,6 +55,40 @@ pub struct ExpireReport {
     pub dry_run: bool,
 }
 
+/// As JSON: `repo`, `dry-run`, `expired` (`label`, `type`), `kept`,
+/// `wal-removed`, `wal-from`, `leftovers-removed`.
+impl serde::Serialize for ExpireReport {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        #[derive(serde::Serialize)]
+        struct Expired<'a> {
+            label: &'a BackupLabel,
+            #[serde(rename = "type")]
+            kind: BackupType,
+        }
+        #[derive(serde::Serialize)]
+        #[serde(rename_all = "kebab-case")]
+        struct Out<'a> {
+            repo: usize,
+            dry_run: bool,
+            expired: Vec<Expired<'a>>,
+            kept: usize,
+            wal_removed: usize,
+            wal_from: &'a Option<String>,
+            leftovers_removed: &'a [BackupLabel],
+        }
+        Out {
+            repo: self.repo,
+            dry_run: self.dry_run,
+            expired: self.expired.iter().map(|(label, kind)| Expired { label, kind: *kind }).collect(),
+            kept: self.kept,
+            wal_removed: self.wal_removed,
+            wal_from: &self.wal_from,
+            leftovers_removed: &self.leftovers,
+        }
+        .serialize(s)
+    }
+}
+
 /// Applies retention (or removes `opts.set`) in one repository.
 pub async fn run(stanza: &Stanza, opts: &ExpireOptions) -> Result<ExpireReport> {
     let number = opts.repo.max(1);

@@ -74,8 +74,10 @@ pub struct RestoreOptions {
     pub progress: Option<Arc<Progress>>,
 }
 
-/// What a restore did.
-#[derive(Debug, Clone)]
+/// What a restore did (as JSON with the field names in kebab-case, `size`
+/// for `bytes`, `unchanged-files` and `target-timeline`).
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct RestoreReport {
     /// Backup restored.
     pub label: BackupLabel,
@@ -86,9 +88,11 @@ pub struct RestoreReport {
     /// Files and bytes written.
     pub files: usize,
     /// Bytes of the restored database.
+    #[serde(rename = "size")]
     pub bytes: u64,
     /// Files left as they were because they already held the backup's
     /// content (`delta`).
+    #[serde(rename = "unchanged-files")]
     pub unchanged: usize,
     /// Files and directories removed because the backup does not have
     /// them (`delta`).
@@ -96,13 +100,15 @@ pub struct RestoreReport {
     /// What was decided for archiving in the restored cluster.
     pub archive_mode: ArchiveMode,
     /// The `recovery_target_timeline` written, if any.
+    #[serde(rename = "target-timeline")]
     pub timeline: Option<String>,
     /// Restored as a standby.
     pub standby: bool,
 }
 
 /// `restore --archive-mode`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ArchiveMode {
     /// Write `archive_mode = off`: the restored cluster archives nothing.
     Off,

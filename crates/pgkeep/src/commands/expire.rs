@@ -26,15 +26,7 @@ pub async fn run(cli: &Cli, stanza: &Stanza, set: Option<&str>, with_dependents:
 
 /// The report as JSON, for `expire` and for the expiry after a backup.
 pub fn json(r: &ExpireReport) -> serde_json::Value {
-    serde_json::json!({
-        "repo": r.repo,
-        "dry-run": r.dry_run,
-        "expired": r.expired.iter().map(|(l, t)| serde_json::json!({"label": l, "type": t})).collect::<Vec<_>>(),
-        "kept": r.kept,
-        "wal-removed": r.wal_removed,
-        "wal-from": r.wal_from,
-        "leftovers-removed": r.leftovers,
-    })
+    serde_json::to_value(r).unwrap_or_default()
 }
 
 /// One line per backup removed, then one for the WAL; on stderr, as

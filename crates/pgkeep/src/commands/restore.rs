@@ -61,13 +61,11 @@ pub async fn run(cli: &Cli, stanza: &Stanza, config: Option<&Path>, args: &Resto
         pgkeep_core::restore::run(stanza, &opts).await?
     };
     match cli.output {
-        Output::Json => super::print_json(&serde_json::json!({
-            "label": r.label, "repo": r.repo, "pg-data": r.pg_data, "files": r.files, "size": r.bytes,
-            "unchanged-files": r.unchanged, "removed": r.removed,
-            "archive-mode": match r.archive_mode { ArchiveMode::Off => "off", ArchiveMode::Preserve => "preserve" },
-            "target-timeline": r.timeline, "standby": args.standby,
-            "seconds": started.elapsed().as_secs_f64(),
-        }))?,
+        Output::Json => {
+            let mut v = serde_json::to_value(&r)?;
+            v["seconds"] = started.elapsed().as_secs_f64().into();
+            super::print_json(&v)?
+        }
         Output::Text => {
             let delta = if args.delta { format!(", {} already up to date, {} removed", r.unchanged, r.removed) } else { String::new() };
             println!(

@@ -96,19 +96,7 @@ pub async fn drill(cli: &Cli, stanza: &Stanza, set: Option<&str>, scratch: Optio
 }
 
 fn json(r: &VerifyReport) -> serde_json::Value {
-    serde_json::json!({
-        "repo": r.repo,
-        "ok": r.problems() == 0,
-        "backups": r.backups.iter().map(|b| serde_json::json!({
-            "label": b.label, "files": b.files, "repo-bytes": b.bytes, "problems": b.problems,
-        })).collect::<Vec<_>>(),
-        "wal": {
-            "files": r.wal_files,
-            "problems": r.wal_problems,
-            "gaps": r.gaps.iter().map(|g| serde_json::json!({"timeline": g.timeline.0, "from": g.from, "to": g.to})).collect::<Vec<_>>(),
-        },
-        "lock-problems": r.lock_problems,
-    })
+    serde_json::to_value(r).unwrap_or_default()
 }
 
 fn print_text(r: &VerifyReport) {
