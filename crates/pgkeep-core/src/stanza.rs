@@ -5,7 +5,7 @@ use chrono::Utc;
 use crate::error::{Error, Result};
 use crate::pg::Pg;
 use crate::repo::lock::StanzaLock;
-use crate::repo::{Repository, StanzaMeta};
+use crate::repo::{keys, Repository, StanzaMeta};
 use crate::Stanza;
 
 /// What `stanza-create` did in each repository: (repo number, created now).
@@ -98,7 +98,8 @@ pub async fn delete(stanza: &Stanza, repo: Option<usize>, force: bool) -> Result
             Ok(report) => {
                 lock.forget().await;
                 // The lock objects go last, after stanza.json.
-                let locks: Vec<String> = repo.store().list("lock").await?.into_iter().map(|l| format!("lock/{}", l.key)).collect();
+                let locks: Vec<String> =
+                    repo.store().list(keys::LOCK_DIR).await?.into_iter().map(|l| format!("{}/{}", keys::LOCK_DIR, l.key)).collect();
                 let report = DeleteReport { objects: report.objects + locks.len(), ..report };
                 repo.store().delete_all(locks).await?;
                 out.push(report);
@@ -115,14 +116,13 @@ pub async fn delete(stanza: &Stanza, repo: Option<usize>, force: bool) -> Result
 async fn delete_objects(repo: &Repository) -> Result<DeleteReport> {
     let store = repo.store();
     let all: Vec<String> = store.list("").await?.into_iter().map(|l| l.key).collect();
-    let (manifests, rest): (Vec<String>, Vec<String>) =
-        all.into_iter().partition(|k| k.starts_with("backup/") && k.ends_with("/manifest.json"));
+    let (manifests, rest): (Vec<String>, Vec<String>) = all.into_iter().partition(|k| keys::is_manifest(k));
     let backups = manifests.len();
-    let rest: Vec<String> = rest.into_iter().filter(|k| k != "stanza.json" && !k.starts_with("lock/")).collect();
+    let rest: Vec<String> = rest.into_iter().filter(|k| k != keys::STANZA && !k.starts_with(&format!("{}/", keys::LOCK_DIR))).collect();
     let objects = manifests.len() + rest.len() + 1;
     store.delete_all(manifests).await?;
     store.delete_all(rest).await?;
-    store.delete_all(vec!["stanza.json".to_owned()]).await?;
+    store.delete_all(vec![keys::STANZA.to_owned()]).await?;
     Ok(DeleteReport { repo: repo.number, backups, objects })
 }
 

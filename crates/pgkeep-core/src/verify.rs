@@ -144,7 +144,7 @@ pub async fn run(stanza: &Stanza, opts: &VerifyOptions) -> Result<VerifyReport> 
     let progress = opts.progress.clone().unwrap_or_default();
 
     // Manifests, one by one, so that a damaged one is a finding.
-    let mut labels: Vec<BackupLabel> = repo.store().list_dirs("backup").await?.into_iter().map(BackupLabel).collect();
+    let mut labels: Vec<BackupLabel> = repo.store().list_dirs(crate::repo::keys::BACKUP_DIR).await?.into_iter().map(BackupLabel).collect();
     labels.sort();
     let mut manifests = Vec::new();
     let mut backups = Vec::new();

@@ -396,7 +396,7 @@ async fn take_over(repo: &Repository, interrupted: &Checkpoint, planned: &mut Ve
 /// A label that sorts after every label in the repository, finished or
 /// not (see [`label_after`]).
 async fn new_label(repo: &Repository, kind: BackupType, prior: Option<&Manifest>) -> Result<BackupLabel> {
-    let existing: Vec<BackupLabel> = repo.store().list_dirs("backup").await?.into_iter().map(BackupLabel).collect();
+    let existing: Vec<BackupLabel> = repo.store().list_dirs(crate::repo::keys::BACKUP_DIR).await?.into_iter().map(BackupLabel).collect();
     Ok(label_after(&existing, kind, prior, Utc::now()))
 }
 
@@ -464,7 +464,7 @@ async fn copy_files(
                     Some(r) => format!("{}.part{}", f.path, r.start / PART_SIZE),
                     None => f.path.clone(),
                 };
-                let key = format!("{}/pg_data/{name}{}", sink.dir, sink.compress.extension());
+                let key = crate::repo::keys::file(&sink.label, &name, sink.compress.extension());
                 let check = verify.and_then(|start| Some(FileCheck::new(plan::relation_segment(&f.path)?, start)));
                 tokio::task::spawn_blocking(move || copy_one(&files[i], part, &sink, key, &progress, check).map(|s| (i, s)))
             })
@@ -686,7 +686,7 @@ impl std::io::Write for Out {
 /// Where and how a backup's files are stored.
 #[derive(Clone)]
 struct Sink {
-    dir: String,
+    label: BackupLabel,
     bundler: Arc<bundle::Bundler>,
     store: Arc<dyn object_store::ObjectStore>,
     rt: tokio::runtime::Handle,
@@ -698,11 +698,10 @@ struct Sink {
 
 impl Sink {
     fn new(repo: &Repository, label: &BackupLabel, compress: Compress, level: Option<i32>) -> Sink {
-        let dir = Repository::backup_dir(label);
         let rt = tokio::runtime::Handle::current();
         Sink {
-            bundler: Arc::new(bundle::Bundler::new(repo.store().object_store(), format!("{dir}/bundle"), rt.clone())),
-            dir,
+            bundler: Arc::new(bundle::Bundler::new(repo.store().object_store(), crate::repo::keys::bundles(label), rt.clone())),
+            label: label.clone(),
             store: repo.store().object_store(),
             rt,
             compress,

@@ -88,7 +88,7 @@ impl Checkpointer {
     pub async fn start(repo: &Repository, state: Checkpoint) -> Result<Arc<Checkpointer>> {
         let c = Arc::new(Checkpointer {
             repo: repo.clone(),
-            key: format!("{}/{CHECKPOINT}", Repository::backup_dir(&state.label)),
+            key: crate::repo::keys::checkpoint(&state.label),
             state: Mutex::new(state),
             dirty: AtomicBool::new(true),
         });

@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use super::Repository;
 use crate::error::{Error, Result};
 
-const DIR: &str = "lock";
+const DIR: &str = super::keys::LOCK_DIR;
 const REFRESH: Duration = Duration::from_secs(30);
 /// A holder on another machine silent for longer is taken for dead.
 const REMOTE_STALE_SECS: i64 = 120;
@@ -272,7 +272,7 @@ async fn newest(repo: &Repository) -> Result<(Vec<u64>, Option<Holder>)> {
 }
 
 fn key(generation: u64) -> String {
-    format!("{DIR}/{generation}.json")
+    super::keys::lock(generation)
 }
 
 fn busy(repo: &Repository, h: &Holder) -> Error {

@@ -17,6 +17,7 @@
 //! guarantees about conditional writes. A backup refuses to start while
 //! another one's checkpoint has a live holder ([`crate::backup::resume`]).
 
+pub mod keys;
 pub mod lock;
 pub mod manifest;
 pub mod pages;
@@ -69,7 +70,7 @@ pub enum Pushed {
     AlreadyArchived,
 }
 
-const STANZA_FILE: &str = "stanza.json";
+const STANZA_FILE: &str = keys::STANZA;
 
 impl Repository {
     /// Opens `stanza` in `store`; a clear error when it was never created,
@@ -167,14 +168,14 @@ impl Repository {
             Some(c) => c.seal(packed)?,
             None => packed.to_vec(),
         };
-        let key = format!("archive/{}/{}-{checksum}{}", name.archive_dir(), name.as_str(), compress.extension());
+        let key = keys::wal(name, &checksum, compress.extension());
         self.store.put(&key, Bytes::from(packed), true).await?;
         Ok(Pushed::Stored)
     }
 
     /// Every archived copy of `name` (normally zero or one).
     pub async fn find_wal(&self, name: &WalFileName) -> Result<Vec<ArchivedWal>> {
-        let dir = format!("archive/{}", name.archive_dir());
+        let dir = keys::wal_dir(name);
         let mut out = Vec::new();
         for l in self.store.list(&dir).await? {
             if let Some(w) = parse_archived(&dir, l) {
@@ -239,7 +240,8 @@ impl Repository {
 
     /// Every archived WAL file, sorted by name.
     pub async fn list_wal(&self) -> Result<Vec<ArchivedWal>> {
-        let mut out: Vec<_> = self.store.list("archive").await?.into_iter().filter_map(|l| parse_archived("archive", l)).collect();
+        let mut out: Vec<_> =
+            self.store.list(keys::ARCHIVE_DIR).await?.into_iter().filter_map(|l| parse_archived(keys::ARCHIVE_DIR, l)).collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
     }
@@ -266,11 +268,11 @@ impl Repository {
 
     /// Key prefix of a backup's objects.
     pub fn backup_dir(label: &BackupLabel) -> String {
-        format!("backup/{label}")
+        keys::backup(label)
     }
 
     fn manifest_key(label: &BackupLabel) -> String {
-        format!("{}/manifest.json", Self::backup_dir(label))
+        keys::manifest(label)
     }
 
     /// Writes the manifest: the backup exists from this moment.
@@ -308,7 +310,7 @@ impl Repository {
 
     /// All complete backups (those with a manifest), oldest first.
     pub async fn backups(&self) -> Result<Vec<Manifest>> {
-        let mut labels = self.store.list_dirs("backup").await?;
+        let mut labels = self.store.list_dirs(keys::BACKUP_DIR).await?;
         labels.sort();
         let mut out = Vec::new();
         for l in labels {

@@ -12,7 +12,7 @@ use crate::error::Result;
 use crate::types::BackupLabel;
 
 /// Name of the checkpoint object in a backup's directory.
-pub const CHECKPOINT: &str = "partial.json";
+pub const CHECKPOINT: &str = super::keys::CHECKPOINT;
 /// The state of a backup that is copying.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "kebab-case")]
@@ -59,13 +59,13 @@ impl Checkpoint {
 /// holds the stanza lock that every running backup holds.
 pub async fn unfinished(repo: &Repository, complete: &[Manifest]) -> Result<Vec<Unfinished>> {
     let mut out = Vec::new();
-    let mut labels = repo.store().list_dirs("backup").await?;
+    let mut labels = repo.store().list_dirs(super::keys::BACKUP_DIR).await?;
     labels.sort();
     for label in labels.into_iter().map(BackupLabel) {
         if complete.iter().any(|m| m.label == label) {
             continue;
         }
-        let key = format!("{}/{CHECKPOINT}", Repository::backup_dir(&label));
+        let key = super::keys::checkpoint(&label);
         let what = format!("checkpoint of unfinished backup {label} in repo {}", repo.number);
         // A damaged checkpoint only means nothing can be resumed.
         let checkpoint: Option<Checkpoint> = repo.get_metadata(&key, &what).await.unwrap_or(None);
