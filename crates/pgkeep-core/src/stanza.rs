@@ -85,45 +85,42 @@ pub async fn delete(stanza: &Stanza, repo: Option<usize>, force: bool) -> Result
     if !force {
         not_archiving(stanza).await?;
     }
-    let numbers: Vec<usize> = match repo {
-        Some(n) => vec![n],
-        None => (1..=stanza.settings.repos.len()).collect(),
-    };
-    let mut out = Vec::new();
-    for number in numbers {
-        let repo = stanza.open(number).await?;
-        let lock = StanzaLock::acquire(&repo, "stanza-delete").await?;
-        let result = delete_objects(&repo).await;
-        match result {
-            Ok(report) => {
-                lock.forget().await;
-                // The lock objects go last, after stanza.json.
-                let locks: Vec<String> =
-                    repo.store().list(keys::LOCK_DIR).await?.into_iter().map(|l| format!("{}/{}", keys::LOCK_DIR, l.key)).collect();
-                let report = DeleteReport { objects: report.objects + locks.len(), ..report };
-                repo.store().delete_all(locks).await?;
-                out.push(report);
-            }
-            Err(e) => {
-                let _ = lock.release().await;
-                return Err(e);
-            }
-        }
-    }
-    Ok(out)
+    crate::each_of(stanza.repo_numbers(repo), true, |number| delete_one(stanza, number)).await.map(|r| r.done)
 }
 
-async fn delete_objects(repo: &Repository) -> Result<DeleteReport> {
+/// [`delete`] in repository `number`, with the stanza lock held.
+async fn delete_one(stanza: &Stanza, number: usize) -> Result<DeleteReport> {
+    let repo = stanza.open(number).await?;
+    let lock = StanzaLock::acquire(&repo, "stanza-delete").await?;
+    match delete_objects(&repo).await {
+        Ok((report, locks)) => {
+            // The lock objects go last, after stanza.json.
+            lock.forget().await;
+            repo.store().delete_all(locks).await?;
+            Ok(report)
+        }
+        Err(e) => {
+            let _ = lock.release().await;
+            Err(e)
+        }
+    }
+}
+
+/// Deletes the manifests, then every other object, then `stanza.json`;
+/// returns the report and the lock objects, listed with the rest while
+/// the lock is held (so they are all there is), left for the caller.
+async fn delete_objects(repo: &Repository) -> Result<(DeleteReport, Vec<String>)> {
     let store = repo.store();
     let all: Vec<String> = store.list("").await?.into_iter().map(|l| l.key).collect();
-    let (manifests, rest): (Vec<String>, Vec<String>) = all.into_iter().partition(|k| keys::is_manifest(k));
-    let backups = manifests.len();
-    let rest: Vec<String> = rest.into_iter().filter(|k| k != keys::STANZA && !k.starts_with(&format!("{}/", keys::LOCK_DIR))).collect();
-    let objects = manifests.len() + rest.len() + 1;
+    let lock_prefix = format!("{}/", keys::LOCK_DIR);
+    let (locks, rest): (Vec<String>, Vec<String>) = all.into_iter().partition(|k| k.starts_with(&lock_prefix));
+    let (manifests, rest): (Vec<String>, Vec<String>) = rest.into_iter().partition(|k| keys::is_manifest(k));
+    let rest: Vec<String> = rest.into_iter().filter(|k| k != keys::STANZA).collect();
+    let report = DeleteReport { repo: repo.number, backups: manifests.len(), objects: manifests.len() + rest.len() + 1 + locks.len() };
     store.delete_all(manifests).await?;
     store.delete_all(rest).await?;
     store.delete_all(vec![keys::STANZA.to_owned()]).await?;
-    Ok(DeleteReport { repo: repo.number, backups, objects })
+    Ok((report, locks))
 }
 
 /// Refuses while the stanza's cluster answers with `archive_mode` on, or

@@ -26,6 +26,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::spool::{Acknowledged, Spool, Status, Worker};
+use super::tasks::NamedTasks;
 use crate::error::{Error, OneLine, Result};
 use crate::repo::Repository;
 use crate::types::WalFileName;
@@ -176,10 +177,7 @@ pub async fn worker(stanza: &Stanza, wal_path: &Path) -> Result<()> {
 async fn run(shared: Arc<Shared>) -> Result<()> {
     let jobs = shared.stanza.settings.jobs.max(1) * 2;
     let mut in_flight: BTreeSet<String> = BTreeSet::new();
-    let mut tasks: JoinSet<(String, bool)> = JoinSet::new();
-    // Which file each upload task is for: a task that panics returns no
-    // name, and its file must not stay in flight forever.
-    let mut names: HashMap<tokio::task::Id, String> = HashMap::new();
+    let mut tasks: NamedTasks<bool> = NamedTasks::new();
     let mut drains: JoinSet<()> = JoinSet::new();
     // Files recently finished, and when: PostgreSQL may not have marked a
     // file done yet when the next scan sees it ready.
@@ -187,8 +185,8 @@ async fn run(shared: Arc<Shared>) -> Result<()> {
     let mut idle_since = Instant::now();
     let mut cleaned = Instant::now() - Duration::from_secs(60);
     loop {
-        while let Some(done) = tasks.try_join_next_with_id() {
-            finish(&shared, done, &mut names, &mut in_flight, &mut finished);
+        while let Some((name, done)) = tasks.try_join_next() {
+            finish(&shared, name, done, &mut in_flight, &mut finished);
         }
         while let Some(done) = drains.try_join_next() {
             if let Err(e) = done {
@@ -228,11 +226,7 @@ async fn run(shared: Arc<Shared>) -> Result<()> {
             }
             in_flight.insert(name.clone());
             let (s, n) = (shared.clone(), name.clone());
-            let task = tasks.spawn(async move {
-                let stored = store_one(&s, &n).await;
-                (n, stored)
-            });
-            names.insert(task.id(), name.clone());
+            tasks.spawn(name.clone(), async move { store_one(&s, &n).await });
         }
         let mut queued = false;
         for lane in &shared.lanes {
@@ -252,7 +246,7 @@ async fn run(shared: Arc<Shared>) -> Result<()> {
         }
         finished.retain(|_, (at, _)| at.elapsed() < RECENTLY_STORED);
         tokio::select! {
-            Some(done) = tasks.join_next_with_id(), if !tasks.is_empty() => finish(&shared, done, &mut names, &mut in_flight, &mut finished),
+            Some((name, done)) = tasks.join_next(), if !tasks.is_empty() => finish(&shared, name, done, &mut in_flight, &mut finished),
             _ = tokio::time::sleep(Duration::from_millis(20)) => {}
         }
     }
@@ -269,24 +263,17 @@ type Finished = HashMap<String, (Instant, bool)>;
 /// tries again), so that the worker still goes idle.
 fn finish(
     s: &Shared,
-    done: std::result::Result<(tokio::task::Id, (String, bool)), tokio::task::JoinError>,
-    names: &mut HashMap<tokio::task::Id, String>,
+    name: String,
+    done: std::result::Result<bool, tokio::task::JoinError>,
     in_flight: &mut BTreeSet<String>,
     finished: &mut Finished,
 ) {
-    let (name, stored) = match done {
-        Ok((id, (name, stored))) => {
-            names.remove(&id);
-            (name, stored)
-        }
-        Err(e) => {
-            let Some(name) = names.remove(&e.id()) else { return };
-            let err = Error::task(format!("the upload of {name}"))(e);
-            let _ = s.spool.fail(&name, &OneLine(&err).to_string());
-            s.spool.log(Worker::Push, &format!("{name}: {}", OneLine(&err)));
-            (name, false)
-        }
-    };
+    let stored = done.unwrap_or_else(|e| {
+        let err = Error::task(format!("the upload of {name}"))(e);
+        let _ = s.spool.fail(&name, &OneLine(&err).to_string());
+        s.spool.log(Worker::Push, &format!("{name}: {}", OneLine(&err)));
+        false
+    });
     in_flight.remove(&name);
     finished.insert(name, (Instant::now(), stored));
 }
@@ -617,6 +604,17 @@ mod tests {
         (format!("{timeline:08X}.history"), format!("{}\t0/{timeline}000000\tno recovery target specified\n", timeline - 1).into_bytes())
     }
 
+    /// Makes repository 2 an in-memory one whose failures the test
+    /// injects.
+    async fn faulty_repo_2(s: &Shared) -> Arc<crate::storage::testing::Faulty> {
+        let faulty = crate::storage::testing::Faulty::new(Arc::new(object_store::memory::InMemory::new()));
+        let store = crate::storage::Store::from_object_store(faulty.clone(), "faulty://");
+        let meta = s.lanes[0].lock().expect("lane").repo.as_ref().unwrap().meta.clone();
+        let (repo, _) = Repository::create(&store, meta, 2, None).await.unwrap();
+        s.lanes[1].lock().expect("lane").repo = Some(repo);
+        faulty
+    }
+
     async fn in_repo(s: &Shared, number: usize, name: &str) -> bool {
         let repo = s.lanes[number - 1].lock().expect("lane").repo.clone().expect("opened");
         !repo.find_wal(&WalFileName::parse(name).unwrap()).await.unwrap().is_empty()
@@ -669,14 +667,10 @@ mod tests {
     /// `archive-push` hands to PostgreSQL, and the worker goes idle.
     #[tokio::test]
     async fn an_upload_that_panics_fails_its_file_and_the_worker_still_goes_idle() {
-        use crate::storage::testing::{Fault, Faulty, Op, Rule};
+        use crate::storage::testing::{Fault, Op, Rule};
         let dir = tempfile::tempdir().unwrap();
         let s = shared(dir.path()).await;
-        let faulty = Faulty::new(std::sync::Arc::new(object_store::memory::InMemory::new()));
-        let store = crate::storage::Store::from_object_store(faulty.clone(), "faulty://");
-        let meta = s.lanes[0].lock().expect("lane").repo.as_ref().unwrap().meta.clone();
-        let (repo, _) = Repository::create(&store, meta, 2, None).await.unwrap();
-        s.lanes[1].lock().expect("lane").repo = Some(repo);
+        let faulty = faulty_repo_2(&s).await;
         let (name, data) = history(2);
         std::fs::write(s.wal_dir.join(&name), &data).unwrap();
         std::fs::write(s.wal_dir.join("archive_status").join(format!("{name}.ready")), b"").unwrap();
@@ -698,14 +692,10 @@ mod tests {
     /// 2 each time it answers again, and the worker then goes idle.
     #[tokio::test(start_paused = true)]
     async fn a_repository_down_up_down_and_up_again_gets_every_file_and_the_worker_goes_idle() {
-        use crate::storage::testing::{Fault, Faulty, Op, Rule};
+        use crate::storage::testing::{Fault, Op, Rule};
         let dir = tempfile::tempdir().unwrap();
         let s = shared(dir.path()).await;
-        let faulty = Faulty::new(std::sync::Arc::new(object_store::memory::InMemory::new()));
-        let store = crate::storage::Store::from_object_store(faulty.clone(), "faulty://");
-        let meta = s.lanes[0].lock().expect("lane").repo.as_ref().unwrap().meta.clone();
-        let (repo, _) = Repository::create(&store, meta, 2, None).await.unwrap();
-        s.lanes[1].lock().expect("lane").repo = Some(repo);
+        let faulty = faulty_repo_2(&s).await;
         let status = s.wal_dir.join("archive_status");
         // PostgreSQL's side: a file made ready, then its acknowledgement
         // awaited (in virtual time) and the file marked done.

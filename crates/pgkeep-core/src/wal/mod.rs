@@ -22,6 +22,7 @@ use crate::Stanza;
 pub mod async_push;
 pub mod prefetch;
 pub mod spool;
+mod tasks;
 
 /// The kind of WAL file at `path`, from its name.
 fn parse_name(path: &Path) -> Result<WalFileName> {

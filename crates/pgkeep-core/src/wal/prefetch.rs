@@ -12,9 +12,8 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
-use tokio::task::JoinSet;
-
 use super::spool::{Spool, Worker};
+use super::tasks::NamedTasks;
 use crate::error::{Error, OneLine, Result};
 use crate::repo::Repository;
 use crate::types::{WalFileName, WalSegment};
@@ -72,12 +71,10 @@ pub async fn worker(stanza: &Stanza) -> Result<()> {
     let mut want_since = Instant::now();
     let mut missing: HashMap<String, Instant> = HashMap::new();
     let mut in_flight: BTreeSet<String> = BTreeSet::new();
-    let mut tasks: JoinSet<(String, Result<()>)> = JoinSet::new();
-    // Which segment each task fetches: one that panics returns no name.
-    let mut names: HashMap<tokio::task::Id, String> = HashMap::new();
+    let mut tasks: NamedTasks<Result<()>> = NamedTasks::new();
     loop {
-        while let Some(done) = tasks.try_join_next_with_id() {
-            note(done, &spool, &mut names, &mut in_flight, &mut missing);
+        while let Some((name, done)) = tasks.try_join_next() {
+            note(name, done, &spool, &mut in_flight, &mut missing);
         }
         let now_want = spool.want();
         if now_want != want {
@@ -103,15 +100,11 @@ pub async fn worker(stanza: &Stanza) -> Result<()> {
                 }
                 in_flight.insert(name.clone());
                 let (repos, spool, fetched) = (repos.clone(), spool.clone(), name.clone());
-                let task = tasks.spawn(async move {
-                    let result = fetch_into(&repos, &spool, &fetched).await;
-                    (fetched, result)
-                });
-                names.insert(task.id(), name);
+                tasks.spawn(name, async move { fetch_into(&repos, &spool, &fetched).await });
             }
         }
         tokio::select! {
-            Some(done) = tasks.join_next_with_id(), if !tasks.is_empty() => note(done, &spool, &mut names, &mut in_flight, &mut missing),
+            Some((name, done)) = tasks.join_next(), if !tasks.is_empty() => note(name, done, &spool, &mut in_flight, &mut missing),
             _ = tokio::time::sleep(Duration::from_millis(20)) => {}
         }
     }
@@ -122,23 +115,13 @@ pub async fn worker(stanza: &Stanza) -> Result<()> {
 /// Records a fetch task's end; one that panicked counts as a failed fetch
 /// (logged, tried again later), so the worker still goes idle.
 fn note(
-    done: std::result::Result<(tokio::task::Id, (String, Result<()>)), tokio::task::JoinError>,
+    name: String,
+    done: std::result::Result<Result<()>, tokio::task::JoinError>,
     spool: &Spool,
-    names: &mut HashMap<tokio::task::Id, String>,
     in_flight: &mut BTreeSet<String>,
     missing: &mut HashMap<String, Instant>,
 ) {
-    let (name, result) = match done {
-        Ok((id, done)) => {
-            names.remove(&id);
-            done
-        }
-        Err(e) => {
-            let Some(name) = names.remove(&e.id()) else { return };
-            let err = Error::task(format!("fetching {name}"))(e);
-            (name, Err(err))
-        }
-    };
+    let result = done.unwrap_or_else(|e| Err(Error::task(format!("fetching {name}"))(e)));
     in_flight.remove(&name);
     match result {
         Ok(()) => {

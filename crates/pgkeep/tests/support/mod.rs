@@ -416,19 +416,19 @@ impl Pgkeep {
     /// Starts pgkeep in the background (output discarded); killed with
     /// SIGKILL when dropped.
     pub fn spawn(&self, args: &[&str]) -> Background {
-        let mut c = as_postgres(&self.bin, &self.cwd);
-        c.arg("--config").arg(&self.config).arg("--stanza").arg(&self.stanza).args(args);
-        self.apply_env(&mut c);
-        c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
-        Background { child: Some(c.spawn().expect("start pgkeep")), what: format!("pgkeep {}", args.join(" ")) }
+        self.spawn_with(args, Stdio::null())
     }
 
     /// [`Pgkeep::spawn`] keeping its stderr, for [`Background::finish`].
     pub fn spawn_piped(&self, args: &[&str]) -> Background {
+        self.spawn_with(args, Stdio::piped())
+    }
+
+    fn spawn_with(&self, args: &[&str], stderr: Stdio) -> Background {
         let mut c = as_postgres(&self.bin, &self.cwd);
         c.arg("--config").arg(&self.config).arg("--stanza").arg(&self.stanza).args(args);
         self.apply_env(&mut c);
-        c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr);
         Background { child: Some(c.spawn().expect("start pgkeep")), what: format!("pgkeep {}", args.join(" ")) }
     }
 
@@ -564,22 +564,29 @@ impl Cluster {
 
     /// Waits until `pg_is_in_recovery()` is false.
     pub fn wait_promoted(&self) {
+        self.wait_for("promotion (still in recovery)", "select pg_is_in_recovery()", |s| s == "f");
+    }
+
+    /// Polls `sql` until `done` holds for its output, for at most
+    /// [`RECOVERY_TIMEOUT`]; fails at once if the server stops meanwhile.
+    pub fn wait_for(&self, what: &str, sql: &str, done: impl Fn(&str) -> bool) {
         let start = Instant::now();
         loop {
-            let r = run(&mut self.psql_cmd("select pg_is_in_recovery()"), SQL_TIMEOUT);
-            if r.status.success() && r.stdout.trim() == "f" {
+            let r = run(&mut self.psql_cmd(sql), SQL_TIMEOUT);
+            if r.status.success() && done(r.stdout.trim()) {
                 return;
             }
             assert!(
                 self.addr.data.join("postmaster.pid").exists(),
-                "{} stopped during recovery:\n--- server log:\n{}",
+                "{} stopped while waiting for {what}:\n--- server log:\n{}",
                 self.addr.data.display(),
                 tail(&self.log, 40)
             );
             assert!(
                 start.elapsed() < RECOVERY_TIMEOUT,
-                "{} still in recovery after {RECOVERY_TIMEOUT:?} ({}):\n--- server log:\n{}",
+                "{}: no {what} after {RECOVERY_TIMEOUT:?} ({:?} {}):\n--- server log:\n{}",
                 self.addr.data.display(),
+                r.stdout.trim(),
                 r.stderr.trim(),
                 tail(&self.log, 40)
             );
@@ -1323,27 +1330,6 @@ impl Cluster {
     pub fn wait_replayed(&self, lsn: &str) {
         let sql = format!("select pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn");
         self.wait_for(&format!("replay to {lsn}"), &sql, |s| s == "t");
-    }
-
-    /// Polls `sql` until `done` holds for its output, for at most
-    /// [`RECOVERY_TIMEOUT`].
-    pub fn wait_for(&self, what: &str, sql: &str, done: impl Fn(&str) -> bool) {
-        let start = Instant::now();
-        loop {
-            let r = run(&mut self.psql_cmd(sql), SQL_TIMEOUT);
-            if r.status.success() && done(r.stdout.trim()) {
-                return;
-            }
-            assert!(
-                start.elapsed() < RECOVERY_TIMEOUT,
-                "{}: no {what} after {RECOVERY_TIMEOUT:?} ({:?} {}):\n--- server log:\n{}",
-                self.addr.data.display(),
-                r.stdout.trim(),
-                r.stderr.trim(),
-                tail(&self.log, 40)
-            );
-            thread::sleep(Duration::from_millis(200));
-        }
     }
 
     /// `pg_ctl promote`, then waits until it is out of recovery.
