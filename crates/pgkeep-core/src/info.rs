@@ -18,8 +18,11 @@ pub struct StanzaInfo {
     pub system_id: String,
     /// PostgreSQL major version.
     pub pg_version: String,
-    /// Range of archived WAL.
+    /// Range of archived WAL (of the current system).
     pub archive: ArchiveInfo,
+    /// Every system the stanza has held, oldest first, the current one
+    /// last (more than one after `stanza-upgrade`).
+    pub history: Vec<SystemInfo>,
     /// Backups of every repository, oldest first.
     pub backups: Vec<BackupInfo>,
     /// Each repository on its own.
@@ -67,6 +70,24 @@ pub struct Running {
     pub since: String,
 }
 
+/// One system of the stanza's history.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct SystemInfo {
+    /// 1, 2...: the order in which the stanza took them.
+    pub id: u32,
+    /// Its system identifier.
+    pub system_id: String,
+    /// Its PostgreSQL major version.
+    pub pg_version: String,
+    /// When the stanza took it, RFC 3339.
+    pub since: String,
+    /// Whether backups and WAL are taken of it now.
+    pub current: bool,
+    /// Range of its archived WAL, over every repository.
+    pub archive: ArchiveInfo,
+}
+
 /// Range of archived WAL segments.
 #[derive(Debug, Serialize, Default)]
 pub struct ArchiveInfo {
@@ -105,6 +126,10 @@ pub struct BackupInfo {
     pub repo_size: u64,
     /// Repository number.
     pub repo: usize,
+    /// The system the backup is of (see `history`).
+    pub system_id: String,
+    /// Its PostgreSQL major version.
+    pub pg_version: String,
     /// Whether the backup verified page checksums (false when the cluster
     /// has data checksums off, and for backups taken before pgkeep did).
     pub page_checksums: bool,
@@ -155,6 +180,8 @@ impl BackupInfo {
             size: m.size,
             repo_size: m.repo_size,
             repo,
+            system_id: m.system_id.to_string(),
+            pg_version: (m.pg_version / 10000).to_string(),
             page_checksums: m.page_checksums,
             from: m.from,
             checksum_errors: m.checksum_error_pages(),
@@ -177,12 +204,23 @@ pub async fn collect(stanza: &Stanza) -> Result<StanzaInfo> {
     let mut repos = Vec::new();
     let mut meta = None;
     let mut first_error = None;
+    let mut history: Vec<SystemInfo> = Vec::new();
     for number in 1..=stanza.settings.repos.len() {
         let location = stanza.settings.repos[number - 1].location.clone().unwrap_or_default();
         match read_repo(stanza, number, location.clone()).await {
-            Ok((r, info, mut found)) => {
+            Ok((r, info, mut found, systems)) => {
                 for end in [&info.archive.min, &info.archive.max].into_iter().flatten() {
                     archive.include(end);
+                }
+                for s in systems {
+                    match history.iter_mut().find(|h| h.system_id == s.system_id) {
+                        Some(h) => {
+                            for end in [&s.archive.min, &s.archive.max].into_iter().flatten() {
+                                h.archive.include(end);
+                            }
+                        }
+                        None => history.push(s),
+                    }
                 }
                 backups.append(&mut found);
                 meta.get_or_insert(r.meta);
@@ -212,16 +250,33 @@ pub async fn collect(stanza: &Stanza) -> Result<StanzaInfo> {
         system_id: meta.system_id.to_string(),
         pg_version: meta.pg_major().to_string(),
         archive,
+        history,
         backups,
         repos,
     })
 }
 
-async fn read_repo(stanza: &Stanza, number: usize, location: String) -> Result<(Repository, RepoInfo, Vec<BackupInfo>)> {
+async fn read_repo(stanza: &Stanza, number: usize, location: String) -> Result<(Repository, RepoInfo, Vec<BackupInfo>, Vec<SystemInfo>)> {
     let r = stanza.open(number).await?;
+    let current = r.meta.current();
+    let mut systems = Vec::new();
     let mut archive = ArchiveInfo::default();
-    for (_, w) in r.list_segments().await? {
-        archive.include(&w.name);
+    for system in r.meta.systems() {
+        let mut range = ArchiveInfo::default();
+        for (_, w) in r.for_system(system.system_id, "the stanza's history")?.list_segments().await? {
+            range.include(&w.name);
+        }
+        if system.id == current.id {
+            archive = ArchiveInfo { min: range.min.clone(), max: range.max.clone() };
+        }
+        systems.push(SystemInfo {
+            id: system.id,
+            system_id: system.system_id.to_string(),
+            pg_version: system.pg_major().to_string(),
+            since: system.since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            current: system.id == current.id,
+            archive: range,
+        });
     }
     let manifests = r.backups().await?;
     let unfinished = crate::repo::partial::unfinished(&r, &manifests).await?.into_iter().map(|u| u.label).collect();
@@ -243,5 +298,5 @@ async fn read_repo(stanza: &Stanza, number: usize, location: String) -> Result<(
         unfinished,
         running,
     };
-    Ok((r, info, found))
+    Ok((r, info, found, systems))
 }

@@ -110,12 +110,21 @@ where
 pub struct Stanza {
     /// Resolved settings.
     pub settings: Settings,
+    /// The system of the stanza's history whose WAL archive-get serves
+    /// (that of the cluster asking); `None`: the current one.
+    pub wal_system: Option<types::SystemId>,
 }
 
 impl Stanza {
     /// Wraps resolved settings.
     pub fn new(settings: Settings) -> Self {
-        Stanza { settings }
+        Stanza { settings, wal_system: None }
+    }
+
+    /// This stanza, with the WAL of system `id` (when given) served by
+    /// [`Stanza::open`]'s repositories instead of the current system's.
+    pub fn serving_system(self, id: Option<types::SystemId>) -> Self {
+        Stanza { wal_system: id, ..self }
     }
 
     /// The name of the stanza.
@@ -133,7 +142,11 @@ impl Stanza {
 
     /// Opens the stanza in repository `number`.
     pub async fn open(&self, number: usize) -> Result<Repository> {
-        Repository::open(&self.store(number)?, self.name(), number, self.settings.passphrase(number)?.as_deref()).await
+        let repo = Repository::open(&self.store(number)?, self.name(), number, self.settings.passphrase(number)?.as_deref()).await?;
+        match self.wal_system {
+            Some(id) => repo.for_system(id, "the cluster asking for WAL"),
+            None => Ok(repo),
+        }
     }
 
     /// The repositories an operation over "every repository unless one is

@@ -1,11 +1,12 @@
-//! `stanza-create`, `stanza-delete` and `check`.
+//! `stanza-create`, `stanza-upgrade`, `stanza-delete` and `check`.
 
 use chrono::Utc;
 
 use crate::error::{Error, Result};
 use crate::pg::Pg;
 use crate::repo::lock::StanzaLock;
-use crate::repo::{keys, Repository, StanzaMeta};
+use crate::repo::{keys, Repository, StanzaMeta, SystemRecord};
+use crate::types::SystemId;
 use crate::Stanza;
 
 /// What `stanza-create` did in each repository: (repo number, created now).
@@ -18,6 +19,7 @@ pub async fn create(stanza: &Stanza) -> Result<Vec<(usize, bool)>> {
         wal_segment_size: pg.wal_segment_size().await?,
         created: Utc::now(),
         cipher: None,
+        history: Vec::new(),
     };
     let mut out = Vec::new();
     for number in 1..=stanza.settings.repos.len() {
@@ -26,6 +28,70 @@ pub async fn create(stanza: &Stanza) -> Result<Vec<(usize, bool)>> {
         out.push((number, created));
     }
     Ok(out)
+}
+
+/// What `stanza-upgrade` did in one repository.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct UpgradeReport {
+    /// The repository.
+    pub repo: usize,
+    /// The system recorded now; `None` when the server's system already
+    /// was the stanza's current one (nothing changed).
+    pub recorded: Option<SystemRecord>,
+    /// The system the stanza held before (its current one when nothing
+    /// changed).
+    pub previous: SystemRecord,
+}
+
+/// `stanza-upgrade`, after `pg_upgrade`: records the server's system as the
+/// stanza's current one in every repository (or repository `repo`),
+/// beside the systems it held before, whose backups and WAL stay where
+/// they are. From then on backups and WAL of the new system are taken,
+/// into an archive of its own, and none of the old one.
+///
+/// In each repository with the stanza lock held (no backup or expire runs
+/// meanwhile), `stanza.json` is read again and rewritten whole: an
+/// interrupted upgrade leaves the old metadata or the new, never a mix.
+/// A system the stanza held before is refused: the stanza never goes
+/// back.
+pub async fn upgrade(stanza: &Stanza, repo: Option<usize>) -> Result<Vec<UpgradeReport>> {
+    let pg = Pg::connect(&stanza.settings.pg).await?;
+    let server = (pg.system_id().await?, pg.version_num().await?, pg.wal_segment_size().await?);
+    let describe = pg.describe.as_str();
+    crate::each_of(stanza.repo_numbers(repo), true, |number| async move {
+        let repo = stanza.open(number).await?;
+        let lock = StanzaLock::acquire(&repo, "stanza-upgrade").await?;
+        let result = upgrade_one(stanza, number, server, describe).await;
+        let _ = lock.release().await;
+        result
+    })
+    .await
+    .map(|r| r.done)
+}
+
+/// [`upgrade`] in repository `number`, with the stanza lock held.
+async fn upgrade_one(stanza: &Stanza, number: usize, server: (SystemId, u32, u64), describe: &str) -> Result<UpgradeReport> {
+    let (system_id, pg_version, wal_segment_size) = server;
+    // Read again under the lock: another stanza-upgrade may have won.
+    let repo = stanza.open(number).await?;
+    let previous = repo.meta.current();
+    if previous.system_id == system_id {
+        return Ok(UpgradeReport { repo: number, recorded: None, previous });
+    }
+    if let Some(old) = repo.meta.system(system_id) {
+        return Err(Error::Refused(format!(
+            "the server at {describe} is system {system_id} (PostgreSQL {}), which stanza '{}' in repo {number} held before system {} (PostgreSQL {}) replaced it; a stanza never goes back to an older system: check pg-host/pg-port/pg-data",
+            old.pg_major(),
+            stanza.name(),
+            previous.system_id,
+            previous.pg_major()
+        )));
+    }
+    let meta = repo.meta.upgraded(system_id, pg_version, wal_segment_size, Utc::now());
+    let recorded = meta.current();
+    repo.store().put(keys::STANZA, crate::repo::manifest::seal(&meta), false).await?;
+    Ok(UpgradeReport { repo: number, recorded: Some(recorded), previous })
 }
 
 /// The result of `check`.

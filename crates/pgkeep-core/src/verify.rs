@@ -178,10 +178,21 @@ pub async fn run(stanza: &Stanza, opts: &VerifyOptions) -> Result<VerifyReport> 
     manifests.retain(|m| !gone.contains(&m.label));
     backups.sort_by(|a, b| a.label.cmp(&b.label));
 
-    let (wal_files, wal_problems) = check_wal_objects(&repo, jobs).await?;
-    let segments: Vec<WalSegment> = repo.list_segments().await?.into_iter().map(|(s, _)| s).collect();
-    let starts: Vec<WalSegment> = manifests.iter().filter_map(|m| WalSegment::parse(&m.start_wal, repo.meta.wal_segment_size)).collect();
-    let gaps = gaps(&segments, &starts, repo.meta.wal_segment_size);
+    // Each system of the stanza's history has its own archive, checked
+    // against its own backups.
+    let (mut wal_files, mut wal_problems, mut all_gaps) = (0, Vec::new(), Vec::new());
+    for system in repo.meta.systems() {
+        let archive = repo.for_system(system.system_id, "the stanza's history")?;
+        let (files, problems) = check_wal_objects(&archive, jobs).await?;
+        wal_files += files;
+        wal_problems.extend(problems);
+        let seg = system.wal_segment_size;
+        let segments: Vec<WalSegment> = archive.list_segments().await?.into_iter().map(|(s, _)| s).collect();
+        let starts: Vec<WalSegment> =
+            manifests.iter().filter(|m| m.system_id == system.system_id).filter_map(|m| WalSegment::parse(&m.start_wal, seg)).collect();
+        all_gaps.extend(gaps(&segments, &starts, seg));
+    }
+    let gaps = all_gaps;
     let lock_problems = crate::repo::lock::damaged(&repo).await?;
     Ok(VerifyReport { repo: number, backups, wal_files, wal_problems, gaps, lock_problems })
 }

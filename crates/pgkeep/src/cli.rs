@@ -67,6 +67,10 @@ pub enum BackupTypeArg {
 pub enum Command {
     /// Initialise the stanza in every repository.
     StanzaCreate,
+    /// After pg_upgrade: record the server's new system in every
+    /// repository (or --repo N), beside the old one, whose backups stay
+    /// listed and restorable.
+    StanzaUpgrade,
     /// Delete the stanza, its backups and its WAL from every repository
     /// (or --repo N); refused while the cluster runs with archiving on.
     StanzaDelete {

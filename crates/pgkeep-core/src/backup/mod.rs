@@ -235,7 +235,7 @@ async fn locked(stanza: &Stanza, opts: &BackupOptions, repo: &Repository, source
             return Err(e);
         }
     };
-    let seg = repo.meta.wal_segment_size;
+    let seg = repo.system.wal_segment_size;
     let first = WalSegment::containing(start.timeline, start.lsn, seg);
     let last = WalSegment::containing(start.timeline, Lsn(stop.lsn.0.saturating_sub(1)), seg);
     if let Err(e) = archive_end(source, last, seg).await {
@@ -257,7 +257,7 @@ async fn locked(stanza: &Stanza, opts: &BackupOptions, repo: &Repository, source
         timeline: start.timeline,
         start_wal: first.name(seg),
         stop_wal: last.name(seg),
-        system_id: repo.meta.system_id,
+        system_id: repo.system.system_id,
         pg_version: pg.version_num().await?,
         start_xid: start.xid,
         stop_xid: stop.xid,
@@ -314,7 +314,7 @@ async fn cluster_now(source: &Source, repo: &Repository, page_checksums: bool) -
             }
         };
     Ok(ClusterNow {
-        system_id: repo.meta.system_id,
+        system_id: repo.system.system_id,
         page_checksums,
         timeline,
         lsn,
@@ -731,7 +731,7 @@ fn fill(src: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> 
 /// PostgreSQL archives in order, so this waits for the last one, then
 /// checks the whole range in one listing.
 async fn wait_for_wal(repo: &Repository, first: WalSegment, last: WalSegment, timeout: u64) -> Result<()> {
-    let seg = repo.meta.wal_segment_size;
+    let seg = repo.system.wal_segment_size;
     crate::wal::wait_archived(repo, &last.name(seg), timeout).await?;
     match Repository::first_missing(&repo.list_segments().await?, first, last) {
         None => Ok(()),

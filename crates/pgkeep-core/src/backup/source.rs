@@ -101,10 +101,10 @@ async fn standby(address: &PgAddress, data: &Path, primary: &Pg, repo: &Reposito
         Err(e) => return Err(Passed::Unusable(format!("the standby is not usable: {e}"))),
     };
     let system = pg.system_id().await?;
-    if system != repo.meta.system_id {
+    if system != repo.system.system_id {
         return Err(Passed::Error(Error::Refused(format!(
             "the standby at {describe} is of another system ({system}) than stanza '{}' ({}); fix standby-host/standby-port",
-            repo.meta.stanza, repo.meta.system_id
+            repo.meta.stanza, repo.system.system_id
         ))));
     }
     let state = pg.standby_state().await?;

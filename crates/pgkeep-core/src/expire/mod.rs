@@ -15,7 +15,7 @@ use chrono::Utc;
 pub use crate::config::{parse_window, Retention};
 use crate::error::Result;
 use crate::repo::lock::StanzaLock;
-use crate::repo::{BackupType, Repository};
+use crate::repo::{BackupType, Manifest, Repository};
 use crate::types::{BackupLabel, WalFileName, WalSegment};
 use crate::Stanza;
 pub use plan::{by_label, by_policy, ExpirePlan};
@@ -122,24 +122,7 @@ async fn locked(repo: &Repository, retention: Retention, opts: &ExpireOptions) -
         Some(label) => by_label(&backups, label, opts.with_dependents)?,
         None => by_policy(&backups, &retention, Utc::now()),
     };
-    let seg = repo.meta.wal_segment_size;
-    let wal_from = backups
-        .iter()
-        .filter(|m| plan.keep.contains(&m.label))
-        .filter_map(|m| WalSegment::parse(&m.start_wal, seg))
-        .min_by_key(|s| s.number);
-    // With no backup kept, no WAL is needed, but none is removed either:
-    // it may be all that is left to investigate.
-    let wal_doomed: Vec<String> = match wal_from {
-        Some(from) if retention.is_set() || opts.set.is_some() => repo
-            .list_wal()
-            .await?
-            .into_iter()
-            .filter(|w| segment_of(&w.name, seg).is_some_and(|s| s.number < from.number))
-            .map(|w| w.key)
-            .collect(),
-        _ => Vec::new(),
-    };
+    let (wal_doomed, wal_from) = doomed_wal(repo, &backups, &plan, retention.is_set() || opts.set.is_some()).await?;
     let leftovers: Vec<BackupLabel> = unfinished.into_iter().filter(|u| u.checkpoint.is_none()).map(|u| u.label).collect();
     let report = ExpireReport {
         repo: number,
@@ -151,7 +134,7 @@ async fn locked(repo: &Repository, retention: Retention, opts: &ExpireOptions) -
             .collect(),
         kept: plan.keep.len(),
         wal_removed: wal_doomed.len(),
-        wal_from: wal_from.map(|s| s.name(seg)),
+        wal_from,
         leftovers,
         dry_run: opts.dry_run,
     };
@@ -166,6 +149,44 @@ async fn locked(repo: &Repository, retention: Retention, opts: &ExpireOptions) -
     }
     repo.store().delete_all(wal_doomed).await?;
     Ok(report)
+}
+
+/// The archived WAL no kept backup needs, in the archive of each system
+/// of the stanza's history, and the first segment kept in the current
+/// system's. Within a system: what lies before its oldest kept backup's
+/// start (when `prune`: retention is set or one backup is removed). With
+/// no backup kept at all, nothing goes: it may be all that is left to
+/// investigate. A system replaced by `stanza-upgrade` whose backups are
+/// all gone while a later system's are kept loses its whole archive: no
+/// backup is left to replay it onto.
+async fn doomed_wal(repo: &Repository, backups: &[Manifest], plan: &ExpirePlan, prune: bool) -> Result<(Vec<String>, Option<String>)> {
+    let kept: Vec<&Manifest> = backups.iter().filter(|m| plan.keep.contains(&m.label)).collect();
+    let systems = repo.meta.systems();
+    let current = repo.meta.current();
+    let mut doomed = Vec::new();
+    let mut wal_from = None;
+    for system in &systems {
+        let seg = system.wal_segment_size;
+        let from = kept
+            .iter()
+            .filter(|m| m.system_id == system.system_id)
+            .filter_map(|m| WalSegment::parse(&m.start_wal, seg))
+            .min_by_key(|s| s.number);
+        if system.id == current.id {
+            wal_from = from.map(|s| s.name(seg));
+        }
+        let later_kept = kept.iter().any(|m| systems.iter().any(|s| s.id > system.id && s.system_id == m.system_id));
+        let before = match from {
+            Some(from) if prune => from.number,
+            None if prune && later_kept => u64::MAX,
+            _ => continue,
+        };
+        let archive = repo.for_system(system.system_id, "the stanza's history")?;
+        // Timeline history files stay while the system has a backup.
+        let gone = |name: &str| before == u64::MAX || segment_of(name, seg).is_some_and(|s| s.number < before);
+        doomed.extend(archive.list_wal().await?.into_iter().filter(|w| gone(&w.name)).map(|w| w.key));
+    }
+    Ok((doomed, wal_from))
 }
 
 /// The segment a segment, partial segment or backup history file belongs

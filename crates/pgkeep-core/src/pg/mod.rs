@@ -309,6 +309,20 @@ pub fn wal_system_id(segment: &[u8]) -> Option<SystemId> {
     Some(SystemId(id))
 }
 
+/// The system identifier `global/pg_control` holds: its first field,
+/// `ControlFileData.system_identifier` (a `uint64`, in every release since
+/// 8.0; `src/include/catalog/pg_control.h`). `None` when truncated.
+pub fn control_system_id(pg_control: &[u8]) -> Option<SystemId> {
+    Some(SystemId(u64::from_le_bytes(pg_control.get(..8)?.try_into().ok()?)))
+}
+
+/// The system of the data directory `dir` from its `global/pg_control`;
+/// `None` when there is none. PostgreSQL runs `restore_command` in its
+/// data directory, so `archive-get` learns there which system asks.
+pub fn data_dir_system_id(dir: &std::path::Path) -> Option<SystemId> {
+    control_system_id(&std::fs::read(dir.join(CONTROL_FILE)).ok()?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

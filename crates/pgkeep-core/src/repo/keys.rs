@@ -4,8 +4,9 @@
 //! ```text
 //! stanza.json                                   which cluster
 //! lock/<n>.json                                 the stanza lock
-//! archive/<tli+log>/<segment>-<blake3><ext>     archived WAL
+//! archive/<tli+log>/<segment>-<blake3><ext>     archived WAL (system 1)
 //! archive/history/<tli>.history-<blake3><ext>   timeline history files
+//! archive-<n>/...                               the same, for system n > 1
 //! backup/<label>/pg_data/<path><ext>            a file (or .part<k>)
 //! backup/<label>/bundle/<n>                     small files, concatenated
 //! backup/<label>/partial.json                   checkpoint while copying
@@ -18,7 +19,7 @@ use crate::types::{BackupLabel, WalFileName};
 pub const STANZA: &str = "stanza.json";
 /// The directory of the lock's generations.
 pub const LOCK_DIR: &str = "lock";
-/// The WAL archive.
+/// The WAL archive of the stanza's first system.
 pub const ARCHIVE_DIR: &str = "archive";
 /// The backups.
 pub const BACKUP_DIR: &str = "backup";
@@ -32,15 +33,31 @@ pub fn lock(generation: u64) -> String {
     format!("{LOCK_DIR}/{generation}.json")
 }
 
-/// The directory that holds archived copies of `name`.
-pub fn wal_dir(name: &WalFileName) -> String {
-    format!("{ARCHIVE_DIR}/{}", name.archive_dir())
+/// The WAL archive of system `id` of the stanza's history (1 is the one
+/// it was created for, and keeps the name it had before there was a
+/// history).
+pub fn archive(id: u32) -> String {
+    match id {
+        0 | 1 => ARCHIVE_DIR.to_owned(),
+        n => format!("{ARCHIVE_DIR}-{n}"),
+    }
 }
 
-/// An archived copy of `name` whose content has BLAKE3 `checksum`, stored
-/// with extension `ext`.
-pub fn wal(name: &WalFileName, checksum: &str, ext: &str) -> String {
-    format!("{}/{}-{checksum}{ext}", wal_dir(name), name.as_str())
+/// Whether `key` lies in a WAL archive (of any system).
+pub fn is_archive(key: &str) -> bool {
+    let first = key.split('/').next().unwrap_or_default();
+    first == ARCHIVE_DIR || first.strip_prefix(ARCHIVE_DIR).and_then(|r| r.strip_prefix('-')).is_some_and(|n| n.parse::<u32>().is_ok())
+}
+
+/// The directory of archive `archive` that holds archived copies of `name`.
+pub fn wal_dir(archive: &str, name: &WalFileName) -> String {
+    format!("{archive}/{}", name.archive_dir())
+}
+
+/// An archived copy of `name` in archive `archive` whose content has
+/// BLAKE3 `checksum`, stored with extension `ext`.
+pub fn wal(archive: &str, name: &WalFileName, checksum: &str, ext: &str) -> String {
+    format!("{}/{}-{checksum}{ext}", wal_dir(archive, name), name.as_str())
 }
 
 /// A backup's directory.
@@ -89,8 +106,11 @@ mod tests {
         assert_eq!(bundles(&l), "backup/20261201-100000F/bundle");
         assert_eq!(lock(3), "lock/3.json");
         let seg = WalFileName::parse("000000010000000000000003").unwrap();
-        assert_eq!(wal(&seg, "ab", ".zst"), "archive/0000000100000000/000000010000000000000003-ab.zst");
+        assert_eq!(wal(&archive(1), &seg, "ab", ".zst"), "archive/0000000100000000/000000010000000000000003-ab.zst");
         let hist = WalFileName::parse("00000002.history").unwrap();
-        assert_eq!(wal_dir(&hist), "archive/history");
+        assert_eq!(wal_dir(&archive(1), &hist), "archive/history");
+        assert_eq!(wal_dir(&archive(2), &hist), "archive-2/history");
+        assert!(is_archive("archive-2/history/x") && is_archive("archive/0000000100000000/x"));
+        assert!(!is_archive("archived/x") && !is_archive("archive-x/y") && !is_archive("backup/archive"));
     }
 }

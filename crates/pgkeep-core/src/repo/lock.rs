@@ -341,6 +341,7 @@ mod tests {
             wal_segment_size: 16 << 20,
             created: Utc::now(),
             cipher: None,
+            history: Vec::new(),
         };
         Repository::create(&crate::storage::Store::open(&opts.store()).unwrap(), meta, 1, None).await.unwrap().0
     }

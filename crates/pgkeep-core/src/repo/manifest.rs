@@ -36,12 +36,81 @@ pub struct StanzaMeta {
     /// Encryption of the stanza's objects, when it is encrypted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cipher: Option<crate::crypto::CipherMeta>,
+    /// Every system the stanza has held, oldest first, the current one
+    /// (that of the fields above) last; written by the first
+    /// `stanza-upgrade`. Empty means one system, that of the fields above.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<SystemRecord>,
+}
+
+/// One system a stanza has held: a cluster as `initdb` made it, replaced
+/// by another after `pg_upgrade` (which makes a new system identifier).
+/// Its WAL has an archive of its own ([`SystemRecord::archive`]); its
+/// backups name it by `system-id`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "kebab-case")]
+pub struct SystemRecord {
+    /// 1 for the system the stanza was created for, then 2, 3...
+    pub id: u32,
+    /// The cluster's system identifier.
+    pub system_id: SystemId,
+    /// `server_version_num` when it was recorded.
+    pub pg_version: u32,
+    /// WAL segment size in bytes.
+    pub wal_segment_size: u64,
+    /// When the stanza took it (stanza-create or stanza-upgrade).
+    pub since: DateTime<Utc>,
+}
+
+impl SystemRecord {
+    /// Major version, e.g. 15.
+    pub fn pg_major(&self) -> u32 {
+        self.pg_version / 10000
+    }
+
+    /// The directory of its WAL archive, relative to the stanza.
+    pub fn archive(&self) -> String {
+        crate::repo::keys::archive(self.id)
+    }
 }
 
 impl StanzaMeta {
     /// Major version, e.g. 15.
     pub fn pg_major(&self) -> u32 {
         self.pg_version / 10000
+    }
+
+    /// Every system the stanza has held, oldest first; never empty.
+    pub fn systems(&self) -> Vec<SystemRecord> {
+        match self.history.is_empty() {
+            true => vec![SystemRecord {
+                id: 1,
+                system_id: self.system_id,
+                pg_version: self.pg_version,
+                wal_segment_size: self.wal_segment_size,
+                since: self.created,
+            }],
+            false => self.history.clone(),
+        }
+    }
+
+    /// The system the stanza takes backups and WAL of now.
+    pub fn current(&self) -> SystemRecord {
+        self.systems().pop().expect("never empty")
+    }
+
+    /// The record of system `id`, when the stanza has held it.
+    pub fn system(&self, id: SystemId) -> Option<SystemRecord> {
+        self.systems().into_iter().find(|s| s.system_id == id)
+    }
+
+    /// The metadata after `stanza-upgrade` to `next`: the history gains
+    /// it, and the fields above become its.
+    pub fn upgraded(&self, system_id: SystemId, pg_version: u32, wal_segment_size: u64, now: DateTime<Utc>) -> StanzaMeta {
+        let mut history = self.systems();
+        let id = history.last().map_or(1, |s| s.id + 1);
+        history.push(SystemRecord { id, system_id, pg_version, wal_segment_size, since: now });
+        StanzaMeta { system_id, pg_version, wal_segment_size, history, ..self.clone() }
     }
 }
 
@@ -521,6 +590,7 @@ mod tests {
             wal_segment_size: 16 << 20,
             created: Utc::now(),
             cipher: None,
+            history: Vec::new(),
         };
         let sealed = seal(&meta);
         assert_eq!(unseal::<StanzaMeta>(&sealed, "stanza.json").unwrap(), meta);

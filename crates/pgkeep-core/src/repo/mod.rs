@@ -6,6 +6,7 @@
 //! <location>/<stanza>/stanza.json                          which cluster
 //! <location>/<stanza>/archive/<tli+log>/<segment>-<blake3><ext>
 //! <location>/<stanza>/archive/history/<tli>.history-<blake3><ext>
+//! <location>/<stanza>/archive-<n>/...     WAL of the n-th system (n > 1)
 //! <location>/<stanza>/backup/<label>/pg_data/<path><ext>   file contents
 //! <location>/<stanza>/backup/<label>/partial.json          while copying
 //! <location>/<stanza>/backup/<label>/manifest.json         written last
@@ -30,7 +31,7 @@ use crate::crypto::Cipher;
 use crate::error::{Error, Result};
 use crate::storage::{Listed, Store};
 use crate::types::{BackupLabel, SystemId, TimelineHistory, TimelineId, WalFileName, WalSegment};
-pub use manifest::{BackupType, DirEntry, FileEntry, Manifest, ServerRole, StanzaMeta, Tablespace};
+pub use manifest::{BackupType, DirEntry, FileEntry, Manifest, ServerRole, StanzaMeta, SystemRecord, Tablespace};
 
 /// A stanza in one repository.
 #[derive(Clone, Debug)]
@@ -42,6 +43,9 @@ pub struct Repository {
     pub number: usize,
     /// The stanza's metadata.
     pub meta: StanzaMeta,
+    /// The system whose WAL this handle archives and reads: the stanza's
+    /// current one, unless chosen with [`Repository::for_system`].
+    pub system: SystemRecord,
 }
 
 /// An archived WAL file as found in the archive.
@@ -82,7 +86,7 @@ impl Repository {
             Some(bytes) => {
                 let meta: StanzaMeta = manifest::unseal(&bytes, &what)?;
                 let cipher = open_cipher(&meta, passphrase, number)?;
-                Ok(Repository { meta, store, number, cipher })
+                Ok(Repository { system: meta.current(), meta, store, number, cipher })
             }
             None => Err(Error::Input(format!(
                 "stanza '{stanza}' does not exist in repo {number} ({}): run `pgkeep --stanza {stanza} stanza-create` first",
@@ -100,7 +104,7 @@ impl Repository {
             let existing: StanzaMeta = manifest::unseal(&bytes, &what)?;
             existing.same_cluster(&meta, number, sub.location())?;
             let cipher = open_cipher(&existing, passphrase, number)?;
-            return Ok((Repository { store: sub, number, meta: existing, cipher }, false));
+            return Ok((Repository { store: sub, number, system: existing.current(), meta: existing, cipher }, false));
         }
         if let Some(pass) = passphrase {
             meta.cipher = Some(Cipher::create(pass)?.1);
@@ -126,15 +130,42 @@ impl Repository {
         &self.store
     }
 
-    /// Refuses data of another cluster.
-    pub fn check_system_id(&self, id: SystemId, of_what: &str) -> Result<()> {
-        if id != self.meta.system_id {
-            return Err(Error::Refused(format!(
-                "{of_what} belongs to the cluster with system identifier {id}, but stanza '{}' in repo {} holds cluster {}; check --stanza and the repository",
-                self.meta.stanza, self.number, self.meta.system_id
-            )));
+    /// This handle for system `id` of the stanza's history: its WAL
+    /// operations use that system's archive. Refused when the stanza never
+    /// held it.
+    pub fn for_system(&self, id: SystemId, of_what: &str) -> Result<Repository> {
+        match self.meta.system(id) {
+            Some(system) => Ok(Repository { system, ..self.clone() }),
+            None => Err(self.not_ours(id, of_what)),
         }
-        Ok(())
+    }
+
+    /// Refuses data of any system but the one this handle is for (the
+    /// stanza's current one unless chosen otherwise): another cluster, an
+    /// older system of the stanza, or a newer one `stanza-upgrade` has not
+    /// recorded yet.
+    pub fn check_system_id(&self, id: SystemId, of_what: &str) -> Result<()> {
+        if id == self.system.system_id {
+            return Ok(());
+        }
+        match self.meta.system(id) {
+            Some(old) => Err(Error::Refused(format!(
+                "{of_what} belongs to system {id} (PostgreSQL {}), which stanza '{}' in repo {} held before system {} (PostgreSQL {}) replaced it; it takes no more backups or WAL of it: point the old cluster at another stanza, or stop it",
+                old.pg_major(),
+                self.meta.stanza,
+                self.number,
+                self.system.system_id,
+                self.system.pg_major()
+            ))),
+            None => Err(self.not_ours(id, of_what)),
+        }
+    }
+
+    fn not_ours(&self, id: SystemId, of_what: &str) -> Error {
+        Error::Refused(format!(
+            "{of_what} belongs to the cluster with system identifier {id}, but stanza '{}' in repo {} holds cluster {}: if this cluster was upgraded with pg_upgrade, run `pgkeep --stanza {} stanza-upgrade`; else check --stanza and the repository",
+            self.meta.stanza, self.number, self.system.system_id, self.meta.stanza
+        ))
     }
 
     // ----- WAL archive -----
@@ -168,14 +199,14 @@ impl Repository {
             Some(c) => c.seal(packed)?,
             None => packed.to_vec(),
         };
-        let key = keys::wal(name, &checksum, compress.extension());
+        let key = keys::wal(&self.system.archive(), name, &checksum, compress.extension());
         self.store.put(&key, Bytes::from(packed), true).await?;
         Ok(Pushed::Stored)
     }
 
     /// Every archived copy of `name` (normally zero or one).
     pub async fn find_wal(&self, name: &WalFileName) -> Result<Vec<ArchivedWal>> {
-        let dir = keys::wal_dir(name);
+        let dir = keys::wal_dir(&self.system.archive(), name);
         let mut out = Vec::new();
         for l in self.store.list(&dir).await? {
             if let Some(w) = parse_archived(&dir, l) {
@@ -211,7 +242,7 @@ impl Repository {
         let what = format!("archived WAL object '{}' in repo {}", w.key, self.number);
         let stored = self.store.get(&w.key).await?.ok_or_else(|| Error::Corrupt(format!("{what} vanished while being read")))?;
         let stored = self.unseal_bytes(stored, &what)?;
-        let limit = (self.meta.wal_segment_size).max(64 << 20);
+        let limit = (self.system.wal_segment_size).max(64 << 20);
         let data = codec::decompress_bytes(w.compress, &stored, limit)
             .map_err(|e| Error::Corrupt(format!("{what} cannot be decompressed ({e}): it is corrupt or truncated")))?;
         if self.content_hash(&data) != w.checksum {
@@ -238,10 +269,10 @@ impl Repository {
             .ok_or_else(|| Error::Corrupt(format!("archived {} in repo {} is not a timeline history file", name.as_str(), self.number)))
     }
 
-    /// Every archived WAL file, sorted by name.
+    /// Every archived WAL file of this handle's system, sorted by name.
     pub async fn list_wal(&self) -> Result<Vec<ArchivedWal>> {
-        let mut out: Vec<_> =
-            self.store.list(keys::ARCHIVE_DIR).await?.into_iter().filter_map(|l| parse_archived(keys::ARCHIVE_DIR, l)).collect();
+        let dir = self.system.archive();
+        let mut out: Vec<_> = self.store.list(&dir).await?.into_iter().filter_map(|l| parse_archived(&dir, l)).collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
     }
@@ -253,7 +284,7 @@ impl Repository {
 
     /// The segments among `listed` (from [`Repository::list_wal`]).
     pub fn segments_of(&self, listed: Vec<ArchivedWal>) -> Vec<(WalSegment, ArchivedWal)> {
-        let seg = self.meta.wal_segment_size;
+        let seg = self.system.wal_segment_size;
         listed.into_iter().filter_map(|w| WalSegment::parse(&w.name, seg).map(|s| (s, w))).collect()
     }
 
@@ -338,8 +369,14 @@ impl Repository {
 impl StanzaMeta {
     fn same_cluster(&self, other: &StanzaMeta, number: usize, location: &str) -> Result<()> {
         if self.system_id != other.system_id {
+            let why = match self.system(other.system_id) {
+                Some(_) => "; the server is an older system of the stanza, replaced by stanza-upgrade",
+                None => {
+                    "; if the cluster was upgraded with pg_upgrade, run stanza-upgrade instead, else use another stanza name or repository"
+                }
+            };
             return Err(Error::Refused(format!(
-                "repo {number} ({location}) holds stanza '{}' of another cluster (system identifier {}, this one is {}); use another stanza name or repository",
+                "repo {number} ({location}) holds stanza '{}' of another cluster (system identifier {}, this one is {}){why}",
                 self.stanza, self.system_id, other.system_id
             )));
         }
@@ -427,6 +464,7 @@ mod tests {
             wal_segment_size: 16 << 20,
             created: chrono::Utc::now(),
             cipher: None,
+            history: Vec::new(),
         }
     }
 

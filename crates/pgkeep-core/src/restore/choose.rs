@@ -51,8 +51,7 @@ pub(super) async fn plan(stanza: &Stanza, opts: &RestoreOptions) -> Result<Plan>
     let mut first_err = None;
     for number in 1..=stanza.settings.repos.len() {
         let attempt = async {
-            let repo = stanza.open(number).await?;
-            let backups = repo.backups().await?;
+            let (repo, backups) = of_one_system(stanza.open(number).await?, opts.set.as_ref()).await?;
             let listed = repo.list_wal().await?;
             let path = recovery_path(&repo, opts.timeline.as_deref(), &listed).await?;
             let selection = selection_target(&repo, &backups, &target).await?;
@@ -89,6 +88,28 @@ pub(super) async fn plan(stanza: &Stanza, opts: &RestoreOptions) -> Result<Plan>
         }
     }
     Err(first_err.expect("at least one repository"))
+}
+
+/// The backups of one system of the stanza's history, and the repository
+/// handle that reads that system's WAL: the system of backup `set` when
+/// it is named, else the stanza's current one. Systems are never mixed:
+/// WAL positions and timelines of one mean nothing to another.
+pub(super) async fn of_one_system(repo: Repository, set: Option<&crate::types::BackupLabel>) -> Result<(Repository, Vec<Manifest>)> {
+    let all = repo.backups().await?;
+    let system = set.and_then(|label| all.iter().find(|m| &m.label == label)).map_or(repo.system.system_id, |m| m.system_id);
+    let repo = repo.for_system(system, "the backup")?;
+    let older = all.iter().filter(|m| m.system_id != system).count();
+    let backups: Vec<Manifest> = all.into_iter().filter(|m| m.system_id == system).collect();
+    if backups.is_empty() && older > 0 {
+        return Err(Error::Input(format!(
+            "repo {} holds no backup of stanza '{}''s current system {} (PostgreSQL {}) yet, only {older} of the systems before stanza-upgrade; take a backup, or name one of those with --set to restore it (with its own PostgreSQL binaries)",
+            repo.number,
+            repo.meta.stanza,
+            system,
+            repo.system.pg_major()
+        )));
+    }
+    Ok((repo, backups))
 }
 
 /// `m` and the backups it depends on, newest first.
@@ -152,7 +173,7 @@ pub(super) async fn selection_target(repo: &Repository, backups: &[Manifest], ta
 /// The archive must hold the WAL that makes the backup consistent, and
 /// reach the target: say so now rather than let recovery fail later.
 pub(super) fn check_archive(repo: &Repository, m: &Manifest, target: &Target, segments: Vec<(WalSegment, ArchivedWal)>) -> Result<()> {
-    let seg_size = repo.meta.wal_segment_size;
+    let seg_size = repo.system.wal_segment_size;
     let (first, last) = (WalSegment::parse(&m.start_wal, seg_size), WalSegment::parse(&m.stop_wal, seg_size));
     if let (Some(first), Some(last)) = (first, last) {
         if let Some(missing) = Repository::first_missing(&segments, first, last) {

@@ -40,9 +40,8 @@ pub(super) fn check_delta_target(dir: &Path, m: &Manifest) -> Result<()> {
     }
     let control = [dir.join(CONTROL_FILE), dir.join(DELTA_CONTROL)].into_iter().find_map(|p| std::fs::read(p).ok());
     let Some(control) = control else { return Err(refuse("has no global/pg_control".into())) };
-    let id = control.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
-    match id {
-        Some(id) if id == m.system_id.0 => Ok(()),
+    match crate::pg::control_system_id(&control) {
+        Some(id) if id == m.system_id => Ok(()),
         Some(id) => Err(refuse(format!("holds the data directory of another system ({id}, backup {} is of {})", m.label, m.system_id))),
         None => Err(refuse("has a truncated global/pg_control".into())),
     }

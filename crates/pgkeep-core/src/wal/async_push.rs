@@ -581,6 +581,7 @@ mod tests {
             wal_segment_size: 16 << 20,
             created: chrono::Utc::now(),
             cipher: None,
+            history: Vec::new(),
         };
         let mut lanes = Vec::new();
         for number in 1..=2 {

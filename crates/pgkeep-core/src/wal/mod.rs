@@ -103,7 +103,12 @@ impl Packed {
 /// Refuses a segment of the wrong size or of another cluster.
 fn check_wal_file(repo: &Repository, name: &WalFileName, data: &[u8], path: &Path) -> Result<()> {
     if matches!(name, WalFileName::Segment(_) | WalFileName::Partial(_)) {
-        let seg = repo.meta.wal_segment_size;
+        // The system first: a new system after pg_upgrade may have
+        // another segment size, and what to do about it is stanza-upgrade.
+        let id = wal_system_id(data)
+            .ok_or_else(|| Error::Refused(format!("{} does not start with a WAL page header; it is not a WAL segment", path.display())))?;
+        repo.check_system_id(id, &format!("WAL file {}", name.as_str()))?;
+        let seg = repo.system.wal_segment_size;
         if data.len() as u64 != seg {
             return Err(Error::Refused(format!(
                 "{} has {} bytes but the stanza's WAL segments have {seg}; is this the right stanza?",
@@ -111,9 +116,6 @@ fn check_wal_file(repo: &Repository, name: &WalFileName, data: &[u8], path: &Pat
                 data.len()
             )));
         }
-        let id = wal_system_id(data)
-            .ok_or_else(|| Error::Refused(format!("{} does not start with a WAL page header; it is not a WAL segment", path.display())))?;
-        repo.check_system_id(id, &format!("WAL file {}", name.as_str()))?;
     }
     Ok(())
 }
@@ -173,7 +175,7 @@ pub async fn wait_archived(repo: &Repository, segment: &str, timeout_secs: u64) 
 /// Returns its LSN. A record split across a page boundary is not seen;
 /// the caller then asks for `--set`.
 pub async fn find_restore_point(repo: &Repository, name: &str, from: crate::types::Lsn) -> Result<Option<crate::types::Lsn>> {
-    let seg = repo.meta.wal_segment_size;
+    let seg = repo.system.wal_segment_size;
     let mut segments = repo.list_segments().await?;
     segments.sort_by_key(|(s, _)| (s.timeline, s.number));
     for (s, w) in segments.into_iter().rev() {

@@ -61,7 +61,7 @@ pub async fn worker(stanza: &Stanza) -> Result<()> {
         }
     }
     let Some(first) = repos.first() else { return Ok(()) };
-    let seg = first.meta.wal_segment_size;
+    let seg = first.system.wal_segment_size;
     let ahead = (stanza.settings.archive.get_queue_max / seg).max(1);
     let jobs = stanza.settings.jobs.max(1) * 2;
     let repos = std::sync::Arc::new(repos);

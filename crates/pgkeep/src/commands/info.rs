@@ -34,6 +34,15 @@ fn print_text(s: &StanzaInfo) {
         (Some(min), Some(max)) => println!("    wal archive min/max: {min} / {max}"),
         _ => println!("    wal archive: empty"),
     }
+    // After stanza-upgrade: the systems before the current one, whose
+    // backups stay restorable.
+    for h in s.history.iter().filter(|h| !h.current) {
+        let wal = match (&h.archive.min, &h.archive.max) {
+            (Some(min), Some(max)) => format!("wal {min} / {max}"),
+            _ => "no wal".into(),
+        };
+        println!("    earlier system {}: system-id {}, PostgreSQL {}, until stanza-upgrade; {wal}", h.id, h.system_id, h.pg_version);
+    }
     for r in &s.repos {
         match &r.error {
             Some(e) => println!("    repo {} ({}): ERROR: {e}", r.repo, r.location),
@@ -60,6 +69,9 @@ fn print_text(s: &StanzaInfo) {
         let kind = serde_json::to_value(b.kind).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
         println!();
         println!("    {kind} backup: {} (repo {}, from the {})", b.label, b.repo, b.from);
+        if b.system_id != s.system_id {
+            println!("        of earlier system {} (PostgreSQL {})", b.system_id, b.pg_version);
+        }
         println!("        start/stop time: {} / {}", b.start_time, b.stop_time);
         println!("        start/stop lsn: {} / {}, wal {} / {}", b.start_lsn, b.stop_lsn, b.start_wal, b.stop_wal);
         println!("        database size: {}, stored: {}", bytes(b.size), bytes(b.repo_size));

@@ -9,6 +9,7 @@ mod info;
 mod restore;
 mod stanza_create;
 mod stanza_delete;
+mod stanza_upgrade;
 mod verify;
 
 use std::path::PathBuf;
@@ -30,10 +31,18 @@ pub async fn run(cli: Cli) -> Result<()> {
     let stanza = resolve(&cli, &file, cli.stanza.as_deref())?;
     match &cli.command {
         Command::StanzaCreate => stanza_create::run(&stanza).await,
+        Command::StanzaUpgrade => stanza_upgrade::run(&cli, &stanza).await,
         Command::StanzaDelete { force } => stanza_delete::run(&cli, &stanza, *force).await,
         Command::Check => check::run(&stanza).await,
         Command::ArchivePush { path, worker } => archive::push(&stanza, path, *worker).await,
-        Command::ArchiveGet { name, dest, worker } => archive::get(&stanza, name, dest, *worker).await,
+        Command::ArchiveGet { name, dest, worker } => {
+            // PostgreSQL runs restore_command in the data directory: its
+            // pg_control says which system of the stanza's history asks
+            // (a restored backup taken before pg_upgrade replays the old
+            // system's WAL).
+            let asking = pgkeep_core::pg::data_dir_system_id(std::path::Path::new("."));
+            archive::get(&stanza.serving_system(asking), name, dest, *worker).await
+        }
         Command::Backup { kind } => backup::run(&cli, &stanza, *kind).await,
         Command::Restore(args) => restore::run(&cli, &stanza, config_path.as_deref(), args).await,
         Command::Expire { set, with_dependents, dry_run } => expire::run(&cli, &stanza, set.as_deref(), *with_dependents, *dry_run).await,

