@@ -523,6 +523,43 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn after_stanza_upgrade_each_system_has_its_own_archive_and_only_the_current_one_takes_wal() {
+        let (faulty, repo) = faulty_repo().await;
+        let store = Store::from_object_store(faulty, "faulty://");
+        let name = WalFileName::History("00000002.history".into());
+        repo.push_wal(&name, b"old system", Compress::Zstd, None).await.unwrap();
+        let t = chrono::Utc::now();
+        let upgraded = repo.meta.upgraded(SystemId(8), 180001, 32 << 20, t);
+        repo.store().put(STANZA_FILE, manifest::seal(&upgraded), false).await.unwrap();
+
+        let now = Repository::open(&store, "demo", 1, None).await.unwrap();
+        let ids: Vec<(u32, SystemId, u32)> = now.meta.systems().iter().map(|s| (s.id, s.system_id, s.pg_major())).collect();
+        assert_eq!(ids, vec![(1, SystemId(7), 15), (2, SystemId(8), 18)]);
+        assert_eq!((now.system.system_id, now.system.wal_segment_size), (SystemId(8), 32 << 20));
+        // The same name in each system's archive, each with its content.
+        assert!(now.find_wal(&name).await.unwrap().is_empty(), "the old system's WAL shows in the new one's archive");
+        now.push_wal(&name, b"new system", Compress::Zstd, None).await.unwrap();
+        assert!(now.find_wal(&name).await.unwrap()[0].key.starts_with("archive-2/history/"));
+        let old = now.for_system(SystemId(7), "test").unwrap();
+        assert_eq!(old.get_wal(&name).await.unwrap(), b"old system");
+        assert_eq!(now.get_wal(&name).await.unwrap(), b"new system");
+        // Only the current system takes WAL or backups; the others say why.
+        now.check_system_id(SystemId(8), "x").unwrap();
+        let e = now.check_system_id(SystemId(7), "WAL file x").unwrap_err();
+        assert!(e.to_string().contains("held before system 8"), "{e}");
+        let e = now.check_system_id(SystemId(9), "WAL file x").unwrap_err();
+        assert!(e.to_string().contains("stanza-upgrade"), "{e}");
+        assert!(now.for_system(SystemId(9), "the cluster asking for WAL").is_err());
+        // A stanza-create from the new system accepts the stanza; from the
+        // old one it is refused.
+        let (_, created) =
+            Repository::create(&store, StanzaMeta { system_id: SystemId(8), pg_version: 180001, ..meta() }, 1, None).await.unwrap();
+        assert!(!created);
+        let e = Repository::create(&store, meta(), 1, None).await.unwrap_err();
+        assert!(e.to_string().contains("older system"), "{e}");
+    }
+
+    #[tokio::test]
     async fn a_second_stanza_create_for_another_system_is_refused() {
         let (faulty, repo) = faulty_repo().await;
         let store = Store::from_object_store(faulty, "faulty://");

@@ -342,7 +342,7 @@ async fn try_store_one(s: &Shared, name: &str) -> Result<()> {
             let (c, level) = codec_of(s, &repo);
             let bytes = packed.find(c, level).expect("compressed above");
             let stored = async {
-                super::check_wal_file(&repo, wal, data, path)?;
+                let repo = checked(s, lane, repo, wal, data, path).await?;
                 repo.push_packed_wal(wal, data, c, &bytes).await
             };
             match stored.await {
@@ -388,12 +388,28 @@ fn codec_of(s: &Shared, repo: &Repository) -> super::Codec {
     (opts.compress.unwrap_or_default(), opts.compress_level)
 }
 
-/// Stores a queued file (compressed here: the queue is the rare path).
-async fn store_in(s: &Shared, repo: &Repository, wal: &WalFileName, data: &[u8], path: &Path) -> Result<()> {
+/// Stores a queued file (compressed here: the queue is the rare path);
+/// `repo` has passed [`checked`].
+async fn store_in(s: &Shared, repo: &Repository, wal: &WalFileName, data: &[u8]) -> Result<()> {
     let (c, level) = codec_of(s, repo);
-    super::check_wal_file(repo, wal, data, path)?;
     repo.push_wal(wal, data, c, level).await?;
     Ok(())
+}
+
+/// `repo` when it takes `wal` (of its stanza's current system, of the
+/// right size); else the repository read again, which the lane keeps, when
+/// that takes it: `stanza-upgrade` may have recorded a new system since
+/// the worker opened it (after `pg_upgrade`, PostgreSQL retries the
+/// refused file until it has run).
+async fn checked(s: &Shared, lane: &Mutex<Lane>, repo: Repository, wal: &WalFileName, data: &[u8], path: &Path) -> Result<Repository> {
+    let Err(refused) = super::check_wal_file(&repo, wal, data, path) else { return Ok(repo) };
+    let fresh = s.stanza.open(repo.number).await?;
+    if fresh.meta == repo.meta {
+        return Err(refused);
+    }
+    lane.lock().expect("lane").repo = Some(fresh.clone());
+    super::check_wal_file(&fresh, wal, data, path)?;
+    Ok(fresh)
 }
 
 /// Marks a repository down after a store error.
@@ -426,7 +442,8 @@ async fn keep_for(s: &Shared, lane: &Mutex<Lane>, name: &str, data: &[u8]) -> Re
         };
         let path = s.wal_dir.join(name);
         let wal = super::parse_name(&path)?;
-        match store_in(s, &repo, &wal, data, &path).await {
+        let stored = async { store_in(s, &checked(s, lane, repo.clone(), &wal, data, &path).await?, &wal, data).await };
+        match stored.await {
             Ok(()) => {
                 let number = repo.number;
                 s.spool.log(
@@ -541,7 +558,11 @@ async fn drain_queue(s: &Shared, lane: &Mutex<Lane>, number: usize) -> Result<u6
         let data = s.spool.read_queued(number, &next)?;
         let path = s.spool.queue(number).join(&next);
         let wal = super::parse_name(&path)?;
-        match store_in(s, &repo, &wal, &data, &path).await {
+        // A file this repository does not take yet (its stanza has not
+        // recorded the system after pg_upgrade) waits in the queue, which
+        // stays; only a refusal of the store itself drops it.
+        let repo = checked(s, lane, repo.clone(), &wal, &data, &path).await?;
+        match store_in(s, &repo, &wal, &data).await {
             Ok(()) => {}
             Err(e) if e.retryable() => return Err(e),
             Err(e) => {
@@ -660,6 +681,59 @@ mod tests {
         );
         assert!(s.spool.queued(2).is_empty() && queued.is_empty(), "{queued:?} {:?}", s.spool.queued(2));
         assert!(in_repo(&s, 2, &late).await, "{late} never reached repo 2");
+    }
+
+    /// A WAL segment of system `id`: 16 MiB starting with a long page
+    /// header (`xlp_info` with XLP_LONG_HEADER, `xlp_sysid` at 24).
+    fn segment_of_system(id: u64) -> Vec<u8> {
+        let mut data = vec![0u8; 16 << 20];
+        data[2..4].copy_from_slice(&2u16.to_le_bytes());
+        data[24..32].copy_from_slice(&id.to_le_bytes());
+        data
+    }
+
+    /// What `stanza-upgrade` writes in repository `number`: system `id`
+    /// recorded as the current one.
+    async fn record_system(s: &Shared, number: usize, id: u64) {
+        let repo = s.stanza.open(number).await.unwrap();
+        let meta = repo.meta.upgraded(crate::types::SystemId(id), 180000, 16 << 20, chrono::Utc::now());
+        repo.store().put(crate::repo::keys::STANZA, crate::repo::manifest::seal(&meta), false).await.unwrap();
+    }
+
+    /// Issue 11: after `pg_upgrade`, a worker that opened the repositories
+    /// before `stanza-upgrade` must take the new system's WAL once it has
+    /// run (PostgreSQL retries the refused file meanwhile), and a file
+    /// queued for a repository that has not recorded the new system yet
+    /// must wait in its queue, not be dropped as refused for good.
+    #[tokio::test]
+    async fn a_worker_opened_before_stanza_upgrade_takes_the_new_system_after_it_and_a_queue_waits_for_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = shared(dir.path()).await;
+        let name = "000000010000000000000009";
+        std::fs::write(s.wal_dir.join(name), segment_of_system(2)).unwrap();
+
+        // Before stanza-upgrade: refused everywhere, nothing stored.
+        assert!(!store_one(&s, name).await, "a segment of an unrecorded system was accepted");
+        assert!(!in_repo(&s, 1, name).await && !in_repo(&s, 2, name).await);
+
+        // stanza-upgrade reached repo 1; repo 2 is down meanwhile.
+        record_system(&s, 1, 2).await;
+        s.lanes[1].lock().expect("lane").down = Some("unreachable".into());
+        assert!(store_one(&s, name).await, "repo 1 recorded the system: the file is archived there");
+        assert!(in_repo(&s, 1, name).await);
+        assert_eq!(s.spool.queued(2).len(), 1, "the file is queued for repo 2");
+
+        // Repo 2 answers but has not recorded the system: the file waits.
+        drain(&s, 2).await;
+        let down = s.lanes[1].lock().expect("lane").down.clone();
+        assert!(down.as_deref().is_some_and(|d| d.contains("stanza-upgrade")), "{down:?}");
+        assert_eq!(s.spool.queued(2).len(), 1, "a file repo 2 does not take yet was dropped from its queue");
+
+        // Once it has: delivered.
+        record_system(&s, 2, 2).await;
+        drain(&s, 2).await;
+        assert!(s.lanes[1].lock().expect("lane").down.is_none());
+        assert!(s.spool.queued(2).is_empty() && in_repo(&s, 2, name).await);
     }
 
     /// Issue 11: an upload task that panics (a bug, simulated by a store
