@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::codec::Compress;
-use crate::error::{Error, Result};
+use crate::error::{Error, Hint, Opt, Result};
 
 /// Where the stanza's PostgreSQL lives, and how its WAL is archived.
 #[derive(Debug, Clone, Default, Deserialize, clap::Args)]
@@ -165,10 +165,7 @@ impl ConfigFile {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => return Ok(Self::default()),
             Err(e) => {
-                return Err(Error::Input(format!(
-                    "cannot read config file {}: {e}; pass --config FILE or set PGKEEP_CONFIG",
-                    path.display()
-                )))
+                return Err(Error::Input(format!("cannot read config file {}: {e}", path.display())).with_hint(Hint::retry(Opt::Config)))
             }
         };
         Self::parse(&text).map_err(|e| Error::Input(format!("config file {}: {e}", path.display())))
@@ -473,7 +470,7 @@ impl Settings {
             Some(s) if !s.is_empty() => s.to_owned(),
             _ => match file.stanza.keys().collect::<Vec<_>>().as_slice() {
                 [only] => (*only).clone(),
-                _ => return Err(Error::Input("no stanza given: pass --stanza NAME or set PGKEEP_STANZA".into())),
+                _ => return Err(Error::Input("no stanza given".into()).with_hint(Hint::retry(Opt::Stanza))),
             },
         };
         if !stanza.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.') || stanza.starts_with('.') {
@@ -485,14 +482,16 @@ impl Settings {
             None => {
                 let known: Vec<_> = file.stanza.keys().map(String::as_str).collect();
                 return Err(Error::Input(format!(
-                    "stanza '{stanza}' is not in the config file (it has: {}); add a [stanza.{stanza}] section or fix --stanza",
+                    "stanza '{stanza}' is not in the config file (it has: {}); add a [stanza.{stanza}] section",
                     if known.is_empty() { "none".into() } else { known.join(", ") }
-                )));
+                ))
+                .with_hint(Hint::retry(Opt::Stanza)));
             }
         };
         let mut repos = file.repo.clone();
         if repo_index == 0 || repo_index > 4 {
-            return Err(Error::Input(format!("--repo {repo_index} is out of range: repositories are numbered 1 to 4")));
+            return Err(Error::Input(format!("repository {repo_index} is out of range: repositories are numbered 1 to 4"))
+                .with_hint(Hint::retry(Opt::Repo)));
         }
         if !repo_flags.is_empty() {
             while repos.len() < repo_index {
@@ -501,11 +500,14 @@ impl Settings {
             repos[repo_index - 1] = repo_flags.or(&repos[repo_index - 1]);
         }
         if repos.is_empty() {
-            return Err(Error::Input("no repository configured: add a [[repo]] table with `location` or pass --location".into()));
+            return Err(
+                Error::Input("no repository configured: add a [[repo]] table with `location`".into()).with_hint(Hint::retry(Opt::Location))
+            );
         }
         for (i, r) in repos.iter().enumerate() {
             if r.location.as_deref().unwrap_or("").is_empty() {
-                return Err(Error::Input(format!("repo {} has no `location`: set it in its [[repo]] table or pass --location", i + 1)));
+                return Err(Error::Input(format!("repo {} has no `location`: set it in its [[repo]] table", i + 1))
+                    .with_hint(Hint::retry(Opt::Location)));
             }
             r.retention(i + 1)?;
         }
@@ -550,10 +552,8 @@ impl Settings {
     /// The data directory, or an error saying how to set it.
     pub fn pg_data(&self) -> Result<&Path> {
         self.pg.pg_data.as_deref().ok_or_else(|| {
-            Error::Input(format!(
-                "no data directory for stanza '{}': set pg-data in [stanza.{}] or pass --pg-data",
-                self.stanza, self.stanza
-            ))
+            Error::Input(format!("no data directory for stanza '{}': set pg-data in [stanza.{}]", self.stanza, self.stanza))
+                .with_hint(Hint::retry(Opt::PgData))
         })
     }
 }

@@ -61,17 +61,16 @@ impl DrillReport {
 pub async fn run(stanza: &Stanza, opts: &DrillOptions) -> Result<DrillReport> {
     if running_as_root() {
         return Err(Error::Input(
-            "verify --restore starts PostgreSQL, which refuses to run as root: run pgkeep as the postgres user".into(),
+            "a restore drill starts PostgreSQL, which refuses to run as root: run pgkeep as the postgres user".into(),
         ));
     }
     let number = opts.repo.max(1);
     let repo = stanza.open(number).await?;
     let backups = repo.backups().await?;
     let m: &Manifest = match &opts.set {
-        Some(l) => backups
-            .iter()
-            .find(|m| &m.label == l)
-            .ok_or_else(|| Error::NotFound(format!("backup {l} does not exist in repo {number}; see `pgkeep info`")))?,
+        Some(l) => backups.iter().find(|m| &m.label == l).ok_or_else(|| {
+            Error::NotFound(format!("backup {l} does not exist in repo {number}")).with_hint(crate::Hint::run(crate::Operation::Info))
+        })?,
         None => backups.last().ok_or_else(|| Error::NotFound(format!("repo {number} has no backup to restore yet")))?,
     };
     let bin = pg_bin(m.pg_version / 10000)?;
@@ -262,7 +261,7 @@ fn pg_bin(major: u32) -> Result<PathBuf> {
         .find(|d| d.join("pg_ctl").exists() && d.join("pg_amcheck").exists())
         .ok_or_else(|| {
             Error::Input(format!(
-                "PostgreSQL {major} server programs (pg_ctl, pg_amcheck) are not installed here; install them to run verify --restore"
+                "PostgreSQL {major} server programs (pg_ctl, pg_amcheck) are not installed here; install them to run a restore drill"
             ))
         })
 }

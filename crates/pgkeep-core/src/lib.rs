@@ -47,7 +47,7 @@ pub mod types;
 pub mod verify;
 pub mod wal;
 
-pub use error::{Error, Result};
+pub use error::{Error, Hint, Operation, Opt, Result};
 
 use config::Settings;
 use repo::Repository;
@@ -77,13 +77,6 @@ pub struct PerRepo<T> {
     pub done: Vec<T>,
     /// (repository number, why it failed there).
     pub failed: Vec<(usize, Error)>,
-}
-
-impl<T> PerRepo<T> {
-    /// The failures as one line: `repo 2: ...; repo 3: ...`.
-    pub fn failures(&self) -> Option<String> {
-        (!self.failed.is_empty()).then(|| self.failed.iter().map(|(n, e)| format!("repo {n}: {e}")).collect::<Vec<_>>().join("; "))
-    }
 }
 
 /// Runs `op` in each repository of `numbers`: with `stop`, the first
@@ -135,7 +128,8 @@ impl Stanza {
     /// Opens the store of repository `number` (1-based).
     pub fn store(&self, number: usize) -> Result<Store> {
         let opts = self.settings.repos.get(number.wrapping_sub(1)).ok_or_else(|| {
-            Error::Input(format!("repo {number} is not configured ({} configured); check --repo", self.settings.repos.len()))
+            Error::Input(format!("repo {number} is not configured ({} configured)", self.settings.repos.len()))
+                .with_hint(Hint::retry(Opt::Repo))
         })?;
         Store::open(&opts.store())
     }

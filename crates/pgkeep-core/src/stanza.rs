@@ -2,7 +2,7 @@
 
 use chrono::Utc;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Hint, Opt, Result};
 use crate::pg::Pg;
 use crate::repo::lock::StanzaLock;
 use crate::repo::{keys, Repository, StanzaMeta, SystemRecord};
@@ -201,7 +201,8 @@ pub async fn not_archiving(stanza: &Stanza) -> Result<()> {
                     "the cluster at {} runs with archive_mode = {mode} and archives into stanza '{}': stop it or turn archiving off before deleting the stanza",
                     pg.describe,
                     stanza.name()
-                )));
+                ))
+                .with_hint(Hint::retry(Opt::Force)));
             }
             Ok(())
         }
@@ -210,7 +211,8 @@ pub async fn not_archiving(stanza: &Stanza) -> Result<()> {
                 "{} exists but the cluster does not answer: it may run and archive into stanza '{}'; stop it before deleting the stanza",
                 pid.display(),
                 stanza.name()
-            ))),
+            ))
+            .with_hint(Hint::retry(Opt::Force))),
             _ => Ok(()),
         },
     }

@@ -228,7 +228,7 @@ impl BackupLabel {
         if ok {
             Ok(BackupLabel(s.to_owned()))
         } else {
-            Err(Error::Input(format!("'{s}' is not a backup label; `pgkeep info` lists the labels")))
+            Err(Error::Input(format!("'{s}' is not a backup label")).with_hint(crate::Hint::run(crate::Operation::Info)))
         }
     }
 }

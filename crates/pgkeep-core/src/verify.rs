@@ -157,7 +157,8 @@ pub async fn run(stanza: &Stanza, opts: &VerifyOptions) -> Result<VerifyReport> 
     }
     if let Some(set) = &opts.set {
         if !manifests.iter().any(|m| &m.label == set) && !backups.iter().any(|b| &b.label == set) {
-            return Err(Error::NotFound(format!("backup {set} does not exist in repo {number}; see `pgkeep info`")));
+            return Err(Error::NotFound(format!("backup {set} does not exist in repo {number}"))
+                .with_hint(crate::Hint::run(crate::Operation::Info)));
         }
         backups.retain(|b| &b.label == set);
     }

@@ -6,6 +6,7 @@
 
 mod cli;
 mod commands;
+mod hint;
 mod progress;
 
 use std::process::ExitCode;
@@ -35,11 +36,13 @@ fn main() -> ExitCode {
         }
     };
     let is_archive_get = matches!(cli.command, cli::Command::ArchiveGet { .. });
+    let stanza = cli.stanza.clone();
     match rt.block_on(commands::run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let not_found = matches!(e.downcast_ref::<pgkeep_core::Error>(), Some(pgkeep_core::Error::NotFound(_)));
-            let msg = format!("{e:#}").split_whitespace().collect::<Vec<_>>().join(" ");
+            let not_found =
+                matches!(e.downcast_ref::<pgkeep_core::Error>().map(pgkeep_core::Error::kind), Some(pgkeep_core::Error::NotFound(_)));
+            let msg = hint::line(&e, stanza.as_deref());
             if is_archive_get && not_found {
                 // PostgreSQL asks for files that do not exist yet as a matter
                 // of course; say it on one line, exit 1.

@@ -105,10 +105,11 @@ pub fn by_label(backups: &[Manifest], label: &BackupLabel, with_dependents: bool
     if gone.len() > 1 && !with_dependents {
         let deps: Vec<&str> = backups.iter().filter(|m| gone.contains(&m.label) && &m.label != label).map(|m| m.label.0.as_str()).collect();
         return Err(Error::Refused(format!(
-            "backup {label} has {} backup(s) built on it ({}); add --with-dependents to remove them too",
+            "backup {label} has {} backup(s) built on it ({}), which could not be restored without it; remove them too",
             deps.len(),
             deps.join(", ")
-        )));
+        ))
+        .with_hint(crate::Hint::retry(crate::Opt::WithDependents)));
     }
     Ok(ExpirePlan {
         expire: backups.iter().rev().filter(|m| gone.contains(&m.label)).map(|m| m.label.clone()).collect(),

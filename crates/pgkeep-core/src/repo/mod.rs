@@ -28,7 +28,7 @@ use bytes::Bytes;
 
 use crate::codec::{self, Compress};
 use crate::crypto::Cipher;
-use crate::error::{Error, Result};
+use crate::error::{Error, Hint, Operation, Opt, Result};
 use crate::storage::{Listed, Store};
 use crate::types::{BackupLabel, SystemId, TimelineHistory, TimelineId, WalFileName, WalSegment};
 pub use manifest::{BackupType, DirEntry, FileEntry, Manifest, ServerRole, StanzaMeta, SystemRecord, Tablespace};
@@ -88,10 +88,8 @@ impl Repository {
                 let cipher = open_cipher(&meta, passphrase, number)?;
                 Ok(Repository { system: meta.current(), meta, store, number, cipher })
             }
-            None => Err(Error::Input(format!(
-                "stanza '{stanza}' does not exist in repo {number} ({}): run `pgkeep --stanza {stanza} stanza-create` first",
-                store.location()
-            ))),
+            None => Err(Error::Input(format!("stanza '{stanza}' does not exist in repo {number} ({})", store.location()))
+                .with_hint(Hint::run(Operation::StanzaCreate))),
         }
     }
 
@@ -163,9 +161,10 @@ impl Repository {
 
     fn not_ours(&self, id: SystemId, of_what: &str) -> Error {
         Error::Refused(format!(
-            "{of_what} belongs to the cluster with system identifier {id}, but stanza '{}' in repo {} holds cluster {}: if this cluster was upgraded with pg_upgrade, run `pgkeep --stanza {} stanza-upgrade`; else check --stanza and the repository",
-            self.meta.stanza, self.number, self.system.system_id, self.meta.stanza
+            "{of_what} belongs to the cluster with system identifier {id}, but stanza '{}' in repo {} holds cluster {}: after pg_upgrade, the stanza must record the new system first; else this is the wrong stanza or repository",
+            self.meta.stanza, self.number, self.system.system_id
         ))
+        .with_hint(Hint::any_of([Hint::run(Operation::StanzaUpgrade), Hint::retry(Opt::Stanza)]))
     }
 
     // ----- WAL archive -----
@@ -226,11 +225,12 @@ impl Repository {
             [one] => one,
             _ => {
                 return Err(Error::Corrupt(format!(
-                    "repo {} holds {} different copies of WAL file {}; remove the wrong one (see `pgkeep verify`)",
+                    "repo {} holds {} different copies of WAL file {}; remove the wrong one",
                     self.number,
                     found.len(),
                     name.as_str()
-                )))
+                ))
+                .with_hint(Hint::run(Operation::Verify)))
             }
         };
         self.read_wal(w).await
@@ -260,7 +260,7 @@ impl Repository {
         let name = WalFileName::History(format!("{:08X}.history", timeline.0));
         let data = match self.get_wal(&name).await {
             Ok(data) => data,
-            Err(Error::NotFound(_)) => return Ok(None),
+            Err(e) if matches!(e.kind(), Error::NotFound(_)) => return Ok(None),
             Err(e) => return Err(e),
         };
         let text = String::from_utf8_lossy(&data);

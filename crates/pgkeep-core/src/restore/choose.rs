@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use super::destination::{check_delta_target, check_destination};
 use super::*;
-use crate::error::{Error, Result};
+use crate::error::{Error, Hint, Operation, Opt, Result};
 use crate::repo::{ArchivedWal, Manifest, Repository};
 use crate::types::{TimelineHistory, TimelineId, WalSegment};
 use crate::Stanza;
@@ -40,9 +40,9 @@ pub(super) async fn plan(stanza: &Stanza, opts: &RestoreOptions) -> Result<Plan>
         None => stanza.settings.pg_data()?.to_path_buf(),
     };
     if !pg_data.is_absolute() {
-        return Err(Error::Input(format!("--pg-data {} must be an absolute path", pg_data.display())));
+        return Err(Error::Input(format!("the data directory {} is not an absolute path", pg_data.display())));
     }
-    check_destination(&pg_data, opts.force || opts.delta, "pass --force to replace its contents")?;
+    check_destination(&pg_data, opts.force || opts.delta, "", Hint::retry(Opt::Force))?;
     let in_place = match (&opts.pg_data, &stanza.settings.configured_pg_data) {
         (None, _) => true,
         (Some(asked), Some(own)) => same_path(asked, own),
@@ -75,9 +75,8 @@ pub(super) async fn plan(stanza: &Stanza, opts: &RestoreOptions) -> Result<Plan>
                     check_destination(
                         dir,
                         opts.delta || (opts.force && may_empty),
-                        &format!(
-                            "it is tablespace {oid}'s own location, which --force leaves alone: pass --force-tablespaces to replace it too, or --tablespace-map {oid}=DIR to restore it elsewhere"
-                        ),
+                        &format!(", tablespace {oid}'s own location, which a forced restore leaves alone unless asked to replace it too"),
+                        Hint::any_of([Hint::retry(Opt::ForceTablespaces), Hint::retry(Opt::TablespaceMap)]),
                     )?;
                 }
                 return Ok(Plan { repo, chain, pg_data, tablespaces, timeline, in_place });
@@ -102,12 +101,13 @@ pub(super) async fn of_one_system(repo: Repository, set: Option<&crate::types::B
     let backups: Vec<Manifest> = all.into_iter().filter(|m| m.system_id == system).collect();
     if backups.is_empty() && older > 0 {
         return Err(Error::Input(format!(
-            "repo {} holds no backup of stanza '{}''s current system {} (PostgreSQL {}) yet, only {older} of the systems before stanza-upgrade; take a backup, or name one of those with --set to restore it (with its own PostgreSQL binaries)",
+            "repo {} holds no backup of stanza '{}''s current system {} (PostgreSQL {}) yet, only {older} of the systems before stanza-upgrade; take a backup, or name one of those to restore it (with its own PostgreSQL binaries)",
             repo.number,
             repo.meta.stanza,
             system,
             repo.system.pg_major()
-        )));
+        ))
+        .with_hint(Hint::any_of([Hint::run(Operation::Backup), Hint::retry(Opt::Set)])));
     }
     Ok((repo, backups))
 }
@@ -142,13 +142,11 @@ pub(super) async fn recovery_path(repo: &Repository, asked: Option<&str>, listed
                 Some(hex) => u32::from_str_radix(hex, 16).ok(),
                 None => n.parse().ok(),
             };
-            let tli = TimelineId(number.ok_or_else(|| Error::Input(format!("--target-timeline '{n}' is not a timeline number")))?);
+            let tli = TimelineId(number.ok_or_else(|| Error::Input(format!("target timeline '{n}' is not a timeline number")))?);
             return match repo.timeline_history(tli).await? {
                 Some(h) => Ok(Some(h)),
-                None => Err(Error::Input(format!(
-                    "timeline {tli} has no history file in repo {}; check --target-timeline (`pgkeep info` shows the archive)",
-                    repo.number
-                ))),
+                None => Err(Error::Input(format!("timeline {tli} has no history file in repo {}", repo.number))
+                    .with_hint(Hint::any_of([Hint::retry(Opt::TargetTimeline), Hint::run(Operation::Info)]))),
             };
         }
         _ => listed.iter().filter_map(|w| u32::from_str_radix(w.name.get(..8)?, 16).ok()).max().map_or(TimelineId(1), TimelineId),
@@ -164,9 +162,10 @@ pub(super) async fn selection_target(repo: &Repository, backups: &[Manifest], ta
     match crate::wal::find_restore_point(repo, name, oldest.start_lsn).await? {
         Some(lsn) => Ok(Target::Lsn(lsn)),
         None => Err(Error::Input(format!(
-            "restore point '{name}' is not in the archived WAL of repo {} after the first backup; check the name, archive the WAL that holds it (SELECT pg_switch_wal()) or pass --set LABEL",
+            "restore point '{name}' is not in the archived WAL of repo {} after the first backup; check the name, archive the WAL that holds it (SELECT pg_switch_wal()) or name the backup",
             repo.number
-        ))),
+        ))
+        .with_hint(Hint::retry(Opt::Set))),
     }
 }
 
@@ -207,7 +206,7 @@ pub(super) fn check_archive(repo: &Repository, m: &Manifest, target: &Target, se
 pub(super) fn map_tablespaces(m: &Manifest, map: &[(String, PathBuf)]) -> Result<Vec<(u32, PathBuf)>> {
     for (key, _) in map {
         if !m.tablespaces.iter().any(|t| &t.oid.to_string() == key || &t.name == key) {
-            return Err(Error::Input(format!("--tablespace-map {key}: backup {} has no such tablespace", m.label)));
+            return Err(Error::Input(format!("tablespace '{key}' of the tablespace map: backup {} has no such tablespace", m.label)));
         }
     }
     Ok(m.tablespaces

@@ -8,7 +8,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use super::*;
-use crate::error::{Error, Result};
+use crate::error::{Error, Hint, Opt, Result};
 use crate::pg::CONTROL_FILE;
 use crate::repo::Manifest;
 
@@ -31,9 +31,10 @@ pub(super) fn check_delta_target(dir: &Path, m: &Manifest) -> Result<()> {
     }
     let refuse = |why: String| {
         Error::Refused(format!(
-            "{} {why}, and --delta only rewrites a data directory of the same cluster; restore into an empty directory, or pass --force instead of --delta to replace its contents",
+            "{} {why}, and a delta restore only rewrites a data directory of the same cluster; restore into an empty directory, or replace its contents",
             dir.display()
         ))
+        .with_hint(Hint::retry(Opt::ForceInsteadOfDelta))
     };
     if !dir.join("PG_VERSION").is_file() {
         return Err(refuse("holds no PostgreSQL data directory (no PG_VERSION)".into()));
@@ -48,8 +49,9 @@ pub(super) fn check_delta_target(dir: &Path, m: &Manifest) -> Result<()> {
 }
 
 /// Refuses a running cluster always, and a non-empty directory unless
-/// `force`; `hint` says how to go on.
-pub(super) fn check_destination(dir: &Path, force: bool, hint: &str) -> Result<()> {
+/// `force`; `what` follows the directory's name in the message, `hint`
+/// says how to go on.
+pub(super) fn check_destination(dir: &Path, force: bool, what: &str, hint: Hint) -> Result<()> {
     let pid_file = dir.join("postmaster.pid");
     if let Ok(text) = std::fs::read_to_string(&pid_file) {
         let pid = text.lines().next().unwrap_or("").trim().to_owned();
@@ -61,9 +63,11 @@ pub(super) fn check_destination(dir: &Path, force: bool, hint: &str) -> Result<(
         }
     }
     match std::fs::read_dir(dir).map(|mut entries| entries.next().is_some()) {
-        Ok(true) if !force => {
-            Err(Error::Refused(format!("{} is not empty; restore into an empty or new directory, or {hint}", dir.display())))
-        }
+        Ok(true) if !force => Err(Error::Refused(format!(
+            "{}{what} is not empty; restore into an empty or new directory, or replace its contents",
+            dir.display()
+        ))
+        .with_hint(hint)),
         Ok(_) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(Error::io(format!("cannot read {}", dir.display()))(e)),

@@ -293,13 +293,14 @@ mod tests {
     #[test]
     fn refuses_non_empty_directories_unless_forced() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(check_destination(&dir.path().join("new"), false, "h").is_ok());
-        assert!(check_destination(dir.path(), false, "h").is_ok());
+        assert!(check_destination(&dir.path().join("new"), false, "", crate::Hint::retry(crate::Opt::Force)).is_ok());
+        assert!(check_destination(dir.path(), false, "", crate::Hint::retry(crate::Opt::Force)).is_ok());
         std::fs::write(dir.path().join("PG_VERSION"), "15").unwrap();
-        assert!(matches!(check_destination(dir.path(), false, "h"), Err(Error::Refused(_))));
-        assert!(check_destination(dir.path(), true, "h").is_ok());
+        assert!(check_destination(dir.path(), false, "", crate::Hint::retry(crate::Opt::Force))
+            .is_err_and(|e| matches!(e.kind(), Error::Refused(_))));
+        assert!(check_destination(dir.path(), true, "", crate::Hint::retry(crate::Opt::Force)).is_ok());
         std::fs::write(dir.path().join("postmaster.pid"), format!("{}\n", std::process::id())).unwrap();
-        let e = check_destination(dir.path(), true, "h").unwrap_err().to_string();
+        let e = check_destination(dir.path(), true, "", crate::Hint::retry(crate::Opt::Force)).unwrap_err().to_string();
         assert!(e.contains("is running"), "{e}");
     }
 }

@@ -97,7 +97,7 @@ pub fn parse_timeline(s: &str) -> Result<String> {
         "latest" | "current" => Ok(s.to_owned()),
         n if n.parse::<u32>().is_ok_and(|n| n > 0) => Ok(n.to_owned()),
         hex if hex.starts_with("0x") && u32::from_str_radix(&hex[2..], 16).is_ok() => Ok(hex.to_owned()),
-        _ => Err(Error::Input(format!("--target-timeline '{s}' must be latest, current or a timeline number"))),
+        _ => Err(Error::Input(format!("target timeline '{s}' must be latest, current or a timeline number"))),
     }
 }
 

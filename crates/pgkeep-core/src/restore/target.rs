@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, NaiveDateTime, Utc};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Hint, Operation, Opt, Result};
 use crate::repo::Manifest;
 use crate::types::{BackupLabel, Lsn, TimelineHistory, TimelineId};
 
@@ -92,7 +92,8 @@ pub fn choose<'a>(
     set: Option<&BackupLabel>,
     eligible: impl Fn(&Manifest) -> bool,
 ) -> Result<&'a Manifest> {
-    let first = backups.first().ok_or_else(|| Error::Input("the repository holds no backup: run `pgkeep backup` first".into()))?;
+    let first =
+        backups.first().ok_or_else(|| Error::Input("the repository holds no backup".into()).with_hint(Hint::run(Operation::Backup)))?;
     let newest_xid = backups.iter().map(|m| m.stop_xid).max().unwrap_or(0);
     let target_xid = |x: u64| widen_xid(x, newest_xid);
     let reaches = |m: &Manifest| -> bool {
@@ -107,7 +108,7 @@ pub fn choose<'a>(
         let m = backups
             .iter()
             .find(|m| &m.label == label)
-            .ok_or_else(|| Error::Input(format!("backup {label} does not exist; `pgkeep info` lists the backups")))?;
+            .ok_or_else(|| Error::Input(format!("backup {label} does not exist")).with_hint(Hint::run(Operation::Info)))?;
         if !reaches(m) {
             return Err(Error::Input(format!("backup {label} ends after the recovery target; choose an earlier backup or a later target")));
         }
@@ -126,10 +127,11 @@ pub fn choose<'a>(
     }
     let Some(first) = first_eligible else {
         return Err(Error::Input(format!(
-            "no backup is in the history of the timeline recovery follows (the newest backup, {}, is on timeline {}); pass --set LABEL or --target-timeline",
+            "no backup is in the history of the timeline recovery follows (the newest backup, {}, is on timeline {})",
             backups.last().map_or(&first.label, |m| &m.label),
             backups.last().map_or(first.timeline, |m| m.timeline)
-        )));
+        ))
+        .with_hint(Hint::any_of([Hint::retry(Opt::Set), Hint::retry(Opt::TargetTimeline)])));
     };
     let what = match target {
         Target::Time(t) => {
@@ -166,7 +168,7 @@ pub fn choose_with_timeline<'a>(
         Some(t) if !on_path(m) => {
             let h = path.map_or(TimelineId(0), |h| h.timeline);
             return Err(Error::Input(format!(
-                "backup {} (timeline {}, ending at {}) is not in the history of timeline {h}, so recovery cannot follow --target-timeline {t} from it; restore another backup, or drop --target-timeline to stay on the backup's timeline",
+                "backup {} (timeline {}, ending at {}) is not in the history of timeline {h}, so recovery cannot follow target timeline {t} from it; restore another backup, or leave the target timeline out to stay on the backup's timeline",
                 m.label, m.timeline, m.stop_lsn
             )));
         }

@@ -145,7 +145,7 @@ async fn fetch(stanza: &Stanza, name: &WalFileName) -> Result<Vec<u8>> {
         let attempt = async { stanza.open(number).await?.get_wal(name).await };
         match attempt.await {
             Ok(data) => return Ok(data),
-            Err(e @ Error::NotFound(_)) => missing = Some(e),
+            Err(e) if matches!(e.kind(), Error::NotFound(_)) => missing = Some(e),
             Err(e) => failure = failure.or(Some(e)),
         }
     }

@@ -128,7 +128,7 @@ fn note(
             missing.remove(&name);
         }
         Err(e) => {
-            if !matches!(e, Error::NotFound(_)) {
+            if !matches!(e.kind(), Error::NotFound(_)) {
                 spool.log(Worker::Get, &format!("{name}: {}", OneLine(&e)));
             }
             missing.insert(name, Instant::now());

@@ -50,7 +50,12 @@ pub async fn run(cli: &Cli, stanza: &Stanza, kind: Option<BackupTypeArg>) -> Res
     let expired = match expired {
         (r, None) => r,
         (_, Some(e)) => {
-            eprintln!("pgkeep: WARNING: backup {} is complete but expire failed: {e}; run `pgkeep expire` again", m.label);
+            eprintln!(
+                "pgkeep: WARNING: backup {} is complete but expire failed: {}; run `pgkeep --stanza {} expire` again",
+                m.label,
+                crate::hint::core_line(&e, Some(stanza.name())),
+                stanza.name()
+            );
             None
         }
     };

@@ -18,8 +18,8 @@ pub async fn run(cli: &Cli, stanza: &Stanza, set: Option<&str>, with_dependents:
         Output::Text => r.done.iter().for_each(|r| print_text(r, set.is_none())),
         Output::Json => super::print_json_reports(cli, &r.done, json)?,
     }
-    if let Some(failed) = r.failures() {
-        anyhow::bail!("expire failed in {failed}");
+    if !r.failed.is_empty() {
+        anyhow::bail!("expire failed in {}", crate::hint::per_repo(&r.failed, stanza));
     }
     Ok(())
 }

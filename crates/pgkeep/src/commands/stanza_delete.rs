@@ -1,18 +1,12 @@
 //! `stanza-delete`.
 
 use anyhow::Result;
-use pgkeep_core::{Error, Stanza};
+use pgkeep_core::Stanza;
 
 use crate::cli::{Cli, Output};
 
 pub async fn run(cli: &Cli, stanza: &Stanza, force: bool) -> Result<()> {
-    if !force {
-        match pgkeep_core::stanza::not_archiving(stanza).await {
-            Err(Error::Refused(why)) => return Err(Error::Refused(format!("{why} (or pass --force)")).into()),
-            other => other?,
-        }
-    }
-    let reports = pgkeep_core::stanza::delete(stanza, cli.repo, true).await?;
+    let reports = pgkeep_core::stanza::delete(stanza, cli.repo, force).await?;
     match cli.output {
         Output::Json => super::print_json_reports(cli, &reports, |r| serde_json::to_value(r).unwrap_or_default())?,
         Output::Text => {

@@ -38,14 +38,14 @@ pub async fn run(cli: &Cli, stanza: &Stanza, set: Option<&str>) -> Result<()> {
     // --set names a backup of some repositories only: "not found" in the
     // others is no failure, unless it is not found anywhere.
     let (missing, failed): (Vec<_>, Vec<_>) =
-        r.failed.into_iter().partition(|(_, e)| set.is_some() && matches!(e, pgkeep_core::Error::NotFound(_)));
+        r.failed.into_iter().partition(|(_, e)| set.is_some() && matches!(e.kind(), pgkeep_core::Error::NotFound(_)));
     let reports = r.done;
     if reports.is_empty() && failed.is_empty() {
         if let Some((_, e)) = missing.into_iter().next() {
             return Err(e.into());
         }
     }
-    let failed: Vec<String> = failed.iter().map(|(n, e)| format!("repo {n}: {e}")).collect();
+    let failed: Vec<String> = failed.iter().map(|f| crate::hint::per_repo(std::slice::from_ref(f), stanza)).collect();
     if cli.output == Output::Json {
         super::print_json_reports(cli, &reports, json)?;
     }
