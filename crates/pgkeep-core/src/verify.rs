@@ -142,6 +142,7 @@ pub async fn run(stanza: &Stanza, opts: &VerifyOptions) -> Result<VerifyReport> 
     let repo = stanza.open(number).await?;
     let jobs = stanza.settings.jobs;
     let progress = opts.progress.clone().unwrap_or_default();
+    progress.step(crate::progress::Step::Reading);
 
     // Manifests, one by one, so that a damaged one is a finding.
     let mut labels: Vec<BackupLabel> = repo.store().list_dirs(crate::repo::keys::BACKUP_DIR).await?.into_iter().map(BackupLabel).collect();

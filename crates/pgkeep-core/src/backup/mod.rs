@@ -28,7 +28,7 @@ use crate::crypto::{Cipher, Sealing};
 use crate::error::{Error, Result};
 use crate::pg::checksum::FileCheck;
 use crate::pg::checksum::MAX_LISTED;
-use crate::progress::Progress;
+use crate::progress::{Progress, Step};
 use crate::repo::lock::StanzaLock;
 use crate::repo::manifest::{Part, PART_SIZE};
 use crate::repo::{pages, BackupType, FileEntry, Manifest, Repository, ServerRole, Tablespace};
@@ -56,6 +56,8 @@ pub struct Backup {
     pub full_because: Option<String>,
     /// With `backup-standby = prefer`, why the backup read the primary.
     pub passed_over: Option<String>,
+    /// How long it took, from connecting to the manifest written.
+    pub seconds: f64,
 }
 
 /// Options of a backup.
@@ -85,6 +87,7 @@ pub fn choose_prior(backups: &[Manifest], requested: Option<BackupType>) -> (Bac
 /// Takes a backup; returns it once its manifest is written. An abandoned
 /// attempt of the same type on the same prior is resumed (see [`resume`]).
 pub async fn run(stanza: &Stanza, opts: &BackupOptions) -> Result<Backup> {
+    let started = std::time::Instant::now();
     let number = opts.repo.max(1);
     let repo = stanza.open(number).await?;
     let source = source::choose(&stanza.settings, &repo).await?;
@@ -94,7 +97,7 @@ pub async fn run(stanza: &Stanza, opts: &BackupOptions) -> Result<Backup> {
     // A lock that cannot be released now is taken over once this
     // process has exited; the result is what matters.
     let _ = lock.release().await;
-    result
+    result.map(|b| Backup { seconds: started.elapsed().as_secs_f64(), ..b })
 }
 
 /// A backup and the retention applied after it.
@@ -107,6 +110,68 @@ pub struct BackupThenExpire {
     pub expired: Option<crate::expire::ExpireReport>,
     /// Why retention failed; the backup stands all the same.
     pub expire_failed: Option<Error>,
+}
+
+/// As JSON (what `backup --output json` prints and the operator stores):
+/// `label`, `type`, `start-lsn`, `stop-lsn`, `size`, `repo-size`, `files`,
+/// `seconds`, `page-checksums`, `checksum-errors`, `resumed-files`,
+/// `resumed-bytes`, `full-because`, `from`, `standby-passed-over`,
+/// `system-id`, `pg-version`, `start-wal`, `stop-wal`, `expire` (the
+/// retention's report) and `expire-failed` (why it failed).
+impl serde::Serialize for BackupThenExpire {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        #[derive(serde::Serialize)]
+        #[serde(rename_all = "kebab-case")]
+        struct Out<'a> {
+            label: &'a BackupLabel,
+            #[serde(rename = "type")]
+            kind: BackupType,
+            start_lsn: crate::types::Lsn,
+            stop_lsn: crate::types::Lsn,
+            start_wal: &'a str,
+            stop_wal: &'a str,
+            size: u64,
+            repo_size: u64,
+            files: usize,
+            seconds: f64,
+            page_checksums: bool,
+            checksum_errors: u64,
+            resumed_files: Option<usize>,
+            resumed_bytes: Option<u64>,
+            full_because: &'a Option<String>,
+            from: ServerRole,
+            standby_passed_over: &'a Option<String>,
+            system_id: String,
+            pg_version: String,
+            expire: &'a Option<crate::expire::ExpireReport>,
+            expire_failed: Option<String>,
+        }
+        let (b, m) = (&self.backup, &self.backup.manifest);
+        Out {
+            label: &m.label,
+            kind: m.kind,
+            start_lsn: m.start_lsn,
+            stop_lsn: m.stop_lsn,
+            start_wal: &m.start_wal,
+            stop_wal: &m.stop_wal,
+            size: m.size,
+            repo_size: m.repo_size,
+            files: m.files.len(),
+            seconds: b.seconds,
+            page_checksums: m.page_checksums,
+            checksum_errors: m.checksum_error_pages(),
+            resumed_files: b.resumed.map(|r| r.0),
+            resumed_bytes: b.resumed.map(|r| r.1),
+            full_because: &b.full_because,
+            from: m.from,
+            standby_passed_over: &b.passed_over,
+            system_id: m.system_id.to_string(),
+            pg_version: (m.pg_version / 10000).to_string(),
+            expire: &self.expired,
+            expire_failed: self.expire_failed.as_ref().map(|e| crate::error::OneLine(e).to_string()),
+        }
+        .serialize(s)
+    }
 }
 
 /// Takes a backup, then applies the repository's retention, as every
@@ -162,6 +227,8 @@ async fn locked(stanza: &Stanza, opts: &BackupOptions, repo: &Repository, source
     let checkpointer = Checkpointer::start(repo, first).await?;
     // The prior was judged on the timeline seen before the start; a
     // promotion in between would void that judgement.
+    let progress = opts.progress.clone().unwrap_or_default();
+    progress.step(Step::Starting);
     let started = pg.backup_start(&format!("pgkeep backup {label}")).await.and_then(|s| match s.timeline == now.timeline {
         true => Ok(s),
         false => Err(Error::Refused(format!(
@@ -211,7 +278,8 @@ async fn locked(stanza: &Stanza, opts: &BackupOptions, repo: &Repository, source
         // Pages are verified against the backup's start: see pg::checksum.
         let verify = page_checksums.then_some(start.lsn);
         let sink = Sink::new(repo, &label, compress, repo_opts.compress_level);
-        let mut files = copy_files(&sink, plan.files, stanza.settings.jobs, verify, &checkpointer, opts.progress.clone()).await?;
+        progress.step(Step::Copying);
+        let mut files = copy_files(&sink, plan.files, stanza.settings.jobs, verify, &checkpointer, Some(progress.clone())).await?;
         let kept_stats = (kept.len(), kept.iter().map(|f| f.size).sum::<u64>());
         files.extend(kept);
         files.sort_by(|a, b| a.path.cmp(&b.path));
@@ -228,6 +296,7 @@ async fn locked(stanza: &Stanza, opts: &BackupOptions, repo: &Repository, source
             return Err(e);
         }
     };
+    progress.step(Step::Stopping);
     let stop = match stop_backup(source, start.timeline).await {
         Ok(stop) => stop,
         Err(e) => {
@@ -238,6 +307,7 @@ async fn locked(stanza: &Stanza, opts: &BackupOptions, repo: &Repository, source
     let seg = repo.system.wal_segment_size;
     let first = WalSegment::containing(start.timeline, start.lsn, seg);
     let last = WalSegment::containing(start.timeline, Lsn(stop.lsn.0.saturating_sub(1)), seg);
+    progress.step(Step::WaitingForWal);
     if let Err(e) = archive_end(source, last, seg).await {
         let _ = repo.remove_backup_objects(&label).await;
         return Err(e);
@@ -273,10 +343,18 @@ async fn locked(stanza: &Stanza, opts: &BackupOptions, repo: &Repository, source
         from: source.role,
         data_directory: Some(now.data_directory),
     };
+    progress.step(Step::Finishing);
     repo.write_manifest(&manifest).await?;
     // The backup is complete without it; a left-over checkpoint is ignored.
     let _ = checkpointer.remove().await;
-    Ok(Backup { manifest, resumed: taken.map(|_| kept_stats), removed, full_because, passed_over: source.passed_over.clone() })
+    Ok(Backup {
+        manifest,
+        resumed: taken.map(|_| kept_stats),
+        removed,
+        full_because,
+        passed_over: source.passed_over.clone(),
+        seconds: 0.0,
+    })
 }
 
 /// What a backup needs to know of the cluster to judge a prior (see

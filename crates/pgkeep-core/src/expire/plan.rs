@@ -224,7 +224,7 @@ mod tests {
     #[test]
     fn removing_one_backup_refuses_while_others_depend_on_it() {
         let e = by_label(&week(), &BackupLabel("F2d1".into()), false).unwrap_err();
-        assert!(e.to_string().contains("F2i1") && e.to_string().contains("--with-dependents"), "{e}");
+        assert!(e.to_string().contains("F2i1") && e.hint() == Some(&crate::Hint::retry(crate::Opt::WithDependents)), "{e}");
         let p = by_label(&week(), &BackupLabel("F2".into()), true).unwrap();
         assert_eq!(labels(&p.expire), ["F2d2", "F2i1", "F2d1", "F2"]);
         let p = by_label(&week(), &BackupLabel("F3i1".into()), false).unwrap();

@@ -23,7 +23,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::error::Result;
-use crate::progress::Progress;
+use crate::progress::{Progress, Step};
 use crate::types::BackupLabel;
 use crate::Stanza;
 use choose::Plan;
@@ -151,8 +151,11 @@ async fn write(plan: &Plan, opts: &RestoreOptions, jobs: usize) -> Result<Restor
     // backup does not have.
     let removed = if opts.delta { destination::clear_for_delta(root, m)? } else { 0 };
     files::make_dirs(plan)?;
+    let step = |s| opts.progress.as_ref().inspect(|p| p.step(s));
     let writer = files::Writer::new(plan, opts);
+    step(Step::Copying);
     let unchanged = writer.write_all_but_control(jobs).await?;
+    step(Step::Finishing);
     recovery::write_label_and_settings(root, m, opts)?;
     files::sync_dirs(root, m)?;
     writer.write_control().await?;

@@ -726,7 +726,7 @@ mod tests {
         // Repo 2 answers but has not recorded the system: the file waits.
         drain(&s, 2).await;
         let down = s.lanes[1].lock().expect("lane").down.clone();
-        assert!(down.as_deref().is_some_and(|d| d.contains("stanza-upgrade")), "{down:?}");
+        assert!(down.as_deref().is_some_and(|d| d.contains("must record the new system")), "{down:?}");
         assert_eq!(s.spool.queued(2).len(), 1, "a file repo 2 does not take yet was dropped from its queue");
 
         // Once it has: delivered.

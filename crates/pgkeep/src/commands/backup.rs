@@ -21,12 +21,11 @@ pub async fn run(cli: &Cli, stanza: &Stanza, kind: Option<BackupTypeArg>) -> Res
         }),
         progress: Some(progress.clone()),
     };
-    let started = std::time::Instant::now();
-    let done = {
+    let result = {
         let _ticker = Ticker::start("backup", progress);
         pgkeep_core::backup::run_then_expire(stanza, &opts).await?
     };
-    let (done, expired) = (done.backup, (done.expired, done.expire_failed));
+    let done = &result.backup;
     let m = &done.manifest;
     for label in &done.removed {
         eprintln!("pgkeep: removed the unfinished backup {label} left by an interrupted run (not resumable as a {} backup)", m.kind);
@@ -47,36 +46,25 @@ pub async fn run(cli: &Cli, stanza: &Stanza, kind: Option<BackupTypeArg>) -> Res
     }
     // Retention runs after every successful backup; if it fails, the
     // backup still stands.
-    let expired = match expired {
-        (r, None) => r,
-        (_, Some(e)) => {
-            eprintln!(
-                "pgkeep: WARNING: backup {} is complete but expire failed: {}; run `pgkeep --stanza {} expire` again",
-                m.label,
-                crate::hint::core_line(&e, Some(stanza.name())),
-                stanza.name()
-            );
-            None
-        }
-    };
-    if let (Some(r), Output::Text) = (&expired, cli.output) {
-        super::expire::print_text(r, true);
+    if let Some(e) = &result.expire_failed {
+        eprintln!(
+            "pgkeep: WARNING: backup {} is complete but expire failed: {}; run `pgkeep --stanza {} expire` again",
+            m.label,
+            crate::hint::core_line(e, Some(stanza.name())),
+            stanza.name()
+        );
     }
     match cli.output {
-        Output::Json => super::print_json(&serde_json::json!({
-            "label": m.label, "type": m.kind, "start-lsn": m.start_lsn, "stop-lsn": m.stop_lsn,
-            "size": m.size, "repo-size": m.repo_size, "files": m.files.len(), "seconds": started.elapsed().as_secs_f64(),
-            "page-checksums": m.page_checksums, "checksum-errors": m.checksum_error_pages(),
-            "resumed-files": done.resumed.map(|r| r.0), "resumed-bytes": done.resumed.map(|r| r.1),
-            "full-because": done.full_because, "from": m.from, "standby-passed-over": done.passed_over,
-            "expire": expired.as_ref().map(super::expire::json),
-        }))?,
+        Output::Json => super::print_json(&result)?,
         Output::Text => {
+            if let Some(r) = &result.expired {
+                super::expire::print_text(r, true);
+            }
             println!("{}", m.label);
             eprintln!(
                 "backup {} done in {:.1}s: {} files, {} of database, {} stored, WAL {} to {}",
                 m.label,
-                started.elapsed().as_secs_f64(),
+                done.seconds,
                 m.files.len(),
                 bytes(m.size),
                 bytes(m.repo_size),
