@@ -29,7 +29,11 @@
 //! and archives on into the same stanza); a restore of the end of the
 //! archive into a new directory (`--set` of the newest backup on the
 //! source's history, or none) that is promoted and becomes the source (the
-//! old one is stopped and removed); time marks.
+//! old one is stopped and removed); time marks; backups from a streaming
+//! standby of the source (`--backup-standby y`, of random type: made with
+//! `pg_basebackup -R` when there is none that streams, waited for until it
+//! has replayed what the source wrote, dropped whenever the source is
+//! restored in place or replaced).
 //!
 //! Expected states: before each backup the dump of every database is taken
 //! with nothing written between it and the backup, so it is what `--set
@@ -496,6 +500,7 @@ enum Op {
     PromoteNewDir,
     TimeMark,
     Backup,
+    StandbyBackup,
 }
 
 /// Relative weights of the operations.
@@ -526,6 +531,7 @@ const OPS: &[(Op, u32)] = &[
     (Op::PromoteNewDir, 15),
     (Op::TimeMark, 15),
     (Op::Backup, 160),
+    (Op::StandbyBackup, 40),
 ];
 
 struct Table {
@@ -570,6 +576,10 @@ struct Torture {
     tainted: Option<usize>,
     failures: Vec<String>,
     started: Instant,
+    /// A streaming standby of the source, for backups from a standby.
+    standby: Option<Server>,
+    /// How many standbys were made (their directories are `stby<N>`).
+    standbys: u32,
     /// Last: dropped after everything, stopping any server still running.
     dir: TestDir,
 }
@@ -669,6 +679,8 @@ impl Torture {
             tainted: None,
             failures: Vec::new(),
             started: Instant::now(),
+            standby: None,
+            standbys: 0,
             dir,
         };
         t.src.start().unwrap_or_else(|e| panic!("{e}"));
@@ -870,6 +882,7 @@ impl Torture {
     /// findings then say they may be inherited).
     fn heal(&mut self) {
         let Some(i) = self.backups.iter().rposition(|b| b.kind == "full" && b.tainted.is_none()) else { return };
+        self.drop_standby();
         let label = self.backups[i].label.clone();
         self.note(format!("heal the source: in-place restore of {label}, the newest full backup of a sound source"));
         // Archive what this timeline wrote (time marks need the commit
@@ -1097,6 +1110,10 @@ impl Torture {
                     self.time_mark();
                 }
             }
+            Op::StandbyBackup => {
+                let kind = *self.rng.pick(&["full", "diff", "incr", "incr", "incr"]);
+                self.standby_backup(kind);
+            }
         }
     }
 
@@ -1171,11 +1188,104 @@ impl Torture {
     }
 
     fn backup(&mut self, asked: &'static str) {
+        self.backup_with(asked, &[]);
+    }
+
+    /// A backup read from a streaming standby of the source, once it has
+    /// replayed everything the source wrote (so that, as for a backup of
+    /// the source, nothing is written between the expected dumps and the
+    /// backup's end).
+    fn standby_backup(&mut self, asked: &'static str) {
+        let standby = self.ensure_standby();
+        let lsn = self.src.conn.sql("postgres", "select pg_current_wal_lsn()");
+        let sql = format!("select pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn");
+        let start = Instant::now();
+        while standby.conn.try_sql("postgres", &sql).as_deref() != Ok("t") {
+            assert!(start.elapsed() < START_TIMEOUT, "the standby did not replay to {lsn}:\n{}", tail(&standby.conn.log, 30));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let (data, port) = (standby.data.to_str().unwrap().to_owned(), standby.conn.port.to_string());
+        self.backup_with(asked, &["--backup-standby", "y", "--standby-data", &data, "--standby-port", &port]);
+    }
+
+    /// The standby, made now when there is none that streams from the
+    /// source: `pg_basebackup -R` (each tablespace mapped to a directory of
+    /// its own), started, streaming.
+    fn ensure_standby(&mut self) -> Server {
+        if let Some(s) = &self.standby {
+            let streaming = s.conn.try_sql("postgres", "select coalesce((select status from pg_stat_wal_receiver), 'none')");
+            if streaming.as_deref() == Ok("streaming") {
+                return Server { data: s.data.clone(), conn: s.conn.clone() };
+            }
+            self.note("the standby does not stream from the source: made again");
+            self.drop_standby();
+        }
+        self.standbys += 1;
+        let k = self.standbys;
+        let data = self.dir.join(&format!("stby{k}"));
+        let mut cmd = self.src.conn.client("pg_basebackup");
+        cmd.arg("-D").arg(&data).args(["-U", "postgres", "-X", "stream", "-R", "-c", "fast"]);
+        for (name, loc) in &self.tablespaces {
+            cmd.arg("-T").arg(format!("{}={}", loc.display(), self.dir.join(&format!("{name}-stby{k}")).display()));
+        }
+        run_ok(&mut cmd, SQL_TIMEOUT);
+        // A source restored in place keeps the recovery target pgkeep
+        // wrote in its postgresql.auto.conf (ignored once promoted); a
+        // copy would stop at it and promote, as the README says: a DBA
+        // removes it, and so does this.
+        let auto = data.join("postgresql.auto.conf");
+        let text = std::fs::read_to_string(&auto).unwrap_or_default();
+        let kept: String = text.lines().filter(|l| !l.trim_start().starts_with("recovery_target")).map(|l| format!("{l}\n")).collect();
+        std::fs::write(&auto, kept).unwrap();
+        let conn = Conn {
+            socket: self.dir.path().to_owned(),
+            port: free_port(),
+            cwd: self.dir.path().to_owned(),
+            log: self.dir.join(&format!("stby{k}.log")),
+        };
+        let opts = format!("-c port={} -c unix_socket_directories={} -c listen_addresses=", conn.port, conn.socket.display());
+        run_ok(
+            as_postgres(pg_tool("pg_ctl"), &conn.cwd).arg("-D").arg(&data).arg("-l").arg(&conn.log).args(["-w", "-o", &opts, "start"]),
+            START_TIMEOUT,
+        );
+        let start = Instant::now();
+        while conn.try_sql("postgres", "select coalesce((select status from pg_stat_wal_receiver), 'none')").as_deref() != Ok("streaming") {
+            assert!(start.elapsed() < START_TIMEOUT, "standby stby{k} does not stream:\n{}", tail(&conn.log, 30));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        self.outcome(format!("standby stby{k} made (pg_basebackup -R), streaming"));
+        self.standby = Some(Server { data: data.clone(), conn: conn.clone() });
+        Server { data, conn }
+    }
+
+    /// Stops and removes the standby, when there is one: the source is
+    /// about to be restored in place or replaced, which it cannot follow.
+    fn drop_standby(&mut self) {
+        if let Some(s) = self.standby.take() {
+            stop_if_running(&s.data, &s.conn.cwd);
+            remove_path(&s.data);
+            let k = s.data.file_name().unwrap().to_string_lossy().trim_start_matches("stby").to_owned();
+            for (name, _) in &self.tablespaces {
+                remove_path(&self.dir.join(&format!("{name}-stby{k}")));
+            }
+        }
+    }
+
+    fn backup_with(&mut self, asked: &'static str, extra: &[&str]) {
         let source_visibility = self.source_visibility();
         let expected = self.expected_now();
-        self.note(format!("backup --type {asked}"));
-        let r = self.pk.run(&["backup", "--type", asked]);
-        assert!(r.status.success(), "pgkeep backup --type {asked} failed ({}):\nstdout: {}\nstderr: {}", r.status, r.stdout, r.stderr);
+        let from = if extra.is_empty() { "" } else { " from the standby" };
+        self.note(format!("backup --type {asked}{from}"));
+        let mut args = vec!["backup", "--type", asked];
+        args.extend_from_slice(extra);
+        let r = self.pk.run(&args);
+        assert!(
+            r.status.success(),
+            "pgkeep backup --type {asked}{from} failed ({}):\nstdout: {}\nstderr: {}",
+            r.status,
+            r.stdout,
+            r.stderr
+        );
         let label = r.stdout.trim().to_owned();
         let m = read_manifest(&self.repo, &label);
         let (kind, prior, timeline) = (
@@ -1268,6 +1378,7 @@ impl Torture {
     /// start, that is recorded, and the restore is done again with
     /// `--target-timeline current` so that the run can go on.
     fn restore_in_place(&mut self) {
+        self.drop_standby();
         let i = self.rng.below(self.backups.len() as u64) as usize;
         let label = self.backups[i].label.clone();
         self.note(format!("in-place restore of {label} (backup {} of {}, tl{})", i + 1, self.backups.len(), self.backups[i].timeline));
@@ -1307,6 +1418,7 @@ impl Torture {
     /// sound source (`--target-immediate --target-timeline current`), so
     /// that the run can go on.
     fn promote_new_dir(&mut self) {
+        self.drop_standby();
         self.note("promote a restored copy in a new directory; retire the source");
         self.close_wal("before retiring this source");
         let before = self.dumps_now().unwrap_or_else(|e| panic!("the source cannot be dumped: {e}"));
