@@ -46,6 +46,14 @@ fn open_append(path: &Path) -> std::io::Result<File> {
 #[derive(Debug, Clone)]
 pub struct Spool {
     dir: PathBuf,
+    /// Where prefetched segments go: `in/`, or `in-<system id>/` for the
+    /// recovery of a system the stanza names (after `stanza-upgrade`, two
+    /// systems have segments of the same names with other contents, so
+    /// the prefetcher of one never hands its files to the other).
+    incoming: PathBuf,
+    /// `""`, or `-<system id>`: the prefetcher's lock goes with its
+    /// directory.
+    system: String,
 }
 
 /// Which worker a lock or log belongs to.
@@ -97,7 +105,9 @@ impl Spool {
     pub fn open(stanza: &Stanza) -> Result<Spool> {
         let root = &stanza.settings.archive.spool;
         let dir = root.join(stanza.name());
-        for sub in ["out", "queue", "in"] {
+        let system = stanza.wal_system.map(|id| format!("-{id}")).unwrap_or_default();
+        let incoming = format!("in{system}");
+        for sub in ["out", "queue", incoming.as_str()] {
             create_dirs(&dir.join(sub)).map_err(|e| {
                 Error::Input(format!(
                     "cannot use spool-path {}: {e}; create it, writable by the user PostgreSQL runs as, or set spool-path",
@@ -105,7 +115,7 @@ impl Spool {
                 ))
             })?;
         }
-        Ok(Spool { dir })
+        Ok(Spool { incoming: dir.join(&incoming), dir, system })
     }
 
     /// The stanza's spool directory.
@@ -204,12 +214,12 @@ impl Spool {
 
     /// Where a prefetched segment lives.
     pub fn prefetched(&self, name: &str) -> PathBuf {
-        self.dir.join("in").join(name)
+        self.incoming.join(name)
     }
 
     /// Names of the prefetched segments.
     pub fn prefetched_names(&self) -> Vec<String> {
-        entries(&self.dir.join("in")).into_iter().map(|(_, f)| f).filter(|f| f != "want").collect()
+        entries(&self.incoming).into_iter().map(|(_, f)| f).filter(|f| f != "want").collect()
     }
 
     /// Removes a prefetched segment (or a temporary file).
@@ -245,17 +255,20 @@ impl Spool {
 
     /// Records the last segment recovery took, for the prefetcher.
     pub fn set_want(&self, name: &str) -> Result<()> {
-        write_whole(&self.dir.join("in").join("want"), name.as_bytes(), false)
+        write_whole(&self.incoming.join("want"), name.as_bytes(), false)
     }
 
     /// The last segment recovery took.
     pub fn want(&self) -> Option<String> {
-        fs::read_to_string(self.dir.join("in").join("want")).ok().map(|s| s.trim().to_owned())
+        fs::read_to_string(self.incoming.join("want")).ok().map(|s| s.trim().to_owned())
     }
 
     /// Takes the lock of `worker` if no one holds it.
     pub fn try_lock(&self, worker: Worker) -> Result<Option<WorkerLock>> {
-        let path = self.dir.join(format!("{}.lock", worker.name()));
+        let path = match worker {
+            Worker::Get => self.dir.join(format!("get{}.lock", self.system)),
+            Worker::Push => self.dir.join("push.lock"),
+        };
         let file = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -364,7 +377,31 @@ mod tests {
         for sub in ["out", "queue", "in"] {
             fs::create_dir_all(dir.join(sub)).unwrap();
         }
-        Spool { dir }
+        Spool { incoming: dir.join("in"), dir, system: String::new() }
+    }
+
+    /// After stanza-upgrade two systems have segments of the same names:
+    /// what is prefetched for the recovery of one is never handed to the
+    /// other, and each has its own prefetcher.
+    #[test]
+    fn prefetched_segments_of_one_system_are_not_seen_by_the_recovery_of_another() {
+        let t = tempfile::tempdir().unwrap();
+        let text = format!("[stanza.demo]\npg-data = \"/x\"\nspool-path = \"{}\"\n[[repo]]\nlocation = \"/r\"\n", t.path().display());
+        let file = crate::config::ConfigFile::parse(&text).unwrap();
+        let settings = crate::config::Settings::resolve(&file, Some("demo"), Default::default(), Default::default(), 1).unwrap();
+        let stanza = Stanza::new(settings);
+        let old = Spool::open(&stanza.clone().serving_system(Some(crate::types::SystemId(7)))).unwrap();
+        let new = Spool::open(&stanza.serving_system(Some(crate::types::SystemId(8)))).unwrap();
+        let name = "000000010000000000000009";
+        old.store_prefetched(name, b"old system").unwrap();
+        old.set_want(name).unwrap();
+        let dest = t.path().join("dest");
+        assert!(!new.take_prefetched(name, &dest).unwrap() && new.want().is_none());
+        assert!(new.prefetched_names().is_empty());
+        let _held = old.try_lock(Worker::Get).unwrap().expect("free");
+        assert!(!new.running(Worker::Get).unwrap(), "one system's prefetcher keeps the other's from starting");
+        assert!(old.take_prefetched(name, &dest).unwrap());
+        assert_eq!(fs::read(&dest).unwrap(), b"old system");
     }
 
     #[test]
