@@ -136,11 +136,20 @@ impl Stanza {
 
     /// Opens the stanza in repository `number`.
     pub async fn open(&self, number: usize) -> Result<Repository> {
+        self.open_serving(number).await?
+    }
+
+    /// [`Stanza::open`], telling a repository that cannot be opened (the
+    /// outer error) from one that has never held the system `wal_system`
+    /// names (the inner one): it holds none of that system's WAL, which
+    /// `archive-get` may answer as "not here" when another repository
+    /// holds the system.
+    pub async fn open_serving(&self, number: usize) -> Result<Result<Repository>> {
         let repo = Repository::open(&self.store(number)?, self.name(), number, self.settings.passphrase(number)?.as_deref()).await?;
-        match self.wal_system {
-            Some(id) => repo.for_system(id, "the cluster asking for WAL"),
+        Ok(match self.wal_system {
+            Some(id) => repo.for_system(id, "the data directory this runs in (by its global/pg_control)"),
             None => Ok(repo),
-        }
+        })
     }
 
     /// The repositories an operation over "every repository unless one is

@@ -54,15 +54,29 @@ pub struct UpgradeReport {
 /// meanwhile), `stanza.json` is read again and rewritten whole: an
 /// interrupted upgrade leaves the old metadata or the new, never a mix.
 /// A system the stanza held before is refused: the stanza never goes
-/// back.
-pub async fn upgrade(stanza: &Stanza, repo: Option<usize>) -> Result<Vec<UpgradeReport>> {
+/// back. So is, unless `force`, a server that does not look like the
+/// cluster `pg_upgrade` made from the current system (see
+/// [`not_upgraded_from`]): pointed at the wrong cluster, stanza-upgrade
+/// would bind the stanza to it, and the real one could archive no more.
+pub async fn upgrade(stanza: &Stanza, repo: Option<usize>, force: bool) -> Result<Vec<UpgradeReport>> {
     let pg = Pg::connect(&stanza.settings.pg).await?;
-    let server = (pg.system_id().await?, pg.version_num().await?, pg.wal_segment_size().await?);
-    let describe = pg.describe.as_str();
+    let server = Server {
+        system_id: pg.system_id().await?,
+        pg_version: pg.version_num().await?,
+        wal_segment_size: pg.wal_segment_size().await?,
+        lsn: pg.current_lsn().await?,
+        describe: pg.describe.clone(),
+    };
+    let server = &server;
     crate::each_of(stanza.repo_numbers(repo), true, |number| async move {
-        let repo = stanza.open(number).await?;
+        // Judged first without the lock, so that a refusal (or nothing to
+        // do) leaves the repository untouched; then again under it.
+        let (repo, decided) = upgrade_decision(stanza, number, server, force).await?;
+        if decided.recorded.is_none() {
+            return Ok(decided);
+        }
         let lock = StanzaLock::acquire(&repo, "stanza-upgrade").await?;
-        let result = upgrade_one(stanza, number, server, describe).await;
+        let result = upgrade_one(stanza, number, server, force).await;
         let _ = lock.release().await;
         result
     })
@@ -70,14 +84,59 @@ pub async fn upgrade(stanza: &Stanza, repo: Option<usize>) -> Result<Vec<Upgrade
     .map(|r| r.done)
 }
 
+/// What `stanza-upgrade` learns of the server.
+struct Server {
+    system_id: SystemId,
+    pg_version: u32,
+    wal_segment_size: u64,
+    lsn: crate::types::Lsn,
+    describe: String,
+}
+
+/// Why a server of system `new` is not the cluster `pg_upgrade` made from
+/// `previous`, whose archive ends with a segment starting at
+/// `archive_end` (pure). `pg_upgrade` never goes to an older major, and
+/// it starts the new cluster's WAL after the old cluster's last
+/// (`pg_resetwal -l` with the old cluster's next WAL file, in
+/// `copy_xact_xlog_xid`, `src/bin/pg_upgrade/pg_upgrade.c`), so the new
+/// cluster's position is past everything the old one archived.
+pub fn not_upgraded_from(
+    previous: &SystemRecord,
+    new_version: u32,
+    new_lsn: crate::types::Lsn,
+    archive_end: Option<crate::types::Lsn>,
+) -> Option<String> {
+    if new_version / 10000 < previous.pg_major() {
+        return Some(format!("it is PostgreSQL {}, older than the stanza's PostgreSQL {}", new_version / 10000, previous.pg_major()));
+    }
+    match archive_end {
+        Some(end) if new_lsn < end => Some(format!(
+            "its WAL position {new_lsn} is before the newest WAL the stanza holds of system {} (from {end}), and pg_upgrade starts the new cluster's WAL after the old one's",
+            previous.system_id
+        )),
+        _ => None,
+    }
+}
+
 /// [`upgrade`] in repository `number`, with the stanza lock held.
-async fn upgrade_one(stanza: &Stanza, number: usize, server: (SystemId, u32, u64), describe: &str) -> Result<UpgradeReport> {
-    let (system_id, pg_version, wal_segment_size) = server;
+async fn upgrade_one(stanza: &Stanza, number: usize, server: &Server, force: bool) -> Result<UpgradeReport> {
     // Read again under the lock: another stanza-upgrade may have won.
+    let (repo, decided) = upgrade_decision(stanza, number, server, force).await?;
+    let Some(recorded) = &decided.recorded else { return Ok(decided) };
+    let meta = repo.meta.upgraded(recorded.system_id, recorded.pg_version, recorded.wal_segment_size, recorded.since);
+    repo.store().put(keys::STANZA, crate::repo::manifest::seal(&meta), false).await?;
+    Ok(decided)
+}
+
+/// What [`upgrade`] would do in repository `number` as it is now: nothing
+/// (`recorded` is `None`), record the server's system, or refuse.
+async fn upgrade_decision(stanza: &Stanza, number: usize, server: &Server, force: bool) -> Result<(Repository, UpgradeReport)> {
+    let (system_id, pg_version, wal_segment_size, describe) =
+        (server.system_id, server.pg_version, server.wal_segment_size, &server.describe);
     let repo = stanza.open(number).await?;
     let previous = repo.meta.current();
     if previous.system_id == system_id {
-        return Ok(UpgradeReport { repo: number, recorded: None, previous });
+        return Ok((repo, UpgradeReport { repo: number, recorded: None, previous }));
     }
     if let Some(old) = repo.meta.system(system_id) {
         return Err(Error::Refused(format!(
@@ -88,10 +147,17 @@ async fn upgrade_one(stanza: &Stanza, number: usize, server: (SystemId, u32, u64
             previous.pg_major()
         )));
     }
-    let meta = repo.meta.upgraded(system_id, pg_version, wal_segment_size, Utc::now());
-    let recorded = meta.current();
-    repo.store().put(keys::STANZA, crate::repo::manifest::seal(&meta), false).await?;
-    Ok(UpgradeReport { repo: number, recorded: Some(recorded), previous })
+    let archive_end = repo.list_segments().await?.iter().map(|(s, _)| crate::types::Lsn(s.number * previous.wal_segment_size)).max();
+    if let Some(why) = not_upgraded_from(&previous, pg_version, server.lsn, archive_end).filter(|_| !force) {
+        return Err(Error::Refused(format!(
+            "the server at {describe} (system {system_id}) does not look like the cluster pg_upgrade made from stanza '{}''s system {} in repo {number}: {why}; check pg-host/pg-port, or record it anyway if it replaced the old cluster another way (dump and restore)",
+            stanza.name(),
+            previous.system_id
+        ))
+        .with_hint(Hint::retry(Opt::Force)));
+    }
+    let recorded = repo.meta.upgraded(system_id, pg_version, wal_segment_size, Utc::now()).current();
+    Ok((repo, UpgradeReport { repo: number, recorded: Some(recorded), previous }))
 }
 
 /// The result of `check`.
@@ -215,5 +281,24 @@ pub async fn not_archiving(stanza: &Stanza) -> Result<()> {
             .with_hint(Hint::retry(Opt::Force))),
             _ => Ok(()),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::Lsn;
+
+    #[test]
+    fn only_a_cluster_that_can_be_the_upgrade_of_the_current_system_is_recorded_without_force() {
+        let previous = SystemRecord { id: 1, system_id: SystemId(7), pg_version: 150014, wal_segment_size: 16 << 20, since: Utc::now() };
+        let end = Some(Lsn(0x9000000));
+        // What pg_upgrade makes: a newer (or the same) major, WAL after the old.
+        assert_eq!(not_upgraded_from(&previous, 180001, Lsn(0xA000028), end), None);
+        assert_eq!(not_upgraded_from(&previous, 150015, Lsn(0x9000000), end), None);
+        assert_eq!(not_upgraded_from(&previous, 180001, Lsn(0x1000000), None), None, "nothing archived: nothing to compare");
+        // What it cannot make: an older major, or WAL behind the archive.
+        assert!(not_upgraded_from(&previous, 140010, Lsn(0xA000028), end).is_some_and(|w| w.contains("older")));
+        assert!(not_upgraded_from(&previous, 180001, Lsn(0x1000000), end).is_some_and(|w| w.contains("0/1000000")));
     }
 }

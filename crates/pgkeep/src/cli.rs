@@ -70,7 +70,14 @@ pub enum Command {
     /// After pg_upgrade: record the server's new system in every
     /// repository (or --repo N), beside the old one, whose backups stay
     /// listed and restorable.
-    StanzaUpgrade,
+    StanzaUpgrade {
+        /// Record the server's system even when it does not look like the
+        /// cluster pg_upgrade made from the stanza's (an older major, or a
+        /// WAL position before the end of the stanza's archive: a cluster
+        /// that replaced the old one by dump and restore).
+        #[arg(long)]
+        force: bool,
+    },
     /// Delete the stanza, its backups and its WAL from every repository
     /// (or --repo N); refused while the cluster runs with archiving on.
     StanzaDelete {

@@ -86,6 +86,19 @@ fn after_pg_upgrade_15_to_18_the_stanza_keeps_both_systems_apart_and_restorable(
     assert!(line.contains(&format!("WAL file {first18}")) && line.contains("stanza-upgrade"), "{line}");
     assert!(before == snapshot(repo.path()), "a refused backup or archive-push changed the repository");
 
+    // Pointed at a cluster that is not the upgrade of the stanza's (a new
+    // initdb: its WAL position is behind the stanza's archive),
+    // stanza-upgrade refuses, in one line, the repository unchanged.
+    let stray = Cluster::initdb(&dir, "stray", None, &["-k"], &bin18);
+    stray.start();
+    pk.write_config(&stray.addr, &repo);
+    let before = snapshot(repo.path());
+    let line = pk.fails(&["stanza-upgrade"]);
+    assert!(line.contains("does not look like the cluster pg_upgrade made") && line.contains("--force"), "{line}");
+    assert!(before == snapshot(repo.path()), "a refused stanza-upgrade changed the repository");
+    drop(stray);
+    pk.write_config(&new.addr, &repo);
+
     // stanza-upgrade records the new system beside the old one; again, it
     // changes nothing.
     let out = pk.ok(&["stanza-upgrade"]);

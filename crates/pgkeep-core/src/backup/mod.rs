@@ -207,7 +207,7 @@ async fn locked(stanza: &Stanza, opts: &BackupOptions, repo: &Repository, source
     };
     let prior_label = prior.map(|p| p.label.clone());
     let unfinished = crate::repo::partial::unfinished(repo, &backups).await?;
-    let taken = resume::choose(&unfinished, kind, prior_label.as_ref(), compress).cloned();
+    let taken = resume::choose(&unfinished, kind, prior_label.as_ref(), compress, repo.system.system_id).cloned();
     let mut removed = Vec::new();
     for u in unfinished.into_iter().filter(|u| taken.as_ref().is_none_or(|t| t.label != u.label)) {
         repo.remove_backup_objects(&u.label).await?;
@@ -223,7 +223,8 @@ async fn locked(stanza: &Stanza, opts: &BackupOptions, repo: &Repository, source
     let first = match &taken {
         Some(t) => Checkpoint::new(label.clone(), kind, prior_label.clone(), compress, t.start_time, t.files.clone()),
         None => Checkpoint::new(label.clone(), kind, prior_label.clone(), compress, start_time, Vec::new()),
-    };
+    }
+    .of_system(repo.system.system_id);
     let checkpointer = Checkpointer::start(repo, first).await?;
     // The prior was judged on the timeline seen before the start; a
     // promotion in between would void that judgement.

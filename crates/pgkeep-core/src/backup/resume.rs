@@ -39,18 +39,21 @@ pub use crate::repo::partial::{Checkpoint, Unfinished, CHECKPOINT};
 const INTERVAL: Duration = Duration::from_secs(3);
 
 /// The newest abandoned backup that a backup of `kind` on `prior` with
-/// `compress` can take over (pure).
+/// `compress`, of `system`, can take over (pure). An attempt of another
+/// system (interrupted before pg_upgrade) is never taken over: the new
+/// backup would get its older label.
 pub fn choose<'a>(
     abandoned: &'a [Unfinished],
     kind: BackupType,
     prior: Option<&BackupLabel>,
     compress: Compress,
+    system: crate::types::SystemId,
 ) -> Option<&'a Checkpoint> {
     abandoned
         .iter()
         .rev()
         .filter_map(|u| u.checkpoint.as_ref())
-        .find(|c| c.kind == kind && c.prior.as_ref() == prior && c.compress == compress)
+        .find(|c| c.kind == kind && c.prior.as_ref() == prior && c.compress == compress && c.system_id.is_none_or(|s| s == system))
 }
 
 /// The entries of `interrupted` that the new attempt keeps for the files
@@ -174,6 +177,7 @@ mod tests {
             compress: Compress::Zstd,
             start_time: at,
             files: vec![],
+            system_id: None,
         }
     }
 
@@ -254,12 +258,22 @@ mod tests {
         ];
         let pick = |kind, prior: Option<&str>, compress| {
             let prior = prior.map(|p| BackupLabel(p.to_owned()));
-            choose(&abandoned, kind, prior.as_ref(), compress).map(|c| c.label.0.clone())
+            choose(&abandoned, kind, prior.as_ref(), compress, crate::types::SystemId(1)).map(|c| c.label.0.clone())
         };
         assert_eq!(pick(BackupType::Full, None, Compress::Zstd), Some("A".into()));
         assert_eq!(pick(BackupType::Incr, Some("A"), Compress::Zstd), Some("B".into()));
         assert_eq!(pick(BackupType::Incr, Some("X"), Compress::Zstd), None);
         assert_eq!(pick(BackupType::Diff, Some("A"), Compress::Zstd), None);
         assert_eq!(pick(BackupType::Full, None, Compress::Lz4), None);
+        // An attempt of another system (before pg_upgrade) is not taken
+        // over; one written before checkpoints named their system is.
+        let of = |id| {
+            vec![Unfinished {
+                label: BackupLabel("A".into()),
+                checkpoint: Some(checkpoint("A", BackupType::Full, None, t).of_system(crate::types::SystemId(id))),
+            }]
+        };
+        assert!(choose(&of(1), BackupType::Full, None, Compress::Zstd, crate::types::SystemId(1)).is_some());
+        assert!(choose(&of(2), BackupType::Full, None, Compress::Zstd, crate::types::SystemId(1)).is_none());
     }
 }

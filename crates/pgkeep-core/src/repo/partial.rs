@@ -30,6 +30,10 @@ pub struct Checkpoint {
     pub start_time: DateTime<Utc>,
     /// Files stored so far as objects of their own.
     pub files: Vec<FileEntry>,
+    /// The system the attempt read (absent in checkpoints written before
+    /// stanza-upgrade existed, when a stanza held one system).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_id: Option<crate::types::SystemId>,
 }
 
 /// A directory under `backup/` that has no manifest.
@@ -51,7 +55,12 @@ impl Checkpoint {
         start_time: DateTime<Utc>,
         files: Vec<FileEntry>,
     ) -> Checkpoint {
-        Checkpoint { label, kind, prior, compress, start_time, files }
+        Checkpoint { label, kind, prior, compress, start_time, files, system_id: None }
+    }
+
+    /// This checkpoint, recording that the attempt reads system `id`.
+    pub fn of_system(self, id: crate::types::SystemId) -> Checkpoint {
+        Checkpoint { system_id: Some(id), ..self }
     }
 }
 

@@ -396,6 +396,26 @@ async fn store_in(s: &Shared, repo: &Repository, wal: &WalFileName, data: &[u8])
     Ok(())
 }
 
+/// Where a queued file goes. It was accepted when it was queued: a
+/// segment of a system the stanza has replaced since (queued before
+/// `stanza-upgrade` reached this repository) goes to that system's
+/// archive, where it belongs; anything else as [`checked`] says.
+async fn queued_into(s: &Shared, lane: &Mutex<Lane>, repo: Repository, wal: &WalFileName, data: &[u8], path: &Path) -> Result<Repository> {
+    let of = match wal {
+        WalFileName::Segment(_) | WalFileName::Partial(_) => crate::pg::wal_system_id(data),
+        _ => None,
+    };
+    if let Some(id) = of.filter(|id| *id != repo.system.system_id) {
+        let fresh = s.stanza.open(repo.number).await?;
+        if let Ok(old) = fresh.for_system(id, "the queued file") {
+            if old.meta.current().system_id != id && data.len() as u64 == old.system.wal_segment_size {
+                return Ok(old);
+            }
+        }
+    }
+    checked(s, lane, repo, wal, data, path).await
+}
+
 /// `repo` when it takes `wal` (of its stanza's current system, of the
 /// right size); else the repository read again, which the lane keeps, when
 /// that takes it: `stanza-upgrade` may have recorded a new system since
@@ -561,7 +581,7 @@ async fn drain_queue(s: &Shared, lane: &Mutex<Lane>, number: usize) -> Result<u6
         // A file this repository does not take yet (its stanza has not
         // recorded the system after pg_upgrade) waits in the queue, which
         // stays; only a refusal of the store itself drops it.
-        let repo = checked(s, lane, repo.clone(), &wal, &data, &path).await?;
+        let repo = queued_into(s, lane, repo.clone(), &wal, &data, &path).await?;
         match store_in(s, &repo, &wal, &data).await {
             Ok(()) => {}
             Err(e) if e.retryable() => return Err(e),
@@ -734,6 +754,33 @@ mod tests {
         drain(&s, 2).await;
         assert!(s.lanes[1].lock().expect("lane").down.is_none());
         assert!(s.spool.queued(2).is_empty() && in_repo(&s, 2, name).await);
+    }
+
+    /// A segment of the old system queued for a repository while it was
+    /// down, just before pg_upgrade, is delivered to that system's archive
+    /// once the repository answers, even when stanza-upgrade reached it
+    /// first and the worker has read the stanza since: it was accepted when
+    /// it was queued, and must neither block the queue nor be dropped.
+    #[tokio::test]
+    async fn a_segment_queued_before_stanza_upgrade_reaches_its_own_systems_archive() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = shared(dir.path()).await;
+        let name = "000000010000000000000005";
+        std::fs::write(s.wal_dir.join(name), segment_of_system(1)).unwrap();
+        s.lanes[1].lock().expect("lane").down = Some("unreachable".into());
+        assert!(store_one(&s, name).await);
+        assert_eq!(s.spool.queued(2).len(), 1);
+
+        record_system(&s, 2, 2).await;
+        let fresh = s.stanza.open(2).await.unwrap();
+        assert_eq!(fresh.system.system_id, crate::types::SystemId(2));
+        s.lanes[1].lock().expect("lane").repo = Some(fresh.clone());
+        drain(&s, 2).await;
+        let down = s.lanes[1].lock().expect("lane").down.clone();
+        assert!(down.is_none() && s.spool.queued(2).is_empty(), "the queue is stuck: {down:?}");
+        let old = fresh.for_system(crate::types::SystemId(1), "test").unwrap();
+        assert_eq!(old.find_wal(&WalFileName::parse(name).unwrap()).await.unwrap().len(), 1, "not in the old system's archive");
+        assert!(fresh.find_wal(&WalFileName::parse(name).unwrap()).await.unwrap().is_empty(), "stored in the new system's archive");
     }
 
     /// Issue 11: an upload task that panics (a bug, simulated by a store

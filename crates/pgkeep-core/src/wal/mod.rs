@@ -100,8 +100,17 @@ impl Packed {
     }
 }
 
-/// Refuses a segment of the wrong size or of another cluster.
-fn check_wal_file(repo: &Repository, name: &WalFileName, data: &[u8], path: &Path) -> Result<()> {
+/// Refuses a file of a cluster the stanza takes no WAL of: one whose data
+/// directory (the `global/pg_control` of `archive_command`'s working
+/// directory, which chose `repo`'s system) is of an older system of the
+/// stanza, whatever the file (timeline history files carry no system of
+/// their own); and a segment of the wrong size or of another cluster.
+pub(crate) fn check_wal_file(repo: &Repository, name: &WalFileName, data: &[u8], path: &Path) -> Result<()> {
+    let current = repo.meta.current();
+    if repo.system.system_id != current.system_id {
+        let what = format!("{} of the cluster archiving it (by its global/pg_control)", name.as_str());
+        repo.for_system(current.system_id, "the stanza's current system")?.check_system_id(repo.system.system_id, &what)?;
+    }
     if matches!(name, WalFileName::Segment(_) | WalFileName::Partial(_)) {
         // The system first: a new system after pg_upgrade may have
         // another segment size, and what to do about it is stanza-upgrade.
@@ -139,17 +148,28 @@ async fn fetch(stanza: &Stanza, name: &WalFileName) -> Result<Vec<u8>> {
     // every repository answered that it has not: a repository that failed
     // (down, or a corrupt copy) while no other had the file must stop
     // recovery rather than look like the end of the archive.
+    // A repository that has never held the asking system (stanza-upgrade
+    // has not reached it yet) holds none of its WAL: "not here" when
+    // another repository holds the system, else the stanza has no such
+    // system at all, which stops recovery.
     let mut missing = None;
     let mut failure = None;
+    let mut never_held = None;
     for number in 1..=stanza.settings.repos.len() {
-        let attempt = async { stanza.open(number).await?.get_wal(name).await };
+        let attempt = async {
+            match stanza.open_serving(number).await? {
+                Ok(repo) => repo.get_wal(name).await.map(Ok),
+                Err(refused) => Ok(Err(refused)),
+            }
+        };
         match attempt.await {
-            Ok(data) => return Ok(data),
+            Ok(Ok(data)) => return Ok(data),
+            Ok(Err(refused)) => never_held = never_held.or(Some(refused)),
             Err(e) if matches!(e.kind(), Error::NotFound(_)) => missing = Some(e),
             Err(e) => failure = failure.or(Some(e)),
         }
     }
-    Err(failure.or(missing).unwrap_or_else(|| Error::NotFound(format!("WAL file {} is not in the archive", name.as_str()))))
+    Err(failure.or(missing).or(never_held).unwrap_or_else(|| Error::NotFound(format!("WAL file {} is not in the archive", name.as_str()))))
 }
 
 /// Helper used by `check` and `backup`: waits until `segment` is in `repo`.
@@ -209,6 +229,74 @@ fn restore_point_offset(segment: &[u8], name: &str) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// After stanza-upgrade, a cluster of the older system (its data
+    /// directory says which) archives nothing into the stanza, not even a
+    /// timeline history file, which carries no system of its own and would
+    /// otherwise land in the current system's archive (where recovery of
+    /// the new system would follow it).
+    #[tokio::test]
+    async fn a_cluster_of_an_older_system_archives_nothing_not_even_a_history_file() {
+        use crate::repo::StanzaMeta;
+        use crate::types::SystemId;
+        let meta = StanzaMeta {
+            stanza: "demo".into(),
+            system_id: SystemId(7),
+            pg_version: 150000,
+            wal_segment_size: 16 << 20,
+            created: chrono::Utc::now(),
+            cipher: None,
+            history: Vec::new(),
+        }
+        .upgraded(SystemId(8), 180000, 16 << 20, chrono::Utc::now());
+        let (repo, _) = Repository::create(&crate::storage::Store::memory(), meta, 1, None).await.unwrap();
+        let hist = WalFileName::History("00000002.history".into());
+        let path = Path::new("pg_wal/00000002.history");
+        let old = repo.for_system(SystemId(7), "test").unwrap();
+        let e = check_wal_file(&old, &hist, b"1\t0/5000000\tx\n", path).unwrap_err();
+        assert!(e.to_string().contains("held before system 8"), "{e}");
+        check_wal_file(&repo, &hist, b"1\t0/5000000\tx\n", path).unwrap();
+    }
+
+    /// archive-get for a system that stanza-upgrade has recorded in one
+    /// repository but not yet in the other: that repository holds none of
+    /// its WAL, which is "not here", not a failure that stops recovery; a
+    /// system no repository holds stops it.
+    #[tokio::test]
+    async fn a_repository_that_never_held_the_asking_system_is_not_a_failure_unless_none_holds_it() {
+        use crate::repo::StanzaMeta;
+        use crate::types::SystemId;
+        let t = tempfile::tempdir().unwrap();
+        let text = format!(
+            "[stanza.demo]\npg-data = \"/x\"\n[[repo]]\nlocation = \"{d}/r1\"\n[[repo]]\nlocation = \"{d}/r2\"\n",
+            d = t.path().display()
+        );
+        let file = crate::config::ConfigFile::parse(&text).unwrap();
+        let stanza = Stanza::new(crate::config::Settings::resolve(&file, Some("demo"), Default::default(), Default::default(), 1).unwrap());
+        let meta = StanzaMeta {
+            stanza: "demo".into(),
+            system_id: SystemId(7),
+            pg_version: 150000,
+            wal_segment_size: 16 << 20,
+            created: chrono::Utc::now(),
+            cipher: None,
+            history: Vec::new(),
+        };
+        Repository::create(&stanza.store(1).unwrap(), meta.clone().upgraded(SystemId(8), 180000, 16 << 20, chrono::Utc::now()), 1, None)
+            .await
+            .unwrap();
+        Repository::create(&stanza.store(2).unwrap(), meta, 2, None).await.unwrap();
+        let hist = WalFileName::History("00000002.history".into());
+        stanza.open(1).await.unwrap().push_wal(&hist, b"new", Compress::Zstd, None).await.unwrap();
+
+        let new = stanza.clone().serving_system(Some(SystemId(8)));
+        assert_eq!(fetch(&new, &hist).await.unwrap(), b"new");
+        let later = WalFileName::History("00000003.history".into());
+        let e = fetch(&new, &later).await.unwrap_err();
+        assert!(matches!(e.kind(), Error::NotFound(_)), "{e}");
+        let e = fetch(&stanza.serving_system(Some(SystemId(9))), &hist).await.unwrap_err();
+        assert!(matches!(e.kind(), Error::Refused(_)) && e.hint().is_some(), "{e}");
+    }
 
     #[test]
     fn finds_a_restore_point_record_by_name() {

@@ -31,10 +31,16 @@ pub async fn run(cli: Cli) -> Result<()> {
     let stanza = resolve(&cli, &file, cli.stanza.as_deref())?;
     match &cli.command {
         Command::StanzaCreate => stanza_create::run(&stanza).await,
-        Command::StanzaUpgrade => stanza_upgrade::run(&cli, &stanza).await,
+        Command::StanzaUpgrade { force } => stanza_upgrade::run(&cli, &stanza, *force).await,
         Command::StanzaDelete { force } => stanza_delete::run(&cli, &stanza, *force).await,
         Command::Check => check::run(&stanza).await,
-        Command::ArchivePush { path, worker } => archive::push(&stanza, path, *worker).await,
+        Command::ArchivePush { path, worker } => {
+            // archive_command runs in the data directory too: a cluster of
+            // an older system of the stanza (started again after a
+            // copy-mode pg_upgrade) is refused whatever it archives.
+            let sending = pgkeep_core::pg::data_dir_system_id(std::path::Path::new("."));
+            archive::push(&stanza.serving_system(sending), path, *worker).await
+        }
         Command::ArchiveGet { name, dest, worker } => {
             // PostgreSQL runs restore_command in the data directory: its
             // pg_control says which system of the stanza's history asks

@@ -5,8 +5,8 @@ use pgkeep_core::Stanza;
 
 use crate::cli::{Cli, Output};
 
-pub async fn run(cli: &Cli, stanza: &Stanza) -> Result<()> {
-    let reports = pgkeep_core::stanza::upgrade(stanza, cli.repo).await?;
+pub async fn run(cli: &Cli, stanza: &Stanza, force: bool) -> Result<()> {
+    let reports = pgkeep_core::stanza::upgrade(stanza, cli.repo, force).await?;
     match cli.output {
         Output::Json => super::print_json_reports(cli, &reports, |r| serde_json::to_value(r).unwrap_or_default())?,
         Output::Text => {
