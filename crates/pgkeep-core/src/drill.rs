@@ -248,22 +248,29 @@ async fn amcheck(bin: &Path, socket_dir: &Path, port: u16) -> Result<(usize, Str
     Ok((databases as usize, findings))
 }
 
-/// The server binaries for a major version: Debian's layout, else the
-/// directory of `pg_ctl` on the PATH.
+/// The server binaries for a major version: Debian's layout, RHEL's, else
+/// the first directory on the PATH whose `pg_ctl` is of that major (a
+/// backup is only ever started by its own major's server).
 fn pg_bin(major: u32) -> Result<PathBuf> {
-    let debian = PathBuf::from(format!("/usr/lib/postgresql/{major}/bin"));
-    if debian.join("pg_ctl").exists() {
-        return Ok(debian);
-    }
-    std::env::var_os("PATH")
+    let known = [PathBuf::from(format!("/usr/lib/postgresql/{major}/bin")), PathBuf::from(format!("/usr/pgsql-{major}/bin"))];
+    let on_path = std::env::var_os("PATH").into_iter().flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>());
+    known
         .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .find(|d| d.join("pg_ctl").exists() && d.join("pg_amcheck").exists())
+        .chain(on_path)
+        .find(|d| d.join("pg_amcheck").exists() && major_of(&d.join("pg_ctl")) == Some(major))
         .ok_or_else(|| {
             Error::Input(format!(
-                "PostgreSQL {major} server programs (pg_ctl, pg_amcheck) are not installed here; install them to run a restore drill"
+                "PostgreSQL {major} server programs (pg_ctl, pg_amcheck) are not installed here (looked in /usr/lib/postgresql/{major}/bin, /usr/pgsql-{major}/bin and the PATH); install them to run a restore drill"
             ))
         })
+}
+
+/// The major version of a PostgreSQL program, from its `--version`
+/// (`pg_ctl (PostgreSQL) 18.6`); `None` when it does not run.
+fn major_of(program: &Path) -> Option<u32> {
+    let out = std::process::Command::new(program).arg("--version").output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace().last()?.split('.').next()?.parse().ok()
 }
 
 fn free_port() -> Result<u16> {

