@@ -334,15 +334,7 @@ mod tests {
 
     async fn repo(dir: &std::path::Path) -> Repository {
         let opts = crate::config::RepoOptions { location: Some(dir.to_str().unwrap().into()), ..Default::default() };
-        let meta = super::super::StanzaMeta {
-            stanza: "demo".into(),
-            system_id: crate::types::SystemId(1),
-            pg_version: 150000,
-            wal_segment_size: 16 << 20,
-            created: Utc::now(),
-            cipher: None,
-            history: Vec::new(),
-        };
+        let meta = super::super::StanzaMeta::for_test(1);
         Repository::create(&crate::storage::Store::open(&opts.store()).unwrap(), meta, 1, None).await.unwrap().0
     }
 

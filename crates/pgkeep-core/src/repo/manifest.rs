@@ -112,6 +112,21 @@ impl StanzaMeta {
         history.push(SystemRecord { id, system_id, pg_version, wal_segment_size, since: now });
         StanzaMeta { system_id, pg_version, wal_segment_size, history, ..self.clone() }
     }
+
+    /// Stanza `demo` of system `system_id`, PostgreSQL 15, 16 MiB
+    /// segments, unencrypted: what unit tests create.
+    #[cfg(test)]
+    pub fn for_test(system_id: u64) -> StanzaMeta {
+        StanzaMeta {
+            stanza: "demo".into(),
+            system_id: SystemId(system_id),
+            pg_version: 150000,
+            wal_segment_size: 16 << 20,
+            created: Utc::now(),
+            cipher: None,
+            history: Vec::new(),
+        }
+    }
 }
 
 /// Kind of backup.

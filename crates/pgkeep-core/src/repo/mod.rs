@@ -457,15 +457,7 @@ mod tests {
     use crate::storage::testing::{Fault, Faulty, Op, Rule};
 
     fn meta() -> StanzaMeta {
-        StanzaMeta {
-            stanza: "demo".into(),
-            system_id: SystemId(7),
-            pg_version: 150000,
-            wal_segment_size: 16 << 20,
-            created: chrono::Utc::now(),
-            cipher: None,
-            history: Vec::new(),
-        }
+        StanzaMeta::for_test(7)
     }
 
     async fn faulty_repo() -> (std::sync::Arc<Faulty>, Repository) {

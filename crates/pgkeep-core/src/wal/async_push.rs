@@ -615,15 +615,7 @@ mod tests {
         );
         let file = ConfigFile::parse(&text).unwrap();
         let stanza = Stanza::new(Settings::resolve(&file, Some("demo"), Default::default(), Default::default(), 1).unwrap());
-        let meta = StanzaMeta {
-            stanza: "demo".into(),
-            system_id: crate::types::SystemId(1),
-            pg_version: 150000,
-            wal_segment_size: 16 << 20,
-            created: chrono::Utc::now(),
-            cipher: None,
-            history: Vec::new(),
-        };
+        let meta = StanzaMeta::for_test(1);
         let mut lanes = Vec::new();
         for number in 1..=2 {
             let (repo, _) = Repository::create(&stanza.store(number).unwrap(), meta.clone(), number, None).await.unwrap();

@@ -239,16 +239,7 @@ mod tests {
     async fn a_cluster_of_an_older_system_archives_nothing_not_even_a_history_file() {
         use crate::repo::StanzaMeta;
         use crate::types::SystemId;
-        let meta = StanzaMeta {
-            stanza: "demo".into(),
-            system_id: SystemId(7),
-            pg_version: 150000,
-            wal_segment_size: 16 << 20,
-            created: chrono::Utc::now(),
-            cipher: None,
-            history: Vec::new(),
-        }
-        .upgraded(SystemId(8), 180000, 16 << 20, chrono::Utc::now());
+        let meta = StanzaMeta::for_test(7).upgraded(SystemId(8), 180000, 16 << 20, chrono::Utc::now());
         let (repo, _) = Repository::create(&crate::storage::Store::memory(), meta, 1, None).await.unwrap();
         let hist = WalFileName::History("00000002.history".into());
         let path = Path::new("pg_wal/00000002.history");
@@ -273,15 +264,7 @@ mod tests {
         );
         let file = crate::config::ConfigFile::parse(&text).unwrap();
         let stanza = Stanza::new(crate::config::Settings::resolve(&file, Some("demo"), Default::default(), Default::default(), 1).unwrap());
-        let meta = StanzaMeta {
-            stanza: "demo".into(),
-            system_id: SystemId(7),
-            pg_version: 150000,
-            wal_segment_size: 16 << 20,
-            created: chrono::Utc::now(),
-            cipher: None,
-            history: Vec::new(),
-        };
+        let meta = StanzaMeta::for_test(7);
         Repository::create(&stanza.store(1).unwrap(), meta.clone().upgraded(SystemId(8), 180000, 16 << 20, chrono::Utc::now()), 1, None)
             .await
             .unwrap();
