@@ -177,11 +177,76 @@ fn second_cluster_can_neither_create_the_stanza_nor_push_wal_into_it() {
         b.psql(&format!("create table churn{i} (x int)"));
         b.switch_wal();
     }
+    // A write after the switch: the current segment's file exists (from
+    // PostgreSQL 18 on, a switch does not create the next one).
+    b.psql("create table after_switch (x int)");
     let seg = b.current_segment();
     assert!(a.wal_objects(&seg).is_empty(), "test setup: A already archived {seg}");
     let foreign = wal_file(&a.dir, "foreign", &seg, &std::fs::read(b.addr.data.join("pg_wal").join(&seg)).unwrap());
     a.pk.fails(&["archive-push", foreign.to_str().unwrap()]);
     assert!(snapshot(&a.repo) == before, "a segment of another cluster reached the repository");
+}
+
+/// Issue 12: WAL of another PostgreSQL major is refused in one line:
+/// from a cluster of that major (another system), and under this cluster's
+/// own system identifier with another major's page magic (what the
+/// identifier alone cannot catch). Nothing reaches the repository.
+#[test]
+fn wal_of_another_major_is_refused_in_one_line() {
+    let a = Stanza::created("bad-other-major");
+    let other = if pg_major() == 18 { 15 } else { 18 };
+    let b = Cluster::initdb(&a.dir, "b-data", None, &[], &pg_bin_of(other));
+    b.pg_ctl_start(&[]);
+    b.psql("create table t (x int)");
+    let seg = b.current_segment();
+    let before = snapshot(&a.repo);
+    let foreign = wal_file(&a.dir, "foreign", &seg, &std::fs::read(b.addr.data.join("pg_wal").join(&seg)).unwrap());
+    let msg = a.pk.fails(&["archive-push", foreign.to_str().unwrap()]);
+    assert!(msg.contains("another cluster") || msg.contains("system"), "{msg}");
+    assert!(snapshot(&a.repo) == before, "WAL of PostgreSQL {other} reached a PostgreSQL {} stanza", pg_major());
+
+    // The stanza's own system, another major's page magic.
+    let (seg, mut bytes) = a.archived_segment();
+    let magic = pgkeep_core::pg::version::of_major(other).unwrap().wal_page_magic;
+    bytes[..2].copy_from_slice(&magic.to_le_bytes());
+    let next = format!("{}{:08X}", &seg[..16], u32::from_str_radix(&seg[16..], 16).unwrap() + 100);
+    let before = snapshot(&a.repo);
+    let doctored = wal_file(&a.dir, "doctored", &next, &bytes);
+    let msg = a.pk.fails(&["archive-push", doctored.to_str().unwrap()]);
+    assert!(msg.contains(&format!("PostgreSQL {other}'s WAL")) && msg.contains(&format!("PostgreSQL {}", pg_major())), "{msg}");
+    assert!(snapshot(&a.repo) == before, "a segment with PostgreSQL {other}'s page magic reached the repository");
+}
+
+/// Issue 12: `archive-get` never hands recovery another system's segment,
+/// even when the archive holds one under the name asked for (an object
+/// copied in by hand, a bucket shared by mistake): recovery stops (exit
+/// 255) with a one-line reason, and nothing is written.
+#[test]
+fn archive_get_refuses_a_segment_of_another_system_stored_under_the_name() {
+    let a = Stanza::created("bad-get-foreign");
+    let b_repo = Repo::local(&a.dir, "b-repo");
+    let b_pk = Pgkeep::new(&a.dir, "b", "demo");
+    let b = Cluster::new(&a.dir, "b-data", Some(&b_pk));
+    b_pk.write_config(&b.addr, &b_repo);
+    b_pk.ok(&["stanza-create"]);
+    let mut seg = String::new();
+    for i in 0..6 {
+        b.psql(&format!("create table churn{i} (x int)"));
+        seg = b.switch_wal();
+    }
+    b.wait_archived(&seg);
+    assert!(a.wal_objects(&seg).is_empty(), "test setup: A already archived {seg}");
+    let b_archive = b_repo.path().join("demo/archive");
+    let object = snapshot(&b_archive).into_keys().find(|p| p.file_name().unwrap().to_string_lossy().starts_with(&seg)).unwrap();
+    let planted = a.repo.join("demo/archive").join(&object);
+    // As the repository's owner, as anything writing there would be.
+    run_ok(as_postgres("cp", a.dir.path()).arg(b_archive.join(&object)).arg(&planted), std::time::Duration::from_secs(30));
+
+    let dest = a.dir.join("RECOVERYXLOG");
+    let (code, msg) = a.pk.fails_code(&["archive-get", seg.as_str(), dest.to_str().unwrap()]);
+    assert_eq!(code, 255, "another system's segment must stop recovery: {msg}");
+    assert!(msg.contains(&format!("is of system {}", b.system_id())), "{msg}");
+    assert!(!dest.exists(), "archive-get wrote another system's segment to {}", dest.display());
 }
 
 #[test]

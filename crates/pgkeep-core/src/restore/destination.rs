@@ -117,7 +117,7 @@ pub(super) fn remove_extraneous(root: &Path, m: &Manifest) -> std::io::Result<us
     let mut files: HashSet<&str> = m.files.iter().map(|f| f.path.as_str()).filter(|p| *p != CONTROL_FILE).collect();
     files.insert(DELTA_CONTROL);
     let mut dirs: HashSet<&str> = m.dirs.iter().map(|d| d.path.as_str()).collect();
-    dirs.extend(["pg_wal", "pg_wal/archive_status"]);
+    dirs.extend(crate::pg::version::wal_dirs(m.pg_version));
     fn walk(root: &Path, rel: &str, files: &HashSet<&str>, dirs: &HashSet<&str>) -> std::io::Result<usize> {
         let mut removed = 0;
         let entries = match std::fs::read_dir(root.join(rel)) {
@@ -174,4 +174,67 @@ pub(super) fn done_with_delta(root: &Path, delta: bool) -> Result<()> {
         let _ = std::fs::remove_file(root.join(DELTA_CONTROL));
     }
     super::files::sync_dir(&root.join("global"))
+}
+
+/// Checks the `global/pg_control` just written: the control file of the
+/// backup's major (its version, catalog version and CRC) and system. A
+/// backup whose control file is not (damaged, or recorded under the wrong
+/// major) must not start: the file is removed, and the directory with it
+/// will not start until a restore completes.
+pub(super) fn check_control(root: &Path, m: &Manifest) -> Result<()> {
+    let path = root.join(CONTROL_FILE);
+    let control = std::fs::read(&path).map_err(Error::io(format!("cannot read {}", path.display())))?;
+    let major = crate::pg::version::of_version(m.pg_version)?;
+    let problem = match crate::pg::version::of_control_file(&control) {
+        None => Some(format!("is not a valid PostgreSQL {} control file (by its version, catalog version and CRC)", major.major)),
+        Some(other) if other != major => {
+            Some(format!("is PostgreSQL {}'s, but the backup was taken of PostgreSQL {}", other.major, major.major))
+        }
+        Some(_) => {
+            (crate::pg::control_system_id(&control) != Some(m.system_id)).then(|| format!("is not of system {}, the backup's", m.system_id))
+        }
+    };
+    let Some(problem) = problem else { return Ok(()) };
+    std::fs::remove_file(&path).map_err(Error::io(format!("cannot remove {}", path.display())))?;
+    Err(Error::Corrupt(format!(
+        "the global/pg_control restored from backup {} {problem}; the backup is damaged: run verify, and restore another backup",
+        m.label
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repo::manifest::BackupType;
+    use crate::types::SystemId;
+
+    /// A restored control file must be the backup's major's and system's:
+    /// one of another major (PostgreSQL 16's file in a backup recorded as
+    /// 15's), of another system, or torn is refused and removed, so the
+    /// directory cannot start.
+    #[test]
+    fn a_restored_control_file_of_another_major_or_system_is_refused_and_removed() {
+        let control = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/src/pg/testdata/pg_control.16")).unwrap();
+        let system = crate::pg::control_system_id(&control).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("global")).unwrap();
+        let write = |bytes: &[u8]| std::fs::write(dir.path().join(CONTROL_FILE), bytes).unwrap();
+        let mut m = Manifest::for_test("20261201-120000F", BackupType::Full, None, chrono::Utc::now(), 1000, (0, 0));
+        (m.pg_version, m.system_id) = (160014, system);
+
+        write(&control);
+        check_control(dir.path(), &m).unwrap();
+
+        for (pg_version, system_id, bytes, says) in [
+            (150018, system, control.clone(), "is PostgreSQL 16's, but the backup was taken of PostgreSQL 15"),
+            (160014, SystemId(system.0 + 1), control.clone(), "is not of system"),
+            (160014, system, [&control[..20], &[!control[20]], &control[21..]].concat(), "is not a valid PostgreSQL 16 control file"),
+        ] {
+            (m.pg_version, m.system_id) = (pg_version, system_id);
+            write(&bytes);
+            let e = check_control(dir.path(), &m).unwrap_err().to_string();
+            assert!(e.contains(says) && e.contains("run verify"), "{e}");
+            assert!(!dir.path().join(CONTROL_FILE).exists(), "a refused control file was left in place");
+        }
+    }
 }

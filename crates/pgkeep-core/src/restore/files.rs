@@ -327,7 +327,8 @@ pub(super) fn sync_dir(path: &Path) -> Result<()> {
 /// directories through their links), children before parents, and the
 /// data directory itself.
 pub(super) fn sync_dirs(root: &Path, m: &Manifest) -> Result<()> {
-    let mut dirs: Vec<&str> = m.dirs.iter().map(|d| d.path.as_str()).chain(["pg_wal/archive_status", "pg_wal"]).collect();
+    let mut dirs: Vec<&str> =
+        m.dirs.iter().map(|d| d.path.as_str()).chain(crate::pg::version::wal_dirs(m.pg_version).iter().copied()).collect();
     dirs.sort_by_key(|d| std::cmp::Reverse(d.matches('/').count()));
     for d in dirs {
         sync_dir(&root.join(d))?;
@@ -371,7 +372,7 @@ pub(super) fn make_dirs(plan: &Plan) -> Result<()> {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(d.mode & 0o7777))
             .map_err(io(format!("cannot set the mode of {}", path.display())))?;
     }
-    for sub in ["pg_wal", "pg_wal/archive_status"] {
+    for sub in crate::pg::version::wal_dirs(m.pg_version) {
         std::fs::create_dir_all(root.join(sub)).map_err(io(format!("cannot create {sub}")))?;
     }
     Ok(())

@@ -159,6 +159,7 @@ async fn write(plan: &Plan, opts: &RestoreOptions, jobs: usize) -> Result<Restor
     recovery::write_label_and_settings(root, m, opts)?;
     files::sync_dirs(root, m)?;
     writer.write_control().await?;
+    destination::check_control(root, m)?;
     destination::done_with_delta(root, opts.delta)?;
     Ok(RestoreReport {
         label: m.label.clone(),

@@ -696,9 +696,13 @@ mod tests {
     }
 
     /// A WAL segment of system `id`: 16 MiB starting with a long page
-    /// header (`xlp_info` with XLP_LONG_HEADER, `xlp_sysid` at 24).
+    /// header (`xlp_info` with XLP_LONG_HEADER, `xlp_sysid` at 24) of the
+    /// major the tests record for it: 15 for system 1 (`StanzaMeta::for_test`),
+    /// 18 for the system [`record_system`] adds.
     fn segment_of_system(id: u64) -> Vec<u8> {
         let mut data = vec![0u8; 16 << 20];
+        let major = if id == 1 { 15 } else { 18 };
+        data[..2].copy_from_slice(&crate::pg::version::of_major(major).unwrap().wal_page_magic.to_le_bytes());
         data[2..4].copy_from_slice(&2u16.to_le_bytes());
         data[24..32].copy_from_slice(&id.to_le_bytes());
         data

@@ -14,7 +14,7 @@ use std::path::Path;
 
 use crate::codec::Compress;
 use crate::error::{Error, Result};
-use crate::pg::wal_system_id;
+use crate::pg::{version, wal_system_id};
 use crate::repo::{Pushed, Repository};
 use crate::types::WalFileName;
 use crate::Stanza;
@@ -104,7 +104,8 @@ impl Packed {
 /// directory (the `global/pg_control` of `archive_command`'s working
 /// directory, which chose `repo`'s system) is of an older system of the
 /// stanza, whatever the file (timeline history files carry no system of
-/// their own); and a segment of the wrong size or of another cluster.
+/// their own); and a segment of another cluster, of another major (its
+/// page magic) or of the wrong size.
 pub(crate) fn check_wal_file(repo: &Repository, name: &WalFileName, data: &[u8], path: &Path) -> Result<()> {
     let current = repo.meta.current();
     if repo.system.system_id != current.system_id {
@@ -117,6 +118,10 @@ pub(crate) fn check_wal_file(repo: &Repository, name: &WalFileName, data: &[u8],
         let id = wal_system_id(data)
             .ok_or_else(|| Error::Refused(format!("{} does not start with a WAL page header; it is not a WAL segment", path.display())))?;
         repo.check_system_id(id, &format!("WAL file {}", name.as_str()))?;
+        // The same system of another major cannot be (pg_upgrade makes a
+        // new system), so this catches what the identifier cannot: a
+        // segment that is not WAL of this major at all.
+        version::check_wal_major(data, version::of_version(repo.system.pg_version)?, &format!("WAL file {}", name.as_str()))?;
         let seg = repo.system.wal_segment_size;
         if data.len() as u64 != seg {
             return Err(Error::Refused(format!(
@@ -158,7 +163,11 @@ async fn fetch(stanza: &Stanza, name: &WalFileName) -> Result<Vec<u8>> {
     for number in 1..=stanza.settings.repos.len() {
         let attempt = async {
             match stanza.open_serving(number).await? {
-                Ok(repo) => repo.get_wal(name).await.map(Ok),
+                Ok(repo) => {
+                    let data = repo.get_wal(name).await?;
+                    check_served(&repo, name, &data)?;
+                    Ok::<_, Error>(Ok(data))
+                }
                 Err(refused) => Ok(Err(refused)),
             }
         };
@@ -170,6 +179,25 @@ async fn fetch(stanza: &Stanza, name: &WalFileName) -> Result<Vec<u8>> {
         }
     }
     Err(failure.or(missing).or(never_held).unwrap_or_else(|| Error::NotFound(format!("WAL file {} is not in the archive", name.as_str()))))
+}
+
+/// Refuses to hand recovery a segment that is not the asking system's WAL
+/// (by the system identifier and page magic of its first page): an object
+/// put in the archive by hand, or a repository that mixes systems, must
+/// stop recovery rather than replay another cluster's changes.
+fn check_served(repo: &Repository, name: &WalFileName, data: &[u8]) -> Result<()> {
+    if !matches!(name, WalFileName::Segment(_) | WalFileName::Partial(_)) {
+        return Ok(());
+    }
+    let what = format!("archived WAL file {} in repo {}", name.as_str(), repo.number);
+    let id = wal_system_id(data).ok_or_else(|| Error::Corrupt(format!("{what} does not start with a WAL page header")))?;
+    if id != repo.system.system_id {
+        return Err(Error::Corrupt(format!(
+            "{what} is of system {id}, but the cluster recovering is system {}; the archive holds another cluster's WAL under this name",
+            repo.system.system_id
+        )));
+    }
+    version::check_wal_major(data, version::of_version(repo.system.pg_version)?, &what)
 }
 
 /// Helper used by `check` and `backup`: waits until `segment` is in `repo`.

