@@ -86,9 +86,12 @@ pub fn excluded(rel: &str, is_dir: bool) -> bool {
     if !is_dir && (name.starts_with("pg_internal.init") || (!rel.contains('/') && SKIP_TOP_FILES.contains(&name))) {
         return true;
     }
-    // The contents of the skipped directories, but not the directories.
+    // The contents of the skipped directories, but not the directories,
+    // nor pg_wal's own directories (empty, with their modes), as
+    // pg_basebackup sends them: `archive_status`, and from PostgreSQL 17
+    // `summaries` (see crate::pg::version).
     SKIP_CONTENTS.iter().any(|d| rel.len() > d.len() && rel.starts_with(d) && rel.as_bytes()[d.len()] == b'/')
-        && !(rel == "pg_wal/archive_status" && is_dir)
+        && !(is_dir && crate::pg::version::WAL_SUBDIRS.contains(&rel))
 }
 
 /// Walks `pg_data` and the tablespaces into a plan.
@@ -242,12 +245,15 @@ mod tests {
             ("base/pgsql_tmp", true),
             ("pg_tblspc/16384/PG_15_202209061/pgsql_tmp", true),
             ("pg_replslot/slot1", true),
+            ("pg_wal/summaries/0000000100000000010000280000000001000100.summary", false),
+            ("pg_wal/archive_status/000000010000000000000001.ready", false),
         ] {
             assert!(excluded(p, d), "{p} should be skipped");
         }
         for (p, d) in [
             ("pg_wal", true),
             ("pg_wal/archive_status", true),
+            ("pg_wal/summaries", true),
             ("base/5/16384", false),
             ("global/pg_control", false),
             ("postgresql.auto.conf", false),

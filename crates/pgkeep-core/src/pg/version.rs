@@ -78,11 +78,15 @@ pub const SUPPORTED: [Major; 4] = [
     },
 ];
 
-/// The directories under `pg_wal` a restored data directory has, empty,
-/// as `pg_basebackup` sends them (`src/backend/backup/basebackup.c`,
-/// `sendDir`: `archive_status`, and from 17 `summaries`), for a backup of
-/// `server_version_num` `pg_version`. The summaries of the directory a
-/// delta restore rewrites describe WAL of another history and go.
+/// The directories under `pg_wal` a backup keeps, empty, as
+/// `pg_basebackup` sends them (`src/backend/backup/basebackup.c`,
+/// `sendDir`): `archive_status`, and `summaries` where it exists.
+pub const WAL_SUBDIRS: [&str; 2] = ["pg_wal/archive_status", "pg_wal/summaries"];
+
+/// The WAL directories a restored data directory has, empty, for a backup
+/// of `server_version_num` `pg_version`: `pg_wal/archive_status`, and from
+/// 17 `pg_wal/summaries`. The summaries of the directory a delta restore
+/// rewrites describe WAL of another history and go.
 pub fn wal_dirs(pg_version: u32) -> &'static [&'static str] {
     if of_version(pg_version).is_ok_and(|m| m.wal_summaries) {
         &["pg_wal", "pg_wal/archive_status", "pg_wal/summaries"]

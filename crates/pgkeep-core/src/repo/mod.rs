@@ -358,11 +358,10 @@ impl Repository {
     }
 
     /// Deletes every object of a backup directory (used to clean up a
-    /// backup that failed before its manifest was written).
+    /// backup that failed before its manifest was written), and in a local
+    /// repository what a killed run left half written there.
     pub async fn remove_backup_objects(&self, label: &BackupLabel) -> Result<()> {
-        let dir = Self::backup_dir(label);
-        let keys = self.store.list(&dir).await?.into_iter().map(|l| format!("{dir}/{}", l.key)).collect();
-        self.store.delete_all(keys).await
+        self.store.delete_dir(&Self::backup_dir(label)).await
     }
 }
 

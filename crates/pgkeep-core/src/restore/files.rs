@@ -372,8 +372,16 @@ pub(super) fn make_dirs(plan: &Plan) -> Result<()> {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(d.mode & 0o7777))
             .map_err(io(format!("cannot set the mode of {}", path.display())))?;
     }
+    // The WAL directories a backup of an older pgkeep did not record: with
+    // pg_wal's mode (0700, or 0750 for a cluster with group access).
+    let wal_mode = m.dirs.iter().find(|d| d.path == "pg_wal").map_or(0o700, |d| d.mode & 0o7777);
     for sub in crate::pg::version::wal_dirs(m.pg_version) {
-        std::fs::create_dir_all(root.join(sub)).map_err(io(format!("cannot create {sub}")))?;
+        let path = root.join(sub);
+        if !path.is_dir() {
+            std::fs::create_dir_all(&path).map_err(io(format!("cannot create {sub}")))?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(wal_mode))
+                .map_err(io(format!("cannot set the mode of {}", path.display())))?;
+        }
     }
     Ok(())
 }

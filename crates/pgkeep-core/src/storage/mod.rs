@@ -139,6 +139,9 @@ fn key_of(encoded: &str) -> String {
 pub struct Store {
     inner: Arc<dyn ObjectStore>,
     location: String,
+    /// The directory of a local store: what [`Store::delete_dir`] also
+    /// clears of what `object_store` does not list.
+    local: Option<std::path::PathBuf>,
 }
 
 /// One stored object as listed.
@@ -156,7 +159,7 @@ impl Store {
     /// A store over any `object_store` implementation (an in-memory one,
     /// a wrapper that injects failures); `location` names it in messages.
     pub fn from_object_store(inner: Arc<dyn ObjectStore>, location: impl Into<String>) -> Store {
-        Store { inner, location: location.into() }
+        Store { inner, location: location.into(), local: None }
     }
 
     /// An empty store in memory.
@@ -185,7 +188,8 @@ impl Store {
                     .map_err(|e| bad(e.to_string()))?
                     .with_automatic_cleanup(true)
                     .with_fsync(true);
-                return Ok(Store { inner: Arc::new(fs), location });
+                let local = Some(dir.to_owned());
+                return Ok(Store { inner: Arc::new(fs), location, local });
             }
             "s3" => {
                 let mut b = object_store::aws::AmazonS3Builder::from_env()
@@ -244,7 +248,7 @@ impl Store {
         };
         let inner: Arc<dyn ObjectStore> =
             if prefix.trim_matches('/').is_empty() { inner } else { Arc::new(PrefixStore::new(inner, prefix.trim_matches('/'))) };
-        Ok(Store { inner, location })
+        Ok(Store { inner, location, local: None })
     }
 
     /// The location this store was opened from, for messages.
@@ -257,6 +261,7 @@ impl Store {
         Store {
             inner: Arc::new(PrefixStore::new(self.inner.clone(), dir)),
             location: format!("{}/{}", self.location.trim_end_matches('/'), dir),
+            local: self.local.as_ref().map(|l| l.join(dir)),
         }
     }
 
@@ -317,6 +322,20 @@ impl Store {
         Ok(r.common_prefixes.iter().filter_map(|p| p.filename().map(key_of)).collect())
     }
 
+    /// Deletes every object under `dir`. A local store's directory goes
+    /// too, with what a killed writer left in it: `object_store` stages an
+    /// upload as `<name>#<n>` beside its destination and never lists it,
+    /// so deleting the listed objects alone would leave those behind.
+    pub async fn delete_dir(&self, dir: &str) -> Result<()> {
+        let keys = self.list(dir).await?.into_iter().map(|l| format!("{dir}/{}", l.key)).collect();
+        self.delete_all(keys).await?;
+        let Some(path) = self.local.as_ref().map(|l| l.join(dir)) else { return Ok(()) };
+        match std::fs::remove_dir_all(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(format!("cannot remove {}", path.display()))(e)),
+            _ => Ok(()),
+        }
+    }
+
     /// Deletes objects; missing ones are not an error.
     pub async fn delete_all(&self, keys: Vec<String>) -> Result<()> {
         let paths = futures::stream::iter(keys.into_iter().map(|k| Ok(KeyPath::from(k)))).boxed();
@@ -349,6 +368,24 @@ pub use sync_io::{ObjectReader, ObjectWriter};
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A killed backup leaves `object_store`'s staged uploads
+    /// (`<name>#<n>`), which no list shows; removing the backup's
+    /// directory must take them, and the directory, too.
+    #[tokio::test]
+    async fn delete_dir_removes_a_local_directory_with_the_uploads_a_killed_writer_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&StoreOptions { location: dir.path().to_str().unwrap().into(), ..Default::default() }).unwrap();
+        store.put("backup/L/pg_data/a.zst", Bytes::from_static(b"a"), false).await.unwrap();
+        store.put("backup/M/manifest.json", Bytes::from_static(b"m"), false).await.unwrap();
+        std::fs::write(dir.path().join("backup/L/pg_data/b.zst#1"), b"half").unwrap();
+        assert_eq!(store.list("backup/L").await.unwrap().len(), 1, "object_store lists the staged upload after all");
+        store.delete_dir("backup/L").await.unwrap();
+        assert!(!dir.path().join("backup/L").exists(), "the directory outlived its objects");
+        assert!(store.get("backup/M/manifest.json").await.unwrap().is_some(), "another backup's object went too");
+        store.sub("backup").delete_dir("M").await.unwrap();
+        assert!(!dir.path().join("backup/M").exists());
+    }
 
     #[test]
     fn listed_keys_decode_to_the_keys_written() {
