@@ -633,6 +633,25 @@ fn assemble(f: &PlannedFile, pieces: Vec<Option<Stored>>) -> Option<FileEntry> {
 /// page read is also verified against its page checksum (in a delta too,
 /// stored or not). `None` when the file was removed before it could be
 /// opened.
+/// `global/pg_control` read whole, and again while its CRC fails: the
+/// server rewrites it in place, and a read during that write can see part
+/// of each version (PostgreSQL's own reader retries the same way, ten
+/// times: `src/common/controldata_utils.c`, `get_controlfile_by_exact_path`,
+/// "due to a concurrent write").
+fn read_control(path: &std::path::Path) -> Result<Vec<u8>> {
+    for _ in 0..10 {
+        let bytes = std::fs::read(path).map_err(Error::io(format!("cannot read {}", path.display())))?;
+        if crate::pg::version::SUPPORTED.iter().any(|m| crate::pg::version::control_is_valid(&bytes, m)) {
+            return Ok(bytes);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Err(Error::Corrupt(format!(
+        "{} fails its CRC in 10 reads, or is not the control file of a PostgreSQL pgkeep supports; check the data directory with pg_controldata",
+        path.display()
+    )))
+}
+
 fn copy_one(
     f: &PlannedFile,
     part: Option<Range<u64>>,
@@ -653,7 +672,13 @@ fn copy_one(
     if start > 0 {
         src.seek(std::io::SeekFrom::Start(start)).map_err(read_err())?;
     }
-    let mut reader = (&src).take(part.as_ref().map_or(u64::MAX, |r| r.end - r.start));
+    let control;
+    let mut reader: Box<dyn Read + '_> = if f.path == crate::pg::CONTROL_FILE && part.is_none() {
+        control = read_control(&f.source)?;
+        Box::new(&control[..])
+    } else {
+        Box::new((&src).take(part.as_ref().map_or(u64::MAX, |r| r.end - r.start)))
+    };
     let upload_err = |e: std::io::Error| Error::Io { what: format!("cannot store '{key}' in repo {}", sink.repo_no), cause: e };
     let out = if part.is_none() && f.size < bundle::SMALL_FILE {
         Out::Memory(Vec::new())
@@ -826,6 +851,23 @@ async fn wait_for_wal(repo: &Repository, first: WalSegment, last: WalSegment, ti
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A backup never stores a control file that fails its CRC (a read
+    /// torn by the server's rewrite, a damaged file): it reads again, then
+    /// fails in one line.
+    #[test]
+    fn a_control_file_failing_its_crc_is_not_backed_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pg_control");
+        let good = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/src/pg/testdata/pg_control.18")).unwrap();
+        std::fs::write(&path, &good).unwrap();
+        assert_eq!(read_control(&path).unwrap(), good);
+        let mut torn = good.clone();
+        torn[100] ^= 0xff;
+        std::fs::write(&path, &torn).unwrap();
+        let e = read_control(&path).unwrap_err().to_string();
+        assert!(e.contains("fails its CRC in 10 reads") && !e.contains('\n'), "{e}");
+    }
 
     #[test]
     fn incr_builds_on_the_newest_backup_of_the_newest_chain_and_diff_on_its_full() {

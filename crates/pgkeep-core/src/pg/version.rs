@@ -37,8 +37,8 @@ pub struct Major {
     pub wal_summaries: bool,
 }
 
-/// Every major pgkeep supports, oldest first: those PostgreSQL maintained
-/// in December 2026.
+/// Every major pgkeep supports, oldest first. 19 (`REL_19_STABLE`) is not
+/// among them yet: adding it is a row here, once its facts are checked.
 pub const SUPPORTED: [Major; 4] = [
     Major {
         major: 15,
@@ -155,11 +155,16 @@ pub fn check_wal_major(segment: &[u8], expected: &Major, what: &str) -> Result<(
 pub fn of_control_file(control: &[u8]) -> Option<&'static Major> {
     let field = |at: usize| Some(u32::from_le_bytes(control.get(at..at + 4)?.try_into().ok()?));
     let (version, catalog) = (field(8)?, field(12)?);
-    SUPPORTED.iter().filter(|m| m.control_version == version && m.catalog_version == catalog).find(|m| {
-        let at = m.control_crc_offset;
-        let stored = control.get(at..at + 4).map(|b| u32::from_le_bytes(b.try_into().unwrap()));
-        stored.is_some() && stored == control.get(..at).map(crc32c)
-    })
+    SUPPORTED.iter().filter(|m| m.control_version == version && m.catalog_version == catalog).find(|m| control_is_valid(control, m))
+}
+
+/// Whether `control` is a whole control file of `major`: its
+/// `pg_control_version`, and the CRC over what precedes `crc`. The
+/// catalog version is not asked for: it moves during a release's betas.
+pub fn control_is_valid(control: &[u8], major: &Major) -> bool {
+    let at = major.control_crc_offset;
+    let field = |at: usize| control.get(at..at + 4).map(|b| u32::from_le_bytes(b.try_into().unwrap()));
+    field(8) == Some(major.control_version) && field(at).is_some() && field(at) == control.get(..at).map(crc32c)
 }
 
 /// CRC-32C (Castagnoli), as PostgreSQL's `COMP_CRC32C` (reflected, initial
@@ -197,6 +202,21 @@ mod tests {
             assert_eq!(of_control_file(&torn), None, "major {}", m.major);
             assert_eq!(of_control_file(&c[..100]), None);
         }
+    }
+
+    /// A beta's catalog version is not the release's: the file is still a
+    /// valid control file of its major, only not identified by
+    /// [`of_control_file`].
+    #[test]
+    fn a_control_file_with_another_catalog_version_is_still_valid_for_its_major() {
+        let mut c = control(18);
+        c[12..16].copy_from_slice(&202505071u32.to_le_bytes());
+        let at = of_major(18).unwrap().control_crc_offset;
+        let crc = crc32c(&c[..at]);
+        c[at..at + 4].copy_from_slice(&crc.to_le_bytes());
+        assert!(control_is_valid(&c, of_major(18).unwrap()));
+        assert!(!control_is_valid(&c, of_major(17).unwrap()));
+        assert_eq!(of_control_file(&c), None);
     }
 
     #[test]

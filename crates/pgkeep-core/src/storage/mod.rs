@@ -322,11 +322,20 @@ impl Store {
         Ok(r.common_prefixes.iter().filter_map(|p| p.filename().map(key_of)).collect())
     }
 
-    /// Deletes every object under `dir`. A local store's directory goes
-    /// too, with what a killed writer left in it: `object_store` stages an
-    /// upload as `<name>#<n>` beside its destination and never lists it,
-    /// so deleting the listed objects alone would leave those behind.
+    /// Deletes every object under `dir` (a path of plain names, else
+    /// nothing). A local store's directory goes too, with what a killed
+    /// writer left in it: `object_store` stages an upload as `<name>#<n>`
+    /// beside its destination and never lists it, so deleting the listed
+    /// objects alone would leave those behind.
     pub async fn delete_dir(&self, dir: &str) -> Result<()> {
+        // Only a directory whose every part is a plain name (what pgkeep
+        // writes: letters, digits, '-', '_', '.'), which object_store keeps
+        // as it is on disk; anything else (`..`, an empty part, an escaped
+        // name that decodes to another path) is left alone.
+        let plain = |p: &str| !p.is_empty() && p != "." && p != ".." && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        if !dir.split('/').all(plain) {
+            return Ok(());
+        }
         let keys = self.list(dir).await?.into_iter().map(|l| format!("{dir}/{}", l.key)).collect();
         self.delete_all(keys).await?;
         let Some(path) = self.local.as_ref().map(|l| l.join(dir)) else { return Ok(()) };
@@ -385,6 +394,13 @@ mod tests {
         assert!(store.get("backup/M/manifest.json").await.unwrap().is_some(), "another backup's object went too");
         store.sub("backup").delete_dir("M").await.unwrap();
         assert!(!dir.path().join("backup/M").exists());
+        // A name that is not plain never reaches the file system: a listed
+        // directory `%2E%2E` decodes to `..`, the stanza's own parent.
+        store.put("backup/N/a", Bytes::from_static(b"n"), false).await.unwrap();
+        for bad in ["backup/..", "backup/", "..", "backup/N/../.."] {
+            store.delete_dir(bad).await.unwrap();
+            assert!(dir.path().join("backup/N/a").exists(), "delete_dir({bad:?}) reached outside its directory");
+        }
     }
 
     #[test]

@@ -141,7 +141,9 @@ async fn fetch_into(repos: &[Repository], spool: &Spool, name: &str) -> Result<(
     let wal = WalFileName::Segment(name.to_owned());
     let mut last = None;
     for repo in repos {
-        match repo.get_wal(&wal).await {
+        // The same check as a direct archive-get: a segment that is not
+        // the asking system's is never put where recovery takes it.
+        match repo.get_wal(&wal).await.and_then(|data| super::check_served(repo, &wal, &data).map(|()| data)) {
             Ok(data) => return spool.store_prefetched(name, &data),
             Err(e) => last = Some(e),
         }
