@@ -121,11 +121,7 @@ pub(crate) fn check_wal_file(repo: &Repository, name: &WalFileName, data: &[u8],
         // The same system of another major cannot be (pg_upgrade makes a
         // new system), so this catches what the identifier cannot: a
         // segment that is not WAL of this major at all.
-        // (A system recorded before pgkeep checked majors, of one it does
-        // not know, is not judged by its magic.)
-        if let Ok(major) = version::of_version(repo.system.pg_version) {
-            version::check_wal_major(data, major, &format!("WAL file {}", name.as_str()))?;
-        }
+        version::check_wal_major(data, repo.system.pg_version, &format!("WAL file {}", name.as_str()))?;
         let seg = repo.system.wal_segment_size;
         if data.len() as u64 != seg {
             return Err(Error::Refused(format!(
@@ -201,10 +197,7 @@ pub(super) fn check_served(repo: &Repository, name: &WalFileName, data: &[u8]) -
             repo.system.system_id
         )));
     }
-    match version::of_version(repo.system.pg_version) {
-        Ok(major) => version::check_wal_major(data, major, &what),
-        Err(_) => Ok(()),
-    }
+    version::check_wal_major(data, repo.system.pg_version, &what)
 }
 
 /// Helper used by `check` and `backup`: waits until `segment` is in `repo`.
