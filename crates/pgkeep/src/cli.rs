@@ -127,6 +127,18 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Run the in-pod agent for the Kubernetes operator: an HTTP API to
+    /// start and follow backups, the repository's info, /healthz and
+    /// /metrics.
+    Agent {
+        /// Address to listen on.
+        #[arg(long, default_value = "0.0.0.0:8432")]
+        listen: std::net::SocketAddr,
+        /// File holding the token the operator presents (in a pod, the
+        /// Stanza's agent Secret, mounted).
+        #[arg(long, env = "PGKEEP_AGENT_TOKEN_FILE")]
+        token_file: PathBuf,
+    },
     /// Re-read and check stored data.
     Verify {
         /// Backup to verify.

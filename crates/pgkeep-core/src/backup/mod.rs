@@ -113,7 +113,7 @@ pub struct BackupThenExpire {
 }
 
 /// As JSON (what `backup --output json` prints and the operator stores):
-/// `label`, `type`, `start-lsn`, `stop-lsn`, `size`, `repo-size`, `files`,
+/// `label`, `type`, `start-time`, `stop-time` (RFC 3339), `start-lsn`, `stop-lsn`, `size`, `repo-size`, `files`,
 /// `seconds`, `page-checksums`, `checksum-errors`, `resumed-files`,
 /// `resumed-bytes`, `full-because`, `from`, `standby-passed-over`,
 /// `system-id`, `pg-version`, `start-wal`, `stop-wal`, `expire` (the
@@ -126,6 +126,8 @@ impl serde::Serialize for BackupThenExpire {
             label: &'a BackupLabel,
             #[serde(rename = "type")]
             kind: BackupType,
+            start_time: String,
+            stop_time: String,
             start_lsn: crate::types::Lsn,
             stop_lsn: crate::types::Lsn,
             start_wal: &'a str,
@@ -150,6 +152,8 @@ impl serde::Serialize for BackupThenExpire {
         Out {
             label: &m.label,
             kind: m.kind,
+            start_time: m.start_time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            stop_time: m.stop_time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             start_lsn: m.start_lsn,
             stop_lsn: m.stop_lsn,
             start_wal: &m.start_wal,

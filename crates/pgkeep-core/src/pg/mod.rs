@@ -81,6 +81,11 @@ impl Pg {
             .dbname(&addr.database)
             .application_name("pgkeep")
             .connect_timeout(Duration::from_secs(10));
+        // As libpq: a password, when the server asks for one, comes from
+        // PGPASSWORD (in a pod, from the Stanza's credentials Secret).
+        if let Some(password) = std::env::var_os("PGPASSWORD") {
+            cfg.password(password.as_encoded_bytes());
+        }
         let (client, conn) = cfg.connect(NoTls).await.map_err(|e| {
             let what = format!("cannot connect to PostgreSQL at {describe} as user {}", addr.user);
             match login_refused(&e) {
@@ -279,6 +284,48 @@ impl Pg {
     pub async fn current_lsn(&self) -> Result<Lsn> {
         self.one_text("SELECT pg_current_wal_lsn()::text", "report its WAL position").await?.parse()
     }
+
+    /// `pg_stat_archiver`: what the server's archiver did since its
+    /// statistics were reset.
+    pub async fn archiver(&self) -> Result<Archiver> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT archived_count, last_archived_wal, \
+                 to_char(last_archived_time AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), \
+                 failed_count, last_failed_wal, \
+                 to_char(last_failed_time AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') \
+                 FROM pg_stat_archiver",
+                &[],
+            )
+            .await
+            .map_err(self.err("report its archiver (pg_stat_archiver)"))?;
+        Ok(Archiver {
+            archived_count: row.get(0),
+            last_archived_wal: row.get(1),
+            last_archived_time: row.get(2),
+            failed_count: row.get(3),
+            last_failed_wal: row.get(4),
+            last_failed_time: row.get(5),
+        })
+    }
+}
+
+/// `pg_stat_archiver` (see [`Pg::archiver`]); times in RFC 3339, UTC.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Archiver {
+    /// Segments archived.
+    pub archived_count: i64,
+    /// The last segment archived.
+    pub last_archived_wal: Option<String>,
+    /// When.
+    pub last_archived_time: Option<String>,
+    /// Failed attempts.
+    pub failed_count: i64,
+    /// The last segment that failed.
+    pub last_failed_wal: Option<String>,
+    /// When.
+    pub last_failed_time: Option<String>,
 }
 
 /// Whether a failed connection was refused by the server itself (bad

@@ -1,6 +1,7 @@
 //! One module per verb. Each takes the parsed flags and the resolved
 //! stanza, calls the engine and prints the result.
 
+mod agent;
 mod archive;
 mod backup;
 mod check;
@@ -57,6 +58,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             let restore_command = restore::restore_command(&cli, &stanza, config_path.as_deref())?;
             verify::drill(&cli, &stanza, set.as_deref(), scratch.clone(), restore_command).await
         }
+        Command::Agent { listen, token_file } => agent::run(&cli, &stanza, config_path.as_deref(), *listen, token_file).await,
         Command::Info => unreachable!("handled above"),
     }
 }

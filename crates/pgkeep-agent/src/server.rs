@@ -1,0 +1,206 @@
+//! The agent's HTTP server (see [`crate::api`] for the routes).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use pgkeep_core::config::Settings;
+use pgkeep_core::pg::Pg;
+use pgkeep_core::Stanza;
+use tokio::sync::Mutex;
+
+use crate::api::{AgentStatus, ApiError, ArchiverStats, BackupRequest, Role};
+use crate::jobs::{Jobs, Runner, StartError};
+
+/// How the agent runs.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// The token callers must present.
+    pub token: String,
+    /// The stanza, resolved from the config file.
+    pub settings: Settings,
+    /// How backups run.
+    pub runner: Runner,
+}
+
+/// Shared by the handlers.
+pub struct Agent {
+    cfg: AgentConfig,
+    jobs: Arc<Jobs>,
+    /// The repository's `info`, cached for metrics scrapes.
+    info: Mutex<Option<(Instant, serde_json::Value)>>,
+}
+
+/// How long a scrape reuses the repository's `info`.
+const INFO_CACHE: Duration = Duration::from_secs(30);
+
+impl Agent {
+    /// The agent over `cfg`.
+    pub fn new(cfg: AgentConfig) -> Arc<Agent> {
+        Arc::new(Agent { cfg, jobs: Arc::new(Jobs::default()), info: Mutex::new(None) })
+    }
+
+    /// The jobs (for metrics).
+    pub fn jobs(&self) -> &Jobs {
+        &self.jobs
+    }
+
+    /// The stanza's name.
+    pub fn stanza_name(&self) -> &str {
+        &self.cfg.settings.stanza
+    }
+
+    /// What the local server says of itself.
+    pub async fn status(&self) -> pgkeep_core::Result<AgentStatus> {
+        let pg = Pg::connect(&self.cfg.settings.pg).await?;
+        let state = pg.standby_state().await?;
+        let (role, lsn) = match (state.in_recovery, state.replay) {
+            (true, Some(replay)) => (Role::Standby, replay),
+            (true, None) => (Role::Standby, pgkeep_core::types::Lsn(0)),
+            (false, _) => (Role::Primary, pg.current_lsn().await?),
+        };
+        let a = pg.archiver().await?;
+        Ok(AgentStatus {
+            stanza: self.cfg.settings.stanza.clone(),
+            role,
+            system_id: pg.system_id().await?.to_string(),
+            pg_version: pg.version_num().await?,
+            lsn: lsn.to_string(),
+            streaming: state.receiver.as_deref() == Some("streaming"),
+            archive: ArchiverStats {
+                archived_count: a.archived_count,
+                last_archived_wal: a.last_archived_wal,
+                last_archived_time: a.last_archived_time,
+                failed_count: a.failed_count,
+                last_failed_wal: a.last_failed_wal,
+                last_failed_time: a.last_failed_time,
+            },
+            running: self.jobs.running(),
+        })
+    }
+
+    /// The engine's `info` of the stanza, at most [`INFO_CACHE`] old when
+    /// `cached`.
+    pub async fn info(&self, cached: bool) -> pgkeep_core::Result<serde_json::Value> {
+        let mut slot = self.info.lock().await;
+        if let (true, Some((at, v))) = (cached, slot.as_ref()) {
+            if at.elapsed() < INFO_CACHE {
+                return Ok(v.clone());
+            }
+        }
+        let info = pgkeep_core::info::collect(&Stanza::new(self.cfg.settings.clone())).await?;
+        let v = serde_json::to_value(&info).map_err(|e| pgkeep_core::Error::Input(format!("cannot encode info: {e}")))?;
+        *slot = Some((Instant::now(), v.clone()));
+        Ok(v)
+    }
+}
+
+/// The router, for [`serve`] and tests.
+pub fn router(agent: Arc<Agent>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .route("/v1/status", get(status))
+        .route("/v1/info", get(info))
+        .route("/v1/backups", axum::routing::post(start_backup))
+        .route("/v1/backups/{id}", get(get_backup).delete(cancel_backup))
+        .with_state(agent)
+}
+
+/// Serves until `shutdown` resolves.
+pub async fn serve(agent: Arc<Agent>, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(agent.cfg.listen).await?;
+    axum::serve(listener, router(agent)).with_graceful_shutdown(shutdown).await
+}
+
+fn error(status: StatusCode, retryable: bool, msg: impl Into<String>) -> Response {
+    (status, Json(ApiError { error: msg.into(), retryable })).into_response()
+}
+
+fn core_error(e: &pgkeep_core::Error) -> Response {
+    let retryable = e.retryable();
+    error(StatusCode::INTERNAL_SERVER_ERROR, retryable, pgkeep_core::error::OneLine(e).to_string())
+}
+
+/// Whether the request carries the token (compared in constant time).
+fn authorized(agent: &Agent, headers: &HeaderMap) -> bool {
+    let Some(given) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")) else {
+        return false;
+    };
+    let (a, b) = (given.as_bytes(), agent.cfg.token.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+macro_rules! require_token {
+    ($agent:expr, $headers:expr) => {
+        if !authorized(&$agent, &$headers) {
+            return error(StatusCode::UNAUTHORIZED, false, "no or wrong bearer token: use the token of the Stanza's agent Secret");
+        }
+    };
+}
+
+async fn status(State(agent): State<Arc<Agent>>, headers: HeaderMap) -> Response {
+    require_token!(agent, headers);
+    match agent.status().await {
+        Ok(s) => Json(s).into_response(),
+        Err(e) => core_error(&e),
+    }
+}
+
+async fn info(State(agent): State<Arc<Agent>>, headers: HeaderMap) -> Response {
+    require_token!(agent, headers);
+    match agent.info(false).await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => core_error(&e),
+    }
+}
+
+async fn start_backup(State(agent): State<Arc<Agent>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    require_token!(agent, headers);
+    let req: BackupRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, false, format!("malformed backup request: {e}")),
+    };
+    if let Some(job) = agent.jobs.get(&req.id) {
+        return Json(job).into_response();
+    }
+    // The role decides what the backup reads; ask the server now.
+    let role = match agent.status().await {
+        Ok(s) => s.role,
+        Err(e) => return core_error(&e),
+    };
+    match agent.jobs.start(&agent.cfg.runner, req, role) {
+        Ok(job) => Json(job).into_response(),
+        Err(StartError::Busy(id)) => error(StatusCode::CONFLICT, true, format!("backup {id} runs on this agent: wait for it")),
+        Err(StartError::Invalid(msg)) => error(StatusCode::BAD_REQUEST, false, msg),
+        Err(StartError::Spawn(msg)) => error(StatusCode::INTERNAL_SERVER_ERROR, true, msg),
+    }
+}
+
+async fn get_backup(State(agent): State<Arc<Agent>>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    require_token!(agent, headers);
+    match agent.jobs.get(&id) {
+        Some(job) => Json(job).into_response(),
+        None => error(StatusCode::NOT_FOUND, false, format!("this agent runs no backup {id} (it restarted, or never ran it)")),
+    }
+}
+
+async fn cancel_backup(State(agent): State<Arc<Agent>>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    require_token!(agent, headers);
+    match agent.jobs.cancel(&id) {
+        Some(job) => Json(job).into_response(),
+        None => error(StatusCode::NOT_FOUND, false, format!("this agent runs no backup {id}")),
+    }
+}
+
+async fn metrics(State(agent): State<Arc<Agent>>) -> Response {
+    let text = crate::metrics::render(&agent).await;
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
