@@ -168,6 +168,11 @@ pub struct BackupResult {
     pub size: u64,
     /// Bytes stored.
     pub repo_size: u64,
+    /// Why the engine took another type than asked (an `incr` with no
+    /// full backup to build on, or whose prior read another server, is a
+    /// full backup), or read the primary when a standby was asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notice: Option<String>,
     /// A warning: retention failed after the backup (it stands).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warning: Option<String>,

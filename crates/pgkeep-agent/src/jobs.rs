@@ -235,6 +235,11 @@ fn parse_result(stdout: &[u8]) -> Option<BackupResult> {
         stop_wal: s("stop-wal")?,
         size: n("size")?,
         repo_size: n("repo-size")?,
+        notice: match (s("full-because"), s("standby-passed-over")) {
+            (Some(full), _) => Some(format!("a full backup because {full}")),
+            (None, Some(why)) => Some(format!("read the primary because {why}")),
+            (None, None) => None,
+        },
         warning: s("expire-failed").map(|e| format!("the backup stands but retention failed: {e}")),
     })
 }

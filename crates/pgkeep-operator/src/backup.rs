@@ -261,6 +261,9 @@ async fn settle(b: &Backup, ctx: &Context, mut status: BackupStatus, job: JobSta
                 b.spec.stanza,
                 status.pod.as_deref().unwrap_or("?")
             );
+            if let Some(n) = r.notice {
+                note = format!("{note}; {n}");
+            }
             if let Some(w) = r.warning {
                 note = format!("{note}; {w}");
             }
