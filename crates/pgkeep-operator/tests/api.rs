@@ -16,7 +16,7 @@ use std::time::Duration;
 use kube_env::{repo_root, ControlPlane};
 
 #[test]
-fn crds_install_and_the_api_server_enforces_their_schemas() {
+fn kube_crds_install_and_the_api_server_enforces_their_schemas() {
     let cp = ControlPlane::start();
     cp.install_operator_rbac_and_crds();
     for name in ["stanzas", "backups", "scheduledbackups"] {
@@ -53,7 +53,7 @@ fn crds_install_and_the_api_server_enforces_their_schemas() {
 }
 
 #[test]
-fn every_manifest_in_deploy_applies_with_a_server_side_dry_run() {
+fn kube_every_manifest_in_deploy_applies_with_a_server_side_dry_run() {
     let cp = ControlPlane::start();
     let root = repo_root();
     // The namespaces first: a dry run creates nothing, and namespaced
@@ -92,7 +92,7 @@ impl Drop for Operator {
 }
 
 #[test]
-fn the_operator_binary_works_with_its_service_account_and_no_more() {
+fn kube_the_operator_binary_works_with_its_service_account_and_no_more() {
     let cp = ControlPlane::start();
     cp.install_operator_rbac_and_crds();
     // Least privilege: what it must not do.

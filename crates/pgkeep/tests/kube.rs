@@ -253,7 +253,7 @@ fn visibility_findings(c: &Cluster) -> String {
 }
 
 #[test]
-fn a_backup_runs_on_the_most_recent_standby_and_restores_identical() {
+fn kube_a_backup_runs_on_the_most_recent_standby_and_restores_identical() {
     let w = World::new("kube-standby");
     let (primary, mut p0) = w.primary("127.0.0.2");
     primary.pgbench_init(2);
@@ -345,7 +345,7 @@ fn http_get(addr: &str, path: &str) -> String {
 }
 
 #[test]
-fn a_dead_agent_fails_its_backup_in_time_and_an_operator_crash_loses_and_duplicates_nothing() {
+fn kube_a_dead_agent_fails_its_backup_in_time_and_an_operator_crash_loses_and_duplicates_nothing() {
     let w = World::new("kube-faults");
     let (primary, mut p0) = w.primary("127.0.0.4");
     primary.pgbench_init(1);
@@ -418,7 +418,7 @@ fn a_dead_agent_fails_its_backup_in_time_and_an_operator_crash_loses_and_duplica
 }
 
 #[test]
-fn scheduled_backups_tick_skip_while_one_runs_suspend_and_catch_up_once() {
+fn kube_scheduled_backups_tick_skip_while_one_runs_suspend_and_catch_up_once() {
     let w = World::new("kube-schedule");
     let (primary, mut p0) = w.primary("127.0.0.5");
     primary.pgbench_init(1);
