@@ -7,6 +7,7 @@
 //! | `GET /metrics` | none | Prometheus text ([`crate::metrics`]) |
 //! | `GET /v1/status` | token | [`AgentStatus`]: the server's role and position, archiving |
 //! | `GET /v1/info` | token | the engine's `info` of the stanza (JSON, as `pgkeep info --output json` prints one stanza) |
+//! | `POST /v1/stanza` | token | `stanza-create` in every repository, from the primary (idempotent; refuses a repository of another cluster): [`StanzaCreated`] |
 //! | `POST /v1/backups` | token | start [`BackupRequest`]; answers [`JobStatus`]; the same `id` again answers the same job |
 //! | `GET /v1/backups/{id}` | token | [`JobStatus`]; 404 when this process does not know `id` |
 //! | `DELETE /v1/backups/{id}` | token | cancel a running job (the engine's kill -9 path: the repository keeps an unfinished backup that the next one resumes or removes) |
@@ -176,6 +177,17 @@ pub struct BackupResult {
     /// A warning: retention failed after the backup (it stands).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warning: Option<String>,
+}
+
+/// What `POST /v1/stanza` did.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct StanzaCreated {
+    /// The system the repositories now hold.
+    pub system_id: String,
+    /// Per repository (number): whether it was created now (false: it
+    /// already held this cluster).
+    pub repos: Vec<(usize, bool)>,
 }
 
 /// An error answer.

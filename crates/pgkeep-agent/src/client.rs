@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
-use crate::api::{AgentStatus, ApiError, BackupRequest, JobStatus};
+use crate::api::{AgentStatus, ApiError, BackupRequest, JobStatus, StanzaCreated};
 
 /// Why a call to an agent failed.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +55,11 @@ impl AgentClient {
     /// `GET /v1/info`.
     pub async fn info(&self) -> Result<serde_json::Value, ClientError> {
         self.call(reqwest::Method::GET, "/v1/info", None).await
+    }
+
+    /// `POST /v1/stanza`.
+    pub async fn create_stanza(&self) -> Result<StanzaCreated, ClientError> {
+        self.call(reqwest::Method::POST, "/v1/stanza", Some(b"{}".to_vec())).await
     }
 
     /// `POST /v1/backups`.

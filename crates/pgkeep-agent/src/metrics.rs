@@ -52,6 +52,12 @@ impl Out {
             self.gauge(name, help, &[("", v)]);
         }
     }
+
+    /// A counter: it only grows, but for resets (here: of PostgreSQL's
+    /// statistics), which rate() and increase() handle.
+    fn counter(&mut self, name: &str, help: &str, v: f64) {
+        let _ = writeln!(self.text, "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{stanza=\"{}\"}} {v}", self.stanza);
+    }
 }
 
 /// The metrics text.
@@ -71,11 +77,7 @@ pub async fn render(agent: &Agent) -> String {
                 "Seconds since the last WAL segment was archived.",
                 last_archived.map(|t| (Utc::now().timestamp() - t) as f64),
             );
-            o.one(
-                "pgkeep_archive_failed_total",
-                "Failed archive attempts since the statistics reset.",
-                Some(s.archive.failed_count as f64),
-            );
+            o.counter("pgkeep_archive_failed_total", "Failed archive attempts since the statistics reset.", s.archive.failed_count as f64);
         }
     }
     if let Ok(info) = agent.info(true).await {

@@ -14,7 +14,7 @@ use pgkeep_core::pg::Pg;
 use pgkeep_core::Stanza;
 use tokio::sync::Mutex;
 
-use crate::api::{AgentStatus, ApiError, ArchiverStats, BackupRequest, Role};
+use crate::api::{AgentStatus, ApiError, ArchiverStats, BackupRequest, Role, StanzaCreated};
 use crate::jobs::{Jobs, Runner, StartError};
 
 /// How the agent runs.
@@ -109,6 +109,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/status", get(status))
         .route("/v1/info", get(info))
+        .route("/v1/stanza", axum::routing::post(create_stanza))
         .route("/v1/backups", axum::routing::post(start_backup))
         .route("/v1/backups/{id}", get(get_backup).delete(cancel_backup))
         .with_state(agent)
@@ -158,6 +159,21 @@ async fn info(State(agent): State<Arc<Agent>>, headers: HeaderMap) -> Response {
     require_token!(agent, headers);
     match agent.info(false).await {
         Ok(v) => Json(v).into_response(),
+        Err(e) => core_error(&e),
+    }
+}
+
+async fn create_stanza(State(agent): State<Arc<Agent>>, headers: HeaderMap) -> Response {
+    require_token!(agent, headers);
+    let status = match agent.status().await {
+        Ok(s) => s,
+        Err(e) => return core_error(&e),
+    };
+    if status.role != Role::Primary {
+        return error(StatusCode::CONFLICT, true, "this server is a standby: create the stanza from the primary's agent");
+    }
+    match pgkeep_core::stanza::create(&Stanza::new(agent.cfg.settings.clone())).await {
+        Ok(repos) => Json(StanzaCreated { system_id: status.system_id, repos }).into_response(),
         Err(e) => core_error(&e),
     }
 }

@@ -1,6 +1,7 @@
 //! The `Backup` reconciler: `pending` -> `running` -> `completed` | `failed`.
 //!
-//! - **pending**: waits for its Stanza, for no other Backup of the stanza
+//! - **pending**: waits for its Stanza (created in the repositories), for
+//!   no other Backup of the stanza
 //!   to run, and for a pod to run it on ([`crate::target`]). Past the
 //!   pending deadline with no Stanza, pod or primary, it fails.
 //!   Before choosing, it asks every agent of the stanza whether it
@@ -48,6 +49,16 @@ fn since(t: Option<&str>) -> Option<chrono::Duration> {
     t.and_then(|t| DateTime::parse_from_rfc3339(t).ok()).map(|t| Utc::now() - t.with_timezone(&Utc))
 }
 
+/// How long since the first readable time of `times` (RFC 3339), when
+/// that is more than `deadline` before `now` (pure). The times are tried
+/// in order (last heartbeat, start, creation): a Backup whose status lost
+/// one still has a deadline.
+pub fn overdue(times: &[Option<&str>], now: DateTime<Utc>, deadline: std::time::Duration) -> Option<chrono::Duration> {
+    let from = times.iter().flatten().find_map(|t| DateTime::parse_from_rfc3339(t).ok())?;
+    let elapsed = now - from.with_timezone(&Utc);
+    (elapsed.to_std().unwrap_or_default() > deadline).then_some(elapsed)
+}
+
 /// Reconciles one Backup.
 pub async fn reconcile(backup: Arc<Backup>, ctx: Arc<Context>) -> Result<Action> {
     let ns = backup.namespace().unwrap_or_default();
@@ -91,8 +102,8 @@ fn stanza_key(b: &Backup) -> String {
 
 /// Stays pending (requeued) while the pending deadline allows, else fails.
 async fn wait_or_fail(b: &Backup, ctx: &Context, status: BackupStatus, why: String) -> Result<Action> {
-    let waited = since(b.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string()).as_deref()).unwrap_or_default();
-    if waited.to_std().unwrap_or_default() > ctx.settings.pending_deadline {
+    let created = b.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string());
+    if let Some(waited) = overdue(&[created.as_deref()], Utc::now(), ctx.settings.pending_deadline) {
         let why = format!("{why} (waited {} s)", waited.num_seconds());
         return fail(b, ctx, status, why).await;
     }
@@ -112,10 +123,23 @@ async fn fail(b: &Backup, ctx: &Context, mut status: BackupStatus, why: String) 
 
 async fn start(b: &Backup, ctx: &Context, status: BackupStatus) -> Result<Action> {
     let ns = b.namespace().unwrap_or_default();
+    if b.status.is_none() {
+        // Say `pending` at once: `kubectl get` shows the phase while it waits.
+        write_status(b, ctx, &status).await?;
+    }
     let Some(stanza) = Api::<Stanza>::namespaced(ctx.client.clone(), &ns).get_opt(&b.spec.stanza).await? else {
         let why = format!("Stanza {} does not exist in namespace {ns}", b.spec.stanza);
         return wait_or_fail(b, ctx, status, why).await;
     };
+    if stanza.status.as_ref().and_then(|s| s.created_for_system.as_ref()).is_none() {
+        let why = stanza
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready" && c.status == "False"))
+            .map(|c| c.message.clone())
+            .unwrap_or_else(|| "its status says nothing yet".into());
+        return wait_or_fail(b, ctx, status, format!("Stanza {} is not ready: {why}", b.spec.stanza)).await;
+    }
     let uid = b.uid().unwrap_or_default();
     // One backup of a stanza at a time.
     let all = Api::<Backup>::namespaced(ctx.client.clone(), &ns).list(&ListParams::default()).await?;
@@ -214,8 +238,9 @@ async fn follow(b: &Backup, ctx: &Context, mut status: BackupStatus) -> Result<A
             fail(b, ctx, status, why).await
         }
         Err(e) => {
-            let silent = since(status.last_heartbeat.as_deref().or(status.started_at.as_deref())).unwrap_or_default();
-            if silent.to_std().unwrap_or_default() > ctx.settings.agent_deadline {
+            let created = b.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string());
+            let times = [status.last_heartbeat.as_deref(), status.started_at.as_deref(), created.as_deref()];
+            if let Some(silent) = overdue(&times, Utc::now(), ctx.settings.agent_deadline) {
                 let why = format!("the agent on pod {pod_name} has not answered for {} s: {e}", silent.num_seconds());
                 return fail(b, ctx, status, why).await;
             }
@@ -303,4 +328,28 @@ async fn cleanup(b: &Backup, ctx: &Context) -> Result<Action> {
     ctx.event(b, true, "Cancelled", format!("the Backup was deleted while running on pod {pod_name}: its job was cancelled")).await;
     ctx.metrics.failed(&stanza_key(b), Utc::now().timestamp());
     Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_deadline_counts_from_the_first_readable_time_and_is_strict() {
+        let now = DateTime::parse_from_rfc3339("2026-01-01T00:01:00Z").unwrap().with_timezone(&Utc);
+        let minute = Duration::from_secs(60);
+        // Exactly at the deadline: not yet.
+        assert_eq!(overdue(&[Some("2026-01-01T00:00:00Z")], now, minute), None);
+        assert_eq!(overdue(&[Some("2025-12-31T23:59:59Z")], now, minute).map(|d| d.num_seconds()), Some(61));
+        // The heartbeat first; a missing or unreadable one falls back to
+        // the start, then the creation.
+        let recent = Some("2026-01-01T00:00:50Z");
+        assert_eq!(overdue(&[recent, Some("2025-01-01T00:00:00Z")], now, minute), None);
+        assert!(overdue(&[None, Some("garbage"), Some("2025-01-01T00:00:00Z")], now, minute).is_some());
+        // Nothing readable: no verdict (the caller has the creation time).
+        assert_eq!(overdue(&[None, Some("x")], now, minute), None);
+        // A clock that went back: not overdue.
+        assert_eq!(overdue(&[Some("2026-01-01T00:05:00Z")], now, minute), None);
+    }
 }

@@ -156,10 +156,13 @@ impl Metrics {
         family("pgkeep_operator_scheduled_skipped_total", "counter", "Scheduled ticks skipped because a backup ran.", &|m| {
             Some(m.skipped as f64)
         });
-        family("pgkeep_operator_last_backup_success_seconds", "gauge", "End of the last successful backup.", &|m| {
-            m.last_success.map(|v| v as f64)
-        });
-        family("pgkeep_operator_last_backup_failure_seconds", "gauge", "End of the last failed backup.", &|m| {
+        family(
+            "pgkeep_operator_last_backup_success_seconds",
+            "gauge",
+            "When the operator saw the last successful backup complete.",
+            &|m| m.last_success.map(|v| v as f64),
+        );
+        family("pgkeep_operator_last_backup_failure_seconds", "gauge", "When the operator saw the last backup fail.", &|m| {
             m.last_failure.map(|v| v as f64)
         });
         family("pgkeep_operator_last_backup_duration_seconds", "gauge", "Duration of the last successful backup.", &|m| m.last_duration);

@@ -9,6 +9,10 @@
 //! generated from these types (`cargo run -p pgkeep-operator --bin crdgen`);
 //! a test fails when they differ.
 
+// kube's `printcolumn(...)` is repeated once per column, by design: not a
+// duplicated attribute.
+#![allow(clippy::duplicated_attributes)]
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -81,7 +85,7 @@ impl BackupType {
     kind = "Stanza",
     namespaced,
     status = "StanzaStatus",
-    shortname = "stanza",
+    shortname = "stz",
     category = "pgkeep",
     doc = "One PostgreSQL cluster protected by pgkeep, with its repositories and retention.",
     printcolumn(name = "First recoverable", type_ = "string", json_path = ".status.firstRecoverabilityPoint"),
@@ -235,7 +239,8 @@ pub struct AgentSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StanzaStatus {
-    /// The earliest point a restore can reach (start of the oldest backup).
+    /// The earliest point a restore can reach (the end of the oldest
+    /// backup, where it is consistent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub first_recoverability_point: Option<String>,
     /// The latest point a restore can reach (the end of the last archived WAL
@@ -257,6 +262,11 @@ pub struct StanzaStatus {
     /// The cluster's system identifier.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub system_id: Option<String>,
+    /// The system the operator created the stanza for in every
+    /// repository (`stanza-create`, from the primary's agent). Backups
+    /// wait until it is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_for_system: Option<String>,
     /// Conditions: `Ready` (the agents answer and the stanza exists in the
     /// repositories), `Archiving` (WAL reaches the archive).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -318,6 +328,7 @@ pub struct BackupSummary {
     version = "v1alpha1",
     kind = "Backup",
     namespaced,
+    shortname = "pkbackup",
     status = "BackupStatus",
     category = "pgkeep",
     doc = "One on-demand backup of a Stanza.",
@@ -402,10 +413,10 @@ pub struct BackupStatus {
     /// LSN where it is consistent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub end_lsn: Option<String>,
-    /// WAL segment holding `beginLSN`.
+    /// WAL segment holding `beginLsn`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub begin_wal: Option<String>,
-    /// WAL segment holding `endLSN`.
+    /// WAL segment holding `endLsn`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub end_wal: Option<String>,
     /// Bytes of database.
@@ -431,6 +442,7 @@ pub struct BackupStatus {
     version = "v1alpha1",
     kind = "ScheduledBackup",
     namespaced,
+    shortname = "pkschedule",
     status = "ScheduledBackupStatus",
     category = "pgkeep",
     doc = "Backups of a Stanza on a cron schedule.",
@@ -444,7 +456,7 @@ pub struct BackupStatus {
 pub struct ScheduledBackupSpec {
     /// The Stanza (same namespace).
     pub stanza: String,
-    /// Cron, in UTC: six fields with seconds first (`0 0 2 * * *`, as
+    /// Cron, in UTC unless `timezone` says otherwise: six fields with seconds first (`0 0 2 * * *`, as
     /// CloudNativePG), or the classic five (`0 2 * * *`).
     pub schedule: String,
     /// The IANA time zone of the schedule (default UTC), e.g.

@@ -16,12 +16,15 @@
 //!   [`schedule`] (cron, missed ticks);
 //! - [`pods`]: a stanza's pods and agents;
 //! - [`render`]: the pgkeep config file of a Stanza (a ConfigMap);
+//! - [`webhook`] and [`inject`] (pure): the mutating admission webhook
+//!   that adds pgkeep to PostgreSQL pods labelled `pgkeep.dev/stanza`;
 //! - [`run`]: the controllers together, and the metrics endpoint.
 
 pub mod backup;
 pub mod context;
 pub mod crd;
 pub mod error;
+pub mod inject;
 pub mod pods;
 pub mod render;
 pub mod run;
@@ -29,3 +32,4 @@ pub mod schedule;
 pub mod scheduled;
 pub mod stanza;
 pub mod target;
+pub mod webhook;

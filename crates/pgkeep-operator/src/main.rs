@@ -31,6 +31,18 @@ struct Args {
     /// Seconds between two refreshes of a Stanza's status.
     #[arg(long, default_value_t = 60)]
     stanza_refresh: u64,
+    /// Serve the injection webhook (HTTPS) here, e.g. 0.0.0.0:8443.
+    #[arg(long, requires_all = ["webhook_cert", "webhook_key"])]
+    webhook_listen: Option<SocketAddr>,
+    /// The webhook's certificate chain (PEM).
+    #[arg(long)]
+    webhook_cert: Option<std::path::PathBuf>,
+    /// The webhook's private key (PEM).
+    #[arg(long)]
+    webhook_key: Option<std::path::PathBuf>,
+    /// The image whose /usr/local/bin/pgkeep the webhook injects.
+    #[arg(long, env = "PGKEEP_IMAGE", default_value = "ghcr.io/pgkeep/pgkeep:0.1.0")]
+    image: String,
 }
 
 fn main() -> ExitCode {
@@ -64,7 +76,11 @@ fn main() -> ExitCode {
         let client = kube::Client::try_default().await.map_err(|e| {
             anyhow::anyhow!("cannot reach the Kubernetes API ({e}): run in a pod with a service account, or set KUBECONFIG")
         })?;
-        pgkeep_operator::run::run(client, settings, args.namespace, Some(args.metrics_listen)).await
+        let webhook = match (args.webhook_listen, args.webhook_cert, args.webhook_key) {
+            (Some(listen), Some(cert), Some(key)) => Some(pgkeep_operator::webhook::WebhookConfig { listen, cert, key, image: args.image }),
+            _ => None,
+        };
+        pgkeep_operator::run::run(client, settings, args.namespace, Some(args.metrics_listen), webhook).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -20,7 +20,7 @@ use crate::crd::{Compression, Stanza};
 /// Where the pods mount the config file.
 pub const CONFIG_FILE: &str = "/etc/pgkeep/pgkeep.toml";
 /// Where the pods mount the encryption passphrase.
-pub const CIPHER_PASS_FILE: &str = "/etc/pgkeep/cipher/pass";
+pub const CIPHER_PASS_FILE: &str = "/etc/pgkeep-cipher/pass";
 /// The socket directory of the official `postgres` image.
 pub const SOCKET_DIR: &str = "/var/run/postgresql";
 /// The official image's PGDATA.

@@ -22,8 +22,15 @@ pub fn install_crypto_provider() {
 }
 
 /// Runs the three controllers (all namespaces, or `namespace`) and, when
-/// given, the metrics endpoint, until SIGTERM or Ctrl-C.
-pub async fn run(client: Client, settings: Settings, namespace: Option<String>, metrics: Option<SocketAddr>) -> anyhow::Result<()> {
+/// given, the metrics endpoint and the injection webhook, until SIGTERM or
+/// Ctrl-C.
+pub async fn run(
+    client: Client,
+    settings: Settings,
+    namespace: Option<String>,
+    metrics: Option<SocketAddr>,
+    webhook: Option<crate::webhook::WebhookConfig>,
+) -> anyhow::Result<()> {
     let ctx = Arc::new(Context::new(client.clone(), settings));
     fn api<K>(client: &Client, ns: &Option<String>) -> Api<K>
     where
@@ -47,6 +54,19 @@ pub async fn run(client: Client, settings: Settings, namespace: Option<String>, 
         let listener = tokio::net::TcpListener::bind(addr).await?;
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
+        });
+    }
+    if let Some(cfg) = webhook {
+        let client = client.clone();
+        let listen = cfg.listen;
+        // A webhook that cannot serve (no certificate) is an error at start,
+        // not later.
+        let server = crate::webhook::serve(client, cfg);
+        tokio::spawn(async move {
+            if let Err(e) = server.await {
+                eprintln!("pgkeep-operator: the webhook on {listen} stopped: {e}");
+                std::process::exit(1);
+            }
         });
     }
     let wc = WatcherConfig::default().any_semantic();

@@ -30,7 +30,7 @@ impl Schedule {
     /// Parses `expr` (5 or 6 fields) in time zone `tz` (default UTC).
     pub fn parse(expr: &str, tz: Option<&str>) -> Result<Schedule, String> {
         let fields = expr.split_whitespace().count();
-        if !(fields == 5 || fields == 6) && !expr.trim_start().starts_with('@') {
+        if !(fields == 5 || fields == 6 || expr.trim_start().starts_with('@')) {
             return Err(format!(
                 "schedule '{expr}' has {fields} fields: give 6 (seconds first, e.g. '0 0 2 * * *') or 5 (e.g. '0 2 * * *')"
             ));

@@ -111,6 +111,17 @@ async fn write_status(sb: &ScheduledBackup, ctx: &Context, old: &ScheduledBackup
     Ok(())
 }
 
+/// The owner reference of the Backups `sb` makes (pure): none, the
+/// ScheduledBackup as their controller (deleted with it), or the Stanza
+/// (deleted with it; not as controller, which stays free).
+pub fn owner_reference(kind: OwnerReferenceKind, sb: &ScheduledBackup, stanza: Option<&Stanza>) -> Option<OwnerReference> {
+    match kind {
+        OwnerReferenceKind::None => None,
+        OwnerReferenceKind::Itself => sb.controller_owner_ref(&()),
+        OwnerReferenceKind::Stanza => stanza?.controller_owner_ref(&()).map(|o| OwnerReference { controller: Some(false), ..o }),
+    }
+}
+
 enum Fired {
     Made,
     Skipped,
@@ -135,20 +146,19 @@ async fn fire(sb: &ScheduledBackup, ctx: &Context, tick: DateTime<Utc>, missed: 
         ctx.event(sb, true, "Skipped", note).await;
         return Ok(Fired::Skipped);
     }
-    let owner = match sb.spec.backup_owner_reference {
-        OwnerReferenceKind::None => None,
-        OwnerReferenceKind::Itself => sb.controller_owner_ref(&()),
-        OwnerReferenceKind::Stanza => {
-            let stanza = Api::<Stanza>::namespaced(ctx.client.clone(), &ns).get_opt(&sb.spec.stanza).await?;
-            let Some(stanza) = stanza else {
+    let stanza = match sb.spec.backup_owner_reference {
+        OwnerReferenceKind::Stanza => match Api::<Stanza>::namespaced(ctx.client.clone(), &ns).get_opt(&sb.spec.stanza).await? {
+            Some(s) => Some(s),
+            None => {
                 return Err(Error::Invalid(format!(
                     "backupOwnerReference is 'stanza' but Stanza {} does not exist in namespace {ns}",
                     sb.spec.stanza
-                )));
-            };
-            stanza.controller_owner_ref(&()).map(|o| OwnerReference { controller: Some(false), ..o })
-        }
+                )))
+            }
+        },
+        _ => None,
     };
+    let owner = owner_reference(sb.spec.backup_owner_reference, sb, stanza.as_ref());
     let backup = Backup {
         metadata: ObjectMeta {
             name: Some(name.clone()),
@@ -171,4 +181,29 @@ async fn fire(sb: &ScheduledBackup, ctx: &Context, tick: DateTime<Utc>, missed: 
     }
     ctx.event(sb, false, "Scheduled", note).await;
     Ok(Fired::Made)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obj<K: serde::de::DeserializeOwned>(kind: &str, spec: serde_json::Value) -> K {
+        serde_json::from_value(json!({"apiVersion": "pgkeep.dev/v1alpha1", "kind": kind,
+            "metadata": {"name": format!("{}-x", kind.to_lowercase()), "namespace": "db", "uid": format!("uid-{kind}")}, "spec": spec}))
+        .unwrap()
+    }
+
+    #[test]
+    fn backups_are_owned_as_backup_owner_reference_says() {
+        let sb: ScheduledBackup = obj("ScheduledBackup", json!({"stanza": "main", "schedule": "0 0 * * *"}));
+        let stanza: Stanza = obj("Stanza", json!({"selector": {}, "repositories": [{"destinationPath": "/b"}]}));
+        assert_eq!(owner_reference(OwnerReferenceKind::None, &sb, Some(&stanza)), None);
+        let own = owner_reference(OwnerReferenceKind::Itself, &sb, None).unwrap();
+        assert_eq!((own.kind.as_str(), own.uid.as_str(), own.controller), ("ScheduledBackup", "uid-ScheduledBackup", Some(true)));
+        let st = owner_reference(OwnerReferenceKind::Stanza, &sb, Some(&stanza)).unwrap();
+        assert_eq!((st.kind.as_str(), st.name.as_str(), st.controller), ("Stanza", "stanza-x", Some(false)));
+        assert_eq!(owner_reference(OwnerReferenceKind::Stanza, &sb, None), None);
+        // The default is self.
+        assert_eq!(sb.spec.backup_owner_reference, OwnerReferenceKind::Itself);
+    }
 }

@@ -1,5 +1,8 @@
-//! The `Stanza` reconciler: makes the agents' token Secret, and keeps the
-//! status (recovery window, backups, archiving health, conditions) as the
+//! The `Stanza` reconciler: makes the pods' config and the agents' token
+//! Secret, creates the stanza in the repositories (`stanza-create` through
+//! the primary's agent, once per system: it refuses a repository that
+//! holds another cluster, and says so in the `Ready` condition), and keeps
+//! the status (recovery window, backups, archiving health, conditions) as the
 //! agents and the repository report them, every minute and whenever one of
 //! the stanza's Backups changes.
 
@@ -31,6 +34,23 @@ pub async fn reconcile(stanza: Arc<Stanza>, ctx: Arc<Context>) -> Result<Action>
         None => Err(format!("no pod of the stanza runs a primary{}", detail(&silent))),
         Some(p) => {
             status.system_id = Some(p.status.system_id.clone());
+            status.created_for_system = old.created_for_system.clone().filter(|s| *s == p.status.system_id);
+            if status.created_for_system.is_none() {
+                match pods::agent(&stanza, &p.ip, &token).create_stanza().await {
+                    Ok(created) => {
+                        let now: Vec<String> = created.repos.iter().filter(|(_, new)| *new).map(|(n, _)| n.to_string()).collect();
+                        if !now.is_empty() {
+                            let note = format!("stanza created for system {} in repository {}", created.system_id, now.join(", "));
+                            ctx.event(&*stanza, false, "Created", note).await;
+                        }
+                        status.created_for_system = Some(created.system_id);
+                    }
+                    Err(e) => {
+                        let why = format!("cannot create the stanza in the repositories: {e}");
+                        ctx.event(&*stanza, true, "CreateFailed", why.clone()).await;
+                    }
+                }
+            }
             let a = &p.status.archive;
             status.archive = Some(ArchiveStatus {
                 last_archived_wal: a.last_archived_wal.clone(),
@@ -41,10 +61,11 @@ pub async fn reconcile(stanza: Arc<Stanza>, ctx: Arc<Context>) -> Result<Action>
                 seconds_since_last_archived: a.last_archived_time.as_deref().and_then(unix).map(|t| Utc::now().timestamp() - t),
             });
             match pods::agent(&stanza, &p.ip, &token).info().await {
-                Ok(info) => {
+                Ok(info) if status.created_for_system.is_some() => {
                     fill_from_info(&mut status, &info);
                     Ok(())
                 }
+                Ok(_) => Err("the stanza is not created in the repositories yet (see the CreateFailed event)".into()),
                 Err(e) => Err(format!("the primary's agent cannot read the repository: {e}")),
             }
         }

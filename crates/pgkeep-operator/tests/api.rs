@@ -62,6 +62,14 @@ fn kube_every_manifest_in_deploy_applies_with_a_server_side_dry_run() {
     cp.kubectl(&["create", "namespace", "db"]);
     let out = cp.kubectl(&["apply", "--dry-run=server", "-k", root.join("deploy/operator").to_str().unwrap()]);
     assert!(out.contains("deployment.apps/pgkeep-operator created (server dry run)"), "{out}");
+    let out = cp.kubectl(&["apply", "--dry-run=server", "-k", root.join("deploy/webhook").to_str().unwrap()]);
+    assert!(out.contains("mutatingwebhookconfiguration.admissionregistration.k8s.io/pgkeep-inject created (server dry run)"), "{out}");
+    // The webhook's patch lands where the Deployment has its container.
+    let rendered = cp.kubectl(&["kustomize", root.join("deploy/webhook").to_str().unwrap()]);
+    assert!(
+        rendered.contains("--webhook-cert=/etc/pgkeep-webhook/tls.crt") && rendered.contains("secretName: pgkeep-webhook-tls"),
+        "{rendered}"
+    );
     // The examples need the CRDs installed.
     cp.kubectl(&["apply", "-k", root.join("deploy/crds").to_str().unwrap()]);
     cp.kubectl(&[
@@ -142,7 +150,7 @@ fn kube_the_operator_binary_works_with_its_service_account_and_no_more() {
     let error = cp.wait_for("db", "backup", "b1", Duration::from_secs(60), "failed", |b| {
         (b["status"]["phase"] == "failed").then(|| b["status"]["error"].as_str().unwrap().to_owned())
     });
-    assert!(error.contains("no pod of the stanza has an agent that answers"), "{error}");
+    assert!(error.contains("Stanza main is not ready: no agent of the stanza answers"), "{error}");
     assert!(cp.event_reasons("db", "b1").iter().any(|r| r == "Failed"), "{:?}", cp.event_reasons("db", "b1"));
     // A Backup of a Stanza that does not exist fails the same way.
     cp.apply("apiVersion: pgkeep.dev/v1alpha1\nkind: Backup\nmetadata: {name: b2, namespace: db}\nspec: {stanza: nope}\n");
@@ -154,4 +162,82 @@ fn kube_the_operator_binary_works_with_its_service_account_and_no_more() {
     cp.kubectl(&["-n", "db", "delete", "backup", "b1", "--timeout=30s"]);
     let log = std::fs::read_to_string(log.path()).unwrap();
     assert!(!log.contains("forbidden") && !log.contains("Forbidden"), "the operator hit RBAC: {log}");
+}
+
+/// A CA and a certificate for 127.0.0.1 signed by it: (CA PEM, cert
+/// file, key file).
+fn webhook_cert(dir: &std::path::Path) -> (String, std::path::PathBuf, std::path::PathBuf) {
+    let sh = |args: &str| {
+        let out = Command::new("sh").arg("-c").arg(args).current_dir(dir).output().unwrap();
+        assert!(out.status.success(), "{args}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    sh("openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=test-ca -keyout ca.key -out ca.crt");
+    sh("openssl req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 -keyout tls.key -out tls.csr");
+    sh("printf 'subjectAltName=IP:127.0.0.1\\n' > ext && openssl x509 -req -in tls.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 -extfile ext -out tls.crt");
+    (std::fs::read_to_string(dir.join("ca.crt")).unwrap(), dir.join("tls.crt"), dir.join("tls.key"))
+}
+
+#[test]
+fn kube_the_webhook_adds_pgkeep_to_labelled_pods_and_refuses_those_of_no_stanza() {
+    let cp = ControlPlane::start();
+    cp.install_operator_rbac_and_crds();
+    cp.kubectl(&["create", "namespace", "db"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = webhook_cert(tmp.path());
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let kubeconfig = cp.kubeconfig_for("pgkeep-system", "pgkeep-operator");
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let _op = Operator(
+        Command::new(env!("CARGO_BIN_EXE_pgkeep-operator"))
+            .env("KUBECONFIG", &kubeconfig)
+            .args(["--metrics-listen", "127.0.0.1:0", "--image", "registry.example/pgkeep:test"])
+            .arg(format!("--webhook-listen=127.0.0.1:{port}"))
+            .arg(format!("--webhook-cert={}", cert.display()))
+            .arg(format!("--webhook-key={}", key.display()))
+            .stdout(Stdio::null())
+            .stderr(log.reopen().unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "the webhook does not listen: {}", std::fs::read_to_string(log.path()).unwrap());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // deploy/webhook's configuration, pointed at this process by URL (the
+    // API server reaches it on loopback) instead of the in-cluster Service.
+    let text = std::fs::read_to_string(repo_root().join("deploy/webhook/mutatingwebhook.yaml")).unwrap();
+    let mut config: serde_json::Value = serde_yaml::from_str(&text).unwrap();
+    config["webhooks"][0]["clientConfig"] = serde_json::json!({
+        "url": format!("https://127.0.0.1:{port}/mutate"),
+        "caBundle": std::process::Command::new("base64").arg("-w0").arg(tmp.path().join("ca.crt")).output().map(|o| String::from_utf8(o.stdout).unwrap()).unwrap(),
+    });
+    assert!(!ca.is_empty());
+    cp.apply(&config.to_string());
+    cp.apply(
+        "apiVersion: pgkeep.dev/v1alpha1\nkind: Stanza\nmetadata: {name: main, namespace: db}\n\
+         spec: {selector: {matchLabels: {app: postgres}}, repositories: [{destinationPath: 's3://b/main', \
+         s3Credentials: {accessKeyId: {name: s3, key: id}, secretAccessKey: {name: s3, key: secret}}}]}\n",
+    );
+    // The example: the official image with one label, made by a StatefulSet.
+    cp.kubectl(&["apply", "-f", repo_root().join("deploy/examples/postgres-injected.yaml").to_str().unwrap()]);
+    let pod = cp.wait_for("db", "pod", "postgres-injected-0", Duration::from_secs(60), "created", |p| Some(p.clone()));
+    let spec = &pod["spec"];
+    let names: Vec<&str> = spec["containers"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["postgres", "pgkeep-agent"], "{spec}");
+    assert_eq!(spec["initContainers"][0]["image"], "registry.example/pgkeep:test");
+    let args = spec["containers"][0]["args"].to_string();
+    assert!(args.contains("archive_command=/pgkeep/bin/pgkeep --config /etc/pgkeep/pgkeep.toml --stanza main archive-push %p"), "{args}");
+    let env = spec["containers"][1]["env"].to_string();
+    assert!(env.contains("AWS_SECRET_ACCESS_KEY") && env.contains("PGKEEP_AGENT_TOKEN_FILE"), "{env}");
+    let volumes = spec["volumes"].to_string();
+    assert!(volumes.contains("main-pgkeep") && volumes.contains("main-agent"), "{volumes}");
+    // A pod whose label names no Stanza is refused, saying why.
+    let bad = "apiVersion: v1\nkind: Pod\nmetadata: {name: stray, namespace: db, labels: {pgkeep.dev/stanza: nope}}\n\
+               spec: {containers: [{name: postgres, image: postgres:17}]}\n";
+    let (ok, _, err) = cp.kubectl_as(&cp.kubeconfig, &["apply", "-f", "-"], Some(bad));
+    assert!(!ok && err.contains("names no Stanza in namespace db"), "{err}");
+    // Pods without the label are not the webhook's business.
+    cp.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: other, namespace: db}\nspec: {containers: [{name: app, image: busybox}]}\n");
+    assert_eq!(cp.get("db", "pod", "other").unwrap()["spec"]["containers"].as_array().unwrap().len(), 1);
 }

@@ -42,7 +42,7 @@ impl Operator {
                 poll: Duration::from_secs(1),
                 stanza_refresh: Duration::from_secs(2),
             };
-            if let Err(e) = pgkeep_operator::run::run(client, settings, Some(NS.into()), None).await {
+            if let Err(e) = pgkeep_operator::run::run(client, settings, Some(NS.into()), None, None).await {
                 eprintln!("operator: {e}");
             }
         });
@@ -94,13 +94,13 @@ impl World {
         World { cp, dir, repo, op_kubeconfig, agent_port: free_port(), token_file }
     }
 
-    /// The primary: archiving into the stanza `main`, listening on TCP at
-    /// `ip` too (a backup on a standby reaches it there), `stanza-create`d.
+    /// The primary: archiving into the stanza `main` (which the operator
+    /// creates in the repository through its agent), listening on TCP at
+    /// `ip` too (a backup on a standby reaches it there).
     fn primary(&self, ip: &str) -> (Cluster, PodProcs) {
         let pk = Pgkeep::new(&self.dir, "pg-0", "main");
         let c = Cluster::new(&self.dir, "pg0", Some(&pk));
         pk.write_raw_config(&format!("archive-timeout = 120\n{}", config_text(&c.addr, &self.repo)));
-        pk.ok(&["stanza-create"]);
         c.psql(&format!("alter system set listen_addresses = '{ip}'"));
         let hba = c.addr.data.join("pg_hba.conf");
         let mut text = std::fs::read_to_string(&hba).unwrap();
@@ -310,6 +310,9 @@ fn kube_a_backup_runs_on_the_most_recent_standby_and_restores_identical() {
     assert_eq!(st["lastSuccessfulBackup"], st["backups"][2]["stopTime"]);
     assert!(st["archive"]["lastArchivedWal"].is_string(), "{st}");
     assert_eq!(st["systemId"], primary.system_id().as_str());
+    // The operator created the stanza in the repository, once.
+    assert_eq!(st["createdForSystem"], primary.system_id().as_str());
+    assert_eq!(w.cp.event_reasons(NS, "main").iter().filter(|r| *r == "Created").count(), 1);
     assert!(st["conditions"].as_array().unwrap().iter().any(|c| c["type"] == "Ready" && c["status"] == "True"), "{st}");
 
     // Both restore what the primary holds (to the end of the archive).
