@@ -10,6 +10,7 @@
 //! | `POST /v1/stanza` | token | `stanza-create` in every repository, from the primary (idempotent; refuses a repository of another cluster): [`StanzaCreated`] |
 //! | `POST /v1/backups` | token | start [`BackupRequest`]; answers [`JobStatus`]; the same `id` again answers the same job |
 //! | `GET /v1/backups/{id}` | token | [`JobStatus`]; 404 when this process does not know `id` |
+//! | `DELETE /v1/repository/backups/{label}` | token | `expire --set LABEL` in every repository holding it (refused when other backups depend on it): [`Expired`] |
 //! | `DELETE /v1/backups/{id}` | token | cancel a running job (the engine's kill -9 path: the repository keeps an unfinished backup that the next one resumes or removes) |
 //!
 //! The token is a bearer token (`Authorization: Bearer ...`), compared in
@@ -188,6 +189,14 @@ pub struct StanzaCreated {
     /// Per repository (number): whether it was created now (false: it
     /// already held this cluster).
     pub repos: Vec<(usize, bool)>,
+}
+
+/// What `DELETE /v1/repository/backups/{label}` removed.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Expired {
+    /// Per repository (number): the labels removed.
+    pub repos: Vec<(usize, Vec<String>)>,
 }
 
 /// An error answer.

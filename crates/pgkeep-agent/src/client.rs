@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
-use crate::api::{AgentStatus, ApiError, BackupRequest, JobStatus, StanzaCreated};
+use crate::api::{AgentStatus, ApiError, BackupRequest, Expired, JobStatus, StanzaCreated};
 
 /// Why a call to an agent failed.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +71,11 @@ impl AgentClient {
     /// `GET /v1/backups/{id}`.
     pub async fn backup(&self, id: &str) -> Result<JobStatus, ClientError> {
         self.call(reqwest::Method::GET, &format!("/v1/backups/{id}"), None).await
+    }
+
+    /// `DELETE /v1/repository/backups/{label}`.
+    pub async fn expire(&self, label: &str) -> Result<Expired, ClientError> {
+        self.call(reqwest::Method::DELETE, &format!("/v1/repository/backups/{label}"), None).await
     }
 
     /// `DELETE /v1/backups/{id}`.

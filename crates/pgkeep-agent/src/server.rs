@@ -14,7 +14,7 @@ use pgkeep_core::pg::Pg;
 use pgkeep_core::Stanza;
 use tokio::sync::Mutex;
 
-use crate::api::{AgentStatus, ApiError, ArchiverStats, BackupRequest, Role, StanzaCreated};
+use crate::api::{AgentStatus, ApiError, ArchiverStats, BackupRequest, Expired, Role, StanzaCreated};
 use crate::jobs::{Jobs, Runner, StartError};
 
 /// How the agent runs.
@@ -112,6 +112,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/stanza", axum::routing::post(create_stanza))
         .route("/v1/backups", axum::routing::post(start_backup))
         .route("/v1/backups/{id}", get(get_backup).delete(cancel_backup))
+        .route("/v1/repository/backups/{label}", axum::routing::delete(expire_backup))
         .with_state(agent)
 }
 
@@ -197,6 +198,30 @@ async fn start_backup(State(agent): State<Arc<Agent>>, headers: HeaderMap, body:
         Err(StartError::Busy(id)) => error(StatusCode::CONFLICT, true, format!("backup {id} runs on this agent: wait for it")),
         Err(StartError::Invalid(msg)) => error(StatusCode::BAD_REQUEST, false, msg),
         Err(StartError::Spawn(msg)) => error(StatusCode::INTERNAL_SERVER_ERROR, true, msg),
+    }
+}
+
+async fn expire_backup(State(agent): State<Arc<Agent>>, headers: HeaderMap, Path(label): Path<String>) -> Response {
+    require_token!(agent, headers);
+    let stanza = Stanza::new(agent.cfg.settings.clone());
+    let opts = pgkeep_core::expire::ExpireOptions {
+        repo: 0,
+        set: Some(pgkeep_core::types::BackupLabel(label)),
+        with_dependents: false,
+        dry_run: false,
+    };
+    match pgkeep_core::expire::run_each(&stanza, None, &opts).await {
+        Ok(r) if r.failed.is_empty() => {
+            let repos = r.done.iter().map(|d| (d.repo, d.expired.iter().map(|(l, _)| l.0.clone()).collect())).collect();
+            *agent.info.lock().await = None;
+            Json(Expired { repos }).into_response()
+        }
+        Ok(r) => {
+            let (_, e) = &r.failed[0];
+            let status = if matches!(e.kind(), pgkeep_core::Error::NotFound(_)) { StatusCode::NOT_FOUND } else { StatusCode::CONFLICT };
+            error(status, e.retryable(), pgkeep_core::error::OneLine(e).to_string())
+        }
+        Err(e) => core_error(&e),
     }
 }
 

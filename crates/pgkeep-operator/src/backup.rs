@@ -16,7 +16,7 @@
 //! - Deleted while running: the job is cancelled (its process killed; the
 //!   repository keeps an unfinished backup that the next one resumes or
 //!   removes). Deleted when completed: the data stays in the repository,
-//!   where retention decides.
+//!   where retention decides, unless `deleteFromRepository` is set.
 //!
 //! The status is written with server-side apply, whole, under the
 //! operator's field manager.
@@ -298,8 +298,52 @@ async fn settle(b: &Backup, ctx: &Context, mut status: BackupStatus, job: JobSta
     }
 }
 
+/// A completed Backup with `deleteFromRepository`, deleted: its data goes
+/// too, through any agent of the stanza. Refused by the engine (later
+/// backups depend on it, or no agent answers for the agent deadline): the
+/// data stays, a Warning says why, and the Backup goes all the same (a
+/// finalizer that never lets go is worse than data left to retention).
+async fn delete_data(b: &Backup, ctx: &Context, status: &BackupStatus) -> Result<Action> {
+    let Some(label) = status.label.as_deref() else { return Ok(Action::await_change()) };
+    let ns = b.namespace().unwrap_or_default();
+    let Some(stanza) = Api::<Stanza>::namespaced(ctx.client.clone(), &ns).get_opt(&b.spec.stanza).await? else {
+        ctx.event(b, true, "Kept", format!("backup {label} stays in the repository: Stanza {} no longer exists", b.spec.stanza)).await;
+        return Ok(Action::await_change());
+    };
+    let token = pods::token(&stanza, ctx).await?;
+    let (mut candidates, silent) = pods::candidates(&stanza, ctx, &token).await?;
+    // The primary first: it is the one that surely reaches the repository.
+    candidates.sort_by_key(|c| c.status.role != Role::Primary);
+    let why = match candidates.first() {
+        Some(c) => match pods::agent(&stanza, &c.ip, &token).expire(label).await {
+            Ok(_) => {
+                ctx.event(b, false, "Deleted", format!("backup {label} deleted from the repository")).await;
+                return Ok(Action::await_change());
+            }
+            Err(ClientError::NotFound(_)) => return Ok(Action::await_change()),
+            Err(e) if e.retryable() && !deadline_passed(b, ctx) => return Err(e.into()),
+            Err(e) => e.to_string(),
+        },
+        None if !deadline_passed(b, ctx) => {
+            return Err(Error::Invalid(format!("no agent of stanza {} answers: {}", b.spec.stanza, silent.join("; "))))
+        }
+        None => format!("no agent of the stanza answers: {}", silent.join("; ")),
+    };
+    ctx.event(b, true, "Kept", format!("backup {label} stays in the repository: {why}")).await;
+    Ok(Action::await_change())
+}
+
+/// Whether the Backup has been deleted for longer than the agent deadline.
+fn deadline_passed(b: &Backup, ctx: &Context) -> bool {
+    let deleted = b.metadata.deletion_timestamp.as_ref().map(|t| t.0.to_string());
+    overdue(&[deleted.as_deref()], Utc::now(), ctx.settings.agent_deadline).is_some()
+}
+
 async fn cleanup(b: &Backup, ctx: &Context) -> Result<Action> {
     let status = b.status.clone().unwrap_or_default();
+    if status.phase == Phase::Completed && b.spec.delete_from_repository {
+        return delete_data(b, ctx, &status).await;
+    }
     if status.phase != Phase::Running {
         // A completed backup stays in the repository: retention decides.
         return Ok(Action::await_change());

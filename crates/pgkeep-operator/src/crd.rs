@@ -108,10 +108,10 @@ pub struct StanzaSpec {
     /// PostgreSQL's port (default 5432).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pg_port: Option<u16>,
-    /// A Secret of type `kubernetes.io/basic-auth` (keys `username`,
-    /// `password`) of a user with the REPLICATION and `pg_read_all_settings`
-    /// rights, used by a backup on a standby to reach the primary. Without
-    /// it the agents connect as `postgres` through the local socket only.
+    /// A Secret whose key `password` is the password of PostgreSQL's
+    /// `postgres` user, which a backup on a standby uses to reach the
+    /// primary over the network (the injection webhook sets `PGPASSWORD`
+    /// from it). Not needed when the primary trusts the pod network.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials: Option<LocalObjectReference>,
     /// The repositories, in order: the first is repository 1.
@@ -256,7 +256,7 @@ pub struct StanzaStatus {
     /// WAL archiving, as the primary reports it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub archive: Option<ArchiveStatus>,
-    /// The backups repository 1 holds, oldest first.
+    /// The backups the repositories hold, oldest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub backups: Vec<BackupSummary>,
     /// The cluster's system identifier.
@@ -283,7 +283,7 @@ pub struct ArchiveStatus {
     /// When.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_archived_time: Option<String>,
-    /// Failed attempts since the server started.
+    /// Failed attempts since the server's statistics were reset.
     #[serde(default)]
     pub failed_count: i64,
     /// The last segment that failed.
@@ -354,6 +354,12 @@ pub struct BackupSpec {
     /// The repository, by number (default 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repository: Option<u32>,
+    /// When this Backup is deleted after it completed, delete its data
+    /// from the repository too (`expire --set`; refused, and the data
+    /// kept, when later backups depend on it). Default false: the data
+    /// stays, and the Stanza's retention decides.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub delete_from_repository: bool,
 }
 
 /// A Backup's phase.

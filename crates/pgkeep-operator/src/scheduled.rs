@@ -167,7 +167,13 @@ async fn fire(sb: &ScheduledBackup, ctx: &Context, tick: DateTime<Utc>, missed: 
             owner_references: owner.map(|o| vec![o]),
             ..Default::default()
         },
-        spec: BackupSpec { stanza: sb.spec.stanza.clone(), kind: sb.spec.kind, target: sb.spec.target, repository: None },
+        spec: BackupSpec {
+            stanza: sb.spec.stanza.clone(),
+            kind: sb.spec.kind,
+            target: sb.spec.target,
+            repository: None,
+            delete_from_repository: false,
+        },
         status: None,
     };
     match backups.create(&PostParams { field_manager: Some(MANAGER.into()), ..Default::default() }, &backup).await {

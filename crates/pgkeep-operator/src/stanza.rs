@@ -26,7 +26,13 @@ pub async fn reconcile(stanza: Arc<Stanza>, ctx: Arc<Context>) -> Result<Action>
     apply_config(&stanza, &ctx).await?;
     let token = pods::token(&stanza, &ctx).await?;
     let (candidates, silent) = pods::candidates(&stanza, &ctx, &token).await?;
-    let mut status = StanzaStatus { conditions: old.conditions.clone(), ..Default::default() };
+    // What a refresh that finds no primary cannot see again stays as it was.
+    let mut status = StanzaStatus {
+        conditions: old.conditions.clone(),
+        created_for_system: old.created_for_system.clone(),
+        system_id: old.system_id.clone(),
+        ..Default::default()
+    };
     status.last_failed_backup = last_failed(&stanza, &ctx).await?;
     let primary = candidates.iter().find(|c| c.status.role == pgkeep_agent::api::Role::Primary);
     let ready = match primary {

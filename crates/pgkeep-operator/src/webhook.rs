@@ -53,9 +53,18 @@ fn tls_config(cert: &Path, key: &Path) -> anyhow::Result<rustls::ServerConfig> {
     Ok(config)
 }
 
-/// Serves the webhook until the task is dropped.
+/// The modification times of the certificate and key files.
+fn stamps(cfg: &WebhookConfig) -> Option<(std::time::SystemTime, std::time::SystemTime)> {
+    let m = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    Some((m(&cfg.cert)?, m(&cfg.key)?))
+}
+
+/// Serves the webhook until the task is dropped. A certificate renewed on
+/// disk (cert-manager rewrites the mounted Secret; `make-cert` replaces
+/// it) is read again at the next connection after it changed: no restart.
 pub async fn serve(client: Client, cfg: WebhookConfig) -> anyhow::Result<()> {
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config(&cfg.cert, &cfg.key)?));
+    let mut acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config(&cfg.cert, &cfg.key)?));
+    let mut loaded = stamps(&cfg);
     let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
     let state = Arc::new((client, cfg.image.clone()));
     let app = axum::Router::new()
@@ -64,6 +73,18 @@ pub async fn serve(client: Client, cfg: WebhookConfig) -> anyhow::Result<()> {
         .with_state(state);
     loop {
         let (tcp, _) = listener.accept().await?;
+        let now = stamps(&cfg);
+        if now != loaded {
+            match tls_config(&cfg.cert, &cfg.key) {
+                Ok(config) => {
+                    acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+                    loaded = now;
+                }
+                // Half-written (the key before the certificate): the old
+                // pair serves until both are readable and match.
+                Err(e) => eprintln!("pgkeep-operator: keeping the webhook's previous certificate: {e}"),
+            }
+        }
         let (acceptor, app) = (acceptor.clone(), app.clone());
         tokio::spawn(async move {
             let Ok(tls) = acceptor.accept(tcp).await else { return };
@@ -106,5 +127,13 @@ async fn review_pod(client: &Client, image: &str, review: &Value) -> Result<Vec<
         .ok_or_else(|| {
             format!("the pod's label {}={name} names no Stanza in namespace {ns}: create the Stanza first", crate::inject::LABEL)
         })?;
+    // A labelled pod the Stanza's selector does not pick would be injected
+    // but never found by the operator: refuse it, saying so.
+    let selector = kube::core::Selector::try_from(stanza.spec.selector.clone())
+        .map_err(|e| format!("Stanza {name}: spec.selector is not a valid label selector: {e}"))?;
+    let labels = pod.metadata.labels.clone().unwrap_or_default();
+    if !kube::core::SelectorExt::matches(&selector, &labels) {
+        return Err(format!("the pod's labels do not match Stanza {name}'s spec.selector ({selector}): the operator would never find it"));
+    }
     crate::inject::patch(&pod, &stanza, image).map_err(|e| format!("cannot add pgkeep to the pod for Stanza {name}: {e}"))
 }

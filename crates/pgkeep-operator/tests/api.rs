@@ -237,6 +237,11 @@ fn kube_the_webhook_adds_pgkeep_to_labelled_pods_and_refuses_those_of_no_stanza(
                spec: {containers: [{name: postgres, image: postgres:17}]}\n";
     let (ok, _, err) = cp.kubectl_as(&cp.kubeconfig, &["apply", "-f", "-"], Some(bad));
     assert!(!ok && err.contains("names no Stanza in namespace db"), "{err}");
+    // One the Stanza's selector would not pick is refused too.
+    let unseen = "apiVersion: v1\nkind: Pod\nmetadata: {name: unseen, namespace: db, labels: {pgkeep.dev/stanza: main}}\n\
+               spec: {containers: [{name: postgres, image: postgres:17}]}\n";
+    let (ok, _, err) = cp.kubectl_as(&cp.kubeconfig, &["apply", "-f", "-"], Some(unseen));
+    assert!(!ok && err.contains("do not match Stanza main's spec.selector"), "{err}");
     // Pods without the label are not the webhook's business.
     cp.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: other, namespace: db}\nspec: {containers: [{name: app, image: busybox}]}\n");
     assert_eq!(cp.get("db", "pod", "other").unwrap()["spec"]["containers"].as_array().unwrap().len(), 1);

@@ -418,6 +418,24 @@ fn kube_a_dead_agent_fails_its_backup_in_time_and_an_operator_crash_loses_and_du
     let _op = Operator::start(&w.op_kubeconfig);
     assert_eq!(w.finished("while-down", Duration::from_secs(120))["phase"], "completed");
     assert_eq!(labels_in_repo(&p0.pk).len(), before + 3);
+
+    // Deleting a completed Backup leaves its data to retention...
+    let kept = w.cp.get(NS, "backup", "after").unwrap()["status"]["label"].as_str().unwrap().to_owned();
+    w.cp.kubectl(&["-n", NS, "delete", "backup", "after", "--timeout=60s"]);
+    assert!(labels_in_repo(&p0.pk).contains(&kept));
+    // ...unless deleteFromRepository says otherwise; and when later backups
+    // depend on it, the data stays, an event says why, and the Backup goes.
+    w.backup("base", "type: full, deleteFromRepository: true");
+    let base = w.finished("base", Duration::from_secs(120))["label"].as_str().unwrap().to_owned();
+    w.backup("child", "type: incr, deleteFromRepository: true");
+    let child = w.finished("child", Duration::from_secs(120))["label"].as_str().unwrap().to_owned();
+    w.cp.kubectl(&["-n", NS, "delete", "backup", "base", "--timeout=60s"]);
+    assert!(labels_in_repo(&p0.pk).contains(&base));
+    w.cp.kubectl(&["-n", NS, "delete", "backup", "child", "--timeout=60s"]);
+    let labels = labels_in_repo(&p0.pk);
+    assert!(!labels.contains(&child) && labels.contains(&base), "{labels:?}");
+    let kept_events = w.cp.kubectl(&["-n", NS, "get", "events.events.k8s.io", "-o", "json"]);
+    assert!(kept_events.contains("Kept") && kept_events.contains(&format!("backup {base} stays in the repository")), "no Kept event");
 }
 
 #[test]
