@@ -324,8 +324,9 @@ async fn delete_data(b: &Backup, ctx: &Context, status: &BackupStatus) -> Result
             Err(e) if e.retryable() && !deadline_passed(b, ctx) => return Err(e.into()),
             Err(e) => e.to_string(),
         },
+        // Tried again soon (retryable), until the agent deadline.
         None if !deadline_passed(b, ctx) => {
-            return Err(Error::Invalid(format!("no agent of stanza {} answers: {}", b.spec.stanza, silent.join("; "))))
+            return Err(ClientError::Unreachable(format!("any pod of stanza {}", b.spec.stanza), silent.join("; ")).into())
         }
         None => format!("no agent of the stanza answers: {}", silent.join("; ")),
     };

@@ -8,8 +8,10 @@
 //! Fail`: a labelled pod is never created without its archiving (a pod
 //! that silently misses WAL archiving is a hole in every backup after
 //! it); the price is that such pods wait while the operator is down.
-//! A pod whose Stanza does not exist, or that cannot be injected (no
-//! PostgreSQL container, no volume at PGDATA), is refused with the reason.
+//! A pod whose Stanza does not exist, whose labels the Stanza's selector
+//! does not pick (the operator would never find it), or that cannot be
+//! injected (no PostgreSQL container, no volume at PGDATA), is refused
+//! with the reason.
 
 use std::net::SocketAddr;
 use std::path::Path;

@@ -71,16 +71,7 @@ fn kube_every_manifest_in_deploy_applies_with_a_server_side_dry_run() {
         "{rendered}"
     );
     // The examples need the CRDs installed.
-    cp.kubectl(&["apply", "-k", root.join("deploy/crds").to_str().unwrap()]);
-    cp.kubectl(&[
-        "wait",
-        "--for",
-        "condition=Established",
-        "--timeout=60s",
-        "crd/stanzas.pgkeep.dev",
-        "crd/backups.pgkeep.dev",
-        "crd/scheduledbackups.pgkeep.dev",
-    ]);
+    cp.install_crds();
     let mut examples: Vec<_> = std::fs::read_dir(root.join("deploy/examples")).unwrap().map(|e| e.unwrap().path()).collect();
     examples.sort();
     assert!(examples.len() >= 5, "{examples:?}");

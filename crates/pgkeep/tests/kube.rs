@@ -94,6 +94,20 @@ impl World {
         World { cp, dir, repo, op_kubeconfig, agent_port: free_port(), token_file }
     }
 
+    /// A world with one pod, `pg-0`, the primary at `ip` (pgbench
+    /// initialised), its Stanza and a running operator.
+    fn one_primary(name: &str, ip: &str) -> (World, Cluster, PodProcs, Operator) {
+        let w = World::new(name);
+        let (primary, mut p0) = w.primary(ip);
+        primary.pgbench_init(1);
+        w.stanza(&primary);
+        let op = Operator::start(&w.op_kubeconfig);
+        w.token();
+        w.cp.apply(&statefulset(1));
+        w.run_pod(&mut p0);
+        (w, primary, p0, op)
+    }
+
     /// The primary: archiving into the stanza `main` (which the operator
     /// creates in the repository through its agent), listening on TCP at
     /// `ip` too (a backup on a standby reaches it there).
@@ -349,14 +363,7 @@ fn http_get(addr: &str, path: &str) -> String {
 
 #[test]
 fn kube_a_dead_agent_fails_its_backup_in_time_and_an_operator_crash_loses_and_duplicates_nothing() {
-    let w = World::new("kube-faults");
-    let (primary, mut p0) = w.primary("127.0.0.4");
-    primary.pgbench_init(1);
-    w.stanza(&primary);
-    let op = Operator::start(&w.op_kubeconfig);
-    w.token();
-    w.cp.apply(&statefulset(1));
-    w.run_pod(&mut p0);
+    let (w, primary, mut p0, op) = World::one_primary("kube-faults", "127.0.0.4");
 
     // The agent (and the backup it runs) dies with its container: failed
     // within the agent deadline (8 s here), with the reason.
@@ -440,14 +447,7 @@ fn kube_a_dead_agent_fails_its_backup_in_time_and_an_operator_crash_loses_and_du
 
 #[test]
 fn kube_scheduled_backups_tick_skip_while_one_runs_suspend_and_catch_up_once() {
-    let w = World::new("kube-schedule");
-    let (primary, mut p0) = w.primary("127.0.0.5");
-    primary.pgbench_init(1);
-    w.stanza(&primary);
-    let op = Operator::start(&w.op_kubeconfig);
-    w.token();
-    w.cp.apply(&statefulset(1));
-    w.run_pod(&mut p0);
+    let (w, primary, p0, op) = World::one_primary("kube-schedule", "127.0.0.5");
 
     let sched = |suspend: bool| {
         format!(

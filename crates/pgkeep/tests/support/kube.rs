@@ -126,11 +126,9 @@ impl ControlPlane {
         }
     }
 
-    /// Installs the CRDs (`deploy/crds`) and the operator's namespace and
-    /// RBAC (`deploy/operator`), and waits until the CRDs are served.
-    pub fn install_operator_rbac_and_crds(&self) {
-        let root = repo_root();
-        self.kubectl(&["apply", "-k", root.join("deploy/crds").to_str().unwrap()]);
+    /// Installs the CRDs (`deploy/crds`) and waits until they are served.
+    pub fn install_crds(&self) {
+        self.kubectl(&["apply", "-k", repo_root().join("deploy/crds").to_str().unwrap()]);
         self.kubectl(&[
             "wait",
             "--for",
@@ -140,8 +138,14 @@ impl ControlPlane {
             "crd/backups.pgkeep.dev",
             "crd/scheduledbackups.pgkeep.dev",
         ]);
+    }
+
+    /// Installs the CRDs and the operator's namespace and RBAC
+    /// (`deploy/operator`).
+    pub fn install_operator_rbac_and_crds(&self) {
+        self.install_crds();
         for f in ["namespace.yaml", "rbac.yaml"] {
-            self.kubectl(&["apply", "-f", root.join("deploy/operator").join(f).to_str().unwrap()]);
+            self.kubectl(&["apply", "-f", repo_root().join("deploy/operator").join(f).to_str().unwrap()]);
         }
     }
 
