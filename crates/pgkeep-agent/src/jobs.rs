@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 
-use chrono::{SecondsFormat, Utc};
+use chrono::Utc;
 use tokio::io::AsyncReadExt;
 
 use crate::api::{BackupRequest, BackupResult, JobState, JobStatus, PrimaryAddress, Role};
@@ -216,7 +216,7 @@ impl Jobs {
 }
 
 fn now() -> String {
-    Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true)
+    pgkeep_core::types::rfc3339(Utc::now())
 }
 
 /// Reads `pgkeep backup --output json`.

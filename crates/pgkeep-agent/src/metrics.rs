@@ -23,14 +23,14 @@
 
 use std::fmt::Write;
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 
 use crate::api::{JobState, Role};
 use crate::server::Agent;
 
 /// Unix seconds of an RFC 3339 time.
 fn unix(t: &str) -> Option<i64> {
-    DateTime::parse_from_rfc3339(t).ok().map(|d| d.timestamp())
+    pgkeep_core::types::parse_rfc3339(t).map(|d| d.timestamp())
 }
 
 struct Out {

@@ -166,7 +166,7 @@ impl ArchiveInfo {
 
 impl BackupInfo {
     fn of(m: &Manifest, repo: usize) -> Self {
-        let ts = |t: &chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        let ts = |t: &chrono::DateTime<chrono::Utc>| crate::types::rfc3339(*t);
         BackupInfo {
             label: m.label.clone(),
             kind: m.kind,
@@ -273,7 +273,7 @@ async fn read_repo(stanza: &Stanza, number: usize, location: String) -> Result<(
             id: system.id,
             system_id: system.system_id.to_string(),
             pg_version: system.pg_major().to_string(),
-            since: system.since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            since: crate::types::rfc3339(system.since),
             current: system.id == current.id,
             archive: range,
         });
@@ -284,7 +284,7 @@ async fn read_repo(stanza: &Stanza, number: usize, location: String) -> Result<(
         command: h.command,
         host: h.host,
         pid: h.pid,
-        since: h.since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        since: crate::types::rfc3339(h.since),
     });
     let found: Vec<BackupInfo> = manifests.iter().map(|m| BackupInfo::of(m, number)).collect();
     let info = RepoInfo {

@@ -264,6 +264,16 @@ impl FromStr for SystemId {
 }
 serde_as_string!(SystemId);
 
+/// A time as the reports print it: RFC 3339, UTC, whole seconds.
+pub fn rfc3339(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+/// Parses an RFC 3339 time (any offset) as UTC; `None` when it is not one.
+pub fn parse_rfc3339(t: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    chrono::DateTime::parse_from_rfc3339(t).ok().map(|d| d.with_timezone(&chrono::Utc))
+}
+
 /// A size for people: `512 B`, `1.5 MiB`.
 pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];

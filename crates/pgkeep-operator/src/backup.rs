@@ -23,7 +23,7 @@
 
 use std::sync::Arc;
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -31,6 +31,7 @@ use kube::runtime::finalizer::{finalizer, Event as Finalizer};
 use kube::ResourceExt;
 use pgkeep_agent::api::{BackupRequest, JobState, JobStatus, PrimaryAddress, Role};
 use pgkeep_agent::client::ClientError;
+use pgkeep_core::types::{parse_rfc3339, rfc3339};
 use serde_json::json;
 
 use crate::context::{Context, MANAGER};
@@ -42,11 +43,11 @@ use crate::pods;
 pub const FINALIZER: &str = "pgkeep.dev/backup";
 
 fn now() -> String {
-    Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true)
+    rfc3339(Utc::now())
 }
 
 fn since(t: Option<&str>) -> Option<chrono::Duration> {
-    t.and_then(|t| DateTime::parse_from_rfc3339(t).ok()).map(|t| Utc::now() - t.with_timezone(&Utc))
+    t.and_then(parse_rfc3339).map(|t| Utc::now() - t)
 }
 
 /// How long since the first readable time of `times` (RFC 3339), when
@@ -54,8 +55,8 @@ fn since(t: Option<&str>) -> Option<chrono::Duration> {
 /// in order (last heartbeat, start, creation): a Backup whose status lost
 /// one still has a deadline.
 pub fn overdue(times: &[Option<&str>], now: DateTime<Utc>, deadline: std::time::Duration) -> Option<chrono::Duration> {
-    let from = times.iter().flatten().find_map(|t| DateTime::parse_from_rfc3339(t).ok())?;
-    let elapsed = now - from.with_timezone(&Utc);
+    let from = times.iter().flatten().find_map(|t| parse_rfc3339(t))?;
+    let elapsed = now - from;
     (elapsed.to_std().unwrap_or_default() > deadline).then_some(elapsed)
 }
 
@@ -274,8 +275,8 @@ async fn settle(b: &Backup, ctx: &Context, mut status: BackupStatus, job: JobSta
             status.repo_size = Some(r.repo_size);
             status.error = None;
             write_status(b, ctx, &status).await?;
-            let seconds = match (DateTime::parse_from_rfc3339(&r.start_time), DateTime::parse_from_rfc3339(&r.stop_time)) {
-                (Ok(a), Ok(z)) => (z - a).num_milliseconds() as f64 / 1000.0,
+            let seconds = match (parse_rfc3339(&r.start_time), parse_rfc3339(&r.stop_time)) {
+                (Some(a), Some(z)) => (z - a).num_milliseconds() as f64 / 1000.0,
                 _ => 0.0,
             };
             ctx.metrics.completed(&stanza_key(b), Utc::now().timestamp(), seconds, r.size, r.repo_size);

@@ -11,11 +11,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
+use pgkeep_core::types::{parse_rfc3339, rfc3339};
 use serde_json::json;
 
 use crate::context::{Context, MANAGER};
@@ -25,14 +26,6 @@ use crate::schedule::{self, Decision, Schedule};
 
 /// The label each Backup made carries, naming its ScheduledBackup.
 pub const LABEL: &str = "pgkeep.dev/scheduled-backup";
-
-fn rfc3339(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Secs, true)
-}
-
-fn parse(t: Option<&str>) -> Option<DateTime<Utc>> {
-    t.and_then(|t| DateTime::parse_from_rfc3339(t).ok()).map(|t| t.with_timezone(&Utc))
-}
 
 /// Reconciles one ScheduledBackup.
 pub async fn reconcile(sb: Arc<ScheduledBackup>, ctx: Arc<Context>) -> Result<Action> {
@@ -49,7 +42,7 @@ pub async fn reconcile(sb: Arc<ScheduledBackup>, ctx: Arc<Context>) -> Result<Ac
     };
     let now = Utc::now();
     let created = sb.metadata.creation_timestamp.as_ref().and_then(|t| DateTime::from_timestamp(t.0.as_second(), 0)).unwrap_or(now);
-    let last = parse(old.last_schedule_time.as_deref());
+    let last = old.last_schedule_time.as_deref().and_then(parse_rfc3339);
     if sb.spec.suspend {
         status.next_schedule_time = None;
         status.last_error = None;

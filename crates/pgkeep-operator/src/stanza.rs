@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -126,11 +126,11 @@ fn detail(silent: &[String]) -> String {
 }
 
 fn unix(t: &str) -> Option<i64> {
-    DateTime::parse_from_rfc3339(t).ok().map(|d| d.timestamp())
+    pgkeep_core::types::parse_rfc3339(t).map(|d| d.timestamp())
 }
 
 fn rfc3339(t: i64) -> Option<String> {
-    DateTime::<Utc>::from_timestamp(t, 0).map(|d| d.to_rfc3339_opts(SecondsFormat::Secs, true))
+    DateTime::<Utc>::from_timestamp(t, 0).map(pgkeep_core::types::rfc3339)
 }
 
 /// Fills the recovery window and the backup list from the engine's `info`

@@ -114,7 +114,7 @@ impl World {
     fn primary(&self, ip: &str) -> (Cluster, PodProcs) {
         let pk = Pgkeep::new(&self.dir, "pg-0", "main");
         let c = Cluster::new(&self.dir, "pg0", Some(&pk));
-        pk.write_raw_config(&format!("archive-timeout = 120\n{}", config_text(&c.addr, &self.repo)));
+        pk.write_raw_config(&format!("archive-timeout = 120\n{}", pk.config_text(&c.addr, &self.repo)));
         c.psql(&format!("alter system set listen_addresses = '{ip}'"));
         let hba = c.addr.data.join("pg_hba.conf");
         let mut text = std::fs::read_to_string(&hba).unwrap();
@@ -129,7 +129,7 @@ impl World {
     fn standby(&self, primary: &Cluster, name: &str, ip: &str) -> (Cluster, PodProcs) {
         let c = Cluster::standby_of(&self.dir, &name.replace('-', ""), primary);
         let pk = Pgkeep::new(&self.dir, name, "main");
-        pk.write_raw_config(&format!("archive-timeout = 120\n{}", config_text(&c.addr, &self.repo)));
+        pk.write_raw_config(&format!("archive-timeout = 120\n{}", pk.config_text(&c.addr, &self.repo)));
         (c, PodProcs { name: name.into(), ip: ip.into(), pk, agent: None })
     }
 
@@ -151,7 +151,7 @@ impl World {
         let secret = self
             .cp
             .wait_for(NS, "secret", "main-agent", Duration::from_secs(60), "made", |s| s["data"]["token"].as_str().map(str::to_owned));
-        let token = String::from_utf8(base64_decode(&secret)).unwrap();
+        let token = String::from_utf8(base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &secret).unwrap()).unwrap();
         std::fs::write(&self.token_file, token).unwrap();
         std::process::Command::new("chown").arg("postgres").arg(&self.token_file).status().unwrap();
     }
@@ -184,29 +184,6 @@ impl World {
             (b["status"]["phase"] == "running").then(|| b["status"].clone())
         })
     }
-}
-
-/// The pgkeep config of one pod: the stanza on its own server.
-fn config_text(addr: &PgAddr, repo: &Repo) -> String {
-    format!(
-        "[stanza.main]\npg-data = \"{}\"\npg-host = \"{}\"\npg-port = {}\npg-user = \"postgres\"\n\n{}",
-        addr.data.display(),
-        addr.socket_dir.display(),
-        addr.port,
-        repo.toml()
-    )
-}
-
-fn base64_decode(s: &str) -> Vec<u8> {
-    let out = std::process::Command::new("base64")
-        .arg("-d")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    out.stdin.as_ref().unwrap().write_all(s.as_bytes()).unwrap();
-    out.wait_with_output().unwrap().stdout
 }
 
 fn wait_until(timeout: Duration, what: &str, f: impl Fn() -> bool) {
@@ -255,14 +232,6 @@ fn statefulset(replicas: u32) -> String {
         "apiVersion: apps/v1\nkind: StatefulSet\nmetadata: {{name: pg, namespace: {NS}}}\nspec:\n  serviceName: pg\n  replicas: {replicas}\n  \
          selector: {{matchLabels: {{app: postgres}}}}\n  template:\n    metadata: {{labels: {{app: postgres}}}}\n    spec:\n      \
          containers: [{{name: postgres, image: postgres:17}}, {{name: pgkeep-agent, image: ghcr.io/pgkeep/pgkeep:0.1.0}}]\n"
-    )
-}
-
-fn visibility_findings(c: &Cluster) -> String {
-    c.psql("create extension if not exists pg_visibility");
-    c.psql(
-        "select count(*) from pg_class c, lateral (select t_ctid from pg_check_visible(c.oid) \
-         union all select t_ctid from pg_check_frozen(c.oid)) x where c.relkind in ('r', 'm', 't') and c.relpersistence = 'p'",
     )
 }
 
@@ -340,7 +309,7 @@ fn kube_a_backup_runs_on_the_most_recent_standby_and_restores_identical() {
         let restored = Cluster::start_restored(&w.dir, &target);
         assert_same_dump(&format!("restore of {label}"), &expected, &restored.dump());
         restored.amcheck();
-        assert_eq!(visibility_findings(&restored), "0", "pg_check_visible/pg_check_frozen findings in the restore of {label}");
+        assert_eq!(restored.visibility_findings(), "0", "pg_check_visible/pg_check_frozen findings in the restore of {label}");
     }
     // The agents' metrics.
     let metrics = http_get(&format!("{}:{}", p1.ip, w.agent_port), "/metrics");

@@ -54,16 +54,6 @@ fn backup_json(pk: &Pgkeep, args: &[&str]) -> (Value, String) {
     (v, r.stderr)
 }
 
-/// Tuples that pg_visibility finds on all-visible pages not visible to
-/// all, or on all-frozen pages not frozen, in `postgres`.
-fn visibility_findings(c: &Cluster) -> String {
-    c.psql("create extension if not exists pg_visibility");
-    c.psql(
-        "select count(*) from pg_class c, lateral (select t_ctid from pg_check_visible(c.oid) \
-         union all select t_ctid from pg_check_frozen(c.oid)) x where c.relkind in ('r', 'm', 't') and c.relpersistence = 'p'",
-    )
-}
-
 /// Restores `label` into a new directory up to the end of the archive,
 /// starts it, and compares it with `expected` (the primary's dump).
 fn restore_equals(dir: &TestDir, pk: &Pgkeep, label: &str, expected: &str) {
@@ -72,7 +62,7 @@ fn restore_equals(dir: &TestDir, pk: &Pgkeep, label: &str, expected: &str) {
     let restored = Cluster::start_restored(dir, &target);
     assert_same_dump(&format!("restore of standby backup {label}"), expected, &restored.dump());
     restored.amcheck();
-    assert_eq!(visibility_findings(&restored), "0", "restore of {label}: pg_visibility findings");
+    assert_eq!(restored.visibility_findings(), "0", "restore of {label}: pg_visibility findings");
     restored.stop();
     std::fs::remove_dir_all(&target).unwrap();
 }

@@ -152,8 +152,8 @@ impl serde::Serialize for BackupThenExpire {
         Out {
             label: &m.label,
             kind: m.kind,
-            start_time: m.start_time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-            stop_time: m.stop_time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            start_time: crate::types::rfc3339(m.start_time),
+            stop_time: crate::types::rfc3339(m.stop_time),
             start_lsn: m.start_lsn,
             stop_lsn: m.stop_lsn,
             start_wal: &m.start_wal,

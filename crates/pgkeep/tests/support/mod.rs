@@ -427,15 +427,19 @@ impl Pgkeep {
 
     /// Writes the config: this stanza on the given server, one repository.
     pub fn write_config(&self, pg: &PgAddr, repo: &Repo) {
-        let text = format!(
+        self.write_raw_config(&self.config_text(pg, repo));
+    }
+
+    /// The text [`Pgkeep::write_config`] writes.
+    pub fn config_text(&self, pg: &PgAddr, repo: &Repo) -> String {
+        format!(
             "[stanza.{}]\npg-data = \"{}\"\npg-host = \"{}\"\npg-port = {}\npg-user = \"postgres\"\n\n{}",
             self.stanza,
             pg.data.display(),
             pg.socket_dir.display(),
             pg.port,
             repo.toml()
-        );
-        self.write_raw_config(&text);
+        )
     }
 
     /// Writes `text` as the config file, readable by postgres.
@@ -1408,6 +1412,16 @@ impl Cluster {
     /// The `primary_conninfo` that reaches this server.
     pub fn conninfo(&self) -> String {
         format!("host={} port={} user=postgres application_name=pgkeep-test", self.addr.socket_dir.display(), self.addr.port)
+    }
+
+    /// Tuples that pg_visibility finds on all-visible pages not visible to
+    /// all, or on all-frozen pages not frozen, in `postgres`.
+    pub fn visibility_findings(&self) -> String {
+        self.psql("create extension if not exists pg_visibility");
+        self.psql(
+            "select count(*) from pg_class c, lateral (select t_ctid from pg_check_visible(c.oid) \
+             union all select t_ctid from pg_check_frozen(c.oid)) x where c.relkind in ('r', 'm', 't') and c.relpersistence = 'p'",
+        )
     }
 
     /// Waits until its WAL receiver streams (`pg_stat_wal_receiver`).
