@@ -141,6 +141,10 @@ impl Jobs {
         }
         let mut cmd = tokio::process::Command::new(&runner.exe);
         cmd.args(runner.args(&req, role)).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+        // Its own process group, so that cancel kills whatever it started
+        // too: a process left behind would hold the output pipes open and
+        // the job would look running until it ended by itself.
+        cmd.process_group(0);
         let mut child = cmd.spawn().map_err(|e| StartError::Spawn(format!("cannot run {}: {e}", runner.exe.display())))?;
         let status = JobStatus {
             id: req.id.clone(),
@@ -208,7 +212,7 @@ impl Jobs {
                 job.status.error = Some("cancelled: the Backup was deleted or the agent was asked to stop it".into());
             }
             if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
-                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+                let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
             }
         }
         Some(job.status.clone())
@@ -310,9 +314,15 @@ mod tests {
     #[tokio::test]
     async fn one_job_at_a_time_the_same_id_is_the_same_job_and_cancel_kills_it() {
         let jobs = Arc::new(Jobs::default());
-        // `sh -c 'sleep 30' sh ...`: the backup's arguments become sh's
-        // positional parameters, and the child runs until killed.
-        let r = Runner { exe: "/bin/sh".into(), global: vec!["-c".into(), "sleep 30".into(), "sh".into()], ..runner() };
+        // `sh -c SCRIPT sh ...`: the backup's arguments become sh's
+        // positional parameters. The script leaves a grandchild holding the
+        // output pipes, as a helper process of the engine would, and says
+        // when it has: cancel must kill it too (CI once saw the job stay
+        // running when only sh was killed).
+        let dir = tempfile::tempdir().unwrap();
+        let mark = dir.path().join("started");
+        let script = format!("sleep 30 & touch '{}'; wait", mark.display());
+        let r = Runner { exe: "/bin/sh".into(), global: vec!["-c".into(), script, "sh".into()], ..runner() };
         let a = BackupRequest { id: "a".into(), ..req("full", None) };
         assert_eq!(jobs.start(&r, a.clone(), Role::Primary).unwrap().state, JobState::Running);
         assert_eq!(jobs.start(&r, a.clone(), Role::Primary).unwrap().id, "a");
@@ -321,6 +331,11 @@ mod tests {
         assert_eq!(jobs.running().as_deref(), Some("a"));
         assert!(matches!(jobs.start(&r, req("weekly", None), Role::Primary), Err(StartError::Invalid(_))));
         assert!(matches!(jobs.start(&r, req("full", None), Role::Standby), Err(StartError::Invalid(_))));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !mark.exists() {
+            assert!(std::time::Instant::now() < deadline, "the test script did not start");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
         jobs.cancel("a").unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while jobs.get("a").unwrap().state == JobState::Running {
