@@ -39,6 +39,17 @@ pub struct Runner {
 }
 
 impl Runner {
+    /// This runner for stanza `name` (replacing the `--stanza` of its
+    /// global arguments, or adding one).
+    pub fn for_stanza(&self, name: &str) -> Runner {
+        let mut r = self.clone();
+        match r.global.iter().position(|a| a == "--stanza") {
+            Some(i) if i + 1 < r.global.len() => r.global[i + 1] = name.to_owned(),
+            _ => r.global.extend(["--stanza".to_owned(), name.to_owned()]),
+        }
+        r
+    }
+
     /// The arguments of a backup: on a standby, the engine connects to the
     /// primary named by the request, reads this pod's data directory, and
     /// starts and stops the backup on the local standby

@@ -13,9 +13,9 @@
 //! - [`metrics`]: the Prometheus text;
 //! - [`client`]: the operator's side.
 //!
-//! The API is one front end of the agent; the next (CloudNativePG's
-//! CNPG-I, gRPC on a Unix socket) is served by the same process over the
-//! same [`server::Agent`].
+//! The API is one front end of the agent; the other, [`cnpgi`], serves
+//! CloudNativePG's plugin interface (gRPC on a Unix socket) from the same
+//! process, over the same engine and the same one backup job at a time.
 //!
 //! Why a bearer token and not mutual TLS: the operator and the agents
 //! already share a Secret (the operator creates `<stanza>-agent` with a
@@ -30,6 +30,7 @@
 
 pub mod api;
 pub mod client;
+pub mod cnpgi;
 pub mod jobs;
 pub mod metrics;
 pub mod server;

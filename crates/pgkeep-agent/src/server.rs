@@ -44,7 +44,13 @@ const INFO_CACHE: Duration = Duration::from_secs(30);
 impl Agent {
     /// The agent over `cfg`.
     pub fn new(cfg: AgentConfig) -> Arc<Agent> {
-        Arc::new(Agent { cfg, jobs: Arc::new(Jobs::default()), info: Mutex::new(None) })
+        Agent::with_jobs(cfg, Arc::new(Jobs::default()))
+    }
+
+    /// The agent over `cfg`, sharing `jobs` with another front end of the
+    /// same process (one backup at a time, whoever asks).
+    pub fn with_jobs(cfg: AgentConfig, jobs: Arc<Jobs>) -> Arc<Agent> {
+        Arc::new(Agent { cfg, jobs, info: Mutex::new(None) })
     }
 
     /// The jobs (for metrics).
@@ -59,31 +65,7 @@ impl Agent {
 
     /// What the local server says of itself.
     pub async fn status(&self) -> pgkeep_core::Result<AgentStatus> {
-        let pg = Pg::connect(&self.cfg.settings.pg).await?;
-        let state = pg.standby_state().await?;
-        let (role, lsn) = match (state.in_recovery, state.replay) {
-            (true, Some(replay)) => (Role::Standby, replay),
-            (true, None) => (Role::Standby, pgkeep_core::types::Lsn(0)),
-            (false, _) => (Role::Primary, pg.current_lsn().await?),
-        };
-        let a = pg.archiver().await?;
-        Ok(AgentStatus {
-            stanza: self.cfg.settings.stanza.clone(),
-            role,
-            system_id: pg.system_id().await?.to_string(),
-            pg_version: pg.version_num().await?,
-            lsn: lsn.to_string(),
-            streaming: state.receiver.as_deref() == Some("streaming"),
-            archive: ArchiverStats {
-                archived_count: a.archived_count,
-                last_archived_wal: a.last_archived_wal,
-                last_archived_time: a.last_archived_time,
-                failed_count: a.failed_count,
-                last_failed_wal: a.last_failed_wal,
-                last_failed_time: a.last_failed_time,
-            },
-            running: self.jobs.running(),
-        })
+        local_status(&self.cfg.settings, self.jobs.running()).await
     }
 
     /// The engine's `info` of the stanza, at most [`INFO_CACHE`] old when
@@ -100,6 +82,36 @@ impl Agent {
         *slot = Some((Instant::now(), v.clone()));
         Ok(v)
     }
+}
+
+/// What the server of `settings` says of itself; `running` is the id of
+/// the backup job this agent runs, if any.
+pub async fn local_status(settings: &Settings, running: Option<String>) -> pgkeep_core::Result<AgentStatus> {
+    let pg = Pg::connect(&settings.pg).await?;
+    let state = pg.standby_state().await?;
+    let (role, lsn) = match (state.in_recovery, state.replay) {
+        (true, Some(replay)) => (Role::Standby, replay),
+        (true, None) => (Role::Standby, pgkeep_core::types::Lsn(0)),
+        (false, _) => (Role::Primary, pg.current_lsn().await?),
+    };
+    let a = pg.archiver().await?;
+    Ok(AgentStatus {
+        stanza: settings.stanza.clone(),
+        role,
+        system_id: pg.system_id().await?.to_string(),
+        pg_version: pg.version_num().await?,
+        lsn: lsn.to_string(),
+        streaming: state.receiver.as_deref() == Some("streaming"),
+        archive: ArchiverStats {
+            archived_count: a.archived_count,
+            last_archived_wal: a.last_archived_wal,
+            last_archived_time: a.last_archived_time,
+            failed_count: a.failed_count,
+            last_failed_wal: a.last_failed_wal,
+            last_failed_time: a.last_failed_time,
+        },
+        running,
+    })
 }
 
 /// The router, for [`serve`] and tests.

@@ -127,17 +127,39 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Run the in-pod agent for the Kubernetes operator: an HTTP API to
-    /// start and follow backups, the repository's info, /healthz and
-    /// /metrics.
+    /// Run the in-pod agent: for pgkeep's Kubernetes operator, an HTTP API
+    /// to start and follow backups, the repository's info, /healthz and
+    /// /metrics (with --token-file); for CloudNativePG, its plugin
+    /// interface (CNPG-I) on a Unix socket (with --plugin-socket).
     Agent {
-        /// Address to listen on.
+        /// Address of the HTTP API.
         #[arg(long, default_value = "0.0.0.0:8432")]
         listen: std::net::SocketAddr,
         /// File holding the token the operator presents (in a pod, the
-        /// Stanza's agent Secret, mounted).
+        /// Stanza's agent Secret, mounted); serves the HTTP API.
         #[arg(long, env = "PGKEEP_AGENT_TOKEN_FILE")]
-        token_file: PathBuf,
+        token_file: Option<PathBuf>,
+        /// Serve CloudNativePG's plugin interface on this Unix socket (in
+        /// a pod, /plugins/pgkeep.dev). The stanza of each request is the
+        /// one the Cluster's plugin parameters name, read from the config
+        /// file when the request comes.
+        #[arg(long, env = "PGKEEP_PLUGIN_SOCKET")]
+        plugin_socket: Option<PathBuf>,
+        /// With --plugin-socket: read stanza NAME's config from
+        /// DIR/NAME.toml instead of --config (each Stanza's ConfigMap,
+        /// mounted there by the plugin; a config file has one set of
+        /// repositories, and a recovery reads one stanza and archives into
+        /// another).
+        #[arg(long, env = "PGKEEP_PLUGIN_CONFIG_DIR")]
+        plugin_config_dir: Option<PathBuf>,
+        /// With --plugin-socket: the restore_command a CloudNativePG
+        /// recovery gets (default: CloudNativePG's instance manager).
+        #[arg(long, hide = true)]
+        plugin_restore_command: Option<String>,
+        /// With --plugin-socket: seconds a standby's WAL restore retries a
+        /// failure other than "not in the archive" before answering it.
+        #[arg(long, default_value_t = 30)]
+        plugin_standby_restore_retry: u64,
     },
     /// Re-read and check stored data.
     Verify {

@@ -62,7 +62,7 @@ fn ready_in_queue(path: &Path, name: &str) -> bool {
 /// reports on `path`, starting it (`start_worker`) when none runs. Returns
 /// the warnings PostgreSQL's log should show. Falls back to pushing
 /// directly for a file outside PostgreSQL's queue.
-pub async fn push(stanza: &Stanza, path: &Path, start_worker: &dyn Fn() -> Result<()>) -> Result<Vec<String>> {
+pub async fn push(stanza: &Stanza, path: &Path, start_worker: &(dyn Fn() -> Result<()> + Send + Sync)) -> Result<Vec<String>> {
     let name = super::parse_name(path)?;
     if !ready_in_queue(path, name.as_str()) {
         super::push(stanza, path).await?;

@@ -28,7 +28,7 @@ const RETRY_MISSING: Duration = Duration::from_secs(1);
 /// spool when it was prefetched, else fetches it; then tells the
 /// prefetcher (started with `start_worker` when none runs) where recovery
 /// is.
-pub async fn get(stanza: &Stanza, name: &str, dest: &std::path::Path, start_worker: &dyn Fn() -> Result<()>) -> Result<()> {
+pub async fn get(stanza: &Stanza, name: &str, dest: &std::path::Path, start_worker: &(dyn Fn() -> Result<()> + Send + Sync)) -> Result<()> {
     let wal = super::parse_get_name(name)?;
     if !matches!(wal, WalFileName::Segment(_)) {
         return super::get(stanza, name, dest).await;

@@ -29,6 +29,11 @@ pub async fn run(cli: Cli) -> Result<()> {
     if let Command::Info = &cli.command {
         return info::run(&cli, &file).await;
     }
+    // A CloudNativePG plugin alone serves whichever stanza each request
+    // names: none is resolved now.
+    if let Command::Agent { token_file: None, plugin_socket: Some(_), .. } = &cli.command {
+        return agent::run(&cli, None, config_path.as_deref()).await;
+    }
     let stanza = resolve(&cli, &file, cli.stanza.as_deref())?;
     match &cli.command {
         Command::StanzaCreate => stanza_create::run(&stanza).await,
@@ -58,7 +63,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             let restore_command = restore::restore_command(&cli, &stanza, config_path.as_deref())?;
             verify::drill(&cli, &stanza, set.as_deref(), scratch.clone(), restore_command).await
         }
-        Command::Agent { listen, token_file } => agent::run(&cli, &stanza, config_path.as_deref(), *listen, token_file).await,
+        Command::Agent { .. } => agent::run(&cli, Some(&stanza), config_path.as_deref()).await,
         Command::Info => unreachable!("handled above"),
     }
 }

@@ -837,6 +837,11 @@ pub struct Background {
 }
 
 impl Background {
+    /// A child started elsewhere, killed on drop like the others.
+    pub fn from_child(child: Child, what: &str) -> Background {
+        Background { child: Some(child), what: what.to_owned() }
+    }
+
     /// Its process id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()

@@ -1,0 +1,173 @@
+//! CloudNativePG's instance-side plugin services (CNPG-I), served by the
+//! agent on a Unix socket (`pgkeep agent --plugin-socket
+//! /plugins/pgkeep.dev`), backed by the engine:
+//!
+//! - [`identity`]: who we are and which services we offer;
+//! - [`wal`]: `archive_command` and `restore_command`, through
+//!   CloudNativePG's instance manager;
+//! - [`backup`]: a backup of this instance, as a child `pgkeep backup`;
+//! - [`restore_job`]: the recovery Job's restore into PGDATA;
+//! - [`metrics`]: the agent's metrics, in CNPG-I's shape.
+//!
+//! Every request carries the `Cluster` as JSON: the stanza is the one its
+//! parameters name ([`pgkeep_cnpgi::cluster::Cluster::stanza_for`]), read
+//! at each request from the agent's config file (a ConfigMap that may
+//! change under the running pod).
+
+pub mod backup;
+pub mod identity;
+pub mod metrics;
+pub mod restore_job;
+pub mod wal;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pgkeep_cnpgi::cluster::{Cluster, ParamError, Purpose, StanzaRef};
+use pgkeep_cnpgi::proto;
+use pgkeep_core::config::Settings;
+use pgkeep_core::Stanza;
+use tokio::sync::Mutex;
+use tonic::Status;
+
+use crate::jobs::{Jobs, Runner};
+
+/// Where the agent reads a stanza's settings.
+pub trait StanzaSource: Send + Sync {
+    /// The settings of stanza `name`, as the config file says now.
+    fn settings(&self, name: &str) -> pgkeep_core::Result<Settings>;
+}
+
+/// How the plugin runs.
+#[derive(Clone)]
+pub struct PluginConfig {
+    /// The Unix socket to serve on.
+    pub socket: PathBuf,
+    /// The stanzas.
+    pub stanzas: Arc<dyn StanzaSource>,
+    /// How backups run (global arguments without `--stanza`).
+    pub runner: Runner,
+    /// The `restore_command` the recovery Job's PostgreSQL gets:
+    /// CloudNativePG's instance manager, which calls [`wal`]'s Restore on
+    /// this socket.
+    pub restore_command: String,
+    /// This instance's name (the pod's), reported with backups.
+    pub instance: String,
+    /// How long a WAL restore for a standby retries a failure that is
+    /// not "the archive does not have it" before answering it (the
+    /// standby then streams from the primary instead). While a cluster is
+    /// bootstrapped from a backup, a restore retries until it succeeds or
+    /// the archive answers that it does not have the file: CloudNativePG
+    /// turns every error into the same exit status as "not found", on
+    /// which PostgreSQL would end recovery early and promote.
+    pub standby_restore_retry: Duration,
+}
+
+/// The default `restore_command` of a recovery: CloudNativePG's own, as
+/// its in-tree recovery and its plugins write it.
+pub const CNPG_RESTORE_COMMAND: &str = "/controller/manager wal-restore --log-destination /controller/log/postgres.json %f %p";
+
+/// The plugin's state, shared by its services.
+pub struct Plugin {
+    cfg: PluginConfig,
+    jobs: Arc<Jobs>,
+    /// Each stanza's `info`, cached for metrics.
+    info: Mutex<BTreeMap<String, (Instant, serde_json::Value)>>,
+    /// The first WAL CloudNativePG last said it needs, per stanza.
+    first_required: std::sync::Mutex<BTreeMap<String, String>>,
+}
+
+/// How long a metrics collection reuses a stanza's `info`.
+const INFO_CACHE: Duration = Duration::from_secs(30);
+
+impl Plugin {
+    /// The plugin over `cfg`, running backups in `jobs` (shared with the
+    /// agent's HTTP API when both run).
+    pub fn new(cfg: PluginConfig, jobs: Arc<Jobs>) -> Arc<Plugin> {
+        Arc::new(Plugin { cfg, jobs, info: Mutex::new(BTreeMap::new()), first_required: Default::default() })
+    }
+
+    /// The stanza `cluster` names for `purpose`.
+    fn stanza(&self, cluster: &Cluster, purpose: Purpose) -> Result<(Stanza, StanzaRef), Status> {
+        let r = cluster.stanza_for(purpose).map_err(param_status)?;
+        let settings = self.cfg.stanzas.settings(&r.stanza).map_err(|e| engine_status(&e))?;
+        Ok((Stanza::new(settings), r))
+    }
+
+    /// The stanza's `info` (the engine's JSON), at most [`INFO_CACHE`] old.
+    async fn info(&self, stanza: &Stanza) -> pgkeep_core::Result<serde_json::Value> {
+        let mut cache = self.info.lock().await;
+        if let Some((at, v)) = cache.get(stanza.name()) {
+            if at.elapsed() < INFO_CACHE {
+                return Ok(v.clone());
+            }
+        }
+        let info = pgkeep_core::info::collect(stanza).await?;
+        let v = serde_json::to_value(&info).map_err(|e| pgkeep_core::Error::Input(format!("cannot encode info: {e}")))?;
+        cache.insert(stanza.name().to_owned(), (Instant::now(), v.clone()));
+        Ok(v)
+    }
+
+    /// The first WAL CloudNativePG said stanza `name` must keep.
+    pub fn first_required(&self, name: &str) -> Option<String> {
+        self.first_required.lock().unwrap().get(name).cloned()
+    }
+}
+
+/// Reads the `Cluster` of a request.
+fn cluster(json: &[u8]) -> Result<Cluster, Status> {
+    Cluster::from_json(json).map_err(Status::invalid_argument)
+}
+
+/// A parameter mistake as gRPC's status.
+fn param_status(e: ParamError) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+/// An engine error as gRPC's status: "not found" only for what the
+/// archive does not have.
+pub fn engine_status(e: &pgkeep_core::Error) -> Status {
+    use pgkeep_core::Error as E;
+    let msg = pgkeep_core::error::OneLine(e).to_string();
+    match e.kind() {
+        E::NotFound(_) => Status::not_found(msg),
+        E::Input(_) => Status::invalid_argument(msg),
+        E::Refused(_) => Status::failed_precondition(msg),
+        E::Corrupt(_) => Status::data_loss(msg),
+        E::Storage { .. } | E::Postgres { .. } => Status::unavailable(msg),
+        _ => Status::internal(msg),
+    }
+}
+
+/// The data directory a WAL file at `wal_path` (in `pg_wal`) belongs to:
+/// the stanza's `pg-data` when set, else the directory above `pg_wal`.
+fn data_dir<'a>(settings: &'a Settings, wal_path: &'a Path) -> &'a Path {
+    settings.pg.pg_data.as_deref().unwrap_or_else(|| wal_path.parent().and_then(Path::parent).unwrap_or(Path::new(".")))
+}
+
+/// Serves the instance services on the Unix socket until `shutdown`.
+/// A socket file left by an earlier run is replaced.
+pub async fn serve(plugin: Arc<Plugin>, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+    let path = plugin.cfg.socket.clone();
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = tokio::net::UnixListener::bind(&path)?;
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    let result = tonic::transport::Server::builder()
+        .add_service(proto::identity::identity_server::IdentityServer::new(identity::IdentityService))
+        .add_service(proto::wal::wal_server::WalServer::from_arc(Arc::new(wal::WalService(plugin.clone()))))
+        .add_service(proto::backup::backup_server::BackupServer::from_arc(Arc::new(backup::BackupService(plugin.clone()))))
+        .add_service(proto::wal::restore_job_hooks_server::RestoreJobHooksServer::from_arc(Arc::new(restore_job::RestoreJobService(
+            plugin.clone(),
+        ))))
+        .add_service(proto::metrics::metrics_server::MetricsServer::from_arc(Arc::new(metrics::MetricsService(plugin.clone()))))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await;
+    let _ = std::fs::remove_file(&path);
+    result.map_err(std::io::Error::other)
+}

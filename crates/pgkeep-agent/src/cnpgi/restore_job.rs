@@ -1,0 +1,163 @@
+//! `cnpgi.wal.v1.RestoreJobHooks`: the recovery Job of a Cluster that
+//! bootstraps from `bootstrap.recovery.source`, an external cluster whose
+//! plugin is pgkeep.
+//!
+//! Restore chooses the backup for the Cluster's `recoveryTarget` (the
+//! newest that ends before it, on the target's timeline; or the one
+//! `backupID`, else the external cluster's `backup` parameter, names),
+//! restores it into the stanza's `pg-data`, and answers the configuration
+//! PostgreSQL recovers with: `restore_command` (CloudNativePG's instance
+//! manager, which calls this socket's WAL Restore) and
+//! `recovery_target_action = 'promote'`, plus the timeline when the chosen
+//! backup needs one named. CloudNativePG appends the target itself
+//! (`RecoveryTarget.BuildPostgresOptions`). A target no backup can reach
+//! is refused here, before anything is written, with the engine's reason.
+//!
+//! With `check_empty_wal_archive`, the stanza the new cluster will archive
+//! into (its own `spec.plugins` entry) must hold no WAL and no backup,
+//! unless it is the stanza recovered from: PostgreSQL then sees that
+//! stanza's timeline history while it recovers and promotes onto a new
+//! timeline of it.
+
+use std::sync::Arc;
+
+use pgkeep_cnpgi::cluster::{Cluster, Purpose, RecoveryTarget};
+use pgkeep_cnpgi::proto::wal::restore_job_hooks_capability::Kind;
+use pgkeep_cnpgi::proto::wal::restore_job_hooks_server::RestoreJobHooks;
+use pgkeep_cnpgi::proto::wal::{
+    RestoreJobHooksCapabilitiesRequest, RestoreJobHooksCapabilitiesResult, RestoreJobHooksCapability, RestoreRequest, RestoreResponse,
+};
+use pgkeep_core::error::{Hint, Operation};
+use pgkeep_core::restore::{parse_timeline, target, RestoreOptions, Target, TargetAction};
+use pgkeep_core::types::BackupLabel;
+use pgkeep_core::{Error, Stanza};
+use tonic::{Request, Response, Status};
+
+use super::{cluster, engine_status, Plugin};
+
+/// The RestoreJobHooks service.
+pub struct RestoreJobService(pub Arc<Plugin>);
+
+#[tonic::async_trait]
+impl RestoreJobHooks for RestoreJobService {
+    async fn get_capabilities(
+        &self,
+        _: Request<RestoreJobHooksCapabilitiesRequest>,
+    ) -> Result<Response<RestoreJobHooksCapabilitiesResult>, Status> {
+        Ok(Response::new(RestoreJobHooksCapabilitiesResult {
+            capabilities: vec![RestoreJobHooksCapability { kind: Kind::Restore as i32 }],
+        }))
+    }
+
+    async fn restore(&self, req: Request<RestoreRequest>) -> Result<Response<RestoreResponse>, Status> {
+        let req = req.into_inner();
+        let cluster = cluster(&req.cluster_definition)?;
+        let (stanza, source) = self.0.stanza(&cluster, Purpose::Recovery)?;
+        if req.check_empty_wal_archive == Some(true) {
+            self.check_destination(&cluster, &source.stanza).await?;
+        }
+        let wanted = cluster.recovery_target().cloned().unwrap_or_default();
+        let mut opts = options(&wanted).map_err(|e| engine_status(&e))?;
+        let set = Some(wanted.backup_id.clone()).filter(|s| !s.is_empty()).or(source.backup.clone());
+        opts.set = set.as_deref().map(BackupLabel::parse).transpose().map_err(|e| engine_status(&e))?;
+        opts.restore_command = self.0.cfg.restore_command.clone();
+        let report = pgkeep_core::restore::run(&stanza, &opts).await.map_err(|e| engine_status(&e))?;
+        eprintln!(
+            "pgkeep: restored backup {} of stanza {} from repo {} into {} ({} files)",
+            report.label.0,
+            stanza.name(),
+            report.repo,
+            report.pg_data.display(),
+            report.files
+        );
+        let mut config =
+            format!("recovery_target_action = 'promote'\nrestore_command = '{}'\n", self.0.cfg.restore_command.replace('\'', "''"));
+        // CloudNativePG writes recovery_target_timeline only when the
+        // Cluster names one; else the engine's choice for this backup.
+        if let (true, Some(tl)) = (wanted.target_tli.is_empty(), &report.timeline) {
+            config.push_str(&format!("recovery_target_timeline = '{tl}'\n"));
+        }
+        Ok(Response::new(RestoreResponse { restore_config: config, envs: Vec::new() }))
+    }
+}
+
+impl RestoreJobService {
+    /// Refuses to bootstrap a cluster whose own stanza (where it will
+    /// archive) already holds another history, unless it is the stanza it
+    /// recovers from.
+    async fn check_destination(&self, cluster: &Cluster, source: &str) -> Result<(), Status> {
+        let Ok(own) = cluster.stanza_for(Purpose::Own) else { return Ok(()) };
+        if own.stanza == source {
+            return Ok(());
+        }
+        let settings = self.0.cfg.stanzas.settings(&own.stanza).map_err(|e| engine_status(&e))?;
+        let stanza = Stanza::new(settings);
+        for number in 1..=stanza.settings.repos.len() {
+            let repo = match stanza.open(number).await {
+                Ok(r) => r,
+                // Not created there: empty.
+                Err(e) if e.hint() == Some(&Hint::run(Operation::StanzaCreate)) => continue,
+                Err(e) => return Err(engine_status(&e)),
+            };
+            let wal = repo.list_segments().await.map_err(|e| engine_status(&e))?.len();
+            let backups = repo.backups().await.map_err(|e| engine_status(&e))?.len();
+            if wal > 0 || backups > 0 {
+                return Err(Status::failed_precondition(format!(
+                    "expected an empty archive: stanza '{}' ({}.stanza), where this cluster will archive, already holds {wal} WAL segments and {backups} backups in repo {number}; give the new cluster a stanza of its own",
+                    own.stanza, own.path
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The engine's restore options for CloudNativePG's `recoveryTarget`.
+fn options(t: &RecoveryTarget) -> pgkeep_core::Result<RestoreOptions> {
+    let target = if !t.target_time.is_empty() {
+        Some(Target::Time(target::parse_time(&t.target_time)?))
+    } else if !t.target_lsn.is_empty() {
+        Some(Target::Lsn(t.target_lsn.parse()?))
+    } else if !t.target_xid.is_empty() {
+        let xid = t
+            .target_xid
+            .trim()
+            .parse::<u64>()
+            .map_err(|_| Error::Input(format!("targetXID '{}' is not a transaction id", t.target_xid)))?;
+        Some(Target::Xid(xid))
+    } else if !t.target_name.is_empty() {
+        Some(Target::Name(t.target_name.clone()))
+    } else if t.target_immediate == Some(true) {
+        Some(Target::Immediate)
+    } else {
+        None
+    };
+    Ok(RestoreOptions {
+        exclusive: t.exclusive == Some(true) && target.is_some(),
+        target,
+        action: TargetAction::Promote,
+        timeline: Some(t.target_tli.as_str()).filter(|s| !s.is_empty()).map(parse_timeline).transpose()?,
+        ..RestoreOptions::default()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_kind_of_target_becomes_the_engines() {
+        let t = |v: serde_json::Value| options(&serde_json::from_value(v).unwrap());
+        assert_eq!(t(serde_json::json!({})).unwrap().target, None);
+        assert!(matches!(t(serde_json::json!({"targetTime": "2026-01-02 03:04:05+00"})).unwrap().target, Some(Target::Time(_))));
+        assert_eq!(t(serde_json::json!({"targetLSN": "0/3000028"})).unwrap().target, Some(Target::Lsn("0/3000028".parse().unwrap())));
+        assert_eq!(t(serde_json::json!({"targetXID": "1234"})).unwrap().target, Some(Target::Xid(1234)));
+        assert_eq!(t(serde_json::json!({"targetName": "before"})).unwrap().target, Some(Target::Name("before".into())));
+        assert_eq!(t(serde_json::json!({"targetImmediate": true})).unwrap().target, Some(Target::Immediate));
+        let o = t(serde_json::json!({"targetLSN": "0/3000028", "exclusive": true, "targetTLI": "2"})).unwrap();
+        assert_eq!((o.exclusive, o.timeline.as_deref()), (true, Some("2")));
+        assert!(t(serde_json::json!({"targetXID": "x"})).is_err());
+        assert!(t(serde_json::json!({"targetTime": "yesterday"})).is_err());
+        assert!(t(serde_json::json!({"targetTLI": "0"})).is_err());
+    }
+}

@@ -1,0 +1,203 @@
+//! `cnpgi.wal.v1.WAL`: PostgreSQL's `archive_command` and
+//! `restore_command`, which CloudNativePG's instance manager turns into
+//! Archive and Restore calls on this socket.
+//!
+//! - **Archive** archives into every repository of the cluster's stanza
+//!   (the engine's `archive-push`, asynchronous through the spool when the
+//!   stanza says `archive-async`), and only when the Cluster makes pgkeep
+//!   its WAL archiver (`isWALArchiver: true`): CloudNativePG calls every
+//!   enabled plugin that can archive, whatever that field says. Archiving
+//!   the same file again is accepted (the repository compares content).
+//!   With `check_empty_wal_archive` (CloudNativePG sets it until the first
+//!   file of a new or restored cluster is archived) the stanza is created
+//!   when it does not exist, and refused when it already holds WAL on this
+//!   file's timeline or a later one: a new cluster must not write into an
+//!   archive another cluster is writing.
+//! - **Restore** writes one archived file where PostgreSQL asks, from the
+//!   recovery source's stanza while the cluster is bootstrapped, else from
+//!   its own. `MODE_RECOVERY` uses the prefetcher when the stanza says
+//!   `archive-async`; `MODE_REWIND` (pg_rewind) fetches exactly the file.
+//!   Answers `NOT_FOUND` only when the archive answered that it does not
+//!   have the file; see [`super::PluginConfig::standby_restore_retry`] for
+//!   every other failure.
+//! - **Status**: the first and last archived segment.
+//! - **SetFirstRequired**: recorded (see [`super::Plugin::first_required`])
+//!   and nothing removed: retention is the stanza's (`repo-retention-*`,
+//!   applied after each backup), which never removes WAL a kept backup
+//!   needs.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pgkeep_cnpgi::cluster::Purpose;
+use pgkeep_cnpgi::proto::wal::wal_capability::rpc::Type;
+use pgkeep_cnpgi::proto::wal::wal_capability::{self, Rpc};
+use pgkeep_cnpgi::proto::wal::wal_restore_request::Mode;
+use pgkeep_cnpgi::proto::wal::wal_server::Wal;
+use pgkeep_cnpgi::proto::wal::*;
+use pgkeep_core::types::{WalFileName, WalSegment};
+use pgkeep_core::wal::{async_push, prefetch};
+use pgkeep_core::{Error, Stanza};
+use tonic::{Request, Response, Status};
+
+use super::{cluster, data_dir, engine_status, Plugin};
+
+/// The WAL service.
+pub struct WalService(pub Arc<Plugin>);
+
+#[tonic::async_trait]
+impl Wal for WalService {
+    async fn get_capabilities(&self, _: Request<WalCapabilitiesRequest>) -> Result<Response<WalCapabilitiesResult>, Status> {
+        let rpc = |t: Type| WalCapability { r#type: Some(wal_capability::Type::Rpc(Rpc { r#type: t as i32 })) };
+        Ok(Response::new(WalCapabilitiesResult {
+            capabilities: vec![rpc(Type::ArchiveWal), rpc(Type::RestoreWal), rpc(Type::Status), rpc(Type::SetFirstRequired)],
+        }))
+    }
+
+    async fn archive(&self, req: Request<WalArchiveRequest>) -> Result<Response<WalArchiveResult>, Status> {
+        let req = req.into_inner();
+        let cluster = cluster(&req.cluster_definition)?;
+        if !cluster.archives_wal() {
+            return Ok(Response::new(WalArchiveResult {}));
+        }
+        let (stanza, _) = self.0.stanza(&cluster, Purpose::Own)?;
+        let path = PathBuf::from(&req.source_file_name);
+        let sending = pgkeep_core::pg::data_dir_system_id(data_dir(&stanza.settings, &path));
+        if req.check_empty_wal_archive == Some(true) {
+            ensure_empty_for(&stanza, &path).await.map_err(|e| engine_status(&e))?;
+        }
+        let stanza = stanza.serving_system(sending);
+        let result = if stanza.settings.archive.asynchronous {
+            let (s, p) = (stanza.clone(), path.clone());
+            let start = move || {
+                let (s, p) = (s.clone(), p.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = async_push::worker(&s, &p).await {
+                        eprintln!("pgkeep: archive worker of stanza {}: {}", s.name(), pgkeep_core::error::OneLine(&e));
+                    }
+                });
+                Ok(())
+            };
+            async_push::push(&stanza, &path, &start).await.map(|warnings| {
+                for w in warnings {
+                    eprintln!("pgkeep: warning: {w}");
+                }
+            })
+        } else {
+            pgkeep_core::wal::push(&stanza, &path).await.map(|_| ())
+        };
+        result.map_err(|e| engine_status(&e))?;
+        Ok(Response::new(WalArchiveResult {}))
+    }
+
+    async fn restore(&self, req: Request<WalRestoreRequest>) -> Result<Response<WalRestoreResult>, Status> {
+        let req = req.into_inner();
+        let cluster = cluster(&req.cluster_definition)?;
+        let (stanza, _) = self.0.stanza(&cluster, Purpose::RestoreWal)?;
+        let dest = PathBuf::from(&req.destination_file_name);
+        let asking = pgkeep_core::pg::data_dir_system_id(data_dir(&stanza.settings, &dest));
+        let stanza = stanza.serving_system(asking);
+        let rewind = req.mode == Mode::Rewind as i32;
+        // While the cluster is bootstrapped no primary exists: an answer
+        // other than success or "not found" would end recovery here.
+        let deadline =
+            if cluster.status.current_primary.is_empty() { None } else { Some(Instant::now() + self.0.cfg.standby_restore_retry) };
+        let mut pause = Duration::from_millis(250);
+        loop {
+            let result = if rewind || !stanza.settings.archive.asynchronous {
+                pgkeep_core::wal::get(&stanza, &req.source_wal_name, &dest).await
+            } else {
+                let s = stanza.clone();
+                let start = move || {
+                    let s = s.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = prefetch::worker(&s).await {
+                            eprintln!("pgkeep: prefetcher of stanza {}: {}", s.name(), pgkeep_core::error::OneLine(&e));
+                        }
+                    });
+                    Ok(())
+                };
+                prefetch::get(&stanza, &req.source_wal_name, &dest, &start).await
+            };
+            let why = match result {
+                Ok(()) => return Ok(Response::new(WalRestoreResult {})),
+                Err(e) if matches!(e.kind(), Error::NotFound(_)) => return Err(engine_status(&e)),
+                Err(e) if deadline.is_some_and(|d| Instant::now() >= d) => return Err(engine_status(&e)),
+                Err(e) => pgkeep_core::error::OneLine(&e).to_string(),
+            };
+            eprintln!("pgkeep: cannot restore {} (retrying in {} ms): {why}", req.source_wal_name, pause.as_millis());
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(15));
+        }
+    }
+
+    async fn status(&self, req: Request<WalStatusRequest>) -> Result<Response<WalStatusResult>, Status> {
+        let cluster = cluster(&req.into_inner().cluster_definition)?;
+        let (stanza, _) = self.0.stanza(&cluster, Purpose::Own)?;
+        let (first, last, repo) = archived_range(&stanza).await.map_err(|e| engine_status(&e))?;
+        let mut info = std::collections::HashMap::new();
+        info.insert("stanza".to_owned(), stanza.name().to_owned());
+        info.insert("repo".to_owned(), repo.to_string());
+        Ok(Response::new(WalStatusResult { first_wal: first, last_wal: last, additional_information: info }))
+    }
+
+    async fn set_first_required(&self, req: Request<SetFirstRequiredRequest>) -> Result<Response<SetFirstRequiredResult>, Status> {
+        let req = req.into_inner();
+        let cluster = cluster(&req.cluster_definition)?;
+        let (stanza, _) = self.0.stanza(&cluster, Purpose::Own)?;
+        if !req.first_required_wal.is_empty() && WalFileName::parse(&req.first_required_wal).is_none() {
+            return Err(Status::invalid_argument(format!("'{}' is not a WAL file name", req.first_required_wal)));
+        }
+        self.0.first_required.lock().unwrap().insert(stanza.name().to_owned(), req.first_required_wal);
+        Ok(Response::new(SetFirstRequiredResult {}))
+    }
+}
+
+/// The first and last archived segment of the stanza's first repository
+/// that can be read (empty names when it holds none), and its number.
+async fn archived_range(stanza: &Stanza) -> pgkeep_core::Result<(String, String, usize)> {
+    let mut first_error = None;
+    for number in 1..=stanza.settings.repos.len() {
+        let attempt = async {
+            let repo = stanza.open(number).await?;
+            let seg_size = repo.system.wal_segment_size;
+            let segments: Vec<WalSegment> = repo.list_segments().await?.into_iter().map(|(s, _)| s).collect();
+            let name = |s: Option<&WalSegment>| s.map(|s| s.name(seg_size)).unwrap_or_default();
+            Ok::<_, Error>((name(segments.iter().min()), name(segments.iter().max())))
+        };
+        match attempt.await {
+            Ok((first, last)) => return Ok((first, last, number)),
+            Err(e) => first_error = first_error.or(Some(e)),
+        }
+    }
+    Err(first_error.unwrap_or_else(|| Error::Input("the stanza has no repository".into())))
+}
+
+/// The timeline of an archived file's name.
+fn timeline_of(name: &str) -> Option<u32> {
+    u32::from_str_radix(name.get(..8)?, 16).ok()
+}
+
+/// For the first file a new or restored cluster archives: creates the
+/// stanza where it does not exist (for the system of the running server),
+/// and refuses a stanza that already holds WAL on this file's timeline or
+/// a later one.
+async fn ensure_empty_for(stanza: &Stanza, path: &Path) -> pgkeep_core::Result<()> {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let timeline = timeline_of(name).ok_or_else(|| Error::Input(format!("{} is not a WAL file PostgreSQL archives", path.display())))?;
+    pgkeep_core::stanza::create(stanza).await?;
+    for number in 1..=stanza.settings.repos.len() {
+        let repo = stanza.open(number).await?;
+        let seg_size = repo.system.wal_segment_size;
+        if let Some(newest) = repo.list_segments().await?.into_iter().map(|(s, _)| s).filter(|s| s.timeline.0 >= timeline).max() {
+            return Err(Error::Refused(format!(
+                "expected an empty WAL archive for this new cluster, but stanza '{}' in repo {number} already holds WAL of timeline {} or later (newest {}); give the cluster its own stanza, or remove that WAL if it is no longer wanted",
+                stanza.name(),
+                timeline,
+                newest.name(seg_size)
+            )));
+        }
+    }
+    Ok(())
+}
