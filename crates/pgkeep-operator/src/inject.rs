@@ -153,7 +153,7 @@ pub fn patch(pod: &Pod, stanza: &Stanza, image: &str) -> Result<Vec<Value>, Stri
 
 /// Adds `items` to the array at `path`: one `add .../-` each when it
 /// exists, else one `add` of the whole array.
-fn add_all(ops: &mut Vec<Value>, path: &str, exists: bool, items: Vec<Value>) {
+pub(crate) fn add_all(ops: &mut Vec<Value>, path: &str, exists: bool, items: Vec<Value>) {
     if items.is_empty() {
         return;
     }
@@ -167,7 +167,7 @@ fn add_all(ops: &mut Vec<Value>, path: &str, exists: bool, items: Vec<Value>) {
 /// The object stores' credentials, as the variables the engine reads,
 /// from the Secrets the Stanza names (the first repository of each kind
 /// that names any); PGPASSWORD from the Stanza's `credentials`.
-fn credential_env(stanza: &Stanza) -> Vec<Value> {
+pub(crate) fn credential_env(stanza: &Stanza) -> Vec<Value> {
     let from =
         |var: &str, s: &crate::crd::SecretKeySelector| json!({"name": var, "valueFrom": {"secretKeyRef": {"name": s.name, "key": s.key}}});
     let mut env = Vec::new();
@@ -191,7 +191,7 @@ fn credential_env(stanza: &Stanza) -> Vec<Value> {
 
 /// The volumes and mounts of the encryption passphrase and the Google
 /// credentials.
-fn secret_volumes(stanza: &Stanza) -> (Vec<Value>, Vec<Value>) {
+pub(crate) fn secret_volumes(stanza: &Stanza) -> (Vec<Value>, Vec<Value>) {
     let (mut volumes, mut mounts) = (Vec::new(), Vec::new());
     if let Some(e) = &stanza.spec.encryption {
         let dir = std::path::Path::new(CIPHER_PASS_FILE).parent().unwrap().display().to_string();

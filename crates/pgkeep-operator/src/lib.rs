@@ -21,6 +21,7 @@
 //! - [`run`]: the controllers together, and the metrics endpoint.
 
 pub mod backup;
+pub mod cnpg;
 pub mod context;
 pub mod crd;
 pub mod error;

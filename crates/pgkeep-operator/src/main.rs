@@ -40,9 +40,24 @@ struct Args {
     /// The webhook's private key (PEM).
     #[arg(long)]
     webhook_key: Option<std::path::PathBuf>,
-    /// The image whose /usr/local/bin/pgkeep the webhook injects.
+    /// The image whose /usr/local/bin/pgkeep the webhook and the
+    /// CloudNativePG plugin inject.
     #[arg(long, env = "PGKEEP_IMAGE", default_value = "ghcr.io/pgkeep/pgkeep:0.1.0")]
     image: String,
+    /// Serve the CloudNativePG plugin pgkeep.dev (CNPG-I, gRPC with mutual
+    /// TLS) here, e.g. 0.0.0.0:9090 (deploy/cnpg).
+    #[arg(long, requires_all = ["cnpg_plugin_cert", "cnpg_plugin_key", "cnpg_plugin_client_ca"])]
+    cnpg_plugin_listen: Option<SocketAddr>,
+    /// The plugin's server certificate (PEM).
+    #[arg(long)]
+    cnpg_plugin_cert: Option<std::path::PathBuf>,
+    /// The plugin's private key (PEM).
+    #[arg(long)]
+    cnpg_plugin_key: Option<std::path::PathBuf>,
+    /// The certificate CloudNativePG's client certificate must chain to
+    /// (PEM).
+    #[arg(long)]
+    cnpg_plugin_client_ca: Option<std::path::PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -77,9 +92,23 @@ fn main() -> ExitCode {
             anyhow::anyhow!("cannot reach the Kubernetes API ({e}): run in a pod with a service account, or set KUBECONFIG")
         })?;
         let webhook = match (args.webhook_listen, args.webhook_cert, args.webhook_key) {
-            (Some(listen), Some(cert), Some(key)) => Some(pgkeep_operator::webhook::WebhookConfig { listen, cert, key, image: args.image }),
+            (Some(listen), Some(cert), Some(key)) => {
+                Some(pgkeep_operator::webhook::WebhookConfig { listen, cert, key, image: args.image.clone() })
+            }
             _ => None,
         };
+        if let (Some(listen), Some(cert), Some(key), Some(client_ca)) =
+            (args.cnpg_plugin_listen, args.cnpg_plugin_cert, args.cnpg_plugin_key, args.cnpg_plugin_client_ca)
+        {
+            let cfg = pgkeep_operator::cnpg::CnpgPluginConfig { listen, cert, key, client_ca, image: args.image.clone() };
+            let plugin = pgkeep_operator::cnpg::serve(client.clone(), cfg);
+            tokio::spawn(async move {
+                if let Err(e) = plugin.await {
+                    eprintln!("pgkeep-operator: the CloudNativePG plugin on {listen} stopped: {e}");
+                    std::process::exit(1);
+                }
+            });
+        }
         pgkeep_operator::run::run(client, settings, args.namespace, Some(args.metrics_listen), webhook).await
     });
     match result {
