@@ -36,6 +36,17 @@ pub struct Runner {
     pub pg_host: String,
     /// Local port.
     pub pg_port: u16,
+    /// When set, a stanza's config is `DIR/<stanza>.toml` (see
+    /// [`Runner::for_stanza`]).
+    pub config_dir: Option<PathBuf>,
+    /// A standby is backed up alone (`backup-standby = local`, no primary
+    /// in the request), waiting this many seconds for its last WAL
+    /// segment to be archived by the primary.
+    pub standby_alone: Option<u64>,
+    /// Connection flags of this process passed on (`--pg-data`,
+    /// `--pg-host`...), as (flag, value); a standby's backup replaces the
+    /// ones it sets.
+    pub pg_flags: Vec<(String, String)>,
 }
 
 impl Runner {
@@ -43,10 +54,14 @@ impl Runner {
     /// global arguments, or adding one).
     pub fn for_stanza(&self, name: &str) -> Runner {
         let mut r = self.clone();
-        match r.global.iter().position(|a| a == "--stanza") {
-            Some(i) if i + 1 < r.global.len() => r.global[i + 1] = name.to_owned(),
-            _ => r.global.extend(["--stanza".to_owned(), name.to_owned()]),
+        let mut set = |flag: &str, value: String| match r.global.iter().position(|a| a == flag) {
+            Some(i) if i + 1 < r.global.len() => r.global[i + 1] = value,
+            _ => r.global.extend([flag.to_owned(), value]),
+        };
+        if let Some(dir) = &self.config_dir {
+            set("--config", dir.join(format!("{name}.toml")).display().to_string());
         }
+        set("--stanza", name.to_owned());
         r
     }
 
@@ -61,22 +76,27 @@ impl Runner {
         if let Some(repo) = req.repo {
             a.extend(["--repo".into(), repo.to_string()]);
         }
-        if let (Role::Standby, Some(PrimaryAddress { host, port })) = (role, &req.primary) {
-            a.extend([
-                "--pg-host".into(),
-                host.clone(),
-                "--pg-port".into(),
-                port.to_string(),
-                "--backup-standby".into(),
-                "y".into(),
-                "--standby-data".into(),
-                self.pg_data.clone(),
-                "--standby-host".into(),
-                self.pg_host.clone(),
-                "--standby-port".into(),
-                self.pg_port.to_string(),
-            ]);
+        let mut flags = self.pg_flags.clone();
+        let mut set = |flag: &str, value: String| {
+            flags.retain(|(f, _)| f != flag);
+            flags.push((flag.to_owned(), value));
+        };
+        match (role, &req.primary, self.standby_alone) {
+            (Role::Standby, Some(PrimaryAddress { host, port }), _) => {
+                set("--pg-host", host.clone());
+                set("--pg-port", port.to_string());
+                set("--backup-standby", "y".into());
+                set("--standby-data", self.pg_data.clone());
+                set("--standby-host", self.pg_host.clone());
+                set("--standby-port", self.pg_port.to_string());
+            }
+            (Role::Standby, None, Some(wait)) => {
+                set("--backup-standby", "local".into());
+                set("--archive-timeout", wait.to_string());
+            }
+            _ => {}
         }
+        a.extend(flags.into_iter().flat_map(|(f, v)| [f, v]));
         a.extend(["backup".into(), "--type".into(), req.kind.clone()]);
         a
     }
@@ -132,6 +152,14 @@ impl Jobs {
         v.into_iter().map(|j| j.status.clone()).collect()
     }
 
+    /// Forgets job `id` if it failed, so that the same id may run again.
+    pub fn forget_failed(&self, id: &str) {
+        let mut inner = self.inner.lock().unwrap();
+        if inner.jobs.get(id).is_some_and(|j| j.status.state == JobState::Failed) {
+            inner.jobs.remove(id);
+        }
+    }
+
     /// Starts the backup of `req` (or answers the job of the same id).
     pub fn start(self: &Arc<Self>, runner: &Runner, req: BackupRequest, role: Role) -> Result<JobStatus, StartError> {
         if req.id.is_empty() || req.id.len() > 128 {
@@ -140,7 +168,7 @@ impl Jobs {
         if !matches!(req.kind.as_str(), "full" | "diff" | "incr") {
             return Err(StartError::Invalid(format!("type '{}' is not full, diff or incr", req.kind)));
         }
-        if role == Role::Standby && req.primary.is_none() {
+        if role == Role::Standby && req.primary.is_none() && runner.standby_alone.is_none() {
             return Err(StartError::Invalid("this server is a standby: the request must name the primary".into()));
         }
         let mut inner = self.inner.lock().unwrap();
@@ -282,6 +310,9 @@ mod tests {
             pg_data: "/pgdata".into(),
             pg_host: "/run/pg".into(),
             pg_port: 5432,
+            config_dir: None,
+            standby_alone: None,
+            pg_flags: Vec::new(),
         }
     }
 
@@ -302,6 +333,18 @@ mod tests {
         // On the primary nothing is overridden: the config names it.
         let a = r.args(&req("full", None), Role::Primary).join(" ");
         assert_eq!(a, "--stanza demo --output json backup --type full");
+        // Flags of the agent are passed on; a standby's replace theirs.
+        let r = Runner { pg_flags: vec![("--pg-host".into(), "/controller/run".into()), ("--pg-port".into(), "5432".into())], ..runner() };
+        let a = r.args(&req("full", Some(PrimaryAddress { host: "10.0.0.7".into(), port: 5433 })), Role::Standby).join(" ");
+        assert!(a.contains("--pg-host 10.0.0.7 --pg-port 5433") && !a.contains("/controller/run"), "{a}");
+        // A standby alone (CloudNativePG): no primary, a longer WAL wait.
+        let r = Runner { standby_alone: Some(420), config_dir: Some("/etc/pgkeep-stanzas".into()), ..r }.for_stanza("pg");
+        let a = r.args(&req("incr", None), Role::Standby).join(" ");
+        assert_eq!(
+            a,
+            "--stanza pg --config /etc/pgkeep-stanzas/pg.toml --output json --pg-host /controller/run --pg-port 5432 \
+             --backup-standby local --archive-timeout 420 backup --type incr"
+        );
     }
 
     #[test]

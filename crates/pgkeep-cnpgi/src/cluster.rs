@@ -48,6 +48,16 @@ pub struct ClusterSpec {
     pub bootstrap: Option<Bootstrap>,
     /// `spec.replica`.
     pub replica: Option<ReplicaCluster>,
+    /// `spec.postgresql`.
+    pub postgresql: Option<PostgresConfiguration>,
+}
+
+/// `spec.postgresql`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct PostgresConfiguration {
+    /// `spec.postgresql.parameters`.
+    pub parameters: BTreeMap<String, String>,
 }
 
 /// `spec.plugins[]`, or an external cluster's `plugin`.
@@ -253,6 +263,25 @@ impl Cluster {
         self.own_plugin().is_some_and(|(_, p)| p.is_wal_archiver == Some(true))
     }
 
+    /// Whether pgkeep serves this cluster's WAL restores now: while it is
+    /// bootstrapped, when pgkeep is its recovery source; once running,
+    /// when pgkeep archives its WAL. CloudNativePG asks every plugin in
+    /// turn, so a plugin that is not the source must say "not found" at
+    /// once.
+    pub fn serves_wal_restore(&self) -> bool {
+        if self.status.current_primary.is_empty() && self.recovery_plugin().is_some() {
+            return true;
+        }
+        !self.status.current_primary.is_empty() && self.archives_wal()
+    }
+
+    /// The primary's `archive_timeout` in seconds: CloudNativePG's
+    /// default is 5 minutes; `None` when it is 0 (off) or unreadable.
+    pub fn archive_timeout_secs(&self) -> Option<u64> {
+        let text = self.spec.postgresql.as_ref().and_then(|p| p.parameters.get("archive_timeout")).map(String::as_str).unwrap_or("5min");
+        parse_pg_seconds(text).filter(|s| *s > 0)
+    }
+
     /// The recovery target, if any.
     pub fn recovery_target(&self) -> Option<&RecoveryTarget> {
         self.spec.bootstrap.as_ref()?.recovery.as_ref()?.recovery_target.as_ref()
@@ -290,6 +319,23 @@ impl Cluster {
     }
 }
 
+/// A PostgreSQL time setting whose unit defaults to seconds ("300",
+/// "5min", "30s", "1h", "1d", "500ms" rounded up), in seconds.
+pub fn parse_pg_seconds(text: &str) -> Option<u64> {
+    let t = text.trim().trim_matches('\'');
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let n: u64 = t[..digits].parse().ok()?;
+    let unit = t[digits..].trim();
+    Some(match unit {
+        "" | "s" => n,
+        "ms" => n.div_ceil(1000),
+        "min" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        _ => return None,
+    })
+}
+
 fn split(path: &str) -> Vec<String> {
     path.split('.').map(str::to_owned).collect()
 }
@@ -307,9 +353,13 @@ fn stanza_param(p: &PluginConfiguration, path: &str) -> Result<String, ParamErro
     Ok(value)
 }
 
-/// A stanza name the engine accepts (the same rule as its config file).
+/// A stanza name the engine accepts (the same rule as its config file),
+/// that cannot be read as a flag or a path.
 pub fn valid_stanza_name(s: &str) -> bool {
-    !s.is_empty() && !s.starts_with('.') && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+    !s.is_empty()
+        && !s.starts_with('.')
+        && !s.starts_with('-')
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
 }
 
 /// Every mistake in pgkeep's parameters of `cluster`: unknown keys, a
@@ -420,6 +470,41 @@ mod tests {
         // Not in recovery and no primary: a WAL restore is the cluster's own.
         assert_eq!(c.stanza_for(Purpose::RestoreWal).unwrap_err().path.join("."), "spec.plugins[0].parameters.stanza");
         assert!(Cluster::from_json(b"[1]").is_err());
+    }
+
+    #[test]
+    fn restores_are_served_only_as_the_recovery_source_or_the_archiver_and_archive_timeout_reads_like_postgres() {
+        let running = |archiver: bool| {
+            cluster(
+                serde_json::json!({"spec": {"plugins": [{"name": "pgkeep.dev", "isWALArchiver": archiver, "parameters": {"stanza": "a"}}]}, "status": {"currentPrimary": "pg-1"}}),
+            )
+        };
+        assert!(running(true).serves_wal_restore());
+        assert!(!running(false).serves_wal_restore());
+        // Bootstrapping from another source: not ours, whatever spec.plugins says.
+        let other = cluster(
+            serde_json::json!({"spec": {"plugins": [{"name": "pgkeep.dev", "isWALArchiver": true, "parameters": {"stanza": "a"}}],
+            "bootstrap": {"recovery": {"source": "b"}}, "externalClusters": [{"name": "b", "plugin": {"name": "barman-cloud.cloudnative-pg.io"}}]}}),
+        );
+        assert!(!other.serves_wal_restore());
+        let ours = cluster(
+            serde_json::json!({"spec": {"bootstrap": {"recovery": {"source": "b"}}, "externalClusters": [{"name": "b", "plugin": {"name": "pgkeep.dev", "parameters": {"stanza": "x"}}}]}}),
+        );
+        assert!(ours.serves_wal_restore());
+        assert_eq!(running(true).archive_timeout_secs(), Some(300));
+        for (text, secs) in [
+            ("300", Some(300)),
+            ("30s", Some(30)),
+            ("2min", Some(120)),
+            ("1h", Some(3600)),
+            ("1500ms", Some(2)),
+            ("0", None),
+            ("5 fortnights", None),
+        ] {
+            let c = cluster(serde_json::json!({"spec": {"postgresql": {"parameters": {"archive_timeout": text}}}}));
+            assert_eq!(c.archive_timeout_secs(), secs, "{text}");
+        }
+        assert!(!valid_stanza_name("-x") && !valid_stanza_name(".x") && !valid_stanza_name("a/b") && valid_stanza_name("a.b-c_1"));
     }
 
     #[test]

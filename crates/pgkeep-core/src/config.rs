@@ -89,6 +89,13 @@ pub enum BackupStandby {
     Y,
     /// The standby when it can be used, else the primary.
     Prefer,
+    /// The server pg-host/pg-port names, which may be a standby, with no
+    /// connection to the primary (no lag check, no WAL switch: the end is
+    /// archived when the primary completes that segment, which its
+    /// `archive_timeout` bounds). For an agent beside a standby that
+    /// cannot reach the primary as a superuser (CloudNativePG's plugin);
+    /// docs/standby.md.
+    Local,
 }
 
 /// One repository: where backups and WAL are stored, and how.
@@ -349,7 +356,7 @@ impl StandbySettings {
             None => DEFAULT_STANDBY_MAX_LAG,
         };
         let server = match (mode, &pg.standby_data) {
-            (BackupStandby::N, _) => None,
+            (BackupStandby::N | BackupStandby::Local, _) => None,
             (_, None) => {
                 return Err(Error::Input(format!(
                     "backup-standby is set for stanza '{stanza}' but standby-data is not: name the standby's data directory"

@@ -25,6 +25,9 @@ pub struct Cli {
     /// Parallel workers for backup and restore.
     #[arg(long, global = true)]
     pub jobs: Option<usize>,
+    /// Seconds to wait for WAL to reach the archive (check, backup).
+    #[arg(long, global = true)]
+    pub archive_timeout: Option<u64>,
     /// Output format.
     #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
     pub output: Output,

@@ -192,7 +192,7 @@ fn every_instance_rpc_over_the_socket_against_a_real_cluster() {
     pg.pgbench_init(2);
     let seg = pg.switch_wal();
     pg.wait_archived(&seg);
-    assert!(!data.join(".check-empty-wal-archive").exists(), "the client removes the marker after the first archived file");
+    assert!(!data.join(".check-empty-wal-archive").exists(), "the plugin removes CloudNativePG's marker after the first archived file");
     assert!(repo.path().join("pg").is_dir(), "the stanza was created by the first archived file");
     // Copies of the segments PostgreSQL archived, before a checkpoint
     // recycles them.
@@ -246,12 +246,13 @@ fn every_instance_rpc_over_the_socket_against_a_real_cluster() {
         assert!(status.last_wal >= seg, "{status:?}");
         assert_eq!(status.additional_information.get("stanza").map(String::as_str), Some("pg"));
 
-        // The first file of a new cluster on a timeline this archive
-        // already has is refused, whatever else.
+        // A new cluster (an agent that has not checked this archive) asking
+        // for an empty archive is refused: this one holds WAL and more.
         let (first, _) = &archived[0];
         let copy = dir.join(first);
         std::fs::write(&copy, &archived[0].1).unwrap();
-        let refused = wal
+        let fresh = PluginAgent::start(&dir, &pk, "fresh", &json_path, &[]);
+        let refused = WalClient::new(fresh.channel().await)
             .archive(WalArchiveRequest {
                 cluster_definition: cluster.clone(),
                 source_file_name: copy.display().to_string(),
@@ -262,6 +263,42 @@ fn every_instance_rpc_over_the_socket_against_a_real_cluster() {
             .unwrap_err();
         assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
         assert!(refused.message().contains("expected an empty WAL archive"), "{}", refused.message());
+        drop(fresh);
+        // The agent that made the check once does not make it again (the
+        // instance manager asks until it removes its marker, later).
+        wal.archive(WalArchiveRequest {
+            cluster_definition: cluster.clone(),
+            source_file_name: copy.display().to_string(),
+            parameters: Default::default(),
+            check_empty_wal_archive: Some(true),
+        })
+        .await
+        .unwrap();
+        // A relative path is refused (CloudNativePG sends absolute ones).
+        let e = wal
+            .archive(WalArchiveRequest {
+                cluster_definition: cluster.clone(),
+                source_file_name: format!("pg_wal/{first}"),
+                parameters: Default::default(),
+                check_empty_wal_archive: Some(false),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        // Not the WAL source of a running cluster: not found, at once,
+        // so that CloudNativePG asks the next plugin.
+        let t = Instant::now();
+        let e = wal
+            .restore(WalRestoreRequest {
+                cluster_definition: serde_json::to_vec(&cluster_json("pg", "pg", false, "pg-1")).unwrap(),
+                source_wal_name: first.clone(),
+                destination_file_name: out.join("not-ours").display().to_string(),
+                parameters: Default::default(),
+                mode: Mode::Recovery as i32,
+            })
+            .await
+            .unwrap_err();
+        assert!(e.code() == Code::NotFound && t.elapsed() < Duration::from_secs(5), "{e:?}");
         // Without the check, the same file again is accepted (same content).
         wal.archive(WalArchiveRequest {
             cluster_definition: cluster.clone(),
@@ -438,15 +475,25 @@ fn the_recovery_job_reaches_each_kind_of_target() {
         });
         assert!(config.restore_config.contains("recovery_target_action = 'promote'"), "{kind}: {config:?}");
         assert!(config.restore_config.contains("wal-restore %f %p"), "{kind}: {config:?}");
+        // The restore left nothing of recovery, archiving or replication in
+        // postgresql.auto.conf: CloudNativePG never empties it, PostgreSQL
+        // reads it last and pg_basebackup copies it to every replica.
+        let auto = std::fs::read_to_string(job_data.join("postgresql.auto.conf")).unwrap_or_default();
+        for key in ["restore_command", "recovery_target", "archive_mode", "archive_command", "primary_conninfo"] {
+            assert!(!auto.lines().any(|l| l.trim_start().starts_with(key)), "{kind}: {key} left in postgresql.auto.conf:\n{auto}");
+        }
         // What CloudNativePG does with the answer (writeRecoveryConfiguration):
-        // archive_command off while recovering, the plugin's settings, the
-        // target's options, recovery.signal.
-        let mut auto = String::from("archive_command = 'false'\n");
-        auto.push_str(&config.restore_config);
-        auto.push_str(&cnpg_target_options(target));
-        // CloudNativePG empties the file the restore wrote its own settings
-        // in (override.conf there): only the answer counts.
-        std::fs::write(job_data.join("postgresql.auto.conf"), auto).unwrap();
+        // into custom.conf, which its postgresql.conf includes, archive_command
+        // off while recovering, the plugin's settings, the target's options;
+        // then recovery.signal.
+        let mut custom = String::from("archive_command = 'false'\n");
+        custom.push_str(&config.restore_config);
+        custom.push_str(&cnpg_target_options(target));
+        std::fs::write(job_data.join("custom.conf"), custom).unwrap();
+        let conf = job_data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf).unwrap();
+        text.push_str("\ninclude_if_exists 'custom.conf'\n");
+        std::fs::write(&conf, text).unwrap();
         std::fs::write(job_data.join("recovery.signal"), b"").unwrap();
         let restored = Cluster::start_restored(&dir, &job_data);
         let what = format!("recovery to {kind} ({target}) from {}", backup.backup_id);
@@ -557,5 +604,75 @@ fn a_bootstrap_restore_waits_out_an_unreadable_archive_instead_of_ending_recover
     });
     assert!(tail(&agent.log, 50).contains("retrying"), "the agent says why it waits:\n{}", tail(&agent.log, 20));
     drop(agent);
+    pg.stop_clean();
+}
+
+/// CloudNativePG's default backup target is a standby: a full and an
+/// incremental Backup taken through the standby's agent, which cannot
+/// reach the primary (the standby is read alone; the primary's
+/// archive_timeout archives the last segment), restore what the primary
+/// had.
+#[test]
+fn full_and_incr_backups_from_a_standby_restore_what_the_primary_had() {
+    let dir = TestDir::new("cnpgi-standby");
+    let repo = Repo::local(&dir, "repo");
+    let pk = Pgkeep::new(&dir, "plugin", "pg");
+    let mut json = cluster_json("pg", "pg", true, "pg-1");
+    json["spec"]["postgresql"]["parameters"]["archive_timeout"] = serde_json::json!("1s");
+    let json_path = write_json(&dir, "cluster", &json);
+    let pg = cnpg_cluster(&dir, "pg-data", &dir.join("agent.sock"), &json_path);
+    pk.write_config(&pg.addr, &repo);
+    let agent = PluginAgent::start(&dir, &pk, "agent", &json_path, &[]);
+    pg.start();
+    pg.psql("alter system set archive_timeout = 1");
+    pg.psql("select pg_reload_conf()");
+    pg.pgbench_init(2);
+    let seg = pg.switch_wal();
+    pg.wait_archived(&seg);
+    let standby = Cluster::standby_of(&dir, "standby-data", &pg);
+    // The standby's sidecar: its config names the standby.
+    let standby_pk = Pgkeep::new(&dir, "standby", "pg");
+    standby_pk.write_config(&standby.addr, &repo);
+    let standby_agent = PluginAgent::start(&dir, &standby_pk, "standby-agent", &json_path, &[]);
+    let rt = rt();
+    let cluster = serde_json::to_vec(&json).unwrap();
+    let mut labels = Vec::new();
+    for kind in ["full", "incr"] {
+        let load = pg.pgbench_background(6, 2);
+        let r = rt.block_on(async {
+            BackupClient::new(standby_agent.channel().await)
+                .backup(BackupRequest {
+                    cluster_definition: cluster.clone(),
+                    backup_definition: serde_json::to_vec(&backup_json(&format!("s-{kind}"), kind)).unwrap(),
+                    parameters: Default::default(),
+                })
+                .await
+                .unwrap_or_else(|s| panic!("{kind} backup on the standby: {s:?}\n{}", tail(&standby_agent.log, 20)))
+                .into_inner()
+        });
+        load.wait_ok();
+        labels.push(r.backup_id);
+    }
+    let info: serde_json::Value = serde_json::from_str(&pk.ok(&["info", "--output", "json"])).unwrap();
+    let backups = info[0]["backups"].as_array().unwrap();
+    assert_eq!(backups.len(), 2);
+    for (b, label) in backups.iter().zip(&labels) {
+        assert_eq!((b["label"].as_str(), b["from"].as_str()), (Some(label.as_str()), Some("standby")), "{b}");
+    }
+    assert_eq!(backups[1]["type"], "incr");
+    // The primary's state now, then a restore of the incremental to the
+    // end of the archive.
+    let expected = pg.dump();
+    let seg = pg.switch_wal();
+    pg.wait_archived(&seg);
+    let target = dir.join("restored");
+    pk.ok(&["restore", "--pg-data", target.to_str().unwrap(), "--set", &labels[1]]);
+    let restored = Cluster::start_restored(&dir, &target);
+    assert_same_dump("a standby's incr restored to the end", &expected, &restored.dump());
+    restored.amcheck();
+    assert_eq!(restored.visibility_findings(), "0");
+    drop(restored);
+    drop((standby_agent, agent));
+    drop(standby);
     pg.stop_clean();
 }

@@ -8,6 +8,12 @@
 //! The type is the `Backup`'s `pluginConfiguration.parameters.type`
 //! (`full` when not given). pgkeep must be the cluster's WAL archiver: a
 //! backup waits for its last WAL segment in pgkeep's repository.
+//!
+//! On a standby (CloudNativePG's default target is `prefer-standby`) the
+//! backup reads the standby alone (`backup-standby = local`,
+//! docs/standby.md): no connection to the primary, whose users are
+//! CloudNativePG's; the last segment is archived when the primary
+//! completes it, within its `archive_timeout`, which the wait allows for.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +30,10 @@ use tonic::{Request, Response, Status};
 use super::{cluster, engine_status, param_status, Plugin};
 use crate::api::{BackupRequest, JobState, Role};
 use crate::jobs::StartError;
+
+/// Seconds a standby's backup waits for its last segment beyond the
+/// primary's `archive_timeout`: the switch, then the archiving itself.
+const STANDBY_WAIT_MARGIN: u64 = 120;
 
 /// The Backup service.
 pub struct BackupService(pub Arc<Plugin>);
@@ -56,13 +66,23 @@ impl backup_server::Backup for BackupService {
             )));
         }
         let status = crate::server::local_status(&stanza.settings, None).await.map_err(|e| engine_status(&e))?;
+        let mut runner = self.0.cfg.runner.for_stanza(stanza.name());
         if status.role == Role::Standby {
-            return Err(Status::failed_precondition(
-                "this instance is a standby, and backups from a standby through CloudNativePG are not supported yet: set the Backup's target to primary",
-            ));
+            // No connection to the primary from here (CloudNativePG's users
+            // are not ours to use): the standby is read alone and the
+            // backup waits for the primary to complete its last segment,
+            // which archive_timeout bounds.
+            let Some(timeout) = cluster.archive_timeout_secs() else {
+                return Err(Status::failed_precondition(
+                    "this instance is a standby and the cluster's archive_timeout is 0 (off): a backup here would wait for its last WAL segment for as long as the primary writes nothing; set spec.postgresql.parameters.archive_timeout (CloudNativePG's default is 5min) or the Backup's target to primary",
+                ));
+            };
+            runner.standby_alone = Some(timeout + STANDBY_WAIT_MARGIN);
         }
         let id = if backup.metadata.uid.is_empty() { backup.metadata.name.clone() } else { backup.metadata.uid.clone() };
-        let runner = self.0.cfg.runner.for_stanza(stanza.name());
+        // A Backup called again after a failure (its instance restarted)
+        // runs again; a running or completed one is followed.
+        self.0.jobs.forget_failed(&id);
         let job = BackupRequest { id: id.clone(), kind, repo: None, primary: None };
         match self.0.jobs.start(&runner, job, status.role) {
             Ok(_) => {}
@@ -82,7 +102,14 @@ impl backup_server::Backup for BackupService {
         let Some(done) = job.backup.filter(|_| job.state == JobState::Completed) else {
             return Err(Status::internal(job.error.unwrap_or_else(|| "the backup failed".into())));
         };
-        let unix = |t: &str| pgkeep_core::types::parse_rfc3339(t).map(|d| d.timestamp()).unwrap_or_default();
+        let unix = |t: &str, or: Option<&str>| {
+            [Some(t), or]
+                .into_iter()
+                .flatten()
+                .find_map(pgkeep_core::types::parse_rfc3339)
+                .map(|d| d.timestamp())
+                .unwrap_or_else(|| chrono::Utc::now().timestamp())
+        };
         let mut metadata = std::collections::HashMap::new();
         metadata.insert("stanza".to_owned(), stanza.name().to_owned());
         metadata.insert("type".to_owned(), done.kind.clone());
@@ -91,8 +118,8 @@ impl backup_server::Backup for BackupService {
         Ok(Response::new(BackupResult {
             backup_id: done.label.clone(),
             backup_name: done.label.clone(),
-            started_at: unix(&done.start_time),
-            stopped_at: unix(&done.stop_time),
+            started_at: unix(&done.start_time, Some(&job.started_at)),
+            stopped_at: unix(&done.stop_time, job.stopped_at.as_deref()),
             begin_wal: done.start_wal.clone(),
             end_wal: done.stop_wal.clone(),
             begin_lsn: done.start_lsn.clone(),

@@ -45,7 +45,16 @@ impl Metrics for MetricsService {
 
     async fn collect(&self, req: Request<CollectMetricsRequest>) -> Result<Response<CollectMetricsResult>, Status> {
         let cluster = cluster(&req.into_inner().cluster_definition)?;
-        let (stanza, _) = self.0.stanza(&cluster, Purpose::Own)?;
+        // An error here would fail the whole scrape of the instance,
+        // every plugin's and PostgreSQL's own metrics with it: say it in
+        // the log and report nothing instead.
+        let stanza = match self.0.stanza(&cluster, Purpose::Own) {
+            Ok((s, _)) => s,
+            Err(e) => {
+                eprintln!("pgkeep: no metrics: {}", e.message());
+                return Ok(Response::new(CollectMetricsResult { metrics: Vec::new() }));
+            }
+        };
         let status = crate::server::local_status(&stanza.settings, self.0.jobs.running()).await.ok();
         let info = self.0.info(&stanza).await.ok();
         let finished = self.0.jobs.finished();

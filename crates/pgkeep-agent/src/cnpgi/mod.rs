@@ -77,6 +77,10 @@ pub struct Plugin {
     info: Mutex<BTreeMap<String, (Instant, serde_json::Value)>>,
     /// The first WAL CloudNativePG last said it needs, per stanza.
     first_required: std::sync::Mutex<BTreeMap<String, String>>,
+    /// (stanza, system) whose empty-archive check passed in this process.
+    empty_checked: std::sync::Mutex<std::collections::BTreeSet<(String, String)>>,
+    /// Whether the "not the WAL archiver" warning was given.
+    warned_not_archiver: std::sync::atomic::AtomicBool,
 }
 
 /// How long a metrics collection reuses a stanza's `info`.
@@ -86,7 +90,14 @@ impl Plugin {
     /// The plugin over `cfg`, running backups in `jobs` (shared with the
     /// agent's HTTP API when both run).
     pub fn new(cfg: PluginConfig, jobs: Arc<Jobs>) -> Arc<Plugin> {
-        Arc::new(Plugin { cfg, jobs, info: Mutex::new(BTreeMap::new()), first_required: Default::default() })
+        Arc::new(Plugin {
+            cfg,
+            jobs,
+            info: Mutex::new(BTreeMap::new()),
+            first_required: Default::default(),
+            empty_checked: Default::default(),
+            warned_not_archiver: Default::default(),
+        })
     }
 
     /// The stanza `cluster` names for `purpose`.

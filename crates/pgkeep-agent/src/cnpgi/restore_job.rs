@@ -14,10 +14,17 @@
 //! is refused here, before anything is written, with the engine's reason.
 //!
 //! With `check_empty_wal_archive`, the stanza the new cluster will archive
-//! into (its own `spec.plugins` entry) must hold no WAL and no backup,
-//! unless it is the stanza recovered from: PostgreSQL then sees that
-//! stanza's timeline history while it recovers and promotes onto a new
-//! timeline of it.
+//! into (its own `spec.plugins` entry) must hold no WAL and no backup, even
+//! when it is the stanza recovered from: a clone promoted into its
+//! source's stanza would make later recoveries of the source follow the
+//! clone's timeline. CloudNativePG's `cnpg.io/skipEmptyWalArchiveCheck`
+//! annotation (for a deliberate in-place recovery) turns the check off.
+//!
+//! Nothing of recovery, archiving or replication is written into
+//! `postgresql.auto.conf` (and what the backup's copy holds of them is
+//! removed): CloudNativePG never empties that file, PostgreSQL reads it
+//! last, and pg_basebackup copies it to every replica, where a recovery
+//! target would stop (or promote) them.
 
 use std::sync::Arc;
 
@@ -28,7 +35,7 @@ use pgkeep_cnpgi::proto::wal::{
     RestoreJobHooksCapabilitiesRequest, RestoreJobHooksCapabilitiesResult, RestoreJobHooksCapability, RestoreRequest, RestoreResponse,
 };
 use pgkeep_core::error::{Hint, Operation};
-use pgkeep_core::restore::{parse_timeline, target, RestoreOptions, Target, TargetAction};
+use pgkeep_core::restore::{parse_timeline, target, ArchiveMode, RestoreOptions, Target, TargetAction};
 use pgkeep_core::types::BackupLabel;
 use pgkeep_core::{Error, Stanza};
 use tonic::{Request, Response, Status};
@@ -54,13 +61,19 @@ impl RestoreJobHooks for RestoreJobService {
         let cluster = cluster(&req.cluster_definition)?;
         let (stanza, source) = self.0.stanza(&cluster, Purpose::Recovery)?;
         if req.check_empty_wal_archive == Some(true) {
-            self.check_destination(&cluster, &source.stanza).await?;
+            self.check_destination(&cluster).await?;
         }
         let wanted = cluster.recovery_target().cloned().unwrap_or_default();
         let mut opts = options(&wanted).map_err(|e| engine_status(&e))?;
         let set = Some(wanted.backup_id.clone()).filter(|s| !s.is_empty()).or(source.backup.clone());
         opts.set = set.as_deref().map(BackupLabel::parse).transpose().map_err(|e| engine_status(&e))?;
         opts.restore_command = self.0.cfg.restore_command.clone();
+        // CloudNativePG writes the recovery settings (custom.conf) and
+        // never empties postgresql.auto.conf, which is read last and copied
+        // to every replica: nothing of recovery, archiving or replication
+        // may be left there.
+        opts.settings_elsewhere = true;
+        opts.archive_mode = Some(ArchiveMode::Preserve);
         let report = pgkeep_core::restore::run(&stanza, &opts).await.map_err(|e| engine_status(&e))?;
         eprintln!(
             "pgkeep: restored backup {} of stanza {} from repo {} into {} ({} files)",
@@ -85,11 +98,8 @@ impl RestoreJobService {
     /// Refuses to bootstrap a cluster whose own stanza (where it will
     /// archive) already holds another history, unless it is the stanza it
     /// recovers from.
-    async fn check_destination(&self, cluster: &Cluster, source: &str) -> Result<(), Status> {
+    async fn check_destination(&self, cluster: &Cluster) -> Result<(), Status> {
         let Ok(own) = cluster.stanza_for(Purpose::Own) else { return Ok(()) };
-        if own.stanza == source {
-            return Ok(());
-        }
         let settings = self.0.cfg.stanzas.settings(&own.stanza).map_err(|e| engine_status(&e))?;
         let stanza = Stanza::new(settings);
         for number in 1..=stanza.settings.repos.len() {
@@ -103,7 +113,7 @@ impl RestoreJobService {
             let backups = repo.backups().await.map_err(|e| engine_status(&e))?.len();
             if wal > 0 || backups > 0 {
                 return Err(Status::failed_precondition(format!(
-                    "expected an empty archive: stanza '{}' ({}.stanza), where this cluster will archive, already holds {wal} WAL segments and {backups} backups in repo {number}; give the new cluster a stanza of its own",
+                    "expected an empty archive: stanza '{}' ({}.stanza), where this cluster will archive, already holds {wal} WAL segments and {backups} backups in repo {number}; give the new cluster a stanza of its own (or annotate it cnpg.io/skipEmptyWalArchiveCheck=enabled to write into this one)",
                     own.stanza, own.path
                 )));
             }
@@ -112,10 +122,23 @@ impl RestoreJobService {
     }
 }
 
+/// A `targetTime`: RFC 3339 or PostgreSQL's form; without a zone it is
+/// UTC, as CloudNativePG documents.
+fn cnpg_time(text: &str) -> pgkeep_core::Result<chrono::DateTime<chrono::Utc>> {
+    target::parse_time(text).or_else(|e| {
+        let t = text.trim();
+        ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M"]
+            .iter()
+            .find_map(|f| chrono::NaiveDateTime::parse_from_str(t, f).ok())
+            .map(|n| n.and_utc())
+            .ok_or(e)
+    })
+}
+
 /// The engine's restore options for CloudNativePG's `recoveryTarget`.
 fn options(t: &RecoveryTarget) -> pgkeep_core::Result<RestoreOptions> {
     let target = if !t.target_time.is_empty() {
-        Some(Target::Time(target::parse_time(&t.target_time)?))
+        Some(Target::Time(cnpg_time(&t.target_time)?))
     } else if !t.target_lsn.is_empty() {
         Some(Target::Lsn(t.target_lsn.parse()?))
     } else if !t.target_xid.is_empty() {
@@ -158,6 +181,9 @@ mod tests {
         assert_eq!((o.exclusive, o.timeline.as_deref()), (true, Some("2")));
         assert!(t(serde_json::json!({"targetXID": "x"})).is_err());
         assert!(t(serde_json::json!({"targetTime": "yesterday"})).is_err());
+        // Without a zone: UTC, as CloudNativePG says.
+        let Some(Target::Time(utc)) = t(serde_json::json!({"targetTime": "2026-01-02 03:04:05"})).unwrap().target else { panic!() };
+        assert_eq!(utc.to_rfc3339(), "2026-01-02T03:04:05+00:00");
         assert!(t(serde_json::json!({"targetTLI": "0"})).is_err());
     }
 }

@@ -39,6 +39,7 @@ use pgkeep_cnpgi::proto::wal::*;
 use pgkeep_core::types::{WalFileName, WalSegment};
 use pgkeep_core::wal::{async_push, prefetch};
 use pgkeep_core::{Error, Stanza};
+use pgkeep_core::{Hint, Operation};
 use tonic::{Request, Response, Status};
 
 use super::{cluster, data_dir, engine_status, Plugin};
@@ -59,34 +60,43 @@ impl Wal for WalService {
         let req = req.into_inner();
         let cluster = cluster(&req.cluster_definition)?;
         if !cluster.archives_wal() {
+            if !self.0.warned_not_archiver.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                eprintln!(
+                    "pgkeep: WARNING: CloudNativePG asks pgkeep to archive WAL but the Cluster does not make pgkeep.dev its WAL archiver (isWALArchiver): nothing is stored, and pgkeep backups of it cannot complete"
+                );
+            }
             return Ok(Response::new(WalArchiveResult {}));
         }
         let (stanza, _) = self.0.stanza(&cluster, Purpose::Own)?;
-        let path = PathBuf::from(&req.source_file_name);
-        let sending = pgkeep_core::pg::data_dir_system_id(data_dir(&stanza.settings, &path));
+        let path = absolute(&req.source_file_name)?;
+        let data = data_dir(&stanza.settings, &path).to_path_buf();
+        let sending = pgkeep_core::pg::data_dir_system_id(&data);
         if req.check_empty_wal_archive == Some(true) {
-            ensure_empty_for(&stanza, &path).await.map_err(|e| engine_status(&e))?;
+            let key = (stanza.name().to_owned(), sending.map(|s| s.to_string()).unwrap_or_default());
+            let passed = self.0.empty_checked.lock().unwrap().contains(&key);
+            if !passed {
+                ensure_empty(&stanza).await.map_err(|e| engine_status(&e))?;
+                self.0.empty_checked.lock().unwrap().insert(key);
+            }
+            // As CloudNativePG's own archiver does: the check is made once,
+            // for the first file of a new cluster.
+            match std::fs::remove_file(data.join(CHECK_EMPTY_FILE)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => eprintln!("pgkeep: cannot remove {}: {e}", data.join(CHECK_EMPTY_FILE).display()),
+            }
         }
         let stanza = stanza.serving_system(sending);
-        let result = if stanza.settings.archive.asynchronous {
-            let (s, p) = (stanza.clone(), path.clone());
-            let start = move || {
-                let (s, p) = (s.clone(), p.clone());
-                tokio::spawn(async move {
-                    if let Err(e) = async_push::worker(&s, &p).await {
-                        eprintln!("pgkeep: archive worker of stanza {}: {}", s.name(), pgkeep_core::error::OneLine(&e));
-                    }
-                });
-                Ok(())
-            };
-            async_push::push(&stanza, &path, &start).await.map(|warnings| {
-                for w in warnings {
-                    eprintln!("pgkeep: warning: {w}");
-                }
-            })
-        } else {
-            pgkeep_core::wal::push(&stanza, &path).await.map(|_| ())
-        };
+        let mut result = push(&stanza, &path).await;
+        // A new cluster archiving into a stanza nobody created yet (the
+        // empty-archive check skipped by annotation): create it for the
+        // server that is running, and push again.
+        if let Err(e) = &result {
+            if e.hint() == Some(&Hint::run(Operation::StanzaCreate)) {
+                pgkeep_core::stanza::create(&stanza).await.map_err(|e| engine_status(&e))?;
+                result = push(&stanza, &path).await;
+            }
+        }
         result.map_err(|e| engine_status(&e))?;
         Ok(Response::new(WalArchiveResult {}))
     }
@@ -94,37 +104,48 @@ impl Wal for WalService {
     async fn restore(&self, req: Request<WalRestoreRequest>) -> Result<Response<WalRestoreResult>, Status> {
         let req = req.into_inner();
         let cluster = cluster(&req.cluster_definition)?;
-        let (stanza, _) = self.0.stanza(&cluster, Purpose::RestoreWal)?;
-        let dest = PathBuf::from(&req.destination_file_name);
-        let asking = pgkeep_core::pg::data_dir_system_id(data_dir(&stanza.settings, &dest));
-        let stanza = stanza.serving_system(asking);
+        // CloudNativePG asks every plugin in turn: say at once that the
+        // file is not here when pgkeep is not where this cluster's WAL is.
+        if !cluster.serves_wal_restore() {
+            return Err(Status::not_found(format!(
+                "pgkeep.dev is not the WAL source of this cluster: {} is not here",
+                req.source_wal_name
+            )));
+        }
+        let dest = absolute(&req.destination_file_name)?;
         let rewind = req.mode == Mode::Rewind as i32;
         // While the cluster is bootstrapped no primary exists: an answer
-        // other than success or "not found" would end recovery here.
+        // other than success or "not found" would end recovery here, so
+        // every failure is retried, reading the stanza's config included.
         let deadline =
             if cluster.status.current_primary.is_empty() { None } else { Some(Instant::now() + self.0.cfg.standby_restore_retry) };
         let mut pause = Duration::from_millis(250);
         loop {
-            let result = if rewind || !stanza.settings.archive.asynchronous {
-                pgkeep_core::wal::get(&stanza, &req.source_wal_name, &dest).await
-            } else {
-                let s = stanza.clone();
-                let start = move || {
-                    let s = s.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = prefetch::worker(&s).await {
-                            eprintln!("pgkeep: prefetcher of stanza {}: {}", s.name(), pgkeep_core::error::OneLine(&e));
-                        }
-                    });
-                    Ok(())
-                };
-                prefetch::get(&stanza, &req.source_wal_name, &dest, &start).await
+            let attempt = async {
+                let (stanza, _) = self.0.stanza(&cluster, Purpose::RestoreWal).map_err(Failure::Status)?;
+                let asking = pgkeep_core::pg::data_dir_system_id(data_dir(&stanza.settings, &dest));
+                let stanza = stanza.serving_system(asking);
+                if rewind || !stanza.settings.archive.asynchronous {
+                    pgkeep_core::wal::get(&stanza, &req.source_wal_name, &dest).await.map_err(Failure::Engine)
+                } else {
+                    let s = stanza.clone();
+                    let start = move || {
+                        let s = s.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = prefetch::worker(&s).await {
+                                eprintln!("pgkeep: prefetcher of stanza {}: {}", s.name(), pgkeep_core::error::OneLine(&e));
+                            }
+                        });
+                        Ok(())
+                    };
+                    prefetch::get(&stanza, &req.source_wal_name, &dest, &start).await.map_err(Failure::Engine)
+                }
             };
-            let why = match result {
+            let why = match attempt.await {
                 Ok(()) => return Ok(Response::new(WalRestoreResult {})),
-                Err(e) if matches!(e.kind(), Error::NotFound(_)) => return Err(engine_status(&e)),
-                Err(e) if deadline.is_some_and(|d| Instant::now() >= d) => return Err(engine_status(&e)),
-                Err(e) => pgkeep_core::error::OneLine(&e).to_string(),
+                Err(Failure::Engine(e)) if matches!(e.kind(), Error::NotFound(_)) => return Err(engine_status(&e)),
+                Err(f) if deadline.is_some_and(|d| Instant::now() >= d) => return Err(f.into_status()),
+                Err(f) => f.into_status().message().to_owned(),
             };
             eprintln!("pgkeep: cannot restore {} (retrying in {} ms): {why}", req.source_wal_name, pause.as_millis());
             tokio::time::sleep(pause).await;
@@ -154,6 +175,60 @@ impl Wal for WalService {
     }
 }
 
+/// Why one restore attempt failed.
+enum Failure {
+    /// Before the engine ran (the Cluster's parameters, the config file).
+    Status(Status),
+    /// The engine's.
+    Engine(Error),
+}
+
+impl Failure {
+    fn into_status(self) -> Status {
+        match self {
+            Failure::Status(s) => s,
+            Failure::Engine(e) => engine_status(&e),
+        }
+    }
+}
+
+/// The file CloudNativePG leaves in a new data directory until the first
+/// WAL file is archived (`.check-empty-wal-archive`).
+pub const CHECK_EMPTY_FILE: &str = ".check-empty-wal-archive";
+
+/// CloudNativePG sends absolute paths (`BuildWALPath`); a relative one
+/// would be read against the agent's own directory.
+fn absolute(path: &str) -> Result<PathBuf, Status> {
+    let p = PathBuf::from(path);
+    if p.is_absolute() {
+        Ok(p)
+    } else {
+        Err(Status::invalid_argument(format!("'{path}' is not an absolute path")))
+    }
+}
+
+/// `archive-push`, through the spool when the stanza says `archive-async`
+/// (its worker a task of this process).
+async fn push(stanza: &Stanza, path: &Path) -> pgkeep_core::Result<()> {
+    if !stanza.settings.archive.asynchronous {
+        return pgkeep_core::wal::push(stanza, path).await.map(|_| ());
+    }
+    let (s, p) = (stanza.clone(), path.to_path_buf());
+    let start = move || {
+        let (s, p) = (s.clone(), p.clone());
+        tokio::spawn(async move {
+            if let Err(e) = async_push::worker(&s, &p).await {
+                eprintln!("pgkeep: archive worker of stanza {}: {}", s.name(), pgkeep_core::error::OneLine(&e));
+            }
+        });
+        Ok(())
+    };
+    for w in async_push::push(stanza, path, &start).await? {
+        eprintln!("pgkeep: warning: {w}");
+    }
+    Ok(())
+}
+
 /// The first and last archived segment of the stanza's first repository
 /// that can be read (empty names when it holds none), and its number.
 async fn archived_range(stanza: &Stanza) -> pgkeep_core::Result<(String, String, usize)> {
@@ -174,28 +249,26 @@ async fn archived_range(stanza: &Stanza) -> pgkeep_core::Result<(String, String,
     Err(first_error.unwrap_or_else(|| Error::Input("the stanza has no repository".into())))
 }
 
-/// The timeline of an archived file's name.
-fn timeline_of(name: &str) -> Option<u32> {
-    u32::from_str_radix(name.get(..8)?, 16).ok()
-}
-
-/// For the first file a new or restored cluster archives: creates the
-/// stanza where it does not exist (for the system of the running server),
-/// and refuses a stanza that already holds WAL on this file's timeline or
-/// a later one.
-async fn ensure_empty_for(stanza: &Stanza, path: &Path) -> pgkeep_core::Result<()> {
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-    let timeline = timeline_of(name).ok_or_else(|| Error::Input(format!("{} is not a WAL file PostgreSQL archives", path.display())))?;
+/// For the first file a new or restored cluster archives (CloudNativePG's
+/// `check_empty_wal_archive`): creates the stanza where it does not exist
+/// (for the system of the running server), and refuses one that already
+/// holds WAL or backups, as CloudNativePG refuses a used object store: two
+/// clusters writing one archive make a recovery follow the wrong one's
+/// timeline. A cluster restored in place into its old stanza is let
+/// through by CloudNativePG's `cnpg.io/skipEmptyWalArchiveCheck`
+/// annotation, with which it never asks.
+async fn ensure_empty(stanza: &Stanza) -> pgkeep_core::Result<()> {
     pgkeep_core::stanza::create(stanza).await?;
     for number in 1..=stanza.settings.repos.len() {
         let repo = stanza.open(number).await?;
         let seg_size = repo.system.wal_segment_size;
-        if let Some(newest) = repo.list_segments().await?.into_iter().map(|(s, _)| s).filter(|s| s.timeline.0 >= timeline).max() {
+        let newest = repo.list_segments().await?.into_iter().map(|(s, _)| s).max();
+        let backups = repo.backups().await?.len();
+        if newest.is_some() || backups > 0 {
             return Err(Error::Refused(format!(
-                "expected an empty WAL archive for this new cluster, but stanza '{}' in repo {number} already holds WAL of timeline {} or later (newest {}); give the cluster its own stanza, or remove that WAL if it is no longer wanted",
+                "expected an empty WAL archive for this new cluster, but stanza '{}' in repo {number} already holds {backups} backups and WAL up to {}; give the cluster its own stanza, or annotate it cnpg.io/skipEmptyWalArchiveCheck=enabled to write into this one",
                 stanza.name(),
-                timeline,
-                newest.name(seg_size)
+                newest.map(|s| s.name(seg_size)).unwrap_or_else(|| "none".into())
             )));
         }
     }

@@ -409,11 +409,13 @@ async fn cluster_now(source: &Source, repo: &Repository, page_checksums: bool) -
 
 /// Stops the backup on the server it started on. On a standby, first
 /// checks that it is still one (`pg_backup_stop` would also refuse), then
-/// that the backup ends on the timeline it started on and that the
-/// standby kept within `standby-max-lag` of the primary.
+/// that the backup ends on the timeline it started on and, when the
+/// primary is known, that the standby kept within `standby-max-lag` of it.
 async fn stop_backup(source: &Source, timeline: crate::types::TimelineId) -> Result<crate::pg::BackupStop> {
     let pg = &source.pg;
-    let Some(primary) = &source.primary else { return pg.backup_stop().await };
+    if source.role == ServerRole::Primary {
+        return pg.backup_stop().await;
+    }
     let promoted = || {
         Error::Refused(format!(
             "the standby at {} was promoted during the backup, which is discarded; run the backup again (from the new primary's standby, or with backup-standby = n)",
@@ -435,6 +437,7 @@ async fn stop_backup(source: &Source, timeline: crate::types::TimelineId) -> Res
             pg.describe
         )));
     }
+    let Some(primary) = &source.primary else { return Ok(stop) };
     let state = pg.standby_state().await?;
     let lag = source::lag(primary, state.replay).await?;
     if lag > source.max_lag {
@@ -451,7 +454,8 @@ async fn stop_backup(source: &Source, timeline: crate::types::TimelineId) -> Res
 /// Has the segment holding a standby backup's end archived: the primary
 /// archives WAL, and completes a segment only when it is full, so it is
 /// asked to switch when it is still writing `last`. A primary backup's
-/// `pg_backup_stop` switched already.
+/// `pg_backup_stop` switched already; a standby read alone
+/// (`backup-standby = local`) waits for the primary's `archive_timeout`.
 async fn archive_end(source: &Source, last: WalSegment, seg: u64) -> Result<()> {
     let Some(primary) = &source.primary else { return Ok(()) };
     if primary.current_lsn().await?.0 / seg <= last.number {

@@ -62,6 +62,9 @@ pub async fn choose(settings: &Settings, repo: &Repository) -> Result<Source> {
     let primary = Pg::connect(&settings.pg).await?;
     repo.check_system_id(primary.system_id().await?, &format!("the server at {}", primary.describe))?;
     let mode = settings.standby.mode;
+    if mode == BackupStandby::Local {
+        return local(primary, settings).await;
+    }
     if primary.in_recovery().await? {
         return Err(Error::Input(match mode {
             BackupStandby::N => format!(
@@ -90,6 +93,17 @@ pub async fn choose(settings: &Settings, repo: &Repository) -> Result<Source> {
             "{why}; the backup was not started: fix the standby, or set backup-standby to prefer (or n) to back up from the primary"
         ))),
     }
+}
+
+/// `backup-standby = local`: the server pg-host/pg-port names, primary or
+/// standby, alone. A standby is read as with `y` but for what needs the
+/// primary (the lag, the WAL switch); it must be in recovery and not
+/// replaying another timeline than its control file's (checked at stop).
+async fn local(pg: Pg, settings: &Settings) -> Result<Source> {
+    let data = settings.pg_data()?.to_path_buf();
+    check_data_directory(&pg, &data, "pg-data").await?;
+    let role = if pg.in_recovery().await? { ServerRole::Standby } else { ServerRole::Primary };
+    Ok(Source { pg, data, role, primary: None, passed_over: None, max_lag: settings.standby.max_lag })
 }
 
 /// Connects to the standby at `address` and checks that a backup may read

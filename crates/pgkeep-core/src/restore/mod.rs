@@ -72,6 +72,12 @@ pub struct RestoreOptions {
     pub primary_conninfo: Option<String>,
     /// Where to count progress.
     pub progress: Option<Arc<Progress>>,
+    /// The caller writes PostgreSQL's recovery settings itself, elsewhere
+    /// than `postgresql.auto.conf` (CloudNativePG: its `custom.conf`):
+    /// write none there, and drop the recovery, archive and replication
+    /// settings the backup's copy holds, which would override the
+    /// caller's (the file is read last and copied to every replica).
+    pub settings_elsewhere: bool,
 }
 
 /// What a restore did (as JSON with the field names in kebab-case, `size`

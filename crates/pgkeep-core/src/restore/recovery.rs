@@ -58,6 +58,11 @@ pub fn recovery_settings(label: &BackupLabel, opts: &RestoreOptions) -> Vec<Stri
     lines
 }
 
+/// What `settings_elsewhere` drops besides [`RECOVERY_KEYS`]: settings the
+/// caller owns, which `postgresql.auto.conf` (read last) would override.
+const CALLER_KEYS: &[&str] =
+    &["archive_mode", "archive_command", "archive_cleanup_command", "recovery_end_command", "primary_conninfo", "primary_slot_name"];
+
 pub(super) fn write_recovery_settings(root: &Path, m: &Manifest, opts: &RestoreOptions) -> Result<()> {
     let auto = root.join("postgresql.auto.conf");
     let old = std::fs::read_to_string(&auto).unwrap_or_default();
@@ -66,15 +71,18 @@ pub(super) fn write_recovery_settings(root: &Path, m: &Manifest, opts: &RestoreO
         .filter(|l| {
             let key = l.split('=').next().unwrap_or("").trim();
             let ours = RECOVERY_KEYS.contains(&key)
+                || (opts.settings_elsewhere && CALLER_KEYS.contains(&key))
                 || (key == "archive_mode" && opts.archive_mode == Some(ArchiveMode::Off))
                 || (key == "primary_conninfo" && opts.primary_conninfo.is_some() && opts.standby);
             !ours && !l.starts_with("# recovery settings written by pgkeep")
         })
         .map(|l| format!("{l}\n"))
         .collect();
-    for l in recovery_settings(&m.label, opts) {
-        text.push_str(&l);
-        text.push('\n');
+    if !opts.settings_elsewhere {
+        for l in recovery_settings(&m.label, opts) {
+            text.push_str(&l);
+            text.push('\n');
+        }
     }
     write_file(&auto, text.as_bytes())?;
     // With both files PostgreSQL runs as a standby: remove the other one

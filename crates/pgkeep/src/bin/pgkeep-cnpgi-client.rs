@@ -9,10 +9,11 @@
 //! ```
 //!
 //! Like the instance manager, it runs in the data directory (or
-//! `--pg-data`), resolves relative paths against it, asks for
-//! `check_empty_wal_archive` while `.check-empty-wal-archive` exists there
-//! (and removes the file after the first success), and exits 1 on any
-//! failure: "not in the archive" and "the archive cannot be read" look
+//! `--pg-data`), sends absolute paths, asks for `check_empty_wal_archive`
+//! while `.check-empty-wal-archive` exists there (the instance manager
+//! removes that file only later, once its archiving condition is true: the
+//! plugin must remove it itself after the first success), and exits 1 on
+//! any failure: "not in the archive" and "the archive cannot be read" look
 //! the same to PostgreSQL, which is why the plugin itself must never
 //! answer the second while a cluster is being recovered.
 
@@ -86,8 +87,7 @@ async fn call(args: &Args) -> Result<(), String> {
     let abs = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { pg_data.join(p) };
     match &args.command {
         Call::WalArchive { path } => {
-            let check = pg_data.join(CHECK_EMPTY);
-            let check_empty = check.exists();
+            let check_empty = pg_data.join(CHECK_EMPTY).exists();
             let req = WalArchiveRequest {
                 cluster_definition: cluster,
                 source_file_name: abs(path).display().to_string(),
@@ -95,9 +95,6 @@ async fn call(args: &Args) -> Result<(), String> {
                 check_empty_wal_archive: Some(check_empty),
             };
             wal.archive(req).await.map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
-            if check_empty {
-                let _ = std::fs::remove_file(check);
-            }
         }
         Call::WalRestore { rewind, name, dest } => {
             let req = WalRestoreRequest {

@@ -37,7 +37,22 @@ pub async fn run(cli: &Cli, stanza: Option<&Stanza>, config: Option<&Path>) -> R
         global.extend(["--jobs".to_owned(), j.to_string()]);
     }
     let exe = std::env::current_exe().context("cannot find the pgkeep binary itself")?;
-    let base = Runner { exe, global, pg_data: String::new(), pg_host: String::new(), pg_port: 0 };
+    // The connection flags given here hold for every backup (in a
+    // CloudNativePG pod, its PGDATA and socket directory).
+    let mut pg_flags = Vec::new();
+    let p = &cli.pg;
+    for (flag, value) in [
+        ("--pg-data", p.pg_data.as_ref().map(|d| d.display().to_string())),
+        ("--pg-host", p.pg_host.clone()),
+        ("--pg-port", p.pg_port.map(|v| v.to_string())),
+        ("--pg-user", p.pg_user.clone()),
+    ] {
+        if let Some(v) = value {
+            pg_flags.push((flag.to_owned(), v));
+        }
+    }
+    let base =
+        Runner { exe, global, pg_data: String::new(), pg_host: String::new(), pg_port: 0, config_dir: None, standby_alone: None, pg_flags };
     let jobs = Arc::new(Jobs::default());
     let (stop_tx, _) = tokio::sync::broadcast::channel::<()>(1);
     let mut servers = tokio::task::JoinSet::new();
@@ -74,15 +89,16 @@ pub async fn run(cli: &Cli, stanza: Option<&Stanza>, config: Option<&Path>) -> R
             repo_flags: cli.repo_options.clone(),
             repo: cli.repo_number(),
             jobs: cli.jobs,
+            archive_timeout: cli.archive_timeout,
             config: config.map(Path::to_path_buf),
             dir: plugin_config_dir.clone(),
         });
         let cfg = PluginConfig {
             socket: socket.clone(),
             stanzas,
-            // Each backup names its stanza; a standby's backup is refused
-            // for now, so the local address is not needed.
-            runner: base.clone(),
+            // Each backup names its stanza (and its config file, with
+            // --plugin-config-dir); on a standby it reads this server alone.
+            runner: Runner { config_dir: plugin_config_dir.clone(), ..base.clone() },
             restore_command: plugin_restore_command.clone().unwrap_or_else(|| CNPG_RESTORE_COMMAND.to_owned()),
             instance: ["POD_NAME", "HOSTNAME"]
                 .iter()
@@ -115,11 +131,19 @@ pub async fn run(cli: &Cli, stanza: Option<&Stanza>, config: Option<&Path>) -> R
         Some(r) => r.context("an agent server panicked")?,
         None => Ok(()),
     };
-    while let Some(r) = servers.join_next().await {
-        let r = r.context("an agent server panicked")?;
-        if result.is_ok() {
-            result = r;
+    // The servers finish the calls in flight, for a while: a recovery's
+    // WAL restore that waits for an unreadable archive never ends.
+    let drain = async {
+        while let Some(r) = servers.join_next().await {
+            let r = r.context("an agent server panicked")?;
+            if result.is_ok() {
+                result = r;
+            }
         }
+        Ok::<_, anyhow::Error>(())
+    };
+    if tokio::time::timeout(Duration::from_secs(20), drain).await.is_err() {
+        eprintln!("pgkeep: agent stopped with calls still in flight");
     }
     result
 }
@@ -132,6 +156,7 @@ struct ConfigStanzas {
     repo_flags: RepoOptions,
     repo: usize,
     jobs: Option<usize>,
+    archive_timeout: Option<u64>,
     config: Option<PathBuf>,
     /// `--plugin-config-dir`: one file per stanza.
     dir: Option<PathBuf>,
@@ -159,6 +184,9 @@ impl StanzaSource for ConfigStanzas {
         let mut settings = Settings::resolve(&file, Some(name), self.flags.clone(), self.repo_flags.clone(), self.repo)?;
         if let Some(j) = self.jobs {
             settings.jobs = j.max(1);
+        }
+        if let Some(t) = self.archive_timeout {
+            settings.archive_timeout = t;
         }
         Ok(settings)
     }

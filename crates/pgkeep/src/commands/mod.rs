@@ -90,6 +90,9 @@ fn resolve(cli: &Cli, file: &ConfigFile, stanza: Option<&str>) -> Result<Stanza>
     if let Some(j) = cli.jobs {
         settings.jobs = j.max(1);
     }
+    if let Some(t) = cli.archive_timeout {
+        settings.archive_timeout = t;
+    }
     Ok(Stanza::new(settings))
 }
 

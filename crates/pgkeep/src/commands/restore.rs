@@ -54,6 +54,7 @@ pub async fn run(cli: &Cli, stanza: &Stanza, config: Option<&Path>, args: &Resto
         standby: args.standby,
         primary_conninfo: args.primary_conninfo.clone(),
         progress: Some(progress.clone()),
+        settings_elsewhere: false,
     };
     let started = std::time::Instant::now();
     let r = {
