@@ -319,6 +319,12 @@ async fn locked(stanza: &Stanza, opts: &BackupOptions, repo: &Repository, source
     }
     if let Err(e) = wait_for_wal(repo, first, last, stanza.settings.archive_timeout).await {
         let _ = repo.remove_backup_objects(&label).await;
+        if source.role == ServerRole::Standby && source.primary.is_none() && matches!(e.kind(), Error::Refused(_)) {
+            return Err(Error::Refused(format!(
+                "{e}; a backup of a standby alone (backup-standby = local) waits for the primary to complete segment {}, which its archive_timeout does only after it writes something that counts (an idle primary may not): write on the primary, or back up the primary",
+                last.name(seg)
+            )));
+        }
         return Err(e);
     }
     let manifest = Manifest {
