@@ -19,9 +19,11 @@ use pgkeep_cnpgi::proto::identity::identity_client::IdentityClient;
 use pgkeep_cnpgi::proto::identity::GetPluginCapabilitiesRequest;
 use pgkeep_cnpgi::proto::lifecycle::operator_lifecycle_client::OperatorLifecycleClient;
 use pgkeep_cnpgi::proto::lifecycle::operator_operation_type::Type as Operation;
-use pgkeep_cnpgi::proto::lifecycle::{OperatorLifecycleRequest, OperatorOperationType};
+use pgkeep_cnpgi::proto::lifecycle::{OperatorLifecycleCapabilitiesRequest, OperatorLifecycleRequest, OperatorOperationType};
 use pgkeep_cnpgi::proto::operator::operator_client::OperatorClient;
-use pgkeep_cnpgi::proto::operator::{OperatorValidateClusterCreateRequest, SetStatusInClusterRequest};
+use pgkeep_cnpgi::proto::operator::{
+    OperatorCapabilitiesRequest, OperatorValidateClusterChangeRequest, OperatorValidateClusterCreateRequest, SetStatusInClusterRequest,
+};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -177,6 +179,16 @@ fn kube_cnpg_plugin_over_mutual_tls_patches_pods_and_jobs_the_api_server_accepts
         assert_eq!(caps.capabilities.len(), 4, "{caps:?}");
 
         let mut life = OperatorLifecycleClient::new(ch.clone());
+        let kinds: Vec<String> = life
+            .get_capabilities(OperatorLifecycleCapabilitiesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .lifecycle_capabilities
+            .iter()
+            .map(|c| format!("{}/{}", c.group, c.kind))
+            .collect();
+        assert_eq!(kinds, ["/Pod", "batch/Job"]);
         let hook = |object: &Value, cluster: &Value, op: Operation| OperatorLifecycleRequest {
             operation_type: Some(OperatorOperationType { r#type: op as i32 }),
             cluster_definition: serde_json::to_vec(cluster).unwrap(),
@@ -215,6 +227,8 @@ fn kube_cnpg_plugin_over_mutual_tls_patches_pods_and_jobs_the_api_server_accepts
 
         // Validation: every mistake with its field.
         let mut op = OperatorClient::new(ch);
+        let rpcs = op.get_capabilities(OperatorCapabilitiesRequest {}).await.unwrap().into_inner().capabilities;
+        assert_eq!(rpcs.len(), 3, "validate create and change, status: {rpcs:?}");
         let v = |c: Value| OperatorValidateClusterCreateRequest { definition: serde_json::to_vec(&c).unwrap() };
         assert!(op.validate_cluster_create(v(c.clone())).await.unwrap().into_inner().validation_errors.is_empty());
         let errors =
@@ -225,6 +239,14 @@ fn kube_cnpg_plugin_over_mutual_tls_patches_pods_and_jobs_the_api_server_accepts
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert_eq!((errors[0].path_components.join("."), errors[0].value.as_str()), ("spec.plugins[0].parameters.stanza".into(), "nope"));
 
+        // A change is checked like a creation (the new definition).
+        let change = OperatorValidateClusterChangeRequest {
+            old_cluster: serde_json::to_vec(&c).unwrap(),
+            new_cluster: serde_json::to_vec(&cluster(json!({"stanza": "-x"}))).unwrap(),
+        };
+        let errors = op.validate_cluster_change(change).await.unwrap().into_inner().validation_errors;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].path_components.join("."), "spec.plugins[0].parameters.stanza");
         // The plugin's status in the Cluster, from the Stanza's.
         let status =
             op.set_status_in_cluster(SetStatusInClusterRequest { cluster: serde_json::to_vec(&c).unwrap() }).await.unwrap().into_inner();

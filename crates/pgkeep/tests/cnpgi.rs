@@ -18,16 +18,17 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use pgkeep_cnpgi::proto::backup::backup_client::BackupClient;
-use pgkeep_cnpgi::proto::backup::BackupRequest;
+use pgkeep_cnpgi::proto::backup::{BackupCapabilitiesRequest, BackupRequest};
 use pgkeep_cnpgi::proto::identity::identity_client::IdentityClient;
 use pgkeep_cnpgi::proto::identity::{GetPluginCapabilitiesRequest, GetPluginMetadataRequest, ProbeRequest};
 use pgkeep_cnpgi::proto::metrics::metrics_client::MetricsClient;
-use pgkeep_cnpgi::proto::metrics::{CollectMetricsRequest, DefineMetricsRequest};
+use pgkeep_cnpgi::proto::metrics::{CollectMetricsRequest, DefineMetricsRequest, MetricsCapabilitiesRequest};
 use pgkeep_cnpgi::proto::wal::restore_job_hooks_client::RestoreJobHooksClient;
 use pgkeep_cnpgi::proto::wal::wal_client::WalClient;
 use pgkeep_cnpgi::proto::wal::wal_restore_request::Mode;
 use pgkeep_cnpgi::proto::wal::{
-    RestoreRequest, SetFirstRequiredRequest, WalArchiveRequest, WalCapabilitiesRequest, WalRestoreRequest, WalStatusRequest,
+    RestoreJobHooksCapabilitiesRequest, RestoreRequest, SetFirstRequiredRequest, WalArchiveRequest, WalCapabilitiesRequest,
+    WalRestoreRequest, WalStatusRequest,
 };
 use serde_json::json;
 use support::*;
@@ -47,11 +48,16 @@ impl PluginAgent {
     /// client with `cluster_json`, and waits for its socket.
     fn start(dir: &TestDir, pk: &Pgkeep, name: &str, cluster_json: &Path, extra: &[&str]) -> PluginAgent {
         let socket = dir.join(&format!("{name}.sock"));
-        let log = dir.join(&format!("{name}.log"));
         let restore_command = format!("{} wal-restore %f %p", client_command(dir, &socket, cluster_json));
+        PluginAgent::start_at(dir, pk, name, socket, &restore_command, extra)
+    }
+
+    /// Starts it on `socket` with `restore_command` for recoveries.
+    fn start_at(dir: &TestDir, pk: &Pgkeep, name: &str, socket: PathBuf, restore_command: &str, extra: &[&str]) -> PluginAgent {
+        let log = dir.join(&format!("{name}.log"));
         let mut c = as_postgres(dir.pgkeep_bin(), dir.path());
         c.arg("--config").arg(&pk.config).arg("agent").arg("--plugin-socket").arg(&socket);
-        c.arg("--plugin-restore-command").arg(&restore_command).args(extra);
+        c.arg("--plugin-restore-command").arg(restore_command).args(extra);
         c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap());
         let child = c.spawn().expect("start the agent");
         let start = Instant::now();
@@ -185,6 +191,13 @@ fn every_instance_rpc_over_the_socket_against_a_real_cluster() {
         assert!(id.probe(ProbeRequest {}).await.unwrap().into_inner().ready);
         let wal_caps = WalClient::new(ch.clone()).get_capabilities(WalCapabilitiesRequest {}).await.unwrap().into_inner();
         assert_eq!(wal_caps.capabilities.len(), 4);
+        let backup_caps = BackupClient::new(ch.clone()).get_capabilities(BackupCapabilitiesRequest {}).await.unwrap().into_inner();
+        assert_eq!(backup_caps.capabilities.len(), 1);
+        let job_caps =
+            RestoreJobHooksClient::new(ch.clone()).get_capabilities(RestoreJobHooksCapabilitiesRequest {}).await.unwrap().into_inner();
+        assert_eq!(job_caps.capabilities.len(), 1);
+        let metrics_caps = MetricsClient::new(ch.clone()).get_capabilities(MetricsCapabilitiesRequest {}).await.unwrap().into_inner();
+        assert_eq!(metrics_caps.capabilities.len(), 1);
     });
 
     // The first archived file creates the stanza (CloudNativePG asks for
@@ -399,7 +412,9 @@ fn every_instance_rpc_over_the_socket_against_a_real_cluster() {
 /// One recovery per kind of target: RestoreJobHooks restores into an
 /// empty PGDATA, PostgreSQL starts with the returned configuration plus
 /// CloudNativePG's target options, recovers through the plugin's WAL
-/// Restore, and holds what the source held at the target.
+/// Restore, and holds what the source held at the target. Archiving and
+/// restoring are asynchronous here (`archive-async`: the spool, with the
+/// agent's own worker and prefetcher tasks).
 #[test]
 fn the_recovery_job_reaches_each_kind_of_target() {
     let dir = TestDir::new("cnpgi-recovery");
@@ -407,7 +422,9 @@ fn the_recovery_job_reaches_each_kind_of_target() {
     let pk = Pgkeep::new(&dir, "plugin", "pg");
     let json_path = write_json(&dir, "cluster", &cluster_json("pg", "pg", true, "pg-1"));
     let pg = cnpg_cluster(&dir, "pg-data", &dir.join("agent.sock"), &json_path);
-    pk.write_config(&pg.addr, &repo);
+    let spool = dir.mkdir("spool");
+    let async_keys = |spool: &Path| format!("archive-async = true\nspool-path = \"{}\"\n", spool.display());
+    pk.write_raw_config(&pk.config_text(&pg.addr, &repo).replacen("\n\n", &format!("\n{}\n", async_keys(&spool)), 1));
     let agent = PluginAgent::start(&dir, &pk, "agent", &json_path, &[]);
     pg.start();
     pg.pgbench_init(2);
@@ -449,6 +466,7 @@ fn the_recovery_job_reaches_each_kind_of_target() {
     targets.push(("end", json!({}), end));
     let seg = pg.switch_wal();
     pg.wait_archived(&seg);
+    assert!(std::fs::read_dir(&spool).unwrap().next().is_some(), "archiving did not go through the spool");
 
     for (kind, target, expected) in &targets {
         // The recovery Job's sidecar: one config file per stanza, as the
@@ -457,7 +475,8 @@ fn the_recovery_job_reaches_each_kind_of_target() {
         let job_data = dir.join(&format!("restored-{kind}"));
         let configs = dir.mkdir(&format!("job-{kind}-stanzas"));
         for stanza in ["pg".to_owned(), format!("restored-{kind}")] {
-            let text = format!("[stanza.{stanza}]\npg-data = \"{}\"\n\n{}", job_data.display(), repo.toml());
+            let spool = dir.mkdir(&format!("job-{kind}-spool"));
+            let text = format!("[stanza.{stanza}]\npg-data = \"{}\"\n{}\n{}", job_data.display(), async_keys(&spool), repo.toml());
             std::fs::write(configs.join(format!("{stanza}.toml")), text).unwrap();
         }
         let mut job_pk = Pgkeep::new(&dir, &format!("job-{kind}"), "pg");
@@ -674,5 +693,185 @@ fn full_and_incr_backups_from_a_standby_restore_what_the_primary_had() {
     drop(restored);
     drop((standby_agent, agent));
     drop(standby);
+    pg.stop_clean();
+}
+
+/// CloudNativePG's instance manager, built from its Go module at the
+/// version tools/cnpg-manager/go.mod pins (scripts/kube-testenv builds it).
+fn cnpg_manager() -> PathBuf {
+    let bin =
+        std::env::var_os("PGKEEP_CNPG_MANAGER").map(PathBuf::from).unwrap_or_else(|| "/opt/pgkeep-test/kube-testenv/cnpg-manager".into());
+    assert!(bin.exists(), "{} is missing: run scripts/kube-testenv build (scripts/test-setup does)", bin.display());
+    bin
+}
+
+/// What the instance manager's commands ask of its own local web server
+/// (`http://localhost:8010`, fixed in CloudNativePG's code): the Cluster it
+/// caches (`GET /cache/cluster`), and a place to report archiving
+/// (`POST /cluster/status/condition/wal/archive`). That server is the
+/// instance manager's `instance run`, which needs its pod; this stands in
+/// for it and serves the Cluster the test sets.
+struct InstanceManagerCache {
+    cluster: std::sync::Arc<std::sync::Mutex<String>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl InstanceManagerCache {
+    fn start(cluster: &serde_json::Value) -> InstanceManagerCache {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:8010").expect("port 8010 (CloudNativePG's local web server) is taken");
+        let shared = std::sync::Arc::new(std::sync::Mutex::new(cluster.to_string()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (c, s) = (shared.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if s.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(mut conn) = conn else { continue };
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut line = String::new();
+                if reader.read_line(&mut line).is_err() {
+                    continue;
+                }
+                let mut length = 0;
+                loop {
+                    let mut h = String::new();
+                    if reader.read_line(&mut h).is_err() || h.trim().is_empty() {
+                        break;
+                    }
+                    if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap_or(0);
+                    }
+                }
+                let mut body = vec![0; length];
+                let _ = reader.read_exact(&mut body);
+                let (status, text) = match line.split_whitespace().take(2).collect::<Vec<_>>()[..] {
+                    ["GET", "/cache/cluster"] => ("200 OK", c.lock().unwrap().clone()),
+                    ["POST", _] => ("200 OK", "{}".to_owned()),
+                    _ => ("404 Not Found", String::new()),
+                };
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+                    text.len()
+                );
+            }
+        });
+        InstanceManagerCache { cluster: shared, stop, thread: Some(thread) }
+    }
+
+    fn set(&self, cluster: &serde_json::Value) {
+        *self.cluster.lock().unwrap() = cluster.to_string();
+    }
+}
+
+impl Drop for InstanceManagerCache {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = std::net::TcpStream::connect("127.0.0.1:8010");
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A client we did not write: PostgreSQL's archive_command and
+/// restore_command are CloudNativePG's `manager wal-archive` and `manager
+/// wal-restore` (v1.30.0), which find the plugin by its socket in
+/// `PLUGIN_SOCKET_DIR`, check it with Identity, and call WAL Archive and
+/// Restore. A cluster archives through it, and a recovery Job's
+/// PostgreSQL replays through it to what the source had.
+#[test]
+fn cnpg_manager_archives_and_restores_through_the_plugin() {
+    let manager = cnpg_manager();
+    let dir = TestDir::new("cnpgi-manager");
+    let repo = Repo::local(&dir, "repo");
+    let pk = Pgkeep::new(&dir, "plugin", "pg");
+    let cache = InstanceManagerCache::start(&cluster_json("pg", "pg", true, "pg-1"));
+    let plugins = dir.mkdir("plugins");
+    let pg = Cluster::initdb(&dir, "pg-data", None, &["-k"], &pg_bin());
+    let archive = format!(
+        "PLUGIN_SOCKET_DIR={} {} wal-archive --pod-name pg-1 --pg-data {} %p",
+        plugins.display(),
+        manager.display(),
+        pg.addr.data.display()
+    );
+    let path = pg.addr.data.join("postgresql.conf");
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str(&format!("archive_mode = on\narchive_command = '{archive}'\n"));
+    std::fs::write(&path, text).unwrap();
+    pk.write_config(&pg.addr, &repo);
+    let agent = PluginAgent::start_at(&dir, &pk, "agent", plugins.join("pgkeep.dev"), "unused", &[]);
+    pg.start();
+    pg.pgbench_init(2);
+    let rt = rt();
+    let cluster = serde_json::to_vec(&cluster_json("pg", "pg", true, "pg-1")).unwrap();
+    let backup = rt.block_on(async {
+        BackupClient::new(agent.channel().await)
+            .backup(BackupRequest {
+                cluster_definition: cluster.clone(),
+                backup_definition: serde_json::to_vec(&backup_json("m1", "full")).unwrap(),
+                parameters: Default::default(),
+            })
+            .await
+            .unwrap_or_else(|s| panic!("backup: {s:?}\n{}", tail(&agent.log, 20)))
+            .into_inner()
+    });
+    pg.pgbench(3, 2);
+    let expected = pg.dump();
+    let seg = pg.switch_wal();
+    pg.wait_archived(&seg);
+
+    // The recovery Job: the Cluster it sees is bootstrapping from pg.
+    let recovery = recovery_cluster_json("pg", "restored", json!({}));
+    cache.set(&recovery);
+    let job_data = dir.join("restored");
+    let configs = dir.mkdir("job-stanzas");
+    for stanza in ["pg", "restored"] {
+        let text = format!("[stanza.{stanza}]\npg-data = \"{}\"\n\n{}", job_data.display(), repo.toml());
+        std::fs::write(configs.join(format!("{stanza}.toml")), text).unwrap();
+    }
+    let mut job_pk = Pgkeep::new(&dir, "job", "pg");
+    job_pk.config = configs.join("pg.toml");
+    let job_plugins = dir.mkdir("job-plugins");
+    let restore_command = format!(
+        "PLUGIN_SOCKET_DIR={} {} wal-restore --pod-name restored-1 --pg-data {} %f %p",
+        job_plugins.display(),
+        manager.display(),
+        job_data.display()
+    );
+    let job = PluginAgent::start_at(
+        &dir,
+        &job_pk,
+        "job",
+        job_plugins.join("pgkeep.dev"),
+        &restore_command,
+        &["--plugin-config-dir", configs.to_str().unwrap()],
+    );
+    let config = rt.block_on(async {
+        RestoreJobHooksClient::new(job.channel().await)
+            .restore(RestoreRequest { cluster_definition: serde_json::to_vec(&recovery).unwrap(), check_empty_wal_archive: Some(true) })
+            .await
+            .unwrap_or_else(|s| panic!("restore job: {s:?}\n{}", tail(&job.log, 20)))
+            .into_inner()
+    });
+    let mut custom = String::from("archive_command = 'false'\n");
+    custom.push_str(&config.restore_config);
+    custom.push_str(&cnpg_target_options(&json!({})));
+    std::fs::write(job_data.join("custom.conf"), custom).unwrap();
+    let conf = job_data.join("postgresql.conf");
+    let mut text = std::fs::read_to_string(&conf).unwrap();
+    text.push_str("\ninclude_if_exists 'custom.conf'\n");
+    std::fs::write(&conf, text).unwrap();
+    std::fs::write(job_data.join("recovery.signal"), b"").unwrap();
+    let restored = Cluster::start_restored(&dir, &job_data);
+    assert_same_dump(&format!("recovery through CloudNativePG's manager from {}", backup.backup_id), &expected, &restored.dump());
+    restored.amcheck();
+    let log = std::fs::read_to_string(restored.log()).unwrap_or_default();
+    assert!(log.contains("restored log file"), "PostgreSQL replayed no archived WAL through the manager:\n{}", tail(restored.log(), 30));
+    drop(restored);
+    drop((job, agent, cache));
     pg.stop_clean();
 }
