@@ -34,6 +34,8 @@ pub struct Metadata {
     pub namespace: String,
     /// `metadata.uid`.
     pub uid: String,
+    /// `metadata.annotations`.
+    pub annotations: BTreeMap<String, String>,
 }
 
 /// `spec`.
@@ -50,6 +52,9 @@ pub struct ClusterSpec {
     pub replica: Option<ReplicaCluster>,
     /// `spec.postgresql`.
     pub postgresql: Option<PostgresConfiguration>,
+    /// `spec.walStorage`: WAL on a volume of its own (only its presence
+    /// matters here).
+    pub wal_storage: Option<serde_json::Value>,
 }
 
 /// `spec.postgresql`.
@@ -282,6 +287,14 @@ impl Cluster {
         parse_pg_seconds(text).filter(|s| *s > 0)
     }
 
+    /// Whether CloudNativePG's empty-archive check applies, when the
+    /// request does not say (CloudNativePG before the field, 1.30.0
+    /// included): not when the Cluster is annotated
+    /// `cnpg.io/skipEmptyWalArchiveCheck: enabled`.
+    pub fn empty_archive_check_enabled(&self) -> bool {
+        self.metadata.annotations.get("cnpg.io/skipEmptyWalArchiveCheck").map(String::as_str) != Some("enabled")
+    }
+
     /// The recovery target, if any.
     pub fn recovery_target(&self) -> Option<&RecoveryTarget> {
         self.spec.bootstrap.as_ref()?.recovery.as_ref()?.recovery_target.as_ref()
@@ -382,14 +395,23 @@ pub fn validate(cluster: &Cluster) -> Vec<ParamError> {
             errors.push(e);
         }
     };
+    let mut archiver = Vec::new();
     for (i, p) in cluster.spec.plugins.iter().enumerate().filter(|(_, p)| p.is_ours()) {
         check(p, format!("spec.plugins[{i}].parameters"), CLUSTER_KEYS);
+        if p.is_wal_archiver != Some(true) {
+            archiver.push(ParamError {
+                path: split(&format!("spec.plugins[{i}].isWALArchiver")),
+                value: p.is_wal_archiver.map(|b| b.to_string()).unwrap_or_default(),
+                message: format!("must be true: {PLUGIN_NAME}'s backups need the cluster's WAL in its repository"),
+            });
+        }
     }
     for (i, c) in cluster.spec.external_clusters.iter().enumerate() {
         if let Some(p) = c.plugin.as_ref().filter(|p| p.is_ours()) {
             check(p, format!("spec.externalClusters[{i}].plugin.parameters"), RECOVERY_KEYS);
         }
     }
+    errors.extend(archiver);
     errors
 }
 
@@ -461,7 +483,7 @@ mod tests {
             cluster(serde_json::json!({"spec": {"plugins": [{"name": "pgkeep.dev", "parameters": {"stanza": "../x", "stanzaa": "y"}}]}}));
         let errors = validate(&c);
         let paths: Vec<_> = errors.iter().map(|e| e.path.join(".")).collect();
-        assert_eq!(paths, ["spec.plugins[0].parameters.stanzaa", "spec.plugins[0].parameters.stanza"]);
+        assert_eq!(paths, ["spec.plugins[0].parameters.stanzaa", "spec.plugins[0].parameters.stanza", "spec.plugins[0].isWALArchiver"]);
         assert_eq!(errors[1].value, "../x");
         let c =
             cluster(serde_json::json!({"spec": {"plugins": [{"name": "pgkeep.dev"}], "bootstrap": {"recovery": {"source": "nowhere"}}}}));

@@ -189,6 +189,34 @@ pub(crate) fn credential_env(stanza: &Stanza) -> Vec<Value> {
     env
 }
 
+/// Every Secret the injected containers read, with the key when one is
+/// named: the repositories' credentials, the encryption passphrase, the
+/// database credentials.
+pub(crate) fn referenced_secrets(stanza: &Stanza) -> Vec<(String, Option<String>)> {
+    let mut out = Vec::new();
+    let mut add = |s: &crate::crd::SecretKeySelector| out.push((s.name.clone(), Some(s.key.clone())));
+    for r in &stanza.spec.repositories {
+        if let Some(c) = &r.s3_credentials {
+            add(&c.access_key_id);
+            add(&c.secret_access_key);
+        }
+        if let Some(c) = &r.azure_credentials {
+            add(&c.storage_account);
+            add(&c.storage_key);
+        }
+        if let Some(c) = &r.google_credentials {
+            add(&c.application_credentials);
+        }
+    }
+    if let Some(e) = &stanza.spec.encryption {
+        add(e);
+    }
+    if let Some(c) = &stanza.spec.credentials {
+        out.push((c.name.clone(), Some("password".into())));
+    }
+    out
+}
+
 /// The volumes and mounts of the encryption passphrase and the Google
 /// credentials.
 pub(crate) fn secret_volumes(stanza: &Stanza) -> (Vec<Value>, Vec<Value>) {

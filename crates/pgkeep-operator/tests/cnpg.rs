@@ -123,9 +123,16 @@ fn kube_cnpg_plugin_over_mutual_tls_patches_pods_and_jobs_the_api_server_accepts
     cp.kubectl(&["create", "namespace", "db"]);
     for name in ["main", "old"] {
         cp.apply(&format!(
-            "apiVersion: pgkeep.dev/v1alpha1\nkind: Stanza\nmetadata: {{name: {name}, namespace: db}}\nspec:\n  selector: {{matchLabels: {{cnpg.io/cluster: pg}}}}\n  repositories:\n  - destinationPath: s3://backups/{name}\n    s3Credentials:\n      accessKeyId: {{name: s3, key: ACCESS_KEY_ID}}\n      secretAccessKey: {{name: s3, key: ACCESS_SECRET_KEY}}\n"
+            "apiVersion: pgkeep.dev/v1alpha1\nkind: Stanza\nmetadata: {{name: {name}, namespace: db}}\nspec:\n  selector: {{matchLabels: {{cnpg.io/cluster: pg}}}}\n  repositories:\n  - destinationPath: s3://backups/{name}\n    s3Credentials:\n      accessKeyId: {{name: s3-{name}, key: ACCESS_KEY_ID}}\n      secretAccessKey: {{name: s3-{name}, key: ACCESS_SECRET_KEY}}\n"
         ));
     }
+    // What the Stanza controller and the user make, which the sidecar
+    // mounts (the controller does not run here). main's S3 Secret is
+    // created below, after the refusal it is missing for.
+    for name in ["main", "old"] {
+        cp.kubectl(&["-n", "db", "create", "configmap", &format!("{name}-pgkeep"), "--from-literal=pgkeep.toml=# rendered"]);
+    }
+    cp.kubectl(&["-n", "db", "create", "secret", "generic", "main-agent", "--from-literal=token=0123456789abcdef0123"]);
     let certs = tempfile::tempdir().unwrap();
     self_signed(certs.path(), "server", "pgkeep-cnpg", "serverAuth");
     self_signed(certs.path(), "client", "pgkeep-cnpg-client", "clientAuth");
@@ -195,6 +202,34 @@ fn kube_cnpg_plugin_over_mutual_tls_patches_pods_and_jobs_the_api_server_accepts
             object_definition: serde_json::to_vec(object).unwrap(),
         };
         let c = cluster(json!({"stanza": "main"}));
+        // The S3 Secret the Stanza names is missing: refused, not a Pod
+        // stuck in CreateContainerConfigError.
+        let e = life.lifecycle_hook(hook(&instance_pod(), &c, Operation::Create)).await.unwrap_err();
+        assert!(e.message().contains("Secret 's3-main' of Stanza 'main' does not exist"), "{e:?}");
+        cp.kubectl(&["-n", "db", "create", "secret", "generic", "s3-main", "--from-literal=ACCESS_KEY_ID=a"]);
+        let e = life.lifecycle_hook(hook(&instance_pod(), &c, Operation::Create)).await.unwrap_err();
+        assert!(e.message().contains("key 'ACCESS_SECRET_KEY' of Secret 's3-main'"), "{e:?}");
+        cp.kubectl(&["-n", "db", "delete", "secret", "s3-main"]);
+        cp.kubectl(&[
+            "-n",
+            "db",
+            "create",
+            "secret",
+            "generic",
+            "s3-main",
+            "--from-literal=ACCESS_KEY_ID=a",
+            "--from-literal=ACCESS_SECRET_KEY=b",
+        ]);
+        cp.kubectl(&[
+            "-n",
+            "db",
+            "create",
+            "secret",
+            "generic",
+            "s3-old",
+            "--from-literal=ACCESS_KEY_ID=a",
+            "--from-literal=ACCESS_SECRET_KEY=b",
+        ]);
         let patch = life.lifecycle_hook(hook(&instance_pod(), &c, Operation::Create)).await.unwrap().into_inner().json_patch;
         let pod = apply(&instance_pod(), &patch);
         let (ok, out, err) =
@@ -203,8 +238,12 @@ fn kube_cnpg_plugin_over_mutual_tls_patches_pods_and_jobs_the_api_server_accepts
         let created: Value = serde_json::from_str(&out).unwrap();
         let sidecar = created["spec"]["initContainers"].as_array().unwrap().iter().find(|c| c["name"] == "plugin-pgkeep").unwrap();
         assert_eq!(sidecar["restartPolicy"], "Always");
-        // EVALUATE of the Pod made with it: nothing to change.
-        let again = life.lifecycle_hook(hook(&pod, &c, Operation::Evaluate)).await.unwrap().into_inner().json_patch;
+        // EVALUATE (of the Pod CloudNativePG would make now): the same
+        // patch, so no rollout while nothing changed.
+        let evaluated = life.lifecycle_hook(hook(&instance_pod(), &c, Operation::Evaluate)).await.unwrap().into_inner().json_patch;
+        assert_eq!(evaluated, patch);
+        // A spec that has the sidecar already is left as it is.
+        let again = life.lifecycle_hook(hook(&pod, &c, Operation::Create)).await.unwrap().into_inner().json_patch;
         assert!(again.is_empty(), "{}", String::from_utf8_lossy(&again));
 
         // The recovery Job of a Cluster bootstrapping from stanza old.
@@ -217,7 +256,13 @@ fn kube_cnpg_plugin_over_mutual_tls_patches_pods_and_jobs_the_api_server_accepts
         let (ok, _, err) = cp.kubectl_as(&cp.kubeconfig, &["create", "--dry-run=server", "-f", "-"], Some(&job.to_string()));
         assert!(ok && !err.contains("Warning"), "the API server refused the patched Job: {err}\n{job:#}");
         assert!(job.to_string().contains("old.toml") && job.to_string().contains("main.toml"), "{job:#}");
-        // A Job of another role (a snapshot recovery, an initdb) is not ours.
+        // A snapshot recovery replays WAL in its Job too: it gets the sidecar.
+        let mut snap = recovery_job();
+        snap["spec"]["template"]["metadata"]["labels"]["cnpg.io/jobRole"] = json!("snapshot-recovery");
+        snap["spec"]["template"]["spec"]["containers"][0]["name"] = json!("snapshot-recovery");
+        let patch = life.lifecycle_hook(hook(&snap, &rc, Operation::Create)).await.unwrap().into_inner().json_patch;
+        assert!(String::from_utf8_lossy(&patch).contains("plugin-pgkeep"), "{}", String::from_utf8_lossy(&patch));
+        // A Job of another role (initdb, join) is not ours.
         let mut other = recovery_job();
         other["spec"]["template"]["metadata"]["labels"]["cnpg.io/jobRole"] = json!("initdb");
         assert!(life.lifecycle_hook(hook(&other, &rc, Operation::Create)).await.unwrap().into_inner().json_patch.is_empty());
@@ -252,6 +297,13 @@ fn kube_cnpg_plugin_over_mutual_tls_patches_pods_and_jobs_the_api_server_accepts
             op.set_status_in_cluster(SetStatusInClusterRequest { cluster: serde_json::to_vec(&c).unwrap() }).await.unwrap().into_inner();
         let status: Value = serde_json::from_slice(&status.json_status).unwrap();
         assert_eq!((status["stanza"].as_str(), status["backups"].as_u64()), (Some("main"), Some(0)), "{status}");
+        // The same status again: nothing (CloudNativePG would patch the
+        // Cluster and reconcile it again in 5 s).
+        let mut with = c.clone();
+        with["status"]["pluginStatus"] = json!([{"name": "pgkeep.dev", "version": "0.1.0", "status": status.to_string()}]);
+        let again =
+            op.set_status_in_cluster(SetStatusInClusterRequest { cluster: serde_json::to_vec(&with).unwrap() }).await.unwrap().into_inner();
+        assert!(again.json_status.is_empty(), "{}", String::from_utf8_lossy(&again.json_status));
     });
 }
 

@@ -163,6 +163,10 @@ pub enum Command {
         /// failure other than "not in the archive" before answering it.
         #[arg(long, default_value_t = 30)]
         plugin_standby_restore_retry: u64,
+        /// With --plugin-socket: where a recovered Cluster with
+        /// spec.walStorage keeps pg_wal (CloudNativePG's WAL volume).
+        #[arg(long, hide = true, default_value = pgkeep_agent::cnpgi::CNPG_WAL_DIR)]
+        plugin_wal_dir: PathBuf,
     },
     /// Re-read and check stored data.
     Verify {

@@ -481,10 +481,22 @@ fn the_recovery_job_reaches_each_kind_of_target() {
         }
         let mut job_pk = Pgkeep::new(&dir, &format!("job-{kind}"), "pg");
         job_pk.config = configs.join("pg.toml");
-        let recovery = recovery_cluster_json("pg", &format!("restored-{kind}"), target.clone());
+        let mut recovery = recovery_cluster_json("pg", &format!("restored-{kind}"), target.clone());
+        // One of them with WAL on a volume of its own (spec.walStorage).
+        let wal_dir = dir.join(&format!("wal-volume-{kind}")).join("pg_wal");
+        if *kind == "end" {
+            recovery["spec"]["walStorage"] = json!({"size": "1Gi"});
+            std::fs::create_dir_all(wal_dir.parent().unwrap()).unwrap();
+            run_ok(Command::new("chown").arg("postgres:postgres").arg(wal_dir.parent().unwrap()), Duration::from_secs(10));
+        }
         let recovery_path = write_json(&dir, &format!("recovery-{kind}"), &recovery);
-        let job =
-            PluginAgent::start(&dir, &job_pk, &format!("job-{kind}"), &recovery_path, &["--plugin-config-dir", configs.to_str().unwrap()]);
+        let job = PluginAgent::start(
+            &dir,
+            &job_pk,
+            &format!("job-{kind}"),
+            &recovery_path,
+            &["--plugin-config-dir", configs.to_str().unwrap(), "--plugin-wal-dir", wal_dir.to_str().unwrap()],
+        );
         let config = rt.block_on(async {
             RestoreJobHooksClient::new(job.channel().await)
                 .restore(RestoreRequest { cluster_definition: serde_json::to_vec(&recovery).unwrap(), check_empty_wal_archive: Some(true) })
@@ -514,6 +526,13 @@ fn the_recovery_job_reaches_each_kind_of_target() {
         text.push_str("\ninclude_if_exists 'custom.conf'\n");
         std::fs::write(&conf, text).unwrap();
         std::fs::write(job_data.join("recovery.signal"), b"").unwrap();
+        if *kind == "end" {
+            assert_eq!(
+                std::fs::read_link(job_data.join("pg_wal")).ok().as_deref(),
+                Some(wal_dir.as_path()),
+                "pg_wal is not a link to the WAL volume"
+            );
+        }
         let restored = Cluster::start_restored(&dir, &job_data);
         let what = format!("recovery to {kind} ({target}) from {}", backup.backup_id);
         assert_same_dump(&what, expected, &restored.dump());
@@ -802,10 +821,17 @@ fn cnpg_manager_archives_and_restores_through_the_plugin() {
     let mut text = std::fs::read_to_string(&path).unwrap();
     text.push_str(&format!("archive_mode = on\narchive_command = '{archive}'\n"));
     std::fs::write(&path, text).unwrap();
+    // CloudNativePG's marker of a new data directory: 1.30.0's manager does
+    // not send check_empty_wal_archive, so the plugin reads the marker.
+    let marker = pg.addr.data.join(".check-empty-wal-archive");
+    std::fs::write(&marker, b"").unwrap();
+    run_ok(Command::new("chown").arg("postgres:postgres").arg(&marker), Duration::from_secs(10));
     pk.write_config(&pg.addr, &repo);
     let agent = PluginAgent::start_at(&dir, &pk, "agent", plugins.join("pgkeep.dev"), "unused", &[]);
     pg.start();
     pg.pgbench_init(2);
+    let first = pg.switch_wal();
+    pg.wait_archived(&first);
     let rt = rt();
     let cluster = serde_json::to_vec(&cluster_json("pg", "pg", true, "pg-1")).unwrap();
     let backup = rt.block_on(async {
@@ -823,6 +849,7 @@ fn cnpg_manager_archives_and_restores_through_the_plugin() {
     let expected = pg.dump();
     let seg = pg.switch_wal();
     pg.wait_archived(&seg);
+    assert!(!marker.exists(), "the plugin made the empty-archive check and removed the marker");
 
     // The recovery Job: the Cluster it sees is bootstrapping from pg.
     let recovery = recovery_cluster_json("pg", "restored", json!({}));

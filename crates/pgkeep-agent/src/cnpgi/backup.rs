@@ -66,6 +66,10 @@ impl backup_server::Backup for BackupService {
             )));
         }
         let status = crate::server::local_status(&stanza.settings, None).await.map_err(|e| engine_status(&e))?;
+        // A first backup may come before the first archived file, which
+        // creates the stanza: create it now (a no-op when it exists for
+        // this system; refused when it holds another).
+        pgkeep_core::stanza::create(&stanza).await.map_err(|e| engine_status(&e))?;
         let mut runner = self.0.cfg.runner.for_stanza(stanza.name());
         if status.role == Role::Standby {
             // No connection to the primary from here (CloudNativePG's users

@@ -63,7 +63,13 @@ pub struct PluginConfig {
     /// turns every error into the same exit status as "not found", on
     /// which PostgreSQL would end recovery early and promote.
     pub standby_restore_retry: Duration,
+    /// Where a Cluster with `spec.walStorage` keeps `pg_wal` (its WAL
+    /// volume; CloudNativePG's `/var/lib/postgresql/wal/pg_wal`).
+    pub wal_dir: PathBuf,
 }
+
+/// CloudNativePG's `pg_wal` on the WAL volume (`specs.PgWalVolumePgWalPath`).
+pub const CNPG_WAL_DIR: &str = "/var/lib/postgresql/wal/pg_wal";
 
 /// The default `restore_command` of a recovery: CloudNativePG's own, as
 /// its in-tree recovery and its plugins write it.

@@ -26,6 +26,7 @@
 //! last, and pg_basebackup copies it to every replica, where a recovery
 //! target would stop (or promote) them.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use pgkeep_cnpgi::cluster::{Cluster, Purpose, RecoveryTarget};
@@ -60,11 +61,12 @@ impl RestoreJobHooks for RestoreJobService {
         let req = req.into_inner();
         let cluster = cluster(&req.cluster_definition)?;
         let (stanza, source) = self.0.stanza(&cluster, Purpose::Recovery)?;
-        if req.check_empty_wal_archive == Some(true) {
+        if req.check_empty_wal_archive.unwrap_or_else(|| cluster.empty_archive_check_enabled()) {
             self.check_destination(&cluster).await?;
         }
         let wanted = cluster.recovery_target().cloned().unwrap_or_default();
-        let mut opts = options(&wanted).map_err(|e| engine_status(&e))?;
+        let timezone = cluster.spec.postgresql.as_ref().and_then(|p| p.parameters.get("timezone")).map(String::as_str);
+        let mut opts = options(&wanted, timezone).map_err(|e| engine_status(&e))?;
         let set = Some(wanted.backup_id.clone()).filter(|s| !s.is_empty()).or(source.backup.clone());
         opts.set = set.as_deref().map(BackupLabel::parse).transpose().map_err(|e| engine_status(&e))?;
         opts.restore_command = self.0.cfg.restore_command.clone();
@@ -83,6 +85,14 @@ impl RestoreJobHooks for RestoreJobService {
             report.pg_data.display(),
             report.files
         );
+        // WAL on a volume of its own: pg_wal a link to it before PostgreSQL
+        // replays anything (CloudNativePG 1.30.0 does this only for its
+        // in-tree recovery; later releases skip it when the link is there).
+        if cluster.spec.wal_storage.is_some() {
+            link_wal_dir(&report.pg_data, &self.0.cfg.wal_dir).map_err(|e| {
+                Status::internal(format!("cannot move pg_wal of {} to {}: {e}", report.pg_data.display(), self.0.cfg.wal_dir.display()))
+            })?;
+        }
         let mut config =
             format!("recovery_target_action = 'promote'\nrestore_command = '{}'\n", self.0.cfg.restore_command.replace('\'', "''"));
         // CloudNativePG writes recovery_target_timeline only when the
@@ -122,23 +132,69 @@ impl RestoreJobService {
     }
 }
 
-/// A `targetTime`: RFC 3339 or PostgreSQL's form; without a zone it is
-/// UTC, as CloudNativePG documents.
-fn cnpg_time(text: &str) -> pgkeep_core::Result<chrono::DateTime<chrono::Utc>> {
+/// Moves the content of `data/pg_wal` into `wal_dir` and makes `pg_wal` a
+/// link to it (nothing when it is that link already).
+fn link_wal_dir(data: &Path, wal_dir: &Path) -> std::io::Result<()> {
+    let pg_wal = data.join("pg_wal");
+    if std::fs::read_link(&pg_wal).is_ok_and(|l| l == wal_dir) {
+        return Ok(());
+    }
+    std::fs::create_dir_all(wal_dir)?;
+    move_content(&pg_wal, wal_dir)?;
+    std::fs::remove_dir(&pg_wal)?;
+    std::os::unix::fs::symlink(wal_dir, &pg_wal)
+}
+
+/// Moves every entry of `from` into `to`, copying across filesystems (the
+/// WAL volume is another one).
+fn move_content(from: &Path, to: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let (src, dst) = (entry.path(), to.join(entry.file_name()));
+        if std::fs::rename(&src, &dst).is_ok() {
+            continue;
+        }
+        if entry.file_type()?.is_dir() {
+            std::fs::create_dir_all(&dst)?;
+            move_content(&src, &dst)?;
+            std::fs::remove_dir(&src)?;
+        } else {
+            std::fs::copy(&src, &dst)?;
+            std::fs::File::open(&dst)?.sync_all()?;
+            std::fs::remove_file(&src)?;
+        }
+    }
+    std::fs::File::open(to)?.sync_all()
+}
+
+/// A `targetTime`: RFC 3339 or PostgreSQL's form. Without a zone,
+/// PostgreSQL reads it in the server's `timezone` (CloudNativePG passes
+/// that form on unchanged): UTC when the Cluster sets none or UTC, else
+/// refused rather than guessed.
+fn cnpg_time(text: &str, timezone: Option<&str>) -> pgkeep_core::Result<chrono::DateTime<chrono::Utc>> {
     target::parse_time(text).or_else(|e| {
         let t = text.trim();
-        ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M"]
+        let naive = ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M"]
             .iter()
             .find_map(|f| chrono::NaiveDateTime::parse_from_str(t, f).ok())
-            .map(|n| n.and_utc())
-            .ok_or(e)
+            .ok_or(e)?;
+        let utc = timezone
+            .is_none_or(|z| ["utc", "etc/utc", "gmt", "etc/gmt", "uct", "z", "zulu"].contains(&z.trim().to_ascii_lowercase().as_str()));
+        if !utc {
+            return Err(pgkeep_core::Error::Input(format!(
+                "targetTime '{text}' has no time zone and the cluster's timezone is '{}': write the zone in targetTime (e.g. '{t}+00')",
+                timezone.unwrap_or_default()
+            )));
+        }
+        Ok(naive.and_utc())
     })
 }
 
-/// The engine's restore options for CloudNativePG's `recoveryTarget`.
-fn options(t: &RecoveryTarget) -> pgkeep_core::Result<RestoreOptions> {
+/// The engine's restore options for CloudNativePG's `recoveryTarget`;
+/// `timezone` is the Cluster's `timezone` parameter.
+fn options(t: &RecoveryTarget, timezone: Option<&str>) -> pgkeep_core::Result<RestoreOptions> {
     let target = if !t.target_time.is_empty() {
-        Some(Target::Time(cnpg_time(&t.target_time)?))
+        Some(Target::Time(cnpg_time(&t.target_time, timezone)?))
     } else if !t.target_lsn.is_empty() {
         Some(Target::Lsn(t.target_lsn.parse()?))
     } else if !t.target_xid.is_empty() {
@@ -170,7 +226,7 @@ mod tests {
 
     #[test]
     fn each_kind_of_target_becomes_the_engines() {
-        let t = |v: serde_json::Value| options(&serde_json::from_value(v).unwrap());
+        let t = |v: serde_json::Value| options(&serde_json::from_value(v).unwrap(), None);
         assert_eq!(t(serde_json::json!({})).unwrap().target, None);
         assert!(matches!(t(serde_json::json!({"targetTime": "2026-01-02 03:04:05+00"})).unwrap().target, Some(Target::Time(_))));
         assert_eq!(t(serde_json::json!({"targetLSN": "0/3000028"})).unwrap().target, Some(Target::Lsn("0/3000028".parse().unwrap())));
@@ -184,6 +240,10 @@ mod tests {
         // Without a zone: UTC, as CloudNativePG says.
         let Some(Target::Time(utc)) = t(serde_json::json!({"targetTime": "2026-01-02 03:04:05"})).unwrap().target else { panic!() };
         assert_eq!(utc.to_rfc3339(), "2026-01-02T03:04:05+00:00");
+        let zoned =
+            |tz: &str| options(&serde_json::from_value(serde_json::json!({"targetTime": "2026-01-02 03:04:05"})).unwrap(), Some(tz));
+        assert!(zoned("Etc/UTC").is_ok());
+        assert!(zoned("Europe/Rome").unwrap_err().to_string().contains("has no time zone and the cluster's timezone is 'Europe/Rome'"));
         assert!(t(serde_json::json!({"targetTLI": "0"})).is_err());
     }
 }

@@ -71,7 +71,13 @@ impl Wal for WalService {
         let path = absolute(&req.source_file_name)?;
         let data = data_dir(&stanza.settings, &path).to_path_buf();
         let sending = pgkeep_core::pg::data_dir_system_id(&data);
-        if req.check_empty_wal_archive == Some(true) {
+        // CloudNativePG says whether to check; one that predates the field
+        // (1.30.0 included) leaves its marker file in a new data directory.
+        let check = match req.check_empty_wal_archive {
+            Some(c) => c,
+            None => data.join(CHECK_EMPTY_FILE).exists() && cluster.empty_archive_check_enabled(),
+        };
+        if check {
             let key = (stanza.name().to_owned(), sending.map(|s| s.to_string()).unwrap_or_default());
             let passed = self.0.empty_checked.lock().unwrap().contains(&key);
             if !passed {

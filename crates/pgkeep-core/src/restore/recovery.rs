@@ -60,8 +60,27 @@ pub fn recovery_settings(label: &BackupLabel, opts: &RestoreOptions) -> Vec<Stri
 
 /// What `settings_elsewhere` drops besides [`RECOVERY_KEYS`]: settings the
 /// caller owns, which `postgresql.auto.conf` (read last) would override.
-const CALLER_KEYS: &[&str] =
-    &["archive_mode", "archive_command", "archive_cleanup_command", "recovery_end_command", "primary_conninfo", "primary_slot_name"];
+const CALLER_KEYS: &[&str] = &[
+    "archive_mode",
+    "archive_command",
+    "archive_library",
+    "archive_cleanup_command",
+    "recovery_end_command",
+    "recovery_min_apply_delay",
+    "primary_conninfo",
+    "primary_slot_name",
+    "synchronous_standby_names",
+];
+
+/// The parameter a line of a configuration file sets (`key = value` or
+/// `key value`), lower-cased; empty for comments and blank lines.
+fn line_key(line: &str) -> String {
+    let l = line.trim_start();
+    if l.starts_with('#') {
+        return String::new();
+    }
+    l.split(|c: char| c == '=' || c.is_whitespace()).next().unwrap_or("").to_ascii_lowercase()
+}
 
 pub(super) fn write_recovery_settings(root: &Path, m: &Manifest, opts: &RestoreOptions) -> Result<()> {
     let auto = root.join("postgresql.auto.conf");
@@ -69,7 +88,8 @@ pub(super) fn write_recovery_settings(root: &Path, m: &Manifest, opts: &RestoreO
     let mut text: String = old
         .lines()
         .filter(|l| {
-            let key = l.split('=').next().unwrap_or("").trim();
+            let key = line_key(l);
+            let key = key.as_str();
             let ours = RECOVERY_KEYS.contains(&key)
                 || (opts.settings_elsewhere && CALLER_KEYS.contains(&key))
                 || (key == "archive_mode" && opts.archive_mode == Some(ArchiveMode::Off))
@@ -114,4 +134,18 @@ pub fn parse_timeline(s: &str) -> Result<String> {
 pub(super) fn write_label_and_settings(root: &Path, m: &Manifest, opts: &RestoreOptions) -> Result<()> {
     super::files::write_file(&root.join("backup_label"), m.backup_label.as_bytes())?;
     write_recovery_settings(root, m, opts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::line_key;
+
+    #[test]
+    fn a_line_names_its_key_with_or_without_equals() {
+        assert_eq!(line_key("archive_library = 'x'"), "archive_library");
+        assert_eq!(line_key("  Archive_Command 'x'"), "archive_command");
+        assert_eq!(line_key("restore_command='x'"), "restore_command");
+        assert_eq!(line_key("# restore_command = 'x'"), "");
+        assert_eq!(line_key(""), "");
+    }
 }

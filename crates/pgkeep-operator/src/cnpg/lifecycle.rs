@@ -16,8 +16,11 @@
 //!   so that the Stanza's status, `Backup`s of pgkeep and the metrics work
 //!   as for any other pod; a recovery Job serves only the socket.
 //!
-//! A spec that already has the sidecar is left as it is: CloudNativePG's
-//! `EVALUATE` of a Pod it made with it sees no change.
+//! CloudNativePG calls `EVALUATE` on the Pod it would create now (never on
+//! the live one) and compares the result with what the running Pod was
+//! made from: the patch must depend only on the Cluster, the Stanza and the
+//! image, or every change elsewhere would roll the pods. A spec that
+//! already has the sidecar is left as it is.
 
 use serde_json::{json, Value};
 
@@ -162,6 +165,9 @@ pub fn patch(object: &Value, base: &str, target: &Target<'_>, image: &str) -> Re
         // Ready once the socket is there: CloudNativePG's instance manager
         // connects to it as soon as PostgreSQL's container starts.
         "startupProbe": {"exec": {"command": ["test", "-S", SOCKET]}, "periodSeconds": 1, "failureThreshold": 60},
+        // Requests, so that a namespace's LimitRange or quota admits the
+        // pod; no CPU limit (a backup compresses as fast as it may).
+        "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}},
         "securityContext": {
             "allowPrivilegeEscalation": false, "privileged": false, "runAsNonRoot": true, "readOnlyRootFilesystem": true,
             "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}

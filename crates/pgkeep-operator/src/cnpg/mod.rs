@@ -90,9 +90,54 @@ impl Plugin {
     }
 }
 
+impl Plugin {
+    /// Refuses a sidecar that could not start: the Stanza's ConfigMap (its
+    /// controller writes it), and the Secrets and keys it names, must
+    /// exist, or the Pod would stay in CreateContainerConfigError with
+    /// PostgreSQL's container not started.
+    async fn check_mounted(&self, ns: &str, stanza: &Stanza, token: bool) -> Result<(), Status> {
+        use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+        let name = kube::ResourceExt::name_any(stanza);
+        let missing = |what: String| {
+            Err(Status::failed_precondition(format!(
+                "{what} of Stanza '{name}' does not exist in namespace '{ns}': the pgkeep sidecar could not start (is pgkeep's operator watching this namespace, and the Secret created?)"
+            )))
+        };
+        let unavailable = |e: kube::Error| Status::unavailable(format!("cannot read the objects of Stanza '{name}': {e}"));
+        let maps: Api<ConfigMap> = Api::namespaced(self.client.clone(), ns);
+        let map = crate::render::configmap_name(stanza);
+        if maps.get_opt(&map).await.map_err(unavailable)?.is_none() {
+            return missing(format!("ConfigMap '{map}'"));
+        }
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), ns);
+        let mut wanted = crate::inject::referenced_secrets(stanza);
+        if token {
+            wanted.push((crate::pods::token_secret_name(stanza), None));
+        }
+        for (secret, key) in wanted {
+            match secrets.get_opt(&secret).await.map_err(unavailable)? {
+                None => return missing(format!("Secret '{secret}'")),
+                Some(s) => {
+                    if let Some(key) = key {
+                        let has = s.data.as_ref().is_some_and(|d| d.contains_key(&key))
+                            || s.string_data.as_ref().is_some_and(|d| d.contains_key(&key));
+                        if !has {
+                            return missing(format!("key '{key}' of Secret '{secret}'"));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 fn cluster(json: &[u8]) -> Result<Cluster, Status> {
     Cluster::from_json(json).map_err(Status::invalid_argument)
 }
+
+/// The roles of the Jobs that recover from a pgkeep source.
+pub const RECOVERY_JOBS: &[&str] = &["full-recovery", "snapshot-recovery"];
 
 /// The services of the operator side.
 pub const SERVICES: &[Service] =
@@ -149,6 +194,7 @@ impl OperatorLifecycle for Plugin {
             Some("Pod") => {
                 let Ok(own) = cluster.stanza_for(Purpose::Own) else { return Ok(Response::new(OperatorLifecycleResponse::default())) };
                 let own = self.stanza(&ns, &own.stanza, &own.path).await?;
+                self.check_mounted(&ns, &own, true).await?;
                 lifecycle::patch(&object, "/spec", &Target::Pod { own: &own }, &self.image)
             }
             Some("Job") => {
@@ -156,14 +202,21 @@ impl OperatorLifecycle for Plugin {
                 let Ok(source) = cluster.stanza_for(Purpose::Recovery) else {
                     return Ok(Response::new(OperatorLifecycleResponse::default()));
                 };
-                if role != "full-recovery" {
+                // Both replay WAL through restore_command in the Job: without
+                // the sidecar, a snapshot recovery would find no plugin and
+                // end at the snapshot's own WAL.
+                if !RECOVERY_JOBS.contains(&role.as_str()) {
                     return Ok(Response::new(OperatorLifecycleResponse::default()));
                 }
                 let source = self.stanza(&ns, &source.stanza, &source.path).await?;
+                self.check_mounted(&ns, &source, false).await?;
                 let own = match cluster.stanza_for(Purpose::Own) {
                     Ok(o) => Some(self.stanza(&ns, &o.stanza, &o.path).await?),
                     Err(_) => None,
                 };
+                if let Some(own) = &own {
+                    self.check_mounted(&ns, own, false).await?;
+                }
                 lifecycle::patch(
                     &object,
                     "/spec/template/spec",
@@ -242,7 +295,8 @@ impl Operator for Plugin {
     }
 
     async fn set_status_in_cluster(&self, req: Request<SetStatusInClusterRequest>) -> Result<Response<SetStatusInClusterResponse>, Status> {
-        let cluster = cluster(&req.into_inner().cluster)?;
+        let raw = req.into_inner().cluster;
+        let cluster = cluster(&raw)?;
         let Ok(own) = cluster.stanza_for(Purpose::Own) else { return Ok(Response::new(SetStatusInClusterResponse::default())) };
         let stanza = self.stanza(&cluster.metadata.namespace, &own.stanza, &own.path).await?;
         let status = stanza.status.unwrap_or_default();
@@ -256,12 +310,25 @@ impl Operator for Plugin {
             "lastBackup": last_backup.map(|b| &b.label),
             "backups": status.backups.len(),
         });
+        // The same status again would make CloudNativePG patch the Cluster
+        // and reconcile it again in 5 s: say nothing when nothing changed.
+        if current_status(&raw) == Some(json.clone()) {
+            return Ok(Response::new(SetStatusInClusterResponse::default()));
+        }
         Ok(Response::new(SetStatusInClusterResponse { json_status: serde_json::to_vec(&json).expect("JSON") }))
     }
 
     async fn deregister(&self, _: Request<DeregisterRequest>) -> Result<Response<DeregisterResponse>, Status> {
         Ok(Response::new(DeregisterResponse {}))
     }
+}
+
+/// The status pgkeep.dev has in the Cluster now
+/// (`status.pluginStatus[].status`, JSON in a string).
+fn current_status(cluster_json: &[u8]) -> Option<Value> {
+    let v: Value = serde_json::from_slice(cluster_json).ok()?;
+    let entry = v.pointer("/status/pluginStatus")?.as_array()?.iter().find(|p| p["name"] == pgkeep_cnpgi::PLUGIN_NAME)?;
+    serde_json::from_str(entry.get("status")?.as_str()?).ok()
 }
 
 /// When the certificate files last changed.

@@ -19,8 +19,15 @@ use crate::cli::{Cli, Command};
 /// Runs the agent; `stanza` is the one resolved from the flags (required
 /// by the HTTP API, which serves one stanza).
 pub async fn run(cli: &Cli, stanza: Option<&Stanza>, config: Option<&Path>) -> Result<()> {
-    let Command::Agent { listen, token_file, plugin_socket, plugin_config_dir, plugin_restore_command, plugin_standby_restore_retry } =
-        &cli.command
+    let Command::Agent {
+        listen,
+        token_file,
+        plugin_socket,
+        plugin_config_dir,
+        plugin_restore_command,
+        plugin_standby_restore_retry,
+        plugin_wal_dir,
+    } = &cli.command
     else {
         unreachable!("agent::run runs the agent command")
     };
@@ -105,6 +112,7 @@ pub async fn run(cli: &Cli, stanza: Option<&Stanza>, config: Option<&Path>) -> R
                 .find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()))
                 .unwrap_or_else(|| "unknown".into()),
             standby_restore_retry: Duration::from_secs(*plugin_standby_restore_retry),
+            wal_dir: plugin_wal_dir.clone(),
         };
         let plugin = Plugin::new(cfg, jobs.clone());
         eprintln!("pgkeep: CloudNativePG plugin {} serving on {}", pgkeep_cnpgi::PLUGIN_NAME, socket.display());
