@@ -343,10 +343,17 @@ pub async fn serve(client: Client, cfg: CnpgPluginConfig) -> anyhow::Result<()> 
     let plugin = Plugin { client, image: cfg.image.clone() };
     loop {
         let read = |p: &PathBuf| std::fs::read(p).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()));
-        let tls = ServerTlsConfig::new()
-            .identity(TlsIdentity::from_pem(read(&cfg.cert)?, read(&cfg.key)?))
-            .client_ca_root(Certificate::from_pem(read(&cfg.client_ca)?));
-        let seen = stamps(&cfg);
+        // The three files as one set: read again when one changed while
+        // they were read (the kubelet swaps a Secret's files together).
+        let (cert, key, ca, seen) = loop {
+            let before = stamps(&cfg);
+            let (cert, key, ca) = (read(&cfg.cert)?, read(&cfg.key)?, read(&cfg.client_ca)?);
+            if stamps(&cfg) == before {
+                break (cert, key, ca, before);
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
+        let tls = ServerTlsConfig::new().identity(TlsIdentity::from_pem(cert, key)).client_ca_root(Certificate::from_pem(ca));
         let changed = {
             let cfg = cfg.clone();
             async move {
