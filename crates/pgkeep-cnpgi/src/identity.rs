@@ -1,9 +1,40 @@
 //! The plugin's identity, the same on both sides (the agent's Unix socket
-//! and the operator-side service).
+//! and the operator-side service), which differ only in the services they
+//! offer.
 
+use tonic::{Request, Response, Status};
+
+use crate::proto::identity::identity_server::Identity;
 use crate::proto::identity::plugin_capability::service::Type;
 use crate::proto::identity::plugin_capability::{self, Service};
-use crate::proto::identity::{GetPluginCapabilitiesResponse, GetPluginMetadataResponse, PluginCapability};
+use crate::proto::identity::{
+    GetPluginCapabilitiesRequest, GetPluginCapabilitiesResponse, GetPluginMetadataRequest, GetPluginMetadataResponse, PluginCapability,
+    ProbeRequest, ProbeResponse,
+};
+
+/// `cnpgi.identity.v1.Identity` of a side offering `services`.
+pub struct IdentityService {
+    /// The services this side offers.
+    pub services: &'static [Type],
+}
+
+#[tonic::async_trait]
+impl Identity for IdentityService {
+    async fn get_plugin_metadata(&self, _: Request<GetPluginMetadataRequest>) -> Result<Response<GetPluginMetadataResponse>, Status> {
+        Ok(Response::new(metadata()))
+    }
+
+    async fn get_plugin_capabilities(
+        &self,
+        _: Request<GetPluginCapabilitiesRequest>,
+    ) -> Result<Response<GetPluginCapabilitiesResponse>, Status> {
+        Ok(Response::new(capabilities(self.services)))
+    }
+
+    async fn probe(&self, _: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {
+        Ok(Response::new(ProbeResponse { ready: true }))
+    }
+}
 
 /// The plugin's metadata (the same on both sides).
 pub fn metadata() -> GetPluginMetadataResponse {

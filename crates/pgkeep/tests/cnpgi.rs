@@ -18,7 +18,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use pgkeep_cnpgi::proto::backup::backup_client::BackupClient;
-use pgkeep_cnpgi::proto::backup::{BackupCapabilitiesRequest, BackupRequest};
+use pgkeep_cnpgi::proto::backup::{BackupCapabilitiesRequest, BackupRequest, BackupResult};
 use pgkeep_cnpgi::proto::identity::identity_client::IdentityClient;
 use pgkeep_cnpgi::proto::identity::{GetPluginCapabilitiesRequest, GetPluginMetadataRequest, ProbeRequest};
 use pgkeep_cnpgi::proto::metrics::metrics_client::MetricsClient;
@@ -159,6 +159,40 @@ fn cnpg_cluster(dir: &TestDir, name: &str, socket: &Path, cluster_json: &Path) -
     c
 }
 
+/// A Backup through `agent`'s plugin (`backup_json(name, kind)`, the
+/// `type` also given as the call's parameters), failing the test with the
+/// agent's log.
+fn take_backup(rt: &tokio::runtime::Runtime, agent: &PluginAgent, cluster: &[u8], name: &str, kind: &str) -> BackupResult {
+    rt.block_on(async {
+        BackupClient::new(agent.channel().await)
+            .backup(BackupRequest {
+                cluster_definition: cluster.to_vec(),
+                backup_definition: serde_json::to_vec(&backup_json(name, kind)).unwrap(),
+                parameters: [("type".to_owned(), kind.to_owned())].into(),
+            })
+            .await
+            .unwrap_or_else(|s| panic!("{kind} backup {name}: {s:?}\n{}", tail(&agent.log, 20)))
+            .into_inner()
+    })
+}
+
+/// A cluster archiving through the plugin as CloudNativePG's would
+/// (`cnpg_cluster`), with Cluster `json`, stanza `pg` in a local
+/// repository, and its agent (with `extra` arguments), started. Bind it as
+/// `let (dir, repo, pk, json_path, pg, agent) = ...`: the bindings drop in
+/// reverse, the agent first and the directory last.
+fn plugin_cluster(name: &str, json: &serde_json::Value, extra: &[&str]) -> (TestDir, Repo, Pgkeep, PathBuf, Cluster, PluginAgent) {
+    let dir = TestDir::new(name);
+    let repo = Repo::local(&dir, "repo");
+    let pk = Pgkeep::new(&dir, "plugin", "pg");
+    let json_path = write_json(&dir, "cluster", json);
+    let pg = cnpg_cluster(&dir, "pg-data", &dir.join("agent.sock"), &json_path);
+    pk.write_config(&pg.addr, &repo);
+    let agent = PluginAgent::start(&dir, &pk, "agent", &json_path, extra);
+    pg.start();
+    (dir, repo, pk, json_path, pg, agent)
+}
+
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
 }
@@ -168,16 +202,8 @@ fn rt() -> tokio::runtime::Runtime {
 /// Metrics of one running cluster.
 #[test]
 fn every_instance_rpc_over_the_socket_against_a_real_cluster() {
-    let dir = TestDir::new("cnpgi");
-    let repo = Repo::local(&dir, "repo");
-    let pk = Pgkeep::new(&dir, "plugin", "pg");
-    let json_path = write_json(&dir, "cluster", &cluster_json("pg", "pg", true, "pg-1"));
-    let data = dir.join("pg-data");
-    // The config names the server the agent sits beside.
-    let pg = cnpg_cluster(&dir, "pg-data", &dir.join("agent.sock"), &json_path);
-    pk.write_config(&pg.addr, &repo);
-    let agent = PluginAgent::start(&dir, &pk, "agent", &json_path, &[]);
-    pg.start();
+    let (dir, repo, pk, json_path, pg, agent) = plugin_cluster("cnpgi", &cluster_json("pg", "pg", true, "pg-1"), &[]);
+    let data = pg.addr.data.clone();
     let rt = rt();
     let cluster = serde_json::to_vec(&cluster_json("pg", "pg", true, "pg-1")).unwrap();
 
@@ -352,23 +378,12 @@ fn every_instance_rpc_over_the_socket_against_a_real_cluster() {
         .iter()
         .map(|kind| {
             pg.pgbench(3, 2);
-            rt.block_on(async {
-                let mut b = BackupClient::new(agent.channel().await);
-                let r = b
-                    .backup(BackupRequest {
-                        cluster_definition: cluster.clone(),
-                        backup_definition: serde_json::to_vec(&backup_json(&format!("b-{kind}"), kind)).unwrap(),
-                        parameters: [("type".to_owned(), kind.to_string())].into(),
-                    })
-                    .await
-                    .unwrap_or_else(|s| panic!("{kind} backup: {s:?}\n{}", tail(&agent.log, 20)))
-                    .into_inner();
-                assert!(r.online && r.started_at > 0 && r.stopped_at >= r.started_at, "{r:?}");
-                assert!(r.begin_wal.len() == 24 && r.end_wal >= r.begin_wal && r.begin_lsn.contains('/'), "{r:?}");
-                assert_eq!(r.metadata.get("type").map(String::as_str), Some(*kind));
-                assert_eq!(r.backup_id.chars().last(), Some(if *kind == "full" { 'F' } else { 'I' }), "{r:?}");
-                r.backup_id
-            })
+            let r = take_backup(&rt, &agent, &cluster, &format!("b-{kind}"), kind);
+            assert!(r.online && r.started_at > 0 && r.stopped_at >= r.started_at, "{r:?}");
+            assert!(r.begin_wal.len() == 24 && r.end_wal >= r.begin_wal && r.begin_lsn.contains('/'), "{r:?}");
+            assert_eq!(r.metadata.get("type").map(String::as_str), Some(*kind));
+            assert_eq!(r.backup_id.chars().last(), Some(if *kind == "full" { 'F' } else { 'I' }), "{r:?}");
+            r.backup_id
         })
         .collect();
     let info: serde_json::Value = serde_json::from_str(&pk.ok(&["info", "--output", "json"])).unwrap();
@@ -430,17 +445,7 @@ fn the_recovery_job_reaches_each_kind_of_target() {
     pg.pgbench_init(2);
     let rt = rt();
     let cluster = serde_json::to_vec(&cluster_json("pg", "pg", true, "pg-1")).unwrap();
-    let backup = rt.block_on(async {
-        BackupClient::new(agent.channel().await)
-            .backup(BackupRequest {
-                cluster_definition: cluster.clone(),
-                backup_definition: serde_json::to_vec(&backup_json("b1", "full")).unwrap(),
-                parameters: Default::default(),
-            })
-            .await
-            .unwrap_or_else(|s| panic!("backup: {s:?}\n{}", tail(&agent.log, 20)))
-            .into_inner()
-    });
+    let backup = take_backup(&rt, &agent, &cluster, "b1", "full");
     let mut targets: Vec<(&str, serde_json::Value, String)> = Vec::new();
     targets.push(("immediate", json!({"targetImmediate": true}), pg.dump()));
     pg.pgbench(2, 2);
@@ -582,14 +587,8 @@ fn cnpg_target_options(t: &serde_json::Value) -> String {
 /// config file is refused with the field that names it.
 #[test]
 fn a_bootstrap_restore_waits_out_an_unreadable_archive_instead_of_ending_recovery() {
-    let dir = TestDir::new("cnpgi-stall");
-    let repo = Repo::local(&dir, "repo");
-    let pk = Pgkeep::new(&dir, "plugin", "pg");
-    let json_path = write_json(&dir, "cluster", &cluster_json("pg", "pg", true, "pg-1"));
-    let pg = cnpg_cluster(&dir, "pg-data", &dir.join("agent.sock"), &json_path);
-    pk.write_config(&pg.addr, &repo);
-    let agent = PluginAgent::start(&dir, &pk, "agent", &json_path, &["--plugin-standby-restore-retry", "1"]);
-    pg.start();
+    let (dir, repo, _pk, _json_path, pg, agent) =
+        plugin_cluster("cnpgi-stall", &cluster_json("pg", "pg", true, "pg-1"), &["--plugin-standby-restore-retry", "1"]);
     pg.psql("create table t as select 1 a");
     let seg = pg.switch_wal();
     pg.wait_archived(&seg);
@@ -652,16 +651,9 @@ fn a_bootstrap_restore_waits_out_an_unreadable_archive_instead_of_ending_recover
 /// had.
 #[test]
 fn full_and_incr_backups_from_a_standby_restore_what_the_primary_had() {
-    let dir = TestDir::new("cnpgi-standby");
-    let repo = Repo::local(&dir, "repo");
-    let pk = Pgkeep::new(&dir, "plugin", "pg");
     let mut json = cluster_json("pg", "pg", true, "pg-1");
     json["spec"]["postgresql"]["parameters"]["archive_timeout"] = serde_json::json!("1s");
-    let json_path = write_json(&dir, "cluster", &json);
-    let pg = cnpg_cluster(&dir, "pg-data", &dir.join("agent.sock"), &json_path);
-    pk.write_config(&pg.addr, &repo);
-    let agent = PluginAgent::start(&dir, &pk, "agent", &json_path, &[]);
-    pg.start();
+    let (dir, repo, pk, json_path, pg, agent) = plugin_cluster("cnpgi-standby", &json, &[]);
     pg.psql("alter system set archive_timeout = 1");
     pg.psql("select pg_reload_conf()");
     pg.pgbench_init(2);
@@ -677,17 +669,7 @@ fn full_and_incr_backups_from_a_standby_restore_what_the_primary_had() {
     let mut labels = Vec::new();
     for kind in ["full", "incr"] {
         let load = pg.pgbench_background(6, 2);
-        let r = rt.block_on(async {
-            BackupClient::new(standby_agent.channel().await)
-                .backup(BackupRequest {
-                    cluster_definition: cluster.clone(),
-                    backup_definition: serde_json::to_vec(&backup_json(&format!("s-{kind}"), kind)).unwrap(),
-                    parameters: Default::default(),
-                })
-                .await
-                .unwrap_or_else(|s| panic!("{kind} backup on the standby: {s:?}\n{}", tail(&standby_agent.log, 20)))
-                .into_inner()
-        });
+        let r = take_backup(&rt, &standby_agent, &cluster, &format!("s-{kind}"), kind);
         load.wait_ok();
         labels.push(r.backup_id);
     }
@@ -834,17 +816,7 @@ fn cnpg_manager_archives_and_restores_through_the_plugin() {
     pg.wait_archived(&first);
     let rt = rt();
     let cluster = serde_json::to_vec(&cluster_json("pg", "pg", true, "pg-1")).unwrap();
-    let backup = rt.block_on(async {
-        BackupClient::new(agent.channel().await)
-            .backup(BackupRequest {
-                cluster_definition: cluster.clone(),
-                backup_definition: serde_json::to_vec(&backup_json("m1", "full")).unwrap(),
-                parameters: Default::default(),
-            })
-            .await
-            .unwrap_or_else(|s| panic!("backup: {s:?}\n{}", tail(&agent.log, 20)))
-            .into_inner()
-    });
+    let backup = take_backup(&rt, &agent, &cluster, "m1", "full");
     pg.pgbench(3, 2);
     let expected = pg.dump();
     let seg = pg.switch_wal();

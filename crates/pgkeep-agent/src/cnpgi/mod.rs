@@ -176,7 +176,9 @@ pub async fn serve(plugin: Arc<Plugin>, shutdown: impl std::future::Future<Outpu
     let listener = tokio::net::UnixListener::bind(&path)?;
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
     let result = tonic::transport::Server::builder()
-        .add_service(proto::identity::identity_server::IdentityServer::new(identity::IdentityService))
+        .add_service(proto::identity::identity_server::IdentityServer::new(pgkeep_cnpgi::identity::IdentityService {
+            services: identity::SERVICES,
+        }))
         .add_service(proto::wal::wal_server::WalServer::from_arc(Arc::new(wal::WalService(plugin.clone()))))
         .add_service(proto::backup::backup_server::BackupServer::from_arc(Arc::new(backup::BackupService(plugin.clone()))))
         .add_service(proto::wal::restore_job_hooks_server::RestoreJobHooksServer::from_arc(Arc::new(restore_job::RestoreJobService(

@@ -23,12 +23,8 @@ use std::time::{Duration, SystemTime};
 
 use kube::{Api, Client};
 use pgkeep_cnpgi::cluster::{validate, Cluster, ParamError, Purpose};
-use pgkeep_cnpgi::proto::identity::identity_server::{Identity, IdentityServer};
+use pgkeep_cnpgi::proto::identity::identity_server::IdentityServer;
 use pgkeep_cnpgi::proto::identity::plugin_capability::service::Type as Service;
-use pgkeep_cnpgi::proto::identity::{
-    GetPluginCapabilitiesRequest, GetPluginCapabilitiesResponse, GetPluginMetadataRequest, GetPluginMetadataResponse, ProbeRequest,
-    ProbeResponse,
-};
 use pgkeep_cnpgi::proto::lifecycle::operator_lifecycle_server::{OperatorLifecycle, OperatorLifecycleServer};
 use pgkeep_cnpgi::proto::lifecycle::operator_operation_type::Type as Operation;
 use pgkeep_cnpgi::proto::lifecycle::{
@@ -142,24 +138,6 @@ pub const RECOVERY_JOBS: &[&str] = &["full-recovery", "snapshot-recovery"];
 /// The services of the operator side.
 pub const SERVICES: &[Service] =
     &[Service::OperatorService, Service::LifecycleService, Service::InstanceSidecarInjection, Service::InstanceJobSidecarInjection];
-
-#[tonic::async_trait]
-impl Identity for Plugin {
-    async fn get_plugin_metadata(&self, _: Request<GetPluginMetadataRequest>) -> Result<Response<GetPluginMetadataResponse>, Status> {
-        Ok(Response::new(pgkeep_cnpgi::identity::metadata()))
-    }
-
-    async fn get_plugin_capabilities(
-        &self,
-        _: Request<GetPluginCapabilitiesRequest>,
-    ) -> Result<Response<GetPluginCapabilitiesResponse>, Status> {
-        Ok(Response::new(pgkeep_cnpgi::identity::capabilities(SERVICES)))
-    }
-
-    async fn probe(&self, _: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {
-        Ok(Response::new(ProbeResponse { ready: true }))
-    }
-}
 
 #[tonic::async_trait]
 impl OperatorLifecycle for Plugin {
@@ -367,7 +345,7 @@ pub async fn serve(client: Client, cfg: CnpgPluginConfig) -> anyhow::Result<()> 
         };
         Server::builder()
             .tls_config(tls)?
-            .add_service(IdentityServer::new(plugin.clone()))
+            .add_service(IdentityServer::new(pgkeep_cnpgi::identity::IdentityService { services: SERVICES }))
             .add_service(OperatorLifecycleServer::new(plugin.clone()))
             .add_service(OperatorServer::new(plugin.clone()))
             .serve_with_shutdown(cfg.listen, changed)
