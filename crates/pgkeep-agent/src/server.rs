@@ -1,5 +1,6 @@
 //! The agent's HTTP server (see [`crate::api`] for the routes).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,11 +36,37 @@ pub struct Agent {
     cfg: AgentConfig,
     jobs: Arc<Jobs>,
     /// The repository's `info`, cached for metrics scrapes.
-    info: Mutex<Option<(Instant, serde_json::Value)>>,
+    info: InfoCache,
 }
 
-/// How long a scrape reuses the repository's `info`.
+/// How long a scrape reuses a repository's `info`.
 const INFO_CACHE: Duration = Duration::from_secs(30);
+
+/// Each stanza's `info` (the engine's JSON), kept [`INFO_CACHE`] for
+/// metrics scrapes: every pod's agent reports the same repository.
+#[derive(Default)]
+pub struct InfoCache(Mutex<BTreeMap<String, (Instant, serde_json::Value)>>);
+
+impl InfoCache {
+    /// The `info` of `stanza`, at most [`INFO_CACHE`] old when `cached`.
+    pub async fn get(&self, stanza: &Stanza, cached: bool) -> pgkeep_core::Result<serde_json::Value> {
+        let mut map = self.0.lock().await;
+        if let (true, Some((at, v))) = (cached, map.get(stanza.name())) {
+            if at.elapsed() < INFO_CACHE {
+                return Ok(v.clone());
+            }
+        }
+        let info = pgkeep_core::info::collect(stanza).await?;
+        let v = serde_json::to_value(&info).map_err(|e| pgkeep_core::Error::Input(format!("cannot encode info: {e}")))?;
+        map.insert(stanza.name().to_owned(), (Instant::now(), v.clone()));
+        Ok(v)
+    }
+
+    /// Forgets what is cached of stanza `name` (its backups changed).
+    pub async fn forget(&self, name: &str) {
+        self.0.lock().await.remove(name);
+    }
+}
 
 impl Agent {
     /// The agent over `cfg`.
@@ -50,7 +77,7 @@ impl Agent {
     /// The agent over `cfg`, sharing `jobs` with another front end of the
     /// same process (one backup at a time, whoever asks).
     pub fn with_jobs(cfg: AgentConfig, jobs: Arc<Jobs>) -> Arc<Agent> {
-        Arc::new(Agent { cfg, jobs, info: Mutex::new(None) })
+        Arc::new(Agent { cfg, jobs, info: InfoCache::default() })
     }
 
     /// The jobs (for metrics).
@@ -71,16 +98,7 @@ impl Agent {
     /// The engine's `info` of the stanza, at most [`INFO_CACHE`] old when
     /// `cached`.
     pub async fn info(&self, cached: bool) -> pgkeep_core::Result<serde_json::Value> {
-        let mut slot = self.info.lock().await;
-        if let (true, Some((at, v))) = (cached, slot.as_ref()) {
-            if at.elapsed() < INFO_CACHE {
-                return Ok(v.clone());
-            }
-        }
-        let info = pgkeep_core::info::collect(&Stanza::new(self.cfg.settings.clone())).await?;
-        let v = serde_json::to_value(&info).map_err(|e| pgkeep_core::Error::Input(format!("cannot encode info: {e}")))?;
-        *slot = Some((Instant::now(), v.clone()));
-        Ok(v)
+        self.info.get(&Stanza::new(self.cfg.settings.clone()), cached).await
     }
 }
 
@@ -225,7 +243,7 @@ async fn expire_backup(State(agent): State<Arc<Agent>>, headers: HeaderMap, Path
     match pgkeep_core::expire::run_each(&stanza, None, &opts).await {
         Ok(r) if r.failed.is_empty() => {
             let repos = r.done.iter().map(|d| (d.repo, d.expired.iter().map(|(l, _)| l.0.clone()).collect())).collect();
-            *agent.info.lock().await = None;
+            agent.info.forget(&agent.cfg.settings.stanza).await;
             Json(Expired { repos }).into_response()
         }
         Ok(r) => {

@@ -193,6 +193,16 @@ fn plugin_cluster(name: &str, json: &serde_json::Value, extra: &[&str]) -> (Test
     (dir, repo, pk, json_path, pg, agent)
 }
 
+/// An Archive call of the file at `path`.
+fn archive_req(cluster: Vec<u8>, path: String, check_empty: Option<bool>) -> WalArchiveRequest {
+    WalArchiveRequest {
+        cluster_definition: cluster,
+        source_file_name: path,
+        parameters: Default::default(),
+        check_empty_wal_archive: check_empty,
+    }
+}
+
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
 }
@@ -292,12 +302,7 @@ fn every_instance_rpc_over_the_socket_against_a_real_cluster() {
         std::fs::write(&copy, &archived[0].1).unwrap();
         let fresh = PluginAgent::start(&dir, &pk, "fresh", &json_path, &[]);
         let refused = WalClient::new(fresh.channel().await)
-            .archive(WalArchiveRequest {
-                cluster_definition: cluster.clone(),
-                source_file_name: copy.display().to_string(),
-                parameters: Default::default(),
-                check_empty_wal_archive: Some(true),
-            })
+            .archive(archive_req(cluster.clone(), copy.display().to_string(), Some(true)))
             .await
             .unwrap_err();
         assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
@@ -305,24 +310,9 @@ fn every_instance_rpc_over_the_socket_against_a_real_cluster() {
         drop(fresh);
         // The agent that made the check once does not make it again (the
         // instance manager asks until it removes its marker, later).
-        wal.archive(WalArchiveRequest {
-            cluster_definition: cluster.clone(),
-            source_file_name: copy.display().to_string(),
-            parameters: Default::default(),
-            check_empty_wal_archive: Some(true),
-        })
-        .await
-        .unwrap();
+        wal.archive(archive_req(cluster.clone(), copy.display().to_string(), Some(true))).await.unwrap();
         // A relative path is refused (CloudNativePG sends absolute ones).
-        let e = wal
-            .archive(WalArchiveRequest {
-                cluster_definition: cluster.clone(),
-                source_file_name: format!("pg_wal/{first}"),
-                parameters: Default::default(),
-                check_empty_wal_archive: Some(false),
-            })
-            .await
-            .unwrap_err();
+        let e = wal.archive(archive_req(cluster.clone(), format!("pg_wal/{first}"), Some(false))).await.unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
         // Not the WAL source of a running cluster: not found, at once,
         // so that CloudNativePG asks the next plugin.
@@ -339,24 +329,10 @@ fn every_instance_rpc_over_the_socket_against_a_real_cluster() {
             .unwrap_err();
         assert!(e.code() == Code::NotFound && t.elapsed() < Duration::from_secs(5), "{e:?}");
         // Without the check, the same file again is accepted (same content).
-        wal.archive(WalArchiveRequest {
-            cluster_definition: cluster.clone(),
-            source_file_name: copy.display().to_string(),
-            parameters: Default::default(),
-            check_empty_wal_archive: Some(false),
-        })
-        .await
-        .unwrap();
+        wal.archive(archive_req(cluster.clone(), copy.display().to_string(), Some(false))).await.unwrap();
         // isWALArchiver: false: CloudNativePG still calls; nothing is stored.
         let not_archiver = serde_json::to_vec(&cluster_json("pg", "nowhere", false, "pg-1")).unwrap();
-        wal.archive(WalArchiveRequest {
-            cluster_definition: not_archiver,
-            source_file_name: copy.display().to_string(),
-            parameters: Default::default(),
-            check_empty_wal_archive: Some(true),
-        })
-        .await
-        .unwrap();
+        wal.archive(archive_req(not_archiver, copy.display().to_string(), Some(true))).await.unwrap();
         wal.set_first_required(SetFirstRequiredRequest { cluster_definition: cluster.clone(), first_required_wal: seg.clone() })
             .await
             .unwrap();

@@ -3,8 +3,8 @@
 //!
 //! The backup runs as a child `pgkeep backup` (see [`crate::jobs`]), in the
 //! agent's one job slot, keyed by the `Backup`'s uid: a call repeated for
-//! the same `Backup` (CloudNativePG retrying after a restart of its
-//! instance manager) follows the same run instead of starting another.
+//! the same `Backup` follows the run in progress (or its result) instead
+//! of starting another, and runs again when the last attempt failed.
 //! The type is the `Backup`'s `pluginConfiguration.parameters.type`
 //! (`full` when not given). pgkeep must be the cluster's WAL archiver: a
 //! backup waits for its last WAL segment in pgkeep's repository.

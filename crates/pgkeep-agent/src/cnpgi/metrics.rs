@@ -56,7 +56,7 @@ impl Metrics for MetricsService {
             }
         };
         let status = crate::server::local_status(&stanza.settings, self.0.jobs.running()).await.ok();
-        let info = self.0.info(&stanza).await.ok();
+        let info = self.0.info.get(&stanza, true).await.ok();
         let finished = self.0.jobs.finished();
         let samples = collect(&Inputs { status: status.as_ref(), info: info.as_ref(), finished: &finished });
         let metrics = samples

@@ -23,13 +23,12 @@ pub mod wal;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pgkeep_cnpgi::cluster::{Cluster, ParamError, Purpose, StanzaRef};
 use pgkeep_cnpgi::proto;
 use pgkeep_core::config::Settings;
 use pgkeep_core::Stanza;
-use tokio::sync::Mutex;
 use tonic::Status;
 
 use crate::jobs::{Jobs, Runner};
@@ -80,7 +79,7 @@ pub struct Plugin {
     cfg: PluginConfig,
     jobs: Arc<Jobs>,
     /// Each stanza's `info`, cached for metrics.
-    info: Mutex<BTreeMap<String, (Instant, serde_json::Value)>>,
+    info: crate::server::InfoCache,
     /// The first WAL CloudNativePG last said it needs, per stanza.
     first_required: std::sync::Mutex<BTreeMap<String, String>>,
     /// (stanza, system) whose empty-archive check passed in this process.
@@ -89,9 +88,6 @@ pub struct Plugin {
     warned_not_archiver: std::sync::atomic::AtomicBool,
 }
 
-/// How long a metrics collection reuses a stanza's `info`.
-const INFO_CACHE: Duration = Duration::from_secs(30);
-
 impl Plugin {
     /// The plugin over `cfg`, running backups in `jobs` (shared with the
     /// agent's HTTP API when both run).
@@ -99,7 +95,7 @@ impl Plugin {
         Arc::new(Plugin {
             cfg,
             jobs,
-            info: Mutex::new(BTreeMap::new()),
+            info: Default::default(),
             first_required: Default::default(),
             empty_checked: Default::default(),
             warned_not_archiver: Default::default(),
@@ -113,24 +109,42 @@ impl Plugin {
         Ok((Stanza::new(settings), r))
     }
 
-    /// The stanza's `info` (the engine's JSON), at most [`INFO_CACHE`] old.
-    async fn info(&self, stanza: &Stanza) -> pgkeep_core::Result<serde_json::Value> {
-        let mut cache = self.info.lock().await;
-        if let Some((at, v)) = cache.get(stanza.name()) {
-            if at.elapsed() < INFO_CACHE {
-                return Ok(v.clone());
-            }
-        }
-        let info = pgkeep_core::info::collect(stanza).await?;
-        let v = serde_json::to_value(&info).map_err(|e| pgkeep_core::Error::Input(format!("cannot encode info: {e}")))?;
-        cache.insert(stanza.name().to_owned(), (Instant::now(), v.clone()));
-        Ok(v)
-    }
-
     /// The first WAL CloudNativePG said stanza `name` must keep.
     pub fn first_required(&self, name: &str) -> Option<String> {
         self.first_required.lock().unwrap().get(name).cloned()
     }
+}
+
+/// What a repository of a stanza already holds.
+pub(crate) struct Used {
+    /// The repository.
+    pub repo: usize,
+    /// Its backups.
+    pub backups: usize,
+    /// Its archived segments.
+    pub segments: usize,
+    /// The newest of them.
+    pub newest: Option<String>,
+}
+
+/// The first repository of `stanza` that holds any backup or WAL, if any;
+/// a repository where the stanza was never created holds none.
+pub(crate) async fn first_used_repo(stanza: &Stanza) -> pgkeep_core::Result<Option<Used>> {
+    for number in 1..=stanza.settings.repos.len() {
+        let repo = match stanza.open(number).await {
+            Ok(r) => r,
+            Err(e) if e.hint() == Some(&pgkeep_core::Hint::run(pgkeep_core::Operation::StanzaCreate)) => continue,
+            Err(e) => return Err(e),
+        };
+        let seg_size = repo.system.wal_segment_size;
+        let segments: Vec<_> = repo.list_segments().await?.into_iter().map(|(s, _)| s).collect();
+        let backups = repo.backups().await?.len();
+        if !segments.is_empty() || backups > 0 {
+            let newest = segments.iter().max().map(|s| s.name(seg_size));
+            return Ok(Some(Used { repo: number, backups, segments: segments.len(), newest }));
+        }
+    }
+    Ok(None)
 }
 
 /// Reads the `Cluster` of a request.

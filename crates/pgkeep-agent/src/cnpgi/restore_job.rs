@@ -35,7 +35,6 @@ use pgkeep_cnpgi::proto::wal::restore_job_hooks_server::RestoreJobHooks;
 use pgkeep_cnpgi::proto::wal::{
     RestoreJobHooksCapabilitiesRequest, RestoreJobHooksCapabilitiesResult, RestoreJobHooksCapability, RestoreRequest, RestoreResponse,
 };
-use pgkeep_core::error::{Hint, Operation};
 use pgkeep_core::restore::{parse_timeline, target, ArchiveMode, RestoreOptions, Target, TargetAction};
 use pgkeep_core::types::BackupLabel;
 use pgkeep_core::{Error, Stanza};
@@ -106,29 +105,18 @@ impl RestoreJobHooks for RestoreJobService {
 
 impl RestoreJobService {
     /// Refuses to bootstrap a cluster whose own stanza (where it will
-    /// archive) already holds another history, unless it is the stanza it
-    /// recovers from.
+    /// archive) already holds backups or WAL, the stanza it recovers from
+    /// included.
     async fn check_destination(&self, cluster: &Cluster) -> Result<(), Status> {
         let Ok(own) = cluster.stanza_for(Purpose::Own) else { return Ok(()) };
         let settings = self.0.cfg.stanzas.settings(&own.stanza).map_err(|e| engine_status(&e))?;
-        let stanza = Stanza::new(settings);
-        for number in 1..=stanza.settings.repos.len() {
-            let repo = match stanza.open(number).await {
-                Ok(r) => r,
-                // Not created there: empty.
-                Err(e) if e.hint() == Some(&Hint::run(Operation::StanzaCreate)) => continue,
-                Err(e) => return Err(engine_status(&e)),
-            };
-            let wal = repo.list_segments().await.map_err(|e| engine_status(&e))?.len();
-            let backups = repo.backups().await.map_err(|e| engine_status(&e))?.len();
-            if wal > 0 || backups > 0 {
-                return Err(Status::failed_precondition(format!(
-                    "expected an empty archive: stanza '{}' ({}.stanza), where this cluster will archive, already holds {wal} WAL segments and {backups} backups in repo {number}; give the new cluster a stanza of its own (or annotate it cnpg.io/skipEmptyWalArchiveCheck=enabled to write into this one)",
-                    own.stanza, own.path
-                )));
-            }
+        match super::first_used_repo(&Stanza::new(settings)).await.map_err(|e| engine_status(&e))? {
+            None => Ok(()),
+            Some(used) => Err(Status::failed_precondition(format!(
+                "expected an empty archive: stanza '{}' ({}.stanza), where this cluster will archive, already holds {} WAL segments and {} backups in repo {}; give the new cluster a stanza of its own (or annotate it cnpg.io/skipEmptyWalArchiveCheck=enabled to write into this one)",
+                own.stanza, own.path, used.segments, used.backups, used.repo
+            ))),
         }
-        Ok(())
     }
 }
 

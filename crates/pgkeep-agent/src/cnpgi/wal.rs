@@ -21,8 +21,8 @@
 //!   have the file; see [`super::PluginConfig::standby_restore_retry`] for
 //!   every other failure.
 //! - **Status**: the first and last archived segment.
-//! - **SetFirstRequired**: recorded (see [`super::Plugin::first_required`])
-//!   and nothing removed: retention is the stanza's (`repo-retention-*`,
+//! - **SetFirstRequired**: recorded (Status reports it as
+//!   `first-required`) and nothing removed: retention is the stanza's (`repo-retention-*`,
 //!   applied after each backup), which never removes WAL a kept backup
 //!   needs.
 
@@ -166,6 +166,9 @@ impl Wal for WalService {
         let mut info = std::collections::HashMap::new();
         info.insert("stanza".to_owned(), stanza.name().to_owned());
         info.insert("repo".to_owned(), repo.to_string());
+        if let Some(first) = self.0.first_required(stanza.name()) {
+            info.insert("first-required".to_owned(), first);
+        }
         Ok(Response::new(WalStatusResult { first_wal: first, last_wal: last, additional_information: info }))
     }
 
@@ -265,18 +268,14 @@ async fn archived_range(stanza: &Stanza) -> pgkeep_core::Result<(String, String,
 /// annotation, with which it never asks.
 async fn ensure_empty(stanza: &Stanza) -> pgkeep_core::Result<()> {
     pgkeep_core::stanza::create(stanza).await?;
-    for number in 1..=stanza.settings.repos.len() {
-        let repo = stanza.open(number).await?;
-        let seg_size = repo.system.wal_segment_size;
-        let newest = repo.list_segments().await?.into_iter().map(|(s, _)| s).max();
-        let backups = repo.backups().await?.len();
-        if newest.is_some() || backups > 0 {
-            return Err(Error::Refused(format!(
-                "expected an empty WAL archive for this new cluster, but stanza '{}' in repo {number} already holds {backups} backups and WAL up to {}; give the cluster its own stanza, or annotate it cnpg.io/skipEmptyWalArchiveCheck=enabled to write into this one",
-                stanza.name(),
-                newest.map(|s| s.name(seg_size)).unwrap_or_else(|| "none".into())
-            )));
-        }
+    match super::first_used_repo(stanza).await? {
+        None => Ok(()),
+        Some(used) => Err(Error::Refused(format!(
+            "expected an empty WAL archive for this new cluster, but stanza '{}' in repo {} already holds {} backups and WAL up to {}; give the cluster its own stanza, or annotate it cnpg.io/skipEmptyWalArchiveCheck=enabled to write into this one",
+            stanza.name(),
+            used.repo,
+            used.backups,
+            used.newest.as_deref().unwrap_or("none")
+        ))),
     }
-    Ok(())
 }

@@ -11,7 +11,7 @@ use anyhow::{bail, Context as _, Result};
 use pgkeep_agent::cnpgi::{Plugin, PluginConfig, StanzaSource, CNPG_RESTORE_COMMAND};
 use pgkeep_agent::jobs::{Jobs, Runner};
 use pgkeep_agent::server::{Agent, AgentConfig};
-use pgkeep_core::config::{ConfigFile, RepoOptions, Settings, StanzaOptions};
+use pgkeep_core::config::{ConfigFile, Settings};
 use pgkeep_core::Stanza;
 
 use crate::cli::{Cli, Command};
@@ -92,11 +92,7 @@ pub async fn run(cli: &Cli, stanza: Option<&Stanza>, config: Option<&Path>) -> R
 
     if let Some(socket) = plugin_socket {
         let stanzas = Arc::new(ConfigStanzas {
-            flags: cli.pg.clone(),
-            repo_flags: cli.repo_options.clone(),
-            repo: cli.repo_number(),
-            jobs: cli.jobs,
-            archive_timeout: cli.archive_timeout,
+            overrides: super::Overrides::of(cli),
             config: config.map(Path::to_path_buf),
             dir: plugin_config_dir.clone(),
         });
@@ -160,11 +156,7 @@ pub async fn run(cli: &Cli, stanza: Option<&Stanza>, config: Option<&Path>) -> R
 /// `--plugin-config-dir`), read again at each request, with the command
 /// line's flags over it.
 struct ConfigStanzas {
-    flags: StanzaOptions,
-    repo_flags: RepoOptions,
-    repo: usize,
-    jobs: Option<usize>,
-    archive_timeout: Option<u64>,
+    overrides: super::Overrides,
     config: Option<PathBuf>,
     /// `--plugin-config-dir`: one file per stanza.
     dir: Option<PathBuf>,
@@ -189,13 +181,6 @@ impl StanzaSource for ConfigStanzas {
             (None, Some(p)) => ConfigFile::load(p, true)?,
             (None, None) => ConfigFile::load(Path::new(super::DEFAULT_CONFIG), false)?,
         };
-        let mut settings = Settings::resolve(&file, Some(name), self.flags.clone(), self.repo_flags.clone(), self.repo)?;
-        if let Some(j) = self.jobs {
-            settings.jobs = j.max(1);
-        }
-        if let Some(t) = self.archive_timeout {
-            settings.archive_timeout = t;
-        }
-        Ok(settings)
+        self.overrides.resolve(&file, Some(name))
     }
 }

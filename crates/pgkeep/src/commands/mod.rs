@@ -86,14 +86,42 @@ fn load_file(cli: &Cli) -> Result<(ConfigFile, Option<PathBuf>)> {
 
 /// Resolves one stanza's settings from the file and the flags.
 fn resolve(cli: &Cli, file: &ConfigFile, stanza: Option<&str>) -> Result<Stanza> {
-    let mut settings = Settings::resolve(file, stanza, cli.pg.clone(), cli.repo_options.clone(), cli.repo_number())?;
-    if let Some(j) = cli.jobs {
-        settings.jobs = j.max(1);
+    Ok(Stanza::new(Overrides::of(cli).resolve(file, stanza)?))
+}
+
+/// What the command line sets over a config file's stanza: kept apart
+/// from the [`Cli`] so that the agent can resolve stanzas again later.
+#[derive(Clone)]
+struct Overrides {
+    pg: pgkeep_core::config::StanzaOptions,
+    repo_options: pgkeep_core::config::RepoOptions,
+    repo: usize,
+    jobs: Option<usize>,
+    archive_timeout: Option<u64>,
+}
+
+impl Overrides {
+    fn of(cli: &Cli) -> Overrides {
+        Overrides {
+            pg: cli.pg.clone(),
+            repo_options: cli.repo_options.clone(),
+            repo: cli.repo_number(),
+            jobs: cli.jobs,
+            archive_timeout: cli.archive_timeout,
+        }
     }
-    if let Some(t) = cli.archive_timeout {
-        settings.archive_timeout = t;
+
+    /// The settings of `stanza` in `file` with these flags over them.
+    fn resolve(&self, file: &ConfigFile, stanza: Option<&str>) -> pgkeep_core::Result<Settings> {
+        let mut settings = Settings::resolve(file, stanza, self.pg.clone(), self.repo_options.clone(), self.repo)?;
+        if let Some(j) = self.jobs {
+            settings.jobs = j.max(1);
+        }
+        if let Some(t) = self.archive_timeout {
+            settings.archive_timeout = t;
+        }
+        Ok(settings)
     }
-    Ok(Stanza::new(settings))
 }
 
 /// Prints per-repository reports as JSON: the one report when `--repo`
