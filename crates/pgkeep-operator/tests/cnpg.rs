@@ -5,7 +5,8 @@
 //! the lifecycle patch applied to Pod and Job specs shaped like
 //! CloudNativePG 1.27-1.30's gives objects the API server accepts
 //! (`create --dry-run=server`); Cluster validation names each mistake's
-//! field; the plugin status comes from the Stanza.
+//! field; the plugin status comes from the Stanza. The plugin runs as
+//! the operator's ServiceAccount, with deploy/operator's RBAC, not as admin.
 
 #[path = "../../pgkeep/tests/support/kube.rs"]
 mod kube_env;
@@ -119,7 +120,8 @@ fn apply(doc: &Value, patch: &[u8]) -> Value {
 #[test]
 fn kube_cnpg_plugin_over_mutual_tls_patches_pods_and_jobs_the_api_server_accepts() {
     let cp = ControlPlane::start();
-    cp.install_crds();
+    // The operator's own RBAC: the plugin runs as its ServiceAccount.
+    cp.install_operator_rbac_and_crds();
     cp.kubectl(&["create", "namespace", "db"]);
     for name in ["main", "old"] {
         cp.apply(&format!(
@@ -138,7 +140,7 @@ fn kube_cnpg_plugin_over_mutual_tls_patches_pods_and_jobs_the_api_server_accepts
     self_signed(certs.path(), "client", "pgkeep-cnpg-client", "clientAuth");
     self_signed(certs.path(), "stranger", "someone-else", "clientAuth");
     let port = free_port();
-    let kubeconfig = cp.kubeconfig.clone();
+    let kubeconfig = cp.kubeconfig_for("pgkeep-system", "pgkeep-operator");
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     pgkeep_operator::run::install_crypto_provider();
     let dir = certs.path().to_owned();
