@@ -21,7 +21,6 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use chrono::{Timelike, Utc};
-use futures::StreamExt;
 
 use crate::codec::Compress;
 use crate::crypto::{Cipher, Sealing};
@@ -549,21 +548,9 @@ async fn copy_files(
     let mut stored: HashMap<usize, Vec<Option<Stored>>> = HashMap::new();
     let mut out = Vec::with_capacity(files.len());
     for phase in [rest, control] {
-        let mut results = futures::stream::iter(phase)
-            .map(|(i, part)| {
-                let (sink, progress, files) = (sink.clone(), progress.clone(), files.clone());
-                let f = &files[i];
-                let name = match &part {
-                    Some(r) => format!("{}.part{}", f.path, r.start / PART_SIZE),
-                    None => f.path.clone(),
-                };
-                let key = crate::repo::keys::file(&sink.label, &name, sink.compress.extension());
-                let check = verify.and_then(|start| Some(FileCheck::new(plan::relation_segment(&f.path)?, start)));
-                tokio::task::spawn_blocking(move || copy_one(&files[i], part, &sink, key, &progress, check).map(|s| (i, s)))
-            })
-            .buffer_unordered(jobs);
-        while let Some(joined) = results.next().await {
-            let (i, piece) = joined.map_err(Error::task("a backup worker"))??;
+        let mut results = copy_workers(sink, &files, phase, jobs, verify, &progress);
+        while let Some(done) = results.next().await {
+            let (i, piece) = done?;
             let pieces = stored.entry(i).or_default();
             pieces.push(piece);
             if pieces.len() == units_of[i] {
@@ -574,6 +561,7 @@ async fn copy_files(
                 }
             }
         }
+        results.finish().await?;
     }
     let bundler = sink.bundler.clone();
     tokio::task::spawn_blocking(move || bundler.finish())
@@ -581,6 +569,108 @@ async fn copy_files(
         .map_err(Error::task("a backup worker"))?
         .map_err(|e| Error::Io { what: format!("cannot store a bundle in repo {}", sink.repo_no), cause: e })?;
     Ok(out)
+}
+
+/// A unit of copying: a file (by its index), or a part of it.
+type Unit = (usize, Option<Range<u64>>);
+
+/// `jobs` threads copying `units` in order, each keeping its buffers and
+/// compression context from one unit to the next (a small file then costs
+/// no allocation, and no hand-off to a new task), and sending what each
+/// unit stored as it is done.
+fn copy_workers(
+    sink: &Sink,
+    files: &Arc<Vec<PlannedFile>>,
+    units: Vec<Unit>,
+    jobs: usize,
+    verify: Option<Lsn>,
+    progress: &Arc<Progress>,
+) -> Workers<(usize, Option<Stored>)> {
+    let units = Arc::new(units);
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    Workers::start(jobs.min(units.len()).max(1), move |stop, tx| {
+        let (sink, files, units, next, progress) = (sink.clone(), files.clone(), units.clone(), next.clone(), progress.clone());
+        move || {
+            let mut scratch = Scratch::default();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let Some((i, part)) = units.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)).cloned() else { break };
+                let f = &files[i];
+                let name = match &part {
+                    Some(r) => format!("{}.part{}", f.path, r.start / PART_SIZE),
+                    None => f.path.clone(),
+                };
+                let key = crate::repo::keys::file(&sink.label, &name, sink.compress.extension());
+                let check = verify.and_then(|start| Some(FileCheck::new(plan::relation_segment(&f.path)?, start)));
+                let done = copy_one(f, part, &sink, key, &progress, check, &mut scratch).map(|s| (i, s));
+                let failed = done.is_err();
+                if tx.send(done).is_err() || failed {
+                    break;
+                }
+            }
+        }
+    })
+}
+
+/// Blocking worker threads sending results to the async task that reads
+/// them. On the first error the others stop after their current unit, and
+/// [`Workers::finish`] waits for them, so that nothing is still writing
+/// when the caller cleans up.
+struct Workers<T> {
+    handles: Vec<tokio::task::JoinHandle<()>>,
+    rx: tokio::sync::mpsc::UnboundedReceiver<Result<T>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl<T: Send + 'static> Workers<T> {
+    /// Starts `n` threads, each running what `make` returns.
+    fn start<F, W>(n: usize, make: F) -> Self
+    where
+        F: Fn(Arc<std::sync::atomic::AtomicBool>, tokio::sync::mpsc::UnboundedSender<Result<T>>) -> W,
+        W: FnOnce() + Send + 'static,
+    {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let handles = (0..n).map(|_| tokio::task::spawn_blocking(make(stop.clone(), tx.clone()))).collect();
+        Workers { handles, rx, stop }
+    }
+
+    /// The next result; `None` once every thread has ended. After an
+    /// error, waits for the other threads before returning it.
+    async fn next(&mut self) -> Option<Result<T>> {
+        match self.rx.recv().await? {
+            Ok(v) => Some(Ok(v)),
+            Err(e) => {
+                self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                self.rx.close();
+                let _ = self.finish().await;
+                Some(Err(e))
+            }
+        }
+    }
+
+    /// Waits for every thread; a thread that panicked is an error.
+    async fn finish(&mut self) -> Result<()> {
+        let mut first = Ok(());
+        for h in std::mem::take(&mut self.handles) {
+            if let Err(e) = h.await.map_err(Error::task("a backup worker")) {
+                first = first.and(Err(e));
+            }
+        }
+        first
+    }
+}
+
+/// What a copy worker keeps from one unit to the next.
+struct Scratch {
+    buf: Vec<u8>,
+    record: Vec<u8>,
+    contexts: crate::codec::Contexts,
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Scratch { buf: vec![0u8; 1 << 20], record: Vec::with_capacity(pages::PAGE_SIZE + 8), contexts: Default::default() }
+    }
 }
 
 /// What one unit stored: a whole file, or one part of it.
@@ -673,6 +763,7 @@ fn copy_one(
     key: String,
     progress: &Progress,
     mut check: Option<FileCheck>,
+    scratch: &mut Scratch,
 ) -> Result<Option<Stored>> {
     use std::io::{Read, Seek, Write};
     use std::os::unix::fs::FileExt;
@@ -700,16 +791,15 @@ fn copy_one(
         Out::Object(Box::new(ObjectWriter::new(sink.store.clone(), &key, sink.rt.clone())))
     };
     let writer = Sealing::new(sink.cipher.as_ref(), out)?;
-    let mut enc = sink.compress.encoder(writer, sink.level).map_err(upload_err)?;
+    let Scratch { buf, record, contexts } = scratch;
+    let mut enc = sink.compress.encoder_in(writer, sink.level, contexts).map_err(upload_err)?;
     let mut hasher = blake3::Hasher::new();
     // For a delta, also the hash of the bytes as read: what a full backup
     // would have stored, which `restore --delta` compares against.
     let mut content = f.delta().then(blake3::Hasher::new);
-    let mut buf = vec![0u8; 1 << 20];
-    let mut record = Vec::with_capacity(pages::PAGE_SIZE + 8);
     let (mut size, mut changed) = (0u64, 0u64);
     loop {
-        let n = fill(&mut reader, &mut buf).map_err(read_err())?;
+        let n = fill(&mut reader, buf).map_err(read_err())?;
         if n == 0 {
             break;
         }
@@ -739,9 +829,9 @@ fn copy_one(
                 for (i, page) in buf[..n].chunks(pages::PAGE_SIZE).enumerate() {
                     if pages::page_changed(page, since) {
                         record.clear();
-                        pages::write_record(&mut record, (first + i as u64) as u32, page).expect("writes to a Vec");
-                        hasher.update(&record);
-                        enc.write_all(&record).map_err(upload_err)?;
+                        pages::write_record(record, (first + i as u64) as u32, page).expect("writes to a Vec");
+                        hasher.update(record);
+                        enc.write_all(record).map_err(upload_err)?;
                         changed += 1;
                     }
                 }
