@@ -66,6 +66,19 @@ impl Compress {
         }
     }
 
+    /// As [`Compress::decoder`], with the decompression context kept in
+    /// `contexts` and reused from one stream to the next.
+    pub fn decoder_in<'a, R: Read + Send + 'a>(self, r: R, contexts: &'a mut Contexts) -> io::Result<Box<dyn Read + Send + 'a>> {
+        match self {
+            Compress::Zstd => {
+                let dctx = contexts.zstd_d.get_or_insert_with(zstd::zstd_safe::DCtx::create);
+                let buffered = io::BufReader::with_capacity(zstd::zstd_safe::DCtx::in_size(), r);
+                Ok(Box::new(zstd::stream::read::Decoder::with_context(buffered, dctx)))
+            }
+            other => other.decoder(r),
+        }
+    }
+
     /// Wraps `r` in the matching decoder.
     pub fn decoder<'a, R: Read + Send + 'a>(self, r: R) -> io::Result<Box<dyn Read + Send + 'a>> {
         Ok(match self {
@@ -82,6 +95,7 @@ impl Compress {
 #[derive(Default)]
 pub struct Contexts {
     zstd: Option<zstd::zstd_safe::CCtx<'static>>,
+    zstd_d: Option<zstd::zstd_safe::DCtx<'static>>,
 }
 
 /// A streaming encoder; call [`Encoder::finish`] to write the trailer.
@@ -164,6 +178,13 @@ mod tests {
                 let mut e = c.encoder_in(Vec::new(), level, &mut contexts).unwrap();
                 e.write_all(&data).unwrap();
                 assert_eq!(e.finish().unwrap(), fresh, "{c:?} at {level:?}");
+                // And the decoder's context likewise, after a stream read
+                // half way.
+                let mut half = vec![0u8; 1000];
+                c.decoder_in(&fresh[..], &mut contexts).unwrap().read_exact(&mut half).unwrap();
+                let mut back = Vec::new();
+                c.decoder_in(&fresh[..], &mut contexts).unwrap().read_to_end(&mut back).unwrap();
+                assert!(back == data, "{c:?} at {level:?} read back");
             }
         }
     }

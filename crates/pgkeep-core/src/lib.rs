@@ -46,6 +46,7 @@ pub mod storage;
 pub mod types;
 pub mod verify;
 pub mod wal;
+pub mod workers;
 
 pub use error::{Error, Hint, Operation, Opt, Result};
 

@@ -19,8 +19,9 @@ use futures::StreamExt;
 
 use crate::error::{Error, Result};
 use crate::progress::Progress;
-use crate::repo::{Manifest, Repository};
-use crate::restore::{read_piece, Source};
+use crate::repo::{FileEntry, Manifest, Repository};
+use crate::restore::{read_piece, Scratch, Source};
+use crate::workers::Workers;
 use crate::types::{BackupLabel, TimelineId, WalSegment};
 use crate::Stanza;
 
@@ -214,26 +215,26 @@ async fn check_backup(repo: &Repository, m: &Manifest, all: &[Manifest], jobs: u
     }
     let source = Source::new(repo);
     let label = &m.label;
-    let results: Vec<(u64, Option<String>)> = futures::stream::iter(m.files.iter().cloned())
-        .map(|f| {
-            let (source, compress, progress, label) = (source.clone(), m.compress, progress.clone(), label.clone());
-            tokio::task::spawn_blocking(move || {
-                let mut bytes = 0;
-                for piece in f.pieces() {
-                    bytes += piece.repo_size;
-                    if let Err(e) = read_piece(&source, &piece, compress, &f.path, |_, _| Ok(())) {
-                        return (bytes, Some(format!("backup {label}: {}: {}", f.path, crate::error::OneLine(&e))));
-                    }
+    let (compress, progress, label) = (m.compress, progress.clone(), label.clone());
+    let results: Vec<(u64, Option<String>)> =
+        match Workers::start("a verify worker", jobs, m.files.clone(), move |scratch: &mut Scratch, f: &FileEntry| {
+            let mut bytes = 0;
+            for piece in f.pieces() {
+                bytes += piece.repo_size;
+                if let Err(e) = read_piece(&source, &piece, compress, &f.path, scratch, |_, _| Ok(())) {
+                    return Ok((bytes, Some(format!("backup {label}: {}: {}", f.path, crate::error::OneLine(&e)))));
                 }
-                progress.add_bytes(bytes);
-                progress.file_done();
-                (bytes, None)
-            })
+            }
+            progress.add_bytes(bytes);
+            progress.file_done();
+            Ok((bytes, None))
         })
-        .buffer_unordered(jobs)
-        .map(|j| j.unwrap_or_else(|e| (0, Some(Error::task("a verify worker")(e).to_string()))))
         .collect()
-        .await;
+        .await
+        {
+            Ok(r) => r,
+            Err(e) => vec![(0, Some(e.to_string()))],
+        };
     let bytes = results.iter().map(|(b, _)| b).sum();
     problems.extend(results.into_iter().filter_map(|(_, p)| p));
     BackupCheck { label: m.label.clone(), files: m.files.len(), bytes, problems }

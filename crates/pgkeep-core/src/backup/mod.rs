@@ -33,6 +33,7 @@ use crate::repo::manifest::{Part, PART_SIZE};
 use crate::repo::{pages, BackupType, FileEntry, Manifest, Repository, ServerRole, Tablespace};
 use crate::storage::ObjectWriter;
 use crate::types::{BackupLabel, Lsn, TimelineHistory, WalSegment};
+use crate::workers::Workers;
 use crate::Stanza;
 use basis::{Basis, ClusterNow};
 pub use plan::{BackupPlan, PlannedFile};
@@ -574,10 +575,8 @@ async fn copy_files(
 /// A unit of copying: a file (by its index), or a part of it.
 type Unit = (usize, Option<Range<u64>>);
 
-/// `jobs` threads copying `units` in order, each keeping its buffers and
-/// compression context from one unit to the next (a small file then costs
-/// no allocation, and no hand-off to a new task), and sending what each
-/// unit stored as it is done.
+/// `jobs` threads copying `units` in order (see [`Workers`]), each with its
+/// own [`Scratch`].
 fn copy_workers(
     sink: &Sink,
     files: &Arc<Vec<PlannedFile>>,
@@ -586,78 +585,17 @@ fn copy_workers(
     verify: Option<Lsn>,
     progress: &Arc<Progress>,
 ) -> Workers<(usize, Option<Stored>)> {
-    let units = Arc::new(units);
-    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    Workers::start(jobs.min(units.len()).max(1), move |stop, tx| {
-        let (sink, files, units, next, progress) = (sink.clone(), files.clone(), units.clone(), next.clone(), progress.clone());
-        move || {
-            let mut scratch = Scratch::default();
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let Some((i, part)) = units.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)).cloned() else { break };
-                let f = &files[i];
-                let name = match &part {
-                    Some(r) => format!("{}.part{}", f.path, r.start / PART_SIZE),
-                    None => f.path.clone(),
-                };
-                let key = crate::repo::keys::file(&sink.label, &name, sink.compress.extension());
-                let check = verify.and_then(|start| Some(FileCheck::new(plan::relation_segment(&f.path)?, start)));
-                let done = copy_one(f, part, &sink, key, &progress, check, &mut scratch).map(|s| (i, s));
-                let failed = done.is_err();
-                if tx.send(done).is_err() || failed {
-                    break;
-                }
-            }
-        }
+    let (sink, files, progress) = (sink.clone(), files.clone(), progress.clone());
+    Workers::start("a backup worker", jobs, units, move |scratch: &mut Scratch, (i, part): &Unit| {
+        let f = &files[*i];
+        let name = match part {
+            Some(r) => format!("{}.part{}", f.path, r.start / PART_SIZE),
+            None => f.path.clone(),
+        };
+        let key = crate::repo::keys::file(&sink.label, &name, sink.compress.extension());
+        let check = verify.and_then(|start| Some(FileCheck::new(plan::relation_segment(&f.path)?, start)));
+        copy_one(f, part.clone(), &sink, key, &progress, check, scratch).map(|s| (*i, s))
     })
-}
-
-/// Blocking worker threads sending results to the async task that reads
-/// them. On the first error the others stop after their current unit, and
-/// [`Workers::finish`] waits for them, so that nothing is still writing
-/// when the caller cleans up.
-struct Workers<T> {
-    handles: Vec<tokio::task::JoinHandle<()>>,
-    rx: tokio::sync::mpsc::UnboundedReceiver<Result<T>>,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl<T: Send + 'static> Workers<T> {
-    /// Starts `n` threads, each running what `make` returns.
-    fn start<F, W>(n: usize, make: F) -> Self
-    where
-        F: Fn(Arc<std::sync::atomic::AtomicBool>, tokio::sync::mpsc::UnboundedSender<Result<T>>) -> W,
-        W: FnOnce() + Send + 'static,
-    {
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let handles = (0..n).map(|_| tokio::task::spawn_blocking(make(stop.clone(), tx.clone()))).collect();
-        Workers { handles, rx, stop }
-    }
-
-    /// The next result; `None` once every thread has ended. After an
-    /// error, waits for the other threads before returning it.
-    async fn next(&mut self) -> Option<Result<T>> {
-        match self.rx.recv().await? {
-            Ok(v) => Some(Ok(v)),
-            Err(e) => {
-                self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-                self.rx.close();
-                let _ = self.finish().await;
-                Some(Err(e))
-            }
-        }
-    }
-
-    /// Waits for every thread; a thread that panicked is an error.
-    async fn finish(&mut self) -> Result<()> {
-        let mut first = Ok(());
-        for h in std::mem::take(&mut self.handles) {
-            if let Err(e) = h.await.map_err(Error::task("a backup worker")) {
-                first = first.and(Err(e));
-            }
-        }
-        first
-    }
 }
 
 /// What a copy worker keeps from one unit to the next.

@@ -6,10 +6,8 @@ use std::io::{Read, Write};
 use std::ops::Range;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use futures::{StreamExt, TryStreamExt};
 
 use super::*;
 use crate::codec::Compress;
@@ -20,10 +18,11 @@ use crate::progress::Progress;
 use crate::repo::manifest::Piece;
 use crate::repo::{pages, FileEntry, Manifest, Repository};
 use crate::storage::ObjectReader;
+use crate::workers::Workers;
 
 /// Whether `dest` has the size of `f` and holds, over `range`, the bytes
 /// whose BLAKE3 is `expect`.
-pub(super) fn same_range(dest: &Path, f: &FileEntry, range: &Range<u64>, expect: &str) -> std::io::Result<bool> {
+pub(super) fn same_range(dest: &Path, f: &FileEntry, range: &Range<u64>, expect: &str, buf: &mut [u8]) -> std::io::Result<bool> {
     use std::os::unix::fs::FileExt;
     let file = match std::fs::File::open(dest) {
         Ok(file) => file,
@@ -34,7 +33,6 @@ pub(super) fn same_range(dest: &Path, f: &FileEntry, range: &Range<u64>, expect:
         return Ok(false);
     }
     let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
     let mut at = range.start;
     while at < range.end {
         let n = buf.len().min((range.end - at) as usize);
@@ -78,10 +76,6 @@ pub(super) struct Unit {
     /// BLAKE3 of the range's bytes in the backup, when one piece of the
     /// file itself covers exactly the range (`restore --delta` compares).
     pub(super) expect: Option<String>,
-    /// For a file in parts: its units not finished yet. The last one to
-    /// finish syncs the file, once, instead of each part waiting for the
-    /// disk while the others write.
-    pub(super) left: Option<Arc<AtomicUsize>>,
 }
 
 /// The units that restore `f`: one per part for a file stored in parts,
@@ -94,7 +88,6 @@ pub(super) fn restore_units(f: &FileEntry, layers: &[(&FileEntry, Compress)]) ->
         starts.insert(0, 0);
     }
     let own = f.pieces();
-    let left = (!f.parts.is_empty()).then(|| Arc::new(AtomicUsize::new(starts.len())));
     starts
         .iter()
         .enumerate()
@@ -106,7 +99,7 @@ pub(super) fn restore_units(f: &FileEntry, layers: &[(&FileEntry, Compress)]) ->
                 .filter(|(p, _)| p.start < range.end && p.start + p.size > range.start)
                 .collect();
             let expect = own.iter().find(|p| p.start == range.start && p.start + p.size == range.end).map(|p| p.content.clone());
-            Unit { file: f.clone(), range, pieces, expect, left: left.clone() }
+            Unit { file: f.clone(), range, pieces, expect }
         })
         .collect()
 }
@@ -196,6 +189,19 @@ impl Source {
     }
 }
 
+/// What a restore or verify worker keeps from one piece to the next: its
+/// read buffer and decompression context.
+pub(crate) struct Scratch {
+    buf: Vec<u8>,
+    contexts: crate::codec::Contexts,
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Scratch { buf: vec![0u8; 1 << 20], contexts: Default::default() }
+    }
+}
+
 /// A reader that hashes what passes through it.
 pub(super) struct Hashing<R> {
     inner: R,
@@ -222,6 +228,7 @@ pub(crate) fn read_piece(
     piece: &Piece,
     compress: Compress,
     path: &str,
+    scratch: &mut Scratch,
     mut out: impl FnMut(u64, &[u8]) -> Result<()>,
 ) -> Result<()> {
     let Some(key) = &piece.key else { return Ok(()) };
@@ -235,17 +242,17 @@ pub(crate) fn read_piece(
     };
     let reader = ObjectReader::open(source.store.clone(), key, piece.range.clone(), source.rt.clone())
         .map_err(Error::storage(format!("cannot read {object}")))?;
-    let dec = compress.decoder(unsealing(source.cipher.as_ref(), reader).map_err(corrupt)?).map_err(corrupt)?;
+    let Scratch { buf, contexts } = scratch;
+    let dec = compress.decoder_in(unsealing(source.cipher.as_ref(), reader).map_err(corrupt)?, contexts).map_err(corrupt)?;
     let mut src = Hashing { inner: dec, hasher: blake3::Hasher::new(), bytes: 0 };
-    let mut buf = vec![0u8; 1 << 20];
     if piece.delta {
-        while let Some(number) = pages::read_record(&mut src, &mut buf).map_err(corrupt)? {
-            out(number as u64 * pages::PAGE_SIZE as u64, &buf)?;
+        while let Some(number) = pages::read_record(&mut src, buf).map_err(corrupt)? {
+            out(number as u64 * pages::PAGE_SIZE as u64, buf)?;
         }
     } else {
         let mut at = piece.start;
         loop {
-            let n = src.read(&mut buf).map_err(corrupt)?;
+            let n = src.read(buf).map_err(corrupt)?;
             if n == 0 {
                 break;
             }
@@ -267,23 +274,28 @@ pub(crate) fn read_piece(
 /// already holding the backup's bytes. Checks every piece's checksum (and
 /// a whole piece's size) as it is read; writes only inside the range. A
 /// whole file is created here and cut to its size; a part's file was made
-/// by [`prepare_parted`].
-pub(super) fn restore_unit(u: &Unit, dest: &Path, source: &Source, progress: &Progress, delta: bool) -> Result<bool> {
+/// by [`prepare_parted`]. Nothing is synced here: [`sync_written`] does,
+/// once every file is written.
+pub(super) fn restore_unit(
+    u: &Unit,
+    dest: &Path,
+    source: &Source,
+    progress: &Progress,
+    delta: bool,
+    scratch: &mut Scratch,
+) -> Result<bool> {
     use std::os::unix::fs::FileExt;
     let f = &u.file;
     let parted = !f.parts.is_empty();
     if delta {
         if let Some(expect) = &u.expect {
-            if same_range(dest, f, &u.range, expect).map_err(Error::io(format!("cannot read {}", dest.display())))? {
+            if same_range(dest, f, &u.range, expect, &mut scratch.buf).map_err(Error::io(format!("cannot read {}", dest.display())))? {
                 if !parted {
                     std::fs::set_permissions(dest, std::fs::Permissions::from_mode(f.mode & 0o7777))
                         .map_err(Error::io(format!("cannot set the mode of {}", dest.display())))?;
                 }
                 progress.add_bytes(u.range.end - u.range.start);
                 progress.file_done();
-                if u.left.as_ref().is_some_and(|l| l.fetch_sub(1, Ordering::AcqRel) == 1) {
-                    sync_file(dest)?;
-                }
                 return Ok(true);
             }
         }
@@ -302,17 +314,12 @@ pub(super) fn restore_unit(u: &Unit, dest: &Path, source: &Source, progress: &Pr
         Ok(())
     };
     for (piece, compress) in &u.pieces {
-        read_piece(source, piece, *compress, &f.path, &mut write_in_range)?;
+        read_piece(source, piece, *compress, &f.path, scratch, &mut write_in_range)?;
     }
-    if let Some(left) = &u.left {
-        if left.fetch_sub(1, Ordering::AcqRel) == 1 {
-            out.sync_all().map_err(Error::io(format!("cannot sync {}", dest.display())))?;
-        }
-    } else {
+    if !parted {
         out.set_len(f.size).map_err(write_err())?;
         out.set_permissions(std::fs::Permissions::from_mode(f.mode & 0o7777))
             .map_err(Error::io(format!("cannot set the mode of {}", dest.display())))?;
-        out.sync_all().map_err(Error::io(format!("cannot sync {}", dest.display())))?;
     }
     progress.file_done();
     Ok(false)
@@ -334,6 +341,54 @@ pub(super) fn sync_dirs(root: &Path, m: &Manifest) -> Result<()> {
         sync_dir(&root.join(d))?;
     }
     sync_dir(root)
+}
+
+/// Makes every restored file durable, once all are written (PostgreSQL's
+/// `--sync-method`, and `recovery_init_sync_method`, offer the same two
+/// ways):
+/// - `syncfs(2)` of each file system holding restored files (the data
+///   directory, `pg_wal`, each tablespace), where the kernel reports
+///   write-back errors to it (Linux 5.8 and later): one call that lets the
+///   file system write everything in its own order, instead of waiting on
+///   the disk once per file. It also writes whatever else is dirty on
+///   those file systems.
+/// - else `fsync(2)` of each file, `jobs` at a time.
+async fn sync_written(plan: &Plan, jobs: usize) -> Result<()> {
+    let root = plan.pg_data.clone();
+    let mut places: Vec<PathBuf> = vec![root.clone(), root.join("pg_wal")];
+    places.extend(plan.tablespaces.iter().map(|(_, d)| d.clone()));
+    if syncfs_reports_errors() {
+        return tokio::task::spawn_blocking(move || {
+            let mut done = std::collections::HashSet::new();
+            for p in places {
+                let Ok(dir) = std::fs::File::open(&p) else { continue };
+                let dev = std::os::unix::fs::MetadataExt::dev(&dir.metadata().map_err(Error::io(format!("cannot read {}", p.display())))?);
+                if done.insert(dev) {
+                    rustix::fs::syncfs(&dir)
+                        .map_err(|e| Error::io(format!("cannot sync the file system of {}", p.display()))(e.into()))?;
+                }
+            }
+            Ok(())
+        })
+        .await
+        .map_err(Error::task("a restore worker"))?;
+    }
+    let paths: Vec<PathBuf> = plan.chain[0].files.iter().filter(|f| f.path != CONTROL_FILE).map(|f| root.join(&f.path)).collect();
+    Workers::start("a restore worker", jobs, paths, |_: &mut (), p: &PathBuf| match std::fs::File::open(p) {
+        Ok(f) => f.sync_all().map_err(Error::io(format!("cannot sync {}", p.display()))),
+        Err(e) => Err(Error::io(format!("cannot sync {}", p.display()))(e)),
+    })
+    .collect()
+    .await
+    .map(|_| ())
+}
+
+/// Whether `syncfs(2)` returns the errors of the write-back it waits for:
+/// Linux 5.8 and later (before, it always succeeded).
+fn syncfs_reports_errors() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut numbers = release.trim().split(|c: char| !c.is_ascii_digit()).map(|n| n.parse::<u32>().unwrap_or(0));
+    (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0)) >= (5, 8)
 }
 
 pub(super) fn sync_file(path: &Path) -> Result<()> {
@@ -411,10 +466,12 @@ impl<'a> Writer<'a> {
         }
     }
 
-    fn fetch(&self, (i, u): (usize, Unit)) -> tokio::task::JoinHandle<Result<(usize, bool)>> {
-        let (source, progress, dest, delta) =
-            (self.source.clone(), self.progress.clone(), self.plan.pg_data.join(&u.file.path), self.delta);
-        tokio::task::spawn_blocking(move || restore_unit(&u, &dest, &source, &progress, delta).map(|kept| (i, kept)))
+    /// `jobs` threads restoring `units`, each with its own [`Scratch`].
+    fn workers(&self, units: Vec<(usize, Unit)>, jobs: usize) -> Workers<(usize, bool)> {
+        let (source, progress, root, delta) = (self.source.clone(), self.progress.clone(), self.plan.pg_data.clone(), self.delta);
+        Workers::start("a restore worker", jobs, units, move |scratch: &mut Scratch, (i, u): &(usize, Unit)| {
+            restore_unit(u, &root.join(&u.file.path), &source, &progress, delta, scratch).map(|kept| (*i, kept))
+        })
     }
 
     /// Every file but `pg_control`, `jobs` units at a time, largest files
@@ -433,12 +490,7 @@ impl<'a> Writer<'a> {
             }
             units.extend(restore_units(f, &layers).into_iter().map(|u| (i, u)));
         }
-        let done: Vec<(usize, bool)> = futures::stream::iter(interleave(units, jobs))
-            .map(|u| self.fetch(u))
-            .buffer_unordered(jobs)
-            .map(|j| j.map_err(Error::task("a restore worker"))?)
-            .try_collect()
-            .await?;
+        let done = self.workers(interleave(units, jobs), jobs).collect().await?;
         // A file is unchanged when every unit of it was.
         let mut changed = vec![false; rest.len()];
         let mut seen = vec![false; rest.len()];
@@ -449,13 +501,18 @@ impl<'a> Writer<'a> {
         Ok(seen.iter().zip(&changed).filter(|(s, c)| **s && !**c).count())
     }
 
-    /// `pg_control`, last.
+    /// `pg_control`, last, synced.
     pub(super) async fn write_control(&self) -> Result<()> {
         for f in self.plan.chain[0].files.iter().filter(|f| f.path == CONTROL_FILE) {
-            for u in restore_units(f, &layers(&self.plan.chain, &self.by_path, &f.path)?) {
-                self.fetch((usize::MAX, u)).await.map_err(Error::task("a restore worker"))??;
-            }
+            let units = restore_units(f, &layers(&self.plan.chain, &self.by_path, &f.path)?).into_iter().map(|u| (0, u)).collect();
+            self.workers(units, 1).collect().await?;
+            sync_file(&self.plan.pg_data.join(&f.path))?;
         }
         Ok(())
+    }
+
+    /// Makes every file written so far durable (see [`sync_written`]).
+    pub(super) async fn sync_written(&self, jobs: usize) -> Result<()> {
+        sync_written(self.plan, jobs).await
     }
 }

@@ -27,7 +27,7 @@ use crate::progress::{Progress, Step};
 use crate::types::BackupLabel;
 use crate::Stanza;
 use choose::Plan;
-pub(crate) use files::{read_piece, Source};
+pub(crate) use files::{read_piece, Scratch, Source};
 pub use recovery::{parse_timeline, recovery_settings};
 pub use target::{Target, TargetAction};
 
@@ -162,6 +162,7 @@ async fn write(plan: &Plan, opts: &RestoreOptions, jobs: usize) -> Result<Restor
     step(Step::Copying);
     let unchanged = writer.write_all_but_control(jobs).await?;
     step(Step::Finishing);
+    writer.sync_written(jobs).await?;
     recovery::write_label_and_settings(root, m, opts)?;
     files::sync_dirs(root, m)?;
     writer.write_control().await?;
