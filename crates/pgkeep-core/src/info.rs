@@ -143,14 +143,7 @@ pub struct BackupInfo {
     pub checksum_error_files: Vec<ChecksumErrorFile>,
 }
 
-/// A file of a backup with pages that failed their page checksum.
-#[derive(Debug, Serialize)]
-pub struct ChecksumErrorFile {
-    /// Path relative to the data directory.
-    pub path: String,
-    /// How many pages failed.
-    pub pages: u64,
-}
+pub use crate::repo::ChecksumErrorFile;
 
 impl ArchiveInfo {
     /// Widens the range to hold segment `name`.
@@ -185,12 +178,7 @@ impl BackupInfo {
             page_checksums: m.page_checksums,
             from: m.from,
             checksum_errors: m.checksum_error_pages(),
-            checksum_error_files: m
-                .files
-                .iter()
-                .filter(|f| f.checksum_error_pages() > 0)
-                .map(|f| ChecksumErrorFile { path: f.path.clone(), pages: f.checksum_error_pages() })
-                .collect(),
+            checksum_error_files: m.checksum_error_files(),
         }
     }
 }

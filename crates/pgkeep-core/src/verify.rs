@@ -21,8 +21,8 @@ use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::repo::{FileEntry, Manifest, Repository};
 use crate::restore::{read_piece, Scratch, Source};
-use crate::workers::Workers;
 use crate::types::{BackupLabel, TimelineId, WalSegment};
+use crate::workers::Workers;
 use crate::Stanza;
 
 /// Options of `verify`.
@@ -165,7 +165,7 @@ pub async fn run(stanza: &Stanza, opts: &VerifyOptions) -> Result<VerifyReport> 
         backups.retain(|b| &b.label == set);
     }
     let chosen: Vec<&Manifest> = manifests.iter().filter(|m| opts.set.as_ref().is_none_or(|s| &m.label == s)).collect();
-    progress.plan(chosen.iter().map(|m| m.files.len() as u64).sum(), chosen.iter().map(|m| m.repo_size).sum());
+    progress.plan(chosen.iter().map(|m| m.file_count()).sum(), chosen.iter().map(|m| m.repo_size).sum());
     for m in chosen {
         backups.push(check_backup(&repo, m, &manifests, jobs, &progress).await);
     }
@@ -216,8 +216,15 @@ async fn check_backup(repo: &Repository, m: &Manifest, all: &[Manifest], jobs: u
     let source = Source::new(repo);
     let label = &m.label;
     let (compress, progress, label) = (m.compress, progress.clone(), label.clone());
+    let files = match repo.files(m).await {
+        Ok(files) => files,
+        Err(e) => {
+            problems.push(format!("backup {}: {}", m.label, crate::error::OneLine(&e)));
+            return BackupCheck { label: m.label.clone(), files: m.file_count() as usize, bytes: 0, problems };
+        }
+    };
     let results: Vec<(u64, Option<String>)> =
-        match Workers::start("a verify worker", jobs, m.files.clone(), move |scratch: &mut Scratch, f: &FileEntry| {
+        match Workers::start("a verify worker", jobs, files, move |scratch: &mut Scratch, f: &FileEntry| {
             let mut bytes = 0;
             for piece in f.pieces() {
                 bytes += piece.repo_size;
@@ -237,7 +244,7 @@ async fn check_backup(repo: &Repository, m: &Manifest, all: &[Manifest], jobs: u
         };
     let bytes = results.iter().map(|(b, _)| b).sum();
     problems.extend(results.into_iter().filter_map(|(_, p)| p));
-    BackupCheck { label: m.label.clone(), files: m.files.len(), bytes, problems }
+    BackupCheck { label: m.label.clone(), files: m.file_count() as usize, bytes, problems }
 }
 
 /// Reads every archived WAL file back and checks it against its name's

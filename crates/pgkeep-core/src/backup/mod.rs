@@ -30,7 +30,7 @@ use crate::pg::checksum::MAX_LISTED;
 use crate::progress::{Progress, Step};
 use crate::repo::lock::StanzaLock;
 use crate::repo::manifest::{Part, PART_SIZE};
-use crate::repo::{pages, BackupType, FileEntry, Manifest, Repository, ServerRole, Tablespace};
+use crate::repo::{pages, BackupType, ChecksumErrorFile, FileEntry, Manifest, Repository, ServerRole, Tablespace};
 use crate::storage::ObjectWriter;
 use crate::types::{BackupLabel, Lsn, TimelineHistory, WalSegment};
 use crate::workers::Workers;
@@ -58,6 +58,8 @@ pub struct Backup {
     pub passed_over: Option<String>,
     /// How long it took, from connecting to the manifest written.
     pub seconds: f64,
+    /// The files with pages that failed their page checksum.
+    pub checksum_failures: Vec<FileEntry>,
 }
 
 /// Options of a backup.
@@ -160,7 +162,7 @@ impl serde::Serialize for BackupThenExpire {
             stop_wal: &m.stop_wal,
             size: m.size,
             repo_size: m.repo_size,
-            files: m.files.len(),
+            files: m.file_count() as usize,
             seconds: b.seconds,
             page_checksums: m.page_checksums,
             checksum_errors: m.checksum_error_pages(),
@@ -263,12 +265,16 @@ async fn locked(stanza: &Stanza, opts: &BackupOptions, repo: &Repository, source
 
     let saver = checkpointer.keep_saving();
     let copied = async {
+        let prior_files = match prior {
+            Some(p) => Some((p.clone(), repo.files(p).await?)),
+            None => None,
+        };
         let mut plan = tokio::task::spawn_blocking({
-            let (pg_data, ts, prior) = (pg_data.clone(), tablespaces.clone(), prior.cloned());
+            let (pg_data, ts) = (pg_data.clone(), tablespaces.clone());
             move || {
                 let mut plan = plan::plan(&pg_data, &ts)?;
-                if let Some(prior) = &prior {
-                    plan::incremental(&mut plan, prior);
+                if let Some((prior, files)) = &prior_files {
+                    plan::incremental(&mut plan, prior, files);
                 }
                 Ok::<_, Error>(plan)
             }
@@ -287,7 +293,7 @@ async fn locked(stanza: &Stanza, opts: &BackupOptions, repo: &Repository, source
         let mut files = copy_files(&sink, plan.files, stanza.settings.jobs, verify, &checkpointer, Some(progress.clone())).await?;
         let kept_stats = (kept.len(), kept.iter().map(|f| f.size).sum::<u64>());
         files.extend(kept);
-        files.sort_by(|a, b| a.path.cmp(&b.path));
+        files.sort_by(|a, b| crate::repo::filelist::path_order(&a.path, &b.path));
         Ok::<_, Error>((plan.dirs, files, kept_stats))
     }
     .await;
@@ -327,7 +333,7 @@ async fn locked(stanza: &Stanza, opts: &BackupOptions, repo: &Repository, source
         }
         return Err(e);
     }
-    let manifest = Manifest {
+    let mut manifest = Manifest {
         label: label.clone(),
         kind,
         prior: prior.map(|p| p.label.clone()),
@@ -349,13 +355,16 @@ async fn locked(stanza: &Stanza, opts: &BackupOptions, repo: &Repository, source
         tablespace_map: stop.tablespace_map,
         tablespaces,
         dirs,
-        files,
+        inline_files: Vec::new(),
+        file_list: None,
+        checksum_error_files: ChecksumErrorFile::of(&files),
         page_checksums,
         from: source.role,
         data_directory: Some(now.data_directory),
     };
     progress.step(Step::Finishing);
-    repo.write_manifest(&manifest).await?;
+    let checksum_failures = files.iter().filter(|f| f.checksum_error_pages() > 0).cloned().collect();
+    repo.write_backup(&mut manifest, files).await?;
     // The backup is complete without it; a left-over checkpoint is ignored.
     let _ = checkpointer.remove().await;
     Ok(Backup {
@@ -365,6 +374,7 @@ async fn locked(stanza: &Stanza, opts: &BackupOptions, repo: &Repository, source
         full_because,
         passed_over: source.passed_over.clone(),
         seconds: 0.0,
+        checksum_failures,
     })
 }
 

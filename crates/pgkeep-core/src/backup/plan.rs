@@ -152,8 +152,8 @@ fn walk(dir: &Path, rel: &str, plan: &mut BackupPlan, tablespaces: &[Tablespace]
 /// Turns a plan into one built on `prior`, which passed
 /// [`basis::prior_unusable`](super::basis::prior_unusable): each file is
 /// copied as [`basis::file_basis`](super::basis::file_basis) says.
-pub fn incremental(plan: &mut BackupPlan, prior: &Manifest) {
-    let before: HashMap<&str, &FileEntry> = prior.files.iter().map(|f| (f.path.as_str(), f)).collect();
+pub fn incremental(plan: &mut BackupPlan, prior: &Manifest, prior_files: &[FileEntry]) {
+    let before: HashMap<&str, &FileEntry> = prior_files.iter().map(|f| (f.path.as_str(), f)).collect();
     for f in &mut plan.files {
         f.basis = file_basis(f, prior, before.get(f.path.as_str()).copied());
     }

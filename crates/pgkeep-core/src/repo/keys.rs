@@ -85,6 +85,12 @@ pub fn bundles(label: &BackupLabel) -> String {
     format!("{}/bundle", backup(label))
 }
 
+/// A backup's file list (repository format 3), `ext` its compression's
+/// extension.
+pub fn file_list(label: &BackupLabel, ext: &str) -> String {
+    format!("{}/files.jsonl{ext}", backup(label))
+}
+
 /// A file of a backup stored as an object of its own: `name` is its path
 /// in the data directory (with `.part<k>` for a part), `ext` its
 /// compression's extension.
@@ -104,6 +110,7 @@ mod tests {
         assert_eq!(checkpoint(&l), "backup/20261201-100000F/partial.json");
         assert_eq!(file(&l, "base/5/16384.part1", ".zst"), "backup/20261201-100000F/pg_data/base/5/16384.part1.zst");
         assert_eq!(bundles(&l), "backup/20261201-100000F/bundle");
+        assert_eq!(file_list(&l, ".zst"), "backup/20261201-100000F/files.jsonl.zst");
         assert_eq!(lock(3), "lock/3.json");
         let seg = WalFileName::parse("000000010000000000000003").unwrap();
         assert_eq!(wal(&archive(1), &seg, "ab", ".zst"), "archive/0000000100000000/000000010000000000000003-ab.zst");

@@ -11,9 +11,12 @@ use crate::codec::Compress;
 use crate::error::{Error, Result};
 use crate::types::{BackupLabel, Lsn, SystemId, TimelineId};
 
+pub use super::filelist::FileList;
+
 /// Version of the repository format this build writes and reads: 2 added
-/// files stored in parts (`parts` in a manifest's file entry).
-pub const FORMAT: u32 = 2;
+/// files stored in parts (`parts` in a manifest's file entry), 3 the file
+/// list as an object of its own (see [`super::filelist`]).
+pub const FORMAT: u32 = 3;
 
 /// Files larger than this are stored in parts of this size, each an object
 /// of its own, copied and restored in parallel.
@@ -472,8 +475,18 @@ pub struct Manifest {
     pub tablespaces: Vec<Tablespace>,
     /// Directories, parents before children.
     pub dirs: Vec<DirEntry>,
-    /// Files.
-    pub files: Vec<FileEntry>,
+    /// The files, in manifests of format 2 and before (`files`); from
+    /// format 3 they are in [`Manifest::file_list`]. Read either with
+    /// [`Repository::files`](super::Repository::files).
+    #[serde(rename = "files", default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) inline_files: Vec<FileEntry>,
+    /// The file list (format 3): its own object, streamed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_list: Option<FileList>,
+    /// Format 3: the files with pages that failed their page checksum
+    /// (before, found in `files`); see [`Manifest::checksum_error_files`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) checksum_error_files: Vec<ChecksumErrorFile>,
     /// Whether the backup verified page checksums (the cluster has data
     /// checksums on); false in manifests written before pgkeep did.
     #[serde(default)]
@@ -510,10 +523,47 @@ impl std::fmt::Display for ServerRole {
     }
 }
 
+/// A file of a backup with pages that failed their page checksum.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChecksumErrorFile {
+    /// Path relative to the data directory.
+    pub path: String,
+    /// How many pages failed.
+    pub pages: u64,
+}
+
+impl ChecksumErrorFile {
+    /// The files of `files` with pages that failed.
+    pub fn of<'a>(files: impl IntoIterator<Item = &'a FileEntry>) -> Vec<ChecksumErrorFile> {
+        files
+            .into_iter()
+            .filter(|f| f.checksum_error_pages() > 0)
+            .map(|f| ChecksumErrorFile { path: f.path.clone(), pages: f.checksum_error_pages() })
+            .collect()
+    }
+}
+
 impl Manifest {
+    /// The files with pages that failed their page checksum when the
+    /// backup read them.
+    pub fn checksum_error_files(&self) -> Vec<ChecksumErrorFile> {
+        match self.file_list {
+            Some(_) => self.checksum_error_files.clone(),
+            None => ChecksumErrorFile::of(&self.inline_files),
+        }
+    }
+
     /// Pages that failed their page checksum, over all files.
     pub fn checksum_error_pages(&self) -> u64 {
-        self.files.iter().map(FileEntry::checksum_error_pages).sum()
+        self.checksum_error_files().iter().map(|f| f.pages).sum()
+    }
+
+    /// How many files the backup holds.
+    pub fn file_count(&self) -> u64 {
+        match &self.file_list {
+            Some(l) => l.count,
+            None => self.inline_files.len() as u64,
+        }
     }
 }
 
@@ -544,7 +594,9 @@ impl Manifest {
             tablespace_map: None,
             tablespaces: vec![],
             dirs: vec![],
-            files: vec![],
+            inline_files: vec![],
+            file_list: None,
+            checksum_error_files: vec![],
             page_checksums: false,
             from: ServerRole::Primary,
             data_directory: None,
@@ -566,13 +618,23 @@ struct SealedIn {
     content: Box<RawValue>,
 }
 
+/// The format of metadata objects whose content format 3 did not change
+/// (everything but a manifest with a file list): written as 2, so that a
+/// pgkeep that reads format 2 still reads them.
+pub const METADATA_FORMAT: u32 = 2;
+
 /// Serialises `value` in the checksummed envelope
-/// `{"format":1,"checksum":"<blake3 of content>","content":{...}}`.
+/// `{"format":2,"checksum":"<blake3 of content>","content":{...}}`.
 pub fn seal<T: Serialize>(value: &T) -> Bytes {
+    seal_as(value, METADATA_FORMAT)
+}
+
+/// As [`seal`], with `format` in the envelope.
+pub fn seal_as<T: Serialize>(value: &T, format: u32) -> Bytes {
     let content = serde_json::to_string_pretty(value).expect("metadata serialises");
     let raw = RawValue::from_string(content).expect("serde_json output is JSON");
     let checksum = blake3::hash(raw.get().as_bytes()).to_hex().to_string();
-    let out = SealedOut { format: FORMAT, checksum, content: &raw };
+    let out = SealedOut { format, checksum, content: &raw };
     Bytes::from(serde_json::to_vec_pretty(&out).expect("envelope serialises"))
 }
 

@@ -18,6 +18,7 @@
 //! guarantees about conditional writes. A backup refuses to start while
 //! another one's checkpoint has a live holder ([`crate::backup::resume`]).
 
+pub mod filelist;
 pub mod keys;
 pub mod lock;
 pub mod manifest;
@@ -31,7 +32,7 @@ use crate::crypto::Cipher;
 use crate::error::{Error, Hint, Operation, Opt, Result};
 use crate::storage::{Listed, Store};
 use crate::types::{BackupLabel, SystemId, TimelineHistory, TimelineId, WalFileName, WalSegment};
-pub use manifest::{BackupType, DirEntry, FileEntry, Manifest, ServerRole, StanzaMeta, SystemRecord, Tablespace};
+pub use manifest::{BackupType, ChecksumErrorFile, DirEntry, FileEntry, Manifest, ServerRole, StanzaMeta, SystemRecord, Tablespace};
 
 /// A stanza in one repository.
 #[derive(Clone, Debug)]
@@ -308,7 +309,10 @@ impl Repository {
 
     /// Writes the manifest: the backup exists from this moment.
     pub async fn write_manifest(&self, m: &Manifest) -> Result<()> {
-        if !self.put_metadata(&Self::manifest_key(&m.label), m, true).await? {
+        // A manifest with its file list apart is format 3: older readers
+        // must refuse it rather than read a backup of no files.
+        let format = if m.file_list.is_some() { manifest::FORMAT } else { manifest::METADATA_FORMAT };
+        if !self.put_metadata_as(&Self::manifest_key(&m.label), m, true, format).await? {
             return Err(Error::Refused(format!("backup {} already exists in repo {}", m.label, self.number)));
         }
         Ok(())
@@ -325,9 +329,14 @@ impl Repository {
     /// checksummed envelope, encrypted when the repository is. With
     /// `create_only`, returns `false` when it already exists.
     pub async fn put_metadata<T: serde::Serialize>(&self, key: &str, value: &T, create_only: bool) -> Result<bool> {
+        self.put_metadata_as(key, value, create_only, manifest::METADATA_FORMAT).await
+    }
+
+    /// As [`Self::put_metadata`], with `format` in the envelope.
+    async fn put_metadata_as<T: serde::Serialize>(&self, key: &str, value: &T, create_only: bool, format: u32) -> Result<bool> {
         let sealed = match &self.cipher {
-            Some(c) => Bytes::from(c.seal(&manifest::seal(value))?),
-            None => manifest::seal(value),
+            Some(c) => Bytes::from(c.seal(&manifest::seal_as(value, format))?),
+            None => manifest::seal_as(value, format),
         };
         self.store.put(key, sealed, create_only).await
     }
@@ -337,6 +346,52 @@ impl Repository {
     pub async fn get_metadata<T: serde::de::DeserializeOwned>(&self, key: &str, what: &str) -> Result<Option<T>> {
         let Some(bytes) = self.store.get(key).await? else { return Ok(None) };
         manifest::unseal(&self.unseal_bytes(bytes, what)?, what).map(Some)
+    }
+
+    /// Reads the files of backup `m` one by one, in
+    /// [`filelist::path_order`]: from its file list (format 3), or from
+    /// the manifest (before). Call from a blocking thread.
+    pub fn file_reader(&self, m: &Manifest) -> Result<Box<dyn Iterator<Item = Result<FileEntry>> + Send>> {
+        let Some(list) = &m.file_list else {
+            let mut files = m.inline_files.clone();
+            files.sort_by(|a, b| filelist::path_order(&a.path, &b.path));
+            return Ok(Box::new(files.into_iter().map(Ok)));
+        };
+        let what = format!("backup {} in repo {}", m.label, self.number);
+        let reader = filelist::ListReader::open(
+            self.store.object_store(),
+            self.cipher.as_ref(),
+            tokio::runtime::Handle::current(),
+            list,
+            m.compress,
+            &what,
+        )?;
+        Ok(Box::new(reader))
+    }
+
+    /// Every file of backup `m`, in [`filelist::path_order`] (see
+    /// [`Repository::file_reader`]).
+    pub async fn files(&self, m: &Manifest) -> Result<Vec<FileEntry>> {
+        let reader = self.file_reader(m)?;
+        tokio::task::spawn_blocking(move || reader.collect()).await.map_err(Error::task("reading a file list"))?
+    }
+
+    /// Writes backup `m`'s file list from `files` (in
+    /// [`filelist::path_order`]), then its manifest: the backup exists
+    /// from that moment.
+    pub async fn write_backup(&self, m: &mut Manifest, files: Vec<FileEntry>) -> Result<()> {
+        let (store, cipher, rt, label, compress) =
+            (self.store.object_store(), self.cipher.clone(), tokio::runtime::Handle::current(), m.label.clone(), m.compress);
+        let list = tokio::task::spawn_blocking(move || {
+            let mut w = filelist::ListWriter::create(store, cipher.as_ref(), rt, &label, compress)?;
+            files.iter().try_for_each(|f| w.push(f))?;
+            w.finish()
+        })
+        .await
+        .map_err(Error::task("writing a file list"))??;
+        m.file_list = Some(list);
+        m.inline_files.clear();
+        self.write_manifest(m).await
     }
 
     /// All complete backups (those with a manifest), oldest first.

@@ -16,6 +16,8 @@ pub(super) struct Plan {
     pub(super) repo: Repository,
     /// The backup to restore, then the backups it depends on, newest first.
     pub(super) chain: Vec<Manifest>,
+    /// The files of each backup of `chain`, in path order.
+    pub(super) files: Vec<Vec<crate::repo::FileEntry>>,
     pub(super) pg_data: PathBuf,
     /// (link name under pg_tblspc, destination directory).
     pub(super) tablespaces: Vec<(u32, PathBuf)>,
@@ -79,7 +81,11 @@ pub(super) async fn plan(stanza: &Stanza, opts: &RestoreOptions) -> Result<Plan>
                         Hint::any_of([Hint::retry(Opt::ForceTablespaces), Hint::retry(Opt::TablespaceMap)]),
                     )?;
                 }
-                return Ok(Plan { repo, chain, pg_data, tablespaces, timeline, in_place });
+                let mut files = Vec::with_capacity(chain.len());
+                for m in &chain {
+                    files.push(repo.files(m).await?);
+                }
+                return Ok(Plan { repo, chain, files, pg_data, tablespaces, timeline, in_place });
             }
             Err(e) => {
                 first_err.get_or_insert(e);

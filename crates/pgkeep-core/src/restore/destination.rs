@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use super::*;
 use crate::error::{Error, Hint, Opt, Result};
 use crate::pg::CONTROL_FILE;
-use crate::repo::Manifest;
+use crate::repo::{FileEntry, Manifest};
 
 /// Where a delta restore keeps the old `pg_control` while it rewrites the
 /// directory: not where PostgreSQL looks, so the directory does not start
@@ -81,7 +81,7 @@ pub(super) fn prepare_dirs(plan: &Plan, force: bool) -> Result<Vec<PathBuf>> {
     dirs.extend(plan.tablespaces.iter().map(|(_, d)| d.clone()));
     // 0700, or 0750 when the source allowed its group to read (initdb
     // --allow-group-access: its files are 0640), as PostgreSQL requires.
-    let group = plan.chain[0].files.iter().any(|f| f.path == CONTROL_FILE && f.mode & 0o040 != 0);
+    let group = plan.files[0].iter().any(|f| f.path == CONTROL_FILE && f.mode & 0o040 != 0);
     let mode = if group { 0o750 } else { 0o700 };
     for d in &dirs {
         if force {
@@ -113,8 +113,8 @@ pub(super) fn clear_dir(dir: &Path) -> std::io::Result<()> {
 }
 
 /// entries went.
-pub(super) fn remove_extraneous(root: &Path, m: &Manifest) -> std::io::Result<usize> {
-    let mut files: HashSet<&str> = m.files.iter().map(|f| f.path.as_str()).filter(|p| *p != CONTROL_FILE).collect();
+pub(super) fn remove_extraneous(root: &Path, m: &Manifest, m_files: &[FileEntry]) -> std::io::Result<usize> {
+    let mut files: HashSet<&str> = m_files.iter().map(|f| f.path.as_str()).filter(|p| *p != CONTROL_FILE).collect();
     files.insert(DELTA_CONTROL);
     let mut dirs: HashSet<&str> = m.dirs.iter().map(|d| d.path.as_str()).collect();
     dirs.extend(crate::pg::version::wal_dirs(m.pg_version));
@@ -158,13 +158,13 @@ pub(super) fn remove_extraneous(root: &Path, m: &Manifest) -> std::io::Result<us
 /// shows whose directory it is if the restore must run again), then
 /// removes what the backup `m` does not have. Returns how many entries
 /// went.
-pub(super) fn clear_for_delta(root: &Path, m: &Manifest) -> Result<usize> {
+pub(super) fn clear_for_delta(root: &Path, m: &Manifest, files: &[FileEntry]) -> Result<usize> {
     match std::fs::rename(root.join(CONTROL_FILE), root.join(DELTA_CONTROL)) {
         Ok(()) => super::files::sync_dir(&root.join("global"))?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(Error::io(format!("cannot move {} aside", root.join(CONTROL_FILE).display()))(e)),
     }
-    remove_extraneous(root, m).map_err(Error::io(format!("cannot clean {}", root.display())))
+    remove_extraneous(root, m, files).map_err(Error::io(format!("cannot clean {}", root.display())))
 }
 
 /// Once the backup's `pg_control` is in place: the old one set aside by

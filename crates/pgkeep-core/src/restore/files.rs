@@ -8,7 +8,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-
 use super::*;
 use crate::codec::Compress;
 use crate::crypto::{unsealing, Cipher};
@@ -364,8 +363,7 @@ async fn sync_written(plan: &Plan, jobs: usize) -> Result<()> {
                 let Ok(dir) = std::fs::File::open(&p) else { continue };
                 let dev = std::os::unix::fs::MetadataExt::dev(&dir.metadata().map_err(Error::io(format!("cannot read {}", p.display())))?);
                 if done.insert(dev) {
-                    rustix::fs::syncfs(&dir)
-                        .map_err(|e| Error::io(format!("cannot sync the file system of {}", p.display()))(e.into()))?;
+                    rustix::fs::syncfs(&dir).map_err(|e| Error::io(format!("cannot sync the file system of {}", p.display()))(e.into()))?;
                 }
             }
             Ok(())
@@ -373,7 +371,7 @@ async fn sync_written(plan: &Plan, jobs: usize) -> Result<()> {
         .await
         .map_err(Error::task("a restore worker"))?;
     }
-    let paths: Vec<PathBuf> = plan.chain[0].files.iter().filter(|f| f.path != CONTROL_FILE).map(|f| root.join(&f.path)).collect();
+    let paths: Vec<PathBuf> = plan.files[0].iter().filter(|f| f.path != CONTROL_FILE).map(|f| root.join(&f.path)).collect();
     Workers::start("a restore worker", jobs, paths, |_: &mut (), p: &PathBuf| match std::fs::File::open(p) {
         Ok(f) => f.sync_all().map_err(Error::io(format!("cannot sync {}", p.display()))),
         Err(e) => Err(Error::io(format!("cannot sync {}", p.display()))(e)),
@@ -456,10 +454,10 @@ impl<'a> Writer<'a> {
     pub(super) fn new(plan: &'a Plan, opts: &RestoreOptions) -> Writer<'a> {
         let m = &plan.chain[0];
         let progress = opts.progress.clone().unwrap_or_default();
-        progress.plan(m.files.iter().map(|f| f.parts.len().max(1) as u64).sum(), m.size);
+        progress.plan(plan.files[0].iter().map(|f| f.parts.len().max(1) as u64).sum(), m.size);
         Writer {
             plan,
-            by_path: plan.chain.iter().map(|b| b.files.iter().map(|f| (f.path.as_str(), f)).collect()).collect(),
+            by_path: plan.files.iter().map(|files| files.iter().map(|f| (f.path.as_str(), f)).collect()).collect(),
             source: Source::new(&plan.repo),
             progress,
             delta: opts.delta,
@@ -478,8 +476,7 @@ impl<'a> Writer<'a> {
     /// first; returns how many files were already as the backup has them
     /// (a delta restore keeps those).
     pub(super) async fn write_all_but_control(&self, jobs: usize) -> Result<usize> {
-        let m = &self.plan.chain[0];
-        let mut rest: Vec<&FileEntry> = m.files.iter().filter(|f| f.path != CONTROL_FILE).collect();
+        let mut rest: Vec<&FileEntry> = self.plan.files[0].iter().filter(|f| f.path != CONTROL_FILE).collect();
         // Largest first, so that the workers finish together.
         rest.sort_by_key(|f| std::cmp::Reverse(f.size));
         let mut units = Vec::new();
@@ -503,7 +500,7 @@ impl<'a> Writer<'a> {
 
     /// `pg_control`, last, synced.
     pub(super) async fn write_control(&self) -> Result<()> {
-        for f in self.plan.chain[0].files.iter().filter(|f| f.path == CONTROL_FILE) {
+        for f in self.plan.files[0].iter().filter(|f| f.path == CONTROL_FILE) {
             let units = restore_units(f, &layers(&self.plan.chain, &self.by_path, &f.path)?).into_iter().map(|u| (0, u)).collect();
             self.workers(units, 1).collect().await?;
             sync_file(&self.plan.pg_data.join(&f.path))?;

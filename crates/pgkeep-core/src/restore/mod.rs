@@ -155,7 +155,7 @@ async fn write(plan: &Plan, opts: &RestoreOptions, jobs: usize) -> Result<Restor
     // A delta restore first sets pg_control aside, so that the directory
     // does not start while it is half rewritten, and removes what the
     // backup does not have.
-    let removed = if opts.delta { destination::clear_for_delta(root, m)? } else { 0 };
+    let removed = if opts.delta { destination::clear_for_delta(root, m, &plan.files[0])? } else { 0 };
     files::make_dirs(plan)?;
     let step = |s| opts.progress.as_ref().inspect(|p| p.step(s));
     let writer = files::Writer::new(plan, opts);
@@ -172,7 +172,7 @@ async fn write(plan: &Plan, opts: &RestoreOptions, jobs: usize) -> Result<Restor
         label: m.label.clone(),
         repo: plan.repo.number,
         pg_data: root.clone(),
-        files: m.files.len(),
+        files: m.file_count() as usize,
         bytes: m.size,
         unchanged,
         removed,

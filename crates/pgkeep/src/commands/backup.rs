@@ -41,7 +41,7 @@ pub async fn run(cli: &Cli, stanza: &Stanza, kind: Option<BackupTypeArg>) -> Res
     if let Some(why) = &done.full_because {
         eprintln!("pgkeep: NOTICE: backup {} is a full backup because {why}", m.label);
     }
-    for f in m.files.iter().filter(|f| f.checksum_error_pages() > 0) {
+    for f in &done.checksum_failures {
         eprintln!("{}", checksum_warning(f));
     }
     // Retention runs after every successful backup; if it fails, the
@@ -65,7 +65,7 @@ pub async fn run(cli: &Cli, stanza: &Stanza, kind: Option<BackupTypeArg>) -> Res
                 "backup {} done in {:.1}s: {} files, {} of database, {} stored, WAL {} to {}",
                 m.label,
                 done.seconds,
-                m.files.len(),
+                m.file_count(),
                 bytes(m.size),
                 bytes(m.repo_size),
                 m.start_wal,

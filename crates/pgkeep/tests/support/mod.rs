@@ -1165,13 +1165,27 @@ pub fn local_stanza(name: &str) -> (TestDir, Repo, Cluster, Pgkeep) {
     (dir, repo, pg, pk)
 }
 
-/// The content of a backup's manifest in a local repository (stanza
-/// `demo`), out of its `{"format","checksum","content"}` envelope.
+/// The content of a backup's manifest in a local, unencrypted repository
+/// (stanza `demo`), out of its `{"format","checksum","content"}` envelope,
+/// with its file list (repository format 3: an object of its own, one
+/// entry per line, zstd or uncompressed) as `files`, as format 2 had it.
 pub fn read_manifest(repo: &Repo, label: &str) -> serde_json::Value {
     let path = repo.path().join("demo/backup").join(label).join("manifest.json");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let envelope: serde_json::Value = serde_json::from_str(&text).unwrap();
-    envelope["content"].clone()
+    let mut content = envelope["content"].clone();
+    if let Some(key) = content["file-list"]["key"].as_str() {
+        let path = repo.path().join("demo").join(key);
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let text = match key.ends_with(".zst") {
+            true => zstd::decode_all(&bytes[..]).unwrap(),
+            false => bytes,
+        };
+        let files: Vec<serde_json::Value> = String::from_utf8(text).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(Some(files.len() as u64), content["file-list"]["count"].as_u64(), "{}", path.display());
+        content["files"] = serde_json::Value::Array(files);
+    }
+    content
 }
 
 /// Parses an LSN `X/Y` into a number.
