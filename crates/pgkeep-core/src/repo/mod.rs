@@ -372,8 +372,8 @@ impl Repository {
     /// Every file of backup `m`, in [`filelist::path_order`] (see
     /// [`Repository::file_reader`]).
     pub async fn files(&self, m: &Manifest) -> Result<Vec<FileEntry>> {
-        let reader = self.file_reader(m)?;
-        tokio::task::spawn_blocking(move || reader.collect()).await.map_err(Error::task("reading a file list"))?
+        let (repo, m) = (self.clone(), m.clone());
+        tokio::task::spawn_blocking(move || repo.file_reader(&m)?.collect()).await.map_err(Error::task("reading a file list"))?
     }
 
     /// Writes backup `m`'s file list from `files` (in
@@ -566,6 +566,58 @@ mod tests {
         repo.remove_backup(&m.label).await.unwrap();
         assert!(repo.backups().await.unwrap().is_empty());
         assert!(repo.store().list(&dir).await.unwrap().is_empty(), "objects of a removed backup remain");
+    }
+
+    /// A backup of format 3 keeps its files in a list of their own and is
+    /// written as format 3; one of format 2 (files in the manifest, sorted
+    /// by bytes, as older pgkeep wrote them) reads the same, in path order,
+    /// with the same page checksum summary; a list that fails to be
+    /// written leaves no backup.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn backups_of_format_2_and_3_give_the_same_files_in_path_order() {
+        let (faulty, repo) = faulty_repo().await;
+        let t = chrono::Utc::now();
+        let entry = |path: &str, errors: Vec<u32>| FileEntry { checksum_errors: errors, ..FileEntry::for_test(path, 8192, 0) };
+        let mut by_bytes = vec![entry("base/1.x", vec![]), entry("base/1/2", vec![3, 4]), entry("global/pg_control", vec![])];
+        by_bytes.sort_by(|a, b| a.path.cmp(&b.path));
+        assert_eq!(by_bytes[0].path, "base/1.x", "byte order puts it first");
+        let mut in_order = by_bytes.clone();
+        in_order.sort_by(|a, b| filelist::path_order(&a.path, &b.path));
+        assert_eq!(in_order[0].path, "base/1/2");
+
+        let old = Manifest {
+            system_id: SystemId(7),
+            inline_files: by_bytes.clone(),
+            ..Manifest::for_test("20261201-100000F", BackupType::Full, None, t, 1000, (1, 2))
+        };
+        repo.write_manifest(&old).await.unwrap();
+        let mut new =
+            Manifest { system_id: SystemId(7), ..Manifest::for_test("20261201-110000F", BackupType::Full, None, t, 1000, (1, 2)) };
+        new.checksum_error_files = ChecksumErrorFile::of(&in_order);
+        faulty.set(vec![Rule::new(Op::Put, "files.jsonl", Fault::Fail)]);
+        assert!(repo.write_backup(&mut new.clone(), in_order.clone()).await.is_err());
+        faulty.clear();
+        assert_eq!(repo.backups().await.unwrap().len(), 1, "a backup whose list failed to be written does not exist");
+        repo.write_backup(&mut new, in_order.clone()).await.unwrap();
+
+        let envelope = |label: &str| {
+            let repo = &repo;
+            let key = keys::manifest(&BackupLabel(label.into()));
+            async move { serde_json::from_slice::<serde_json::Value>(&repo.store().get(&key).await.unwrap().unwrap()).unwrap() }
+        };
+        assert_eq!(envelope("20261201-100000F").await["format"], 2);
+        let written = envelope("20261201-110000F").await;
+        assert_eq!(written["format"], 3);
+        assert!(written["content"].get("files").is_none(), "format 3 keeps no files in the manifest");
+
+        let backups = repo.backups().await.unwrap();
+        assert_eq!(backups.len(), 2);
+        for m in &backups {
+            assert_eq!(repo.files(m).await.unwrap(), in_order, "{}", m.label);
+            assert_eq!(m.file_count(), 3);
+            assert_eq!(m.checksum_error_files(), vec![ChecksumErrorFile { path: "base/1/2".into(), pages: 2 }]);
+            assert_eq!(m.checksum_error_pages(), 2);
+        }
     }
 
     #[tokio::test]
