@@ -38,17 +38,25 @@ fn duration_of(pk: &Pgkeep, args: &[&str]) -> Duration {
 fn kill_9_during_backup_and_expire_loses_nothing() {
     let (dir, _repo, pg, pk) = local_stanza("faults-backup");
     pg.pgbench_init(3);
-    let full = ["backup", "--type", "full", "--jobs", "1"];
-    let took = duration_of(&pk, &full);
+    // How long each type takes left alone (an incremental is much
+    // shorter than a full backup), each after the same writes as below.
+    let kinds = ["full", "incr", "diff"];
+    let took: Vec<Duration> = kinds
+        .iter()
+        .map(|kind| {
+            pg.pgbench(1, 2);
+            duration_of(&pk, &["backup", "--type", kind, "--jobs", "1"])
+        })
+        .collect();
 
-    // Backups of every type, killed at points spread over a whole run,
-    // with writes in between.
+    // Backups of every type, each killed at a point of its own type's run,
+    // the points spread over the whole run, with writes in between.
     let mut killed = 0;
     for i in 0..POINTS {
         pg.pgbench(1, 2);
-        let kind = ["full", "incr", "diff"][i as usize % 3];
-        let args = ["backup", "--type", kind, "--jobs", "1"];
-        killed += kill_after(&pk, &args, took * (i + 1) / (POINTS + 1)) as u32;
+        let k = i as usize % 3;
+        let args = ["backup", "--type", kinds[k], "--jobs", "1"];
+        killed += kill_after(&pk, &args, took[k] * (i + 1) / (POINTS + 1)) as u32;
         let listed = labels(&pk);
         let out = pk.ok(&["verify"]);
         assert!(out.contains(&format!("{} backup", listed.len())) && out.contains("all good"), "after kill {i}: {out}");

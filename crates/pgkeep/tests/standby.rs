@@ -199,7 +199,16 @@ fn disturbed_backup(pk: &Pgkeep, repo: &Repo, disturb: impl FnOnce()) -> (bool, 
     let known: Vec<_> = std::fs::read_dir(&backups).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
     let mut child = pk.spawn_piped(&["backup", "--type", "full"]);
     let start = Instant::now();
-    while std::fs::read_dir(&backups).map(|d| d.flatten().all(|e| known.contains(&e.file_name()))).unwrap_or(true) {
+    // Copying has begun (so pg_backup_start has returned) once the new
+    // backup's directory holds stored files, not only its checkpoint.
+    let copying = || {
+        std::fs::read_dir(&backups).map(|d| {
+            d.flatten()
+                .filter(|e| !known.contains(&e.file_name()))
+                .any(|e| e.path().join("pg_data").exists() || e.path().join("bundle").exists())
+        })
+    };
+    while !copying().unwrap_or(false) {
         assert!(start.elapsed() < Duration::from_secs(60), "the backup never started");
         if !child.running() {
             break;
