@@ -9,18 +9,17 @@
 
 use std::cmp::Ordering;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use tokio::runtime::Handle;
 
 use crate::codec::{Compress, Encoder};
-use crate::crypto::{unsealing, Cipher, Sealing};
+use crate::crypto::{unsealing, Sealing};
 use crate::error::{Error, Result};
 use crate::storage::{ObjectReader, ObjectWriter};
 use crate::types::BackupLabel;
 
-use super::FileEntry;
+use super::{FileEntry, Repository};
 
 /// The order of paths in a file list, and of a backup's walk of the data
 /// directory: component by component (`base/1/2` before `base/1.x`,
@@ -53,18 +52,12 @@ pub struct ListWriter {
 }
 
 impl ListWriter {
-    /// Starts the list of backup `label` in `store`; I/O is driven on
-    /// `rt` (call from a blocking thread).
-    pub fn create(
-        store: Arc<dyn object_store::ObjectStore>,
-        cipher: Option<&Cipher>,
-        rt: Handle,
-        label: &BackupLabel,
-        compress: Compress,
-    ) -> Result<ListWriter> {
+    /// Starts the list of backup `label` in `repo` (call from a blocking
+    /// thread of the runtime).
+    pub fn create(repo: &Repository, label: &BackupLabel, compress: Compress) -> Result<ListWriter> {
         let key = super::keys::file_list(label, compress.extension());
         let what = |e| Error::Io { what: format!("cannot store the file list '{key}'"), cause: e };
-        let writer = Sealing::new(cipher, ObjectWriter::new(store, &key, rt))?;
+        let writer = Sealing::new(repo.cipher.as_ref(), ObjectWriter::new(repo.store().object_store(), &key, Handle::current()))?;
         let enc = compress.encoder(writer, None).map_err(what)?;
         Ok(ListWriter { enc, hasher: blake3::Hasher::new(), count: 0, last: None, key, line: Vec::new() })
     }
@@ -119,20 +112,14 @@ pub struct ListReader {
 }
 
 impl ListReader {
-    /// Opens `list` (compressed with `compress`) in `store`; `what` names
-    /// the backup in errors.
-    pub fn open(
-        store: Arc<dyn object_store::ObjectStore>,
-        cipher: Option<&Cipher>,
-        rt: Handle,
-        list: &FileList,
-        compress: Compress,
-        what: &str,
-    ) -> Result<ListReader> {
+    /// Opens `list` (compressed with `compress`) in `repo` (call from a
+    /// blocking thread of the runtime); `what` names the backup in errors.
+    pub fn open(repo: &Repository, list: &FileList, compress: Compress, what: &str) -> Result<ListReader> {
         let what = format!("the file list '{}' of {what}", list.key);
-        let reader = ObjectReader::open(store, &list.key, None, rt).map_err(Error::storage(format!("cannot read {what}")))?;
+        let reader = ObjectReader::open(repo.store().object_store(), &list.key, None, Handle::current())
+            .map_err(Error::storage(format!("cannot read {what}")))?;
         let corrupt = |e: std::io::Error| Error::Corrupt(format!("{what} cannot be read ({e}): it is corrupt; restore another backup"));
-        let plain = compress.decoder(unsealing(cipher, reader).map_err(corrupt)?).map_err(corrupt)?;
+        let plain = compress.decoder(unsealing(repo.cipher.as_ref(), reader).map_err(corrupt)?).map_err(corrupt)?;
         Ok(ListReader {
             lines: BufReader::with_capacity(256 << 10, plain),
             hasher: blake3::Hasher::new(),
@@ -202,17 +189,21 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_list_reads_back_as_written_and_every_damage_is_an_error() {
-        let store: Arc<dyn object_store::ObjectStore> = Arc::new(object_store::memory::InMemory::new());
-        let (cipher, _) = Cipher::create(b"secret").unwrap();
+        let store = crate::storage::Store::from_object_store(std::sync::Arc::new(object_store::memory::InMemory::new()), "memory://");
+        let meta = super::super::StanzaMeta::for_test(7);
+        let (plain, _) = Repository::create(&store, meta.clone(), 1, None).await.unwrap();
+        let sealed_store =
+            crate::storage::Store::from_object_store(std::sync::Arc::new(object_store::memory::InMemory::new()), "memory://");
+        let (sealed, _) = Repository::create(&sealed_store, meta, 1, Some(b"secret")).await.unwrap();
+        assert!(sealed.cipher.is_some());
         let label = BackupLabel("20261202-000000F".into());
         let entries: Vec<FileEntry> = (0..3000).map(|i| FileEntry::for_test(&format!("base/{}/{}", i / 1000, i % 1000), i, 0)).collect();
         let mut sorted = entries.clone();
         sorted.sort_by(|a, b| path_order(&a.path, &b.path));
-        for (compress, cipher) in [(Compress::Zstd, None), (Compress::Lz4, Some(&cipher)), (Compress::None, None)] {
-            let (s, c, rt, l) = (store.clone(), cipher.cloned(), Handle::current(), label.clone());
-            let sorted2 = sorted.clone();
+        for (compress, repo) in [(Compress::Zstd, &plain), (Compress::Lz4, &sealed), (Compress::None, &plain)] {
+            let (r, l, sorted2) = (repo.clone(), label.clone(), sorted.clone());
             let list = tokio::task::spawn_blocking(move || {
-                let mut w = ListWriter::create(s, c.as_ref(), rt, &l, compress).unwrap();
+                let mut w = ListWriter::create(&r, &l, compress).unwrap();
                 sorted2.iter().try_for_each(|e| w.push(e)).unwrap();
                 let out_of_order = w.push(&sorted2[0]).unwrap_err().to_string();
                 assert!(out_of_order.contains("bug in pgkeep"), "{out_of_order}");
@@ -222,9 +213,9 @@ mod tests {
             .unwrap();
             assert_eq!(list.count, 3000);
             let read = |list: FileList| {
-                let (s, c, rt) = (store.clone(), cipher.cloned(), Handle::current());
+                let r = repo.clone();
                 tokio::task::spawn_blocking(move || {
-                    ListReader::open(s, c.as_ref(), rt, &list, compress, "backup X").and_then(|r| r.collect::<Result<Vec<_>>>())
+                    ListReader::open(&r, &list, compress, "backup X").and_then(|reader| reader.collect::<Result<Vec<_>>>())
                 })
             };
             assert!(read(list.clone()).await.unwrap().unwrap() == sorted, "{compress:?}");
@@ -233,9 +224,8 @@ mod tests {
             let e = read(FileList { checksum: "0".repeat(64), ..list.clone() }).await.unwrap().unwrap_err().to_string();
             assert!(e.contains("fails its checksum"), "{e}");
             // Truncated, as an upload cut short would leave it.
-            let key = object_store::path::Path::from(list.key.as_str());
-            let bytes = object_store::ObjectStoreExt::get(&*store, &key).await.unwrap().bytes().await.unwrap();
-            object_store::ObjectStoreExt::put(&*store, &key, bytes.slice(..bytes.len() * 2 / 3).into()).await.unwrap();
+            let bytes = repo.store().get(&list.key).await.unwrap().unwrap();
+            repo.store().put(&list.key, bytes.slice(..bytes.len() * 2 / 3), false).await.unwrap();
             let e = read(list.clone()).await.unwrap().unwrap_err().to_string();
             assert!(e.contains("corrupt") && e.contains(&list.key), "{compress:?}: {e}");
         }

@@ -358,15 +358,7 @@ impl Repository {
             return Ok(Box::new(files.into_iter().map(Ok)));
         };
         let what = format!("backup {} in repo {}", m.label, self.number);
-        let reader = filelist::ListReader::open(
-            self.store.object_store(),
-            self.cipher.as_ref(),
-            tokio::runtime::Handle::current(),
-            list,
-            m.compress,
-            &what,
-        )?;
-        Ok(Box::new(reader))
+        Ok(Box::new(filelist::ListReader::open(self, list, m.compress, &what)?))
     }
 
     /// Every file of backup `m`, in [`filelist::path_order`] (see
@@ -380,10 +372,9 @@ impl Repository {
     /// [`filelist::path_order`]), then its manifest: the backup exists
     /// from that moment.
     pub async fn write_backup(&self, m: &mut Manifest, files: Vec<FileEntry>) -> Result<()> {
-        let (store, cipher, rt, label, compress) =
-            (self.store.object_store(), self.cipher.clone(), tokio::runtime::Handle::current(), m.label.clone(), m.compress);
+        let (repo, label, compress) = (self.clone(), m.label.clone(), m.compress);
         let list = tokio::task::spawn_blocking(move || {
-            let mut w = filelist::ListWriter::create(store, cipher.as_ref(), rt, &label, compress)?;
+            let mut w = filelist::ListWriter::create(&repo, &label, compress)?;
             files.iter().try_for_each(|f| w.push(f))?;
             w.finish()
         })
