@@ -360,7 +360,10 @@ async fn sync_written(plan: &Plan, jobs: usize) -> Result<()> {
         return tokio::task::spawn_blocking(move || {
             let mut done = std::collections::HashSet::new();
             for p in places {
-                let Ok(dir) = std::fs::File::open(&p) else { continue };
+                // Every place holds restored files (make_dirs created
+                // pg_wal): one that cannot be opened is an error, never a
+                // file system left unsynced.
+                let dir = std::fs::File::open(&p).map_err(Error::io(format!("cannot open {} to sync it", p.display())))?;
                 let dev = std::os::unix::fs::MetadataExt::dev(&dir.metadata().map_err(Error::io(format!("cannot read {}", p.display())))?);
                 if done.insert(dev) {
                     rustix::fs::syncfs(&dir).map_err(|e| Error::io(format!("cannot sync the file system of {}", p.display()))(e.into()))?;
