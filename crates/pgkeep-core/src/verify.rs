@@ -214,8 +214,7 @@ async fn check_backup(repo: &Repository, m: &Manifest, all: &[Manifest], jobs: u
         }
     }
     let source = Source::new(repo);
-    let label = &m.label;
-    let (compress, progress, label) = (m.compress, progress.clone(), label.clone());
+    let (compress, progress, label) = (m.compress, progress.clone(), m.label.clone());
     let files = match repo.files(m).await {
         Ok(files) => files,
         Err(e) => {

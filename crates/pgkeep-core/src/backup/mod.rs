@@ -333,6 +333,7 @@ async fn locked(stanza: &Stanza, opts: &BackupOptions, repo: &Repository, source
         }
         return Err(e);
     }
+    let checksum_failures: Vec<FileEntry> = files.iter().filter(|f| f.checksum_error_pages() > 0).cloned().collect();
     let mut manifest = Manifest {
         label: label.clone(),
         kind,
@@ -357,13 +358,12 @@ async fn locked(stanza: &Stanza, opts: &BackupOptions, repo: &Repository, source
         dirs,
         inline_files: Vec::new(),
         file_list: None,
-        checksum_error_files: ChecksumErrorFile::of(&files),
+        checksum_error_files: ChecksumErrorFile::of(&checksum_failures),
         page_checksums,
         from: source.role,
         data_directory: Some(now.data_directory),
     };
     progress.step(Step::Finishing);
-    let checksum_failures = files.iter().filter(|f| f.checksum_error_pages() > 0).cloned().collect();
     repo.write_backup(&mut manifest, files).await?;
     // The backup is complete without it; a left-over checkpoint is ignored.
     let _ = checkpointer.remove().await;

@@ -352,7 +352,7 @@ pub(super) fn sync_dirs(root: &Path, m: &Manifest) -> Result<()> {
 ///   the disk once per file. It also writes whatever else is dirty on
 ///   those file systems.
 /// - else `fsync(2)` of each file, `jobs` at a time.
-async fn sync_written(plan: &Plan, jobs: usize) -> Result<()> {
+pub(super) async fn sync_written(plan: &Plan, jobs: usize) -> Result<()> {
     let root = plan.pg_data.clone();
     let mut places: Vec<PathBuf> = vec![root.clone(), root.join("pg_wal")];
     places.extend(plan.tablespaces.iter().map(|(_, d)| d.clone()));
@@ -509,10 +509,5 @@ impl<'a> Writer<'a> {
             sync_file(&self.plan.pg_data.join(&f.path))?;
         }
         Ok(())
-    }
-
-    /// Makes every file written so far durable (see [`sync_written`]).
-    pub(super) async fn sync_written(&self, jobs: usize) -> Result<()> {
-        sync_written(self.plan, jobs).await
     }
 }

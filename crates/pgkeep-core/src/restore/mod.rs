@@ -162,7 +162,7 @@ async fn write(plan: &Plan, opts: &RestoreOptions, jobs: usize) -> Result<Restor
     step(Step::Copying);
     let unchanged = writer.write_all_but_control(jobs).await?;
     step(Step::Finishing);
-    writer.sync_written(jobs).await?;
+    files::sync_written(plan, jobs).await?;
     recovery::write_label_and_settings(root, m, opts)?;
     files::sync_dirs(root, m)?;
     writer.write_control().await?;
