@@ -4,7 +4,7 @@
 //! that reads them. For many small files this is what keeps the cost per
 //! file down: no allocation, and no hand-off to a new task, per file.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
@@ -27,22 +27,36 @@ impl<T: Send + 'static> Workers<T> {
     /// `what` in errors. Each makes its scratch with `S::default()`.
     pub fn start<U, S, F>(what: &'static str, n: usize, units: Vec<U>, work: F) -> Self
     where
-        U: Send + Sync + 'static,
+        U: Send + 'static,
         S: Default,
+        F: Fn(&mut S, &U) -> Result<T> + Send + Sync + 'static,
+    {
+        let n = n.min(units.len()).max(1);
+        let units = std::sync::Mutex::new(units.into_iter());
+        Self::fed(what, n, move || units.lock().ok()?.next(), work)
+    }
+
+    /// Starts `n` threads taking their units from `next` until it gives
+    /// `None` (a channel's receiver, for units made while others are
+    /// worked on).
+    pub fn fed<U, S, N, F>(what: &'static str, n: usize, next: N, work: F) -> Self
+    where
+        U: Send + 'static,
+        S: Default,
+        N: Fn() -> Option<U> + Send + Sync + 'static,
         F: Fn(&mut S, &U) -> Result<T> + Send + Sync + 'static,
     {
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::unbounded_channel();
-        let n = n.min(units.len()).max(1);
-        let (units, next, work) = (Arc::new(units), Arc::new(AtomicUsize::new(0)), Arc::new(work));
-        let handles = (0..n)
+        let (next, work) = (Arc::new(next), Arc::new(work));
+        let handles = (0..n.max(1))
             .map(|_| {
-                let (units, next, work, stop, tx) = (units.clone(), next.clone(), work.clone(), stop.clone(), tx.clone());
+                let (next, work, stop, tx) = (next.clone(), work.clone(), stop.clone(), tx.clone());
                 tokio::task::spawn_blocking(move || {
                     let mut scratch = S::default();
                     while !stop.load(Ordering::Relaxed) {
-                        let Some(unit) = units.get(next.fetch_add(1, Ordering::Relaxed)) else { break };
-                        let done = work(&mut scratch, unit);
+                        let Some(unit) = next() else { break };
+                        let done = work(&mut scratch, &unit);
                         let failed = done.is_err();
                         if tx.send(done).is_err() || failed {
                             break;
@@ -90,11 +104,35 @@ impl<T: Send + 'static> Workers<T> {
         self.finish().await?;
         Ok(out)
     }
+
+    /// [`Workers::next`] from a blocking thread of the runtime, but an
+    /// error is returned at once, the other threads asked to stop: the
+    /// caller stops what feeds them, then waits for them with
+    /// [`Workers::finish_blocking`].
+    pub fn next_blocking(&mut self) -> Option<Result<T>> {
+        let done = self.rx.blocking_recv()?;
+        if done.is_err() {
+            self.stop.store(true, Ordering::Relaxed);
+            self.rx.close();
+        }
+        Some(done)
+    }
+
+    /// [`Workers::finish`] from a blocking thread of the runtime.
+    pub fn finish_blocking(&mut self) -> Result<()> {
+        tokio::runtime::Handle::current().block_on(self.finish())
+    }
+
+    /// Asks the threads to stop after their current unit.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicUsize;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn every_unit_once_with_scratch_kept_and_the_first_error_after_the_others_stop() {

@@ -1,8 +1,10 @@
 //! Online physical backups.
 //!
 //! The sequence, all on one connection: `pg_backup_start` (fast
-//! checkpoint), [`plan`] the files, copy them in parallel (read, checksum,
-//! compress, upload, each file streamed in bounded memory), then
+//! checkpoint), copy the files in parallel as a walk of the data directory
+//! finds them ([`plan::Planner`]; read, checksum, compress, upload, each
+//! file streamed in bounded memory, and the file list written as they
+//! are stored: see `copy.rs`), then
 //! `pg_backup_stop` (which waits until PostgreSQL has archived the WAL the
 //! backup needs), check that every segment from the start to the stop LSN
 //! is in the repository, and only then write the manifest. A backup that
@@ -12,31 +14,24 @@
 
 pub mod basis;
 pub mod bundle;
+mod copy;
 pub mod plan;
 pub mod resume;
 pub mod source;
 
 use std::collections::HashMap;
-use std::ops::Range;
 use std::sync::Arc;
 
 use chrono::{Timelike, Utc};
 
-use crate::codec::Compress;
-use crate::crypto::{Cipher, Sealing};
 use crate::error::{Error, Result};
-use crate::pg::checksum::FileCheck;
-use crate::pg::checksum::MAX_LISTED;
 use crate::progress::{Progress, Step};
 use crate::repo::lock::StanzaLock;
-use crate::repo::manifest::{Part, PART_SIZE};
-use crate::repo::{pages, BackupType, ChecksumErrorFile, FileEntry, Manifest, Repository, ServerRole, Tablespace};
-use crate::storage::ObjectWriter;
+use crate::repo::{BackupType, ChecksumErrorFile, FileEntry, Manifest, Repository, ServerRole, Tablespace};
 use crate::types::{BackupLabel, Lsn, TimelineHistory, WalSegment};
-use crate::workers::Workers;
 use crate::Stanza;
-use basis::{Basis, ClusterNow};
-pub use plan::{BackupPlan, PlannedFile};
+use basis::ClusterNow;
+pub use plan::PlannedFile;
 use resume::{Checkpoint, Checkpointer};
 use source::Source;
 
@@ -265,40 +260,31 @@ async fn locked(stanza: &Stanza, opts: &BackupOptions, repo: &Repository, source
 
     let saver = checkpointer.keep_saving();
     let copied = async {
-        let prior_files = match prior {
-            Some(p) => Some((p.clone(), repo.files(p).await?)),
+        let reuse = match &taken {
+            Some(t) => Some(take_over(repo, t, &pg_data, prior).await?),
             None => None,
         };
-        let mut plan = tokio::task::spawn_blocking({
-            let (pg_data, ts) = (pg_data.clone(), tablespaces.clone());
-            move || {
-                let mut plan = plan::plan(&pg_data, &ts)?;
-                if let Some((prior, files)) = &prior_files {
-                    plan::incremental(&mut plan, prior, files);
-                }
-                Ok::<_, Error>(plan)
-            }
-        })
-        .await
-        .map_err(Error::task("backup planning"))??;
-        let kept = match &taken {
-            Some(t) => take_over(repo, t, &mut plan.files).await?,
-            None => Vec::new(),
-        };
-        checkpointer.keep(kept.clone(), start_time);
-        // Pages are verified against the backup's start: see pg::checksum.
-        let verify = page_checksums.then_some(start.lsn);
-        let sink = Sink::new(repo, &label, compress, repo_opts.compress_level);
+        if let Some((_, kept)) = &reuse {
+            checkpointer.keep(kept.clone(), start_time);
+        }
         progress.step(Step::Copying);
-        let mut files = copy_files(&sink, plan.files, stanza.settings.jobs, verify, &checkpointer, Some(progress.clone())).await?;
-        let kept_stats = (kept.len(), kept.iter().map(|f| f.size).sum::<u64>());
-        files.extend(kept);
-        files.sort_by(|a, b| crate::repo::filelist::path_order(&a.path, &b.path));
-        Ok::<_, Error>((plan.dirs, files, kept_stats))
+        let copy = copy::Copy {
+            repo: repo.clone(),
+            sink: copy::Sink::new(repo, &label, compress, repo_opts.compress_level),
+            pg_data: pg_data.clone(),
+            prior: prior.cloned(),
+            reuse: reuse.map(|(r, _)| r),
+            jobs: stanza.settings.jobs,
+            // Pages are verified against the backup's start: see pg::checksum.
+            verify: page_checksums.then_some(start.lsn),
+            checkpointer: checkpointer.clone(),
+            progress: progress.clone(),
+        };
+        tokio::task::spawn_blocking(move || copy::run(copy)).await.map_err(Error::task("a backup's copy"))?
     }
     .await;
     saver.abort();
-    let (dirs, files, kept_stats) = match copied {
+    let copied = match copied {
         Ok(v) => v,
         Err(e) => {
             // Closing the connection also ends the backup; stopping is polite.
@@ -333,8 +319,7 @@ async fn locked(stanza: &Stanza, opts: &BackupOptions, repo: &Repository, source
         }
         return Err(e);
     }
-    let checksum_failures: Vec<FileEntry> = files.iter().filter(|f| f.checksum_error_pages() > 0).cloned().collect();
-    let mut manifest = Manifest {
+    let manifest = Manifest {
         label: label.clone(),
         kind,
         prior: prior.map(|p| p.label.clone()),
@@ -350,31 +335,31 @@ async fn locked(stanza: &Stanza, opts: &BackupOptions, repo: &Repository, source
         start_xid: start.xid,
         stop_xid: stop.xid,
         compress,
-        size: files.iter().map(|f| f.size).sum(),
-        repo_size: files.iter().map(|f| f.repo_size).sum(),
+        size: copied.size,
+        repo_size: copied.repo_size,
         backup_label: stop.label_file,
         tablespace_map: stop.tablespace_map,
         tablespaces,
-        dirs,
+        dirs: copied.dirs,
         inline_files: Vec::new(),
-        file_list: None,
-        checksum_error_files: ChecksumErrorFile::of(&checksum_failures),
+        file_list: Some(copied.list),
+        checksum_error_files: ChecksumErrorFile::of(&copied.checksum_failures),
         page_checksums,
         from: source.role,
         data_directory: Some(now.data_directory),
     };
     progress.step(Step::Finishing);
-    repo.write_backup(&mut manifest, files).await?;
+    repo.write_manifest(&manifest).await?;
     // The backup is complete without it; a left-over checkpoint is ignored.
     let _ = checkpointer.remove().await;
     Ok(Backup {
         manifest,
-        resumed: taken.map(|_| kept_stats),
+        resumed: taken.map(|_| copied.kept),
         removed,
         full_because,
         passed_over: source.passed_over.clone(),
         seconds: 0.0,
-        checksum_failures,
+        checksum_failures: copied.checksum_failures,
     })
 }
 
@@ -480,20 +465,41 @@ async fn archive_end(source: &Source, last: WalSegment, seg: u64) -> Result<()> 
     Ok(())
 }
 
-/// Takes over an interrupted attempt: returns the entries kept from it,
-/// removes their files from `planned`, and deletes every other object the
-/// attempt stored.
-async fn take_over(repo: &Repository, interrupted: &Checkpoint, planned: &mut Vec<PlannedFile>) -> Result<Vec<FileEntry>> {
+/// Takes over an interrupted attempt: walks the data directory once to
+/// find the entries kept from it (see [`resume::Reuse`]), deletes every
+/// other object the attempt stored (before anything is copied again under
+/// the same keys), and returns the kept entries, to offer again to the
+/// copy's walk (a file changed since is copied again).
+async fn take_over(
+    repo: &Repository,
+    interrupted: &Checkpoint,
+    pg_data: &std::path::Path,
+    prior: Option<&Manifest>,
+) -> Result<(resume::Reuse, Vec<FileEntry>)> {
     let dir = Repository::backup_dir(&interrupted.label);
     let stored: HashMap<String, u64> = repo.store().list(&dir).await?.into_iter().map(|l| (format!("{dir}/{}", l.key), l.size)).collect();
-    let kept = resume::reusable(interrupted, planned, &stored);
+    let kept = tokio::task::spawn_blocking({
+        let (repo, pg_data, prior) = (repo.clone(), pg_data.to_path_buf(), prior.cloned());
+        let mut reuse = resume::Reuse::new(interrupted.files.clone(), interrupted.start_time, stored.clone());
+        move || {
+            let prior = match prior {
+                Some(m) => Some((m.clone(), repo.file_reader(&m)?)),
+                None => None,
+            };
+            let mut kept = Vec::new();
+            for f in plan::Planner::new(&pg_data, prior)? {
+                kept.extend(reuse.take(&f?));
+            }
+            Ok::<_, Error>(kept)
+        }
+    })
+    .await
+    .map_err(Error::task("a backup's walk"))??;
     let keep_keys: std::collections::HashSet<&str> = kept.iter().flat_map(|e| e.own_objects()).map(|(k, _)| k).collect();
     let checkpoint = format!("{dir}/{}", resume::CHECKPOINT);
-    let stale = stored.into_keys().filter(|k| !keep_keys.contains(k.as_str()) && *k != checkpoint).collect();
+    let stale = stored.keys().filter(|k| !keep_keys.contains(k.as_str()) && **k != checkpoint).cloned().collect();
     repo.store().delete_all(stale).await?;
-    let kept_paths: std::collections::HashSet<&str> = kept.iter().map(|e| e.path.as_str()).collect();
-    planned.retain(|f| !kept_paths.contains(f.path.as_str()));
-    Ok(kept)
+    Ok((resume::Reuse::new(kept.clone(), interrupted.start_time, stored), kept))
 }
 
 /// A label that sorts after every label in the repository, finished or
@@ -521,368 +527,6 @@ pub fn label_after(existing: &[BackupLabel], kind: BackupType, prior: Option<&Ma
     }
 }
 
-/// Copies the files, `jobs` units at a time, largest first; a file over
-/// [`PART_SIZE`] is copied as parts, each a unit of its own. Each file is
-/// recorded in the checkpoint once all its units are stored. With
-/// `verify` (the backup's start LSN, when the cluster has data checksums
-/// on), the pages of relation files are checked against their page
-/// checksums as they are read.
-async fn copy_files(
-    sink: &Sink,
-    files: Vec<PlannedFile>,
-    jobs: usize,
-    verify: Option<Lsn>,
-    checkpointer: &Checkpointer,
-    progress: Option<Arc<Progress>>,
-) -> Result<Vec<FileEntry>> {
-    // Largest first: the workers finish together instead of one copying
-    // the biggest file alone at the end.
-    let mut files = files;
-    files.sort_by_key(|f| std::cmp::Reverse(f.size));
-    let files = Arc::new(files);
-    let units: Vec<(usize, Option<Range<u64>>)> = files
-        .iter()
-        .enumerate()
-        .flat_map(|(i, f)| match f.size > PART_SIZE {
-            true => (0..f.size.div_ceil(PART_SIZE)).map(|k| (i, Some(k * PART_SIZE..(k + 1) * PART_SIZE))).collect(),
-            false => vec![(i, None)],
-        })
-        .collect();
-    let mut units_of: Vec<usize> = vec![0; files.len()];
-    units.iter().for_each(|(i, _)| units_of[*i] += 1);
-    let progress = progress.unwrap_or_default();
-    progress.plan(units.len() as u64, files.iter().map(|f| f.size).sum());
-    // `global/pg_control` is read once every other file has been: a
-    // standby backup ends at the minimum recovery point recorded there,
-    // which must cover every page read (see docs/standby.md).
-    let (control, rest): (Vec<_>, Vec<_>) = units.into_iter().partition(|(i, _)| files[*i].path == crate::pg::CONTROL_FILE);
-    let mut stored: HashMap<usize, Vec<Option<Stored>>> = HashMap::new();
-    let mut out = Vec::with_capacity(files.len());
-    for phase in [rest, control] {
-        let mut results = copy_workers(sink, &files, phase, jobs, verify, &progress);
-        while let Some(done) = results.next().await {
-            let (i, piece) = done?;
-            let pieces = stored.entry(i).or_default();
-            pieces.push(piece);
-            if pieces.len() == units_of[i] {
-                let pieces = stored.remove(&i).unwrap_or_default();
-                if let Some(entry) = assemble(&files[i], pieces) {
-                    checkpointer.record(&entry);
-                    out.push(entry);
-                }
-            }
-        }
-        results.finish().await?;
-    }
-    let bundler = sink.bundler.clone();
-    tokio::task::spawn_blocking(move || bundler.finish())
-        .await
-        .map_err(Error::task("a backup worker"))?
-        .map_err(|e| Error::Io { what: format!("cannot store a bundle in repo {}", sink.repo_no), cause: e })?;
-    Ok(out)
-}
-
-/// A unit of copying: a file (by its index), or a part of it.
-type Unit = (usize, Option<Range<u64>>);
-
-/// `jobs` threads copying `units` in order (see [`Workers`]), each with its
-/// own [`Scratch`].
-fn copy_workers(
-    sink: &Sink,
-    files: &Arc<Vec<PlannedFile>>,
-    units: Vec<Unit>,
-    jobs: usize,
-    verify: Option<Lsn>,
-    progress: &Arc<Progress>,
-) -> Workers<(usize, Option<Stored>)> {
-    let (sink, files, progress) = (sink.clone(), files.clone(), progress.clone());
-    Workers::start("a backup worker", jobs, units, move |scratch: &mut Scratch, (i, part): &Unit| {
-        let f = &files[*i];
-        let name = match part {
-            Some(r) => format!("{}.part{}", f.path, r.start / PART_SIZE),
-            None => f.path.clone(),
-        };
-        let key = crate::repo::keys::file(&sink.label, &name, sink.compress.extension());
-        let check = verify.and_then(|start| Some(FileCheck::new(plan::relation_segment(&f.path)?, start)));
-        copy_one(f, part.clone(), &sink, key, &progress, check, scratch).map(|s| (*i, s))
-    })
-}
-
-/// What a copy worker keeps from one unit to the next.
-struct Scratch {
-    buf: Vec<u8>,
-    record: Vec<u8>,
-    contexts: crate::codec::Contexts,
-}
-
-impl Default for Scratch {
-    fn default() -> Self {
-        Scratch { buf: vec![0u8; 1 << 20], record: Vec::with_capacity(pages::PAGE_SIZE + 8), contexts: Default::default() }
-    }
-}
-
-/// What one unit stored: a whole file, or one part of it.
-struct Stored {
-    start: u64,
-    size: u64,
-    key: Option<String>,
-    repo_size: u64,
-    offset: Option<u64>,
-    checksum: String,
-    pages: u64,
-    content: Option<String>,
-    checksum_errors: Vec<u32>,
-    checksum_errors_unlisted: u64,
-}
-
-/// The manifest entry of a file from what its units stored; `None` when
-/// the file was removed before all of it could be read (the WAL replay
-/// handles that).
-fn assemble(f: &PlannedFile, pieces: Vec<Option<Stored>>) -> Option<FileEntry> {
-    let mut pieces: Vec<Stored> = pieces.into_iter().collect::<Option<_>>()?;
-    pieces.sort_by_key(|p| p.start);
-    let mut errors: Vec<u32> = pieces.iter().flat_map(|p| p.checksum_errors.iter().copied()).collect();
-    let unlisted = pieces.iter().map(|p| p.checksum_errors_unlisted).sum::<u64>() + errors.len().saturating_sub(MAX_LISTED) as u64;
-    errors.truncate(MAX_LISTED);
-    let entry = FileEntry {
-        path: f.path.clone(),
-        size: pieces.iter().map(|p| p.start + p.size).max().unwrap_or(0),
-        mode: f.mode,
-        mtime: f.mtime,
-        checksum: String::new(),
-        key: None,
-        repo_size: pieces.iter().map(|p| p.repo_size).sum(),
-        delta: f.delta(),
-        pages: pieces.iter().map(|p| p.pages).sum(),
-        offset: None,
-        content: None,
-        checksum_errors: errors,
-        checksum_errors_unlisted: unlisted,
-        parts: Vec::new(),
-        id: f.id,
-    };
-    if f.size <= PART_SIZE {
-        let p = pieces.pop()?;
-        return Some(FileEntry { size: p.size, checksum: p.checksum, key: p.key, offset: p.offset, content: p.content, ..entry });
-    }
-    let parts = pieces
-        .into_iter()
-        .map(|p| Part {
-            start: p.start,
-            size: p.size,
-            key: p.key,
-            repo_size: p.repo_size,
-            checksum: p.checksum,
-            pages: p.pages,
-            content: p.content,
-        })
-        .collect();
-    Some(FileEntry { parts, ..entry })
-}
-
-/// Copies one file, or the `part` of it: read, checksum, compress, upload;
-/// whole, or as its [`basis`] says; with `check`, every
-/// page read is also verified against its page checksum (in a delta too,
-/// stored or not). `None` when the file was removed before it could be
-/// opened.
-/// `global/pg_control` read whole, and again while its CRC fails: the
-/// server rewrites it in place, and a read during that write can see part
-/// of each version (PostgreSQL's own reader retries the same way, ten
-/// times: `src/common/controldata_utils.c`, `get_controlfile_by_exact_path`,
-/// "due to a concurrent write").
-fn read_control(path: &std::path::Path) -> Result<Vec<u8>> {
-    for _ in 0..10 {
-        let bytes = std::fs::read(path).map_err(Error::io(format!("cannot read {}", path.display())))?;
-        if crate::pg::version::SUPPORTED.iter().any(|m| crate::pg::version::control_is_valid(&bytes, m)) {
-            return Ok(bytes);
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    Err(Error::Corrupt(format!(
-        "{} fails its CRC in 10 reads, or is not the control file of a PostgreSQL pgkeep supports; check the data directory with pg_controldata",
-        path.display()
-    )))
-}
-
-fn copy_one(
-    f: &PlannedFile,
-    part: Option<Range<u64>>,
-    sink: &Sink,
-    key: String,
-    progress: &Progress,
-    mut check: Option<FileCheck>,
-    scratch: &mut Scratch,
-) -> Result<Option<Stored>> {
-    use std::io::{Read, Seek, Write};
-    use std::os::unix::fs::FileExt;
-    let mut src = match std::fs::File::open(&f.source) {
-        Ok(s) => s,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::io(format!("cannot read {}", f.source.display()))(e)),
-    };
-    let read_err = || Error::io(format!("cannot read {}", f.source.display()));
-    let start = part.as_ref().map_or(0, |r| r.start);
-    if start > 0 {
-        src.seek(std::io::SeekFrom::Start(start)).map_err(read_err())?;
-    }
-    let control;
-    let mut reader: Box<dyn Read + '_> = if f.path == crate::pg::CONTROL_FILE && part.is_none() {
-        control = read_control(&f.source)?;
-        Box::new(&control[..])
-    } else {
-        Box::new((&src).take(part.as_ref().map_or(u64::MAX, |r| r.end - r.start)))
-    };
-    let upload_err = |e: std::io::Error| Error::Io { what: format!("cannot store '{key}' in repo {}", sink.repo_no), cause: e };
-    let out = if part.is_none() && f.size < bundle::SMALL_FILE {
-        Out::Memory(Vec::new())
-    } else {
-        Out::Object(Box::new(ObjectWriter::new(sink.store.clone(), &key, sink.rt.clone())))
-    };
-    let writer = Sealing::new(sink.cipher.as_ref(), out)?;
-    let Scratch { buf, record, contexts } = scratch;
-    let mut enc = sink.compress.encoder_in(writer, sink.level, contexts).map_err(upload_err)?;
-    let mut hasher = blake3::Hasher::new();
-    // For a delta, also the hash of the bytes as read: what a full backup
-    // would have stored, which `restore --delta` compares against.
-    let mut content = f.delta().then(blake3::Hasher::new);
-    let (mut size, mut changed) = (0u64, 0u64);
-    loop {
-        let n = fill(&mut reader, buf).map_err(read_err())?;
-        if n == 0 {
-            break;
-        }
-        let first = (start + size) / pages::PAGE_SIZE as u64;
-        if let Some(c) = check.as_mut() {
-            let reread = |page: u64, out: &mut [u8]| match src.read_exact_at(out, page * pages::PAGE_SIZE as u64) {
-                Ok(()) => Ok(true),
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
-                Err(e) => Err(e),
-            };
-            c.check(first, &buf[..n], reread).map_err(read_err())?;
-        }
-        match f.basis {
-            Basis::Whole => {
-                hasher.update(&buf[..n]);
-                enc.write_all(&buf[..n]).map_err(upload_err)?;
-            }
-            Basis::Unchanged => {
-                if let Some(c) = content.as_mut() {
-                    c.update(&buf[..n]);
-                }
-            }
-            Basis::Pages { since } => {
-                if let Some(c) = content.as_mut() {
-                    c.update(&buf[..n]);
-                }
-                for (i, page) in buf[..n].chunks(pages::PAGE_SIZE).enumerate() {
-                    if pages::page_changed(page, since) {
-                        record.clear();
-                        pages::write_record(record, (first + i as u64) as u32, page).expect("writes to a Vec");
-                        hasher.update(record);
-                        enc.write_all(record).map_err(upload_err)?;
-                        changed += 1;
-                    }
-                }
-            }
-        }
-        size += n as u64;
-        progress.add_bytes(n as u64);
-    }
-    progress.file_done();
-    let (checksum_errors, checksum_errors_unlisted) = check.map(FileCheck::finish).unwrap_or_default();
-    // A delta of no pages stores nothing: dropping the writer unfinished
-    // leaves no object behind.
-    let (key, repo_size, offset) = if f.delta() && changed == 0 {
-        (None, 0, None)
-    } else {
-        match enc.finish().and_then(Sealing::finish).map_err(upload_err)? {
-            Out::Object(w) => {
-                let repo_size = w.finish().map_err(upload_err)?;
-                (Some(key), repo_size, None)
-            }
-            Out::Memory(bytes) => {
-                let (bundle, offset) = sink.bundler.append(&bytes).map_err(upload_err)?;
-                (Some(bundle), bytes.len() as u64, Some(offset))
-            }
-        }
-    };
-    Ok(Some(Stored {
-        start,
-        size,
-        key,
-        repo_size,
-        offset,
-        checksum: hasher.finalize().to_hex().to_string(),
-        pages: changed,
-        content: content.map(|c| c.finalize().to_hex().to_string()),
-        checksum_errors,
-        checksum_errors_unlisted,
-    }))
-}
-
-/// Where one file's stored form goes: its own object, or memory, to be
-/// appended to a bundle.
-enum Out {
-    Object(Box<ObjectWriter>),
-    Memory(Vec<u8>),
-}
-
-impl std::io::Write for Out {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match self {
-            Out::Object(w) => w.write(buf),
-            Out::Memory(v) => v.write(buf),
-        }
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Where and how a backup's files are stored.
-#[derive(Clone)]
-struct Sink {
-    label: BackupLabel,
-    bundler: Arc<bundle::Bundler>,
-    store: Arc<dyn object_store::ObjectStore>,
-    rt: tokio::runtime::Handle,
-    compress: Compress,
-    level: Option<i32>,
-    cipher: Option<Cipher>,
-    repo_no: usize,
-}
-
-impl Sink {
-    fn new(repo: &Repository, label: &BackupLabel, compress: Compress, level: Option<i32>) -> Sink {
-        let rt = tokio::runtime::Handle::current();
-        Sink {
-            bundler: Arc::new(bundle::Bundler::new(repo.store().object_store(), crate::repo::keys::bundles(label), rt.clone())),
-            label: label.clone(),
-            store: repo.store().object_store(),
-            rt,
-            compress,
-            level,
-            cipher: repo.cipher.clone(),
-            repo_no: repo.number,
-        }
-    }
-}
-
-/// Reads until `buf` is full or the file ends, so that every chunk but the
-/// last holds whole pages; returns the bytes read.
-fn fill(src: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match src.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
-}
-
 /// Waits until every segment from `first` to `last` is archived.
 /// PostgreSQL archives in order, so this waits for the last one, then
 /// checks the whole range in one listing.
@@ -903,23 +547,6 @@ async fn wait_for_wal(repo: &Repository, first: WalSegment, last: WalSegment, ti
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A backup never stores a control file that fails its CRC (a read
-    /// torn by the server's rewrite, a damaged file): it reads again, then
-    /// fails in one line.
-    #[test]
-    fn a_control_file_failing_its_crc_is_not_backed_up() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("pg_control");
-        let good = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/src/pg/testdata/pg_control.18")).unwrap();
-        std::fs::write(&path, &good).unwrap();
-        assert_eq!(read_control(&path).unwrap(), good);
-        let mut torn = good.clone();
-        torn[100] ^= 0xff;
-        std::fs::write(&path, &torn).unwrap();
-        let e = read_control(&path).unwrap_err().to_string();
-        assert!(e.contains("fails its CRC in 10 reads") && !e.contains('\n'), "{e}");
-    }
 
     #[test]
     fn incr_builds_on_the_newest_backup_of_the_newest_chain_and_diff_on_its_full() {

@@ -3,13 +3,14 @@
 //! (see "Backing Up the Data Directory" in the PostgreSQL documentation and
 //! `basebackup.c`).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
+use crate::repo::filelist::path_order;
 use crate::repo::manifest::FileIdentity;
-use crate::repo::{DirEntry, FileEntry, Manifest, Tablespace};
+use crate::repo::{DirEntry, FileEntry, Manifest};
 
 use super::basis::{file_basis, Basis};
 
@@ -60,22 +61,6 @@ impl PlannedFile {
     }
 }
 
-/// Everything a backup will copy.
-#[derive(Debug, Default)]
-pub struct BackupPlan {
-    /// Directories, parents first.
-    pub dirs: Vec<DirEntry>,
-    /// Files.
-    pub files: Vec<PlannedFile>,
-}
-
-impl BackupPlan {
-    /// Total planned bytes.
-    pub fn bytes(&self) -> u64 {
-        self.files.iter().map(|f| f.size).sum()
-    }
-}
-
 /// Decides whether a path (relative to the data directory) is copied.
 /// `is_dir` tells directories from files. Pure; unit-tested below.
 pub fn excluded(rel: &str, is_dir: bool) -> bool {
@@ -94,68 +79,223 @@ pub fn excluded(rel: &str, is_dir: bool) -> bool {
         && !(is_dir && crate::pg::version::WAL_SUBDIRS.contains(&rel))
 }
 
-/// Walks `pg_data` and the tablespaces into a plan.
-pub fn plan(pg_data: &Path, tablespaces: &[Tablespace]) -> Result<BackupPlan> {
-    let mut plan = BackupPlan::default();
-    walk(pg_data, "", &mut plan, tablespaces)?;
-    for t in tablespaces {
-        let link = format!("pg_tblspc/{}", t.oid);
-        walk(&pg_data.join(&link), &link, &mut plan, &[])?;
-    }
-    drop_unlogged(&mut plan);
-    Ok(plan)
+/// A walk of the data directory, tablespaces included (each in place,
+/// under its link in `pg_tblspc`), that gives the files to copy one at a
+/// time in [`path_order`]: `global/pg_control` last. It holds the sorted
+/// names of the directories it is in (one per level), never the whole
+/// tree: its memory is that of the largest directory's names. Each
+/// directory is read once, when the walk enters it; a directory or file
+/// removed before that is left out (WAL replay recreates what matters).
+pub struct Walk {
+    open: Vec<OpenDir>,
+    dirs: Vec<DirEntry>,
+    control: Option<PlannedFile>,
+    failed: bool,
 }
 
-fn walk(dir: &Path, rel: &str, plan: &mut BackupPlan, tablespaces: &[Tablespace]) -> Result<()> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        // A directory dropped during the backup: WAL replay recreates what matters.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !rel.is_empty() => return Ok(()),
-        Err(e) => return Err(Error::io(format!("cannot read directory {}", dir.display()))(e)),
-    };
-    let mut names: Vec<_> = entries.filter_map(|e| e.ok()).map(|e| e.file_name()).collect();
-    names.sort();
-    for name in names {
-        let Some(name) = name.to_str() else { continue };
-        let path = dir.join(name);
-        let child = if rel.is_empty() { name.to_owned() } else { format!("{rel}/{name}") };
-        let meta = match std::fs::metadata(&path) {
-            Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(Error::io(format!("cannot read {}", path.display()))(e)),
+/// A directory the walk is in.
+struct OpenDir {
+    path: PathBuf,
+    rel: String,
+    names: Names,
+    next: usize,
+    /// In a database directory: the relfilenodes with an init fork.
+    unlogged: HashSet<String>,
+}
+
+/// A directory's names, sorted, in one buffer.
+#[derive(Default)]
+struct Names {
+    text: String,
+    spans: Vec<(u32, u32)>,
+}
+
+impl Names {
+    fn read(dir: &Path) -> std::io::Result<Names> {
+        let mut names = Names::default();
+        for entry in std::fs::read_dir(dir)? {
+            let Ok(entry) = entry else { continue };
+            // Names that are not UTF-8 are not PostgreSQL's.
+            let Some(name) = entry.file_name().to_str().map(str::to_owned) else { continue };
+            let start = names.text.len();
+            names.text.push_str(&name);
+            let (start, len) = (u32::try_from(start), u32::try_from(name.len()));
+            let (Ok(start), Ok(len)) = (start, len) else {
+                return Err(std::io::Error::other("over 4 GiB of names in one directory"));
+            };
+            names.spans.push((start, len));
+        }
+        let text = &names.text;
+        names.spans.sort_unstable_by(|a, b| Self::slice(text, *a).cmp(Self::slice(text, *b)));
+        Ok(names)
+    }
+
+    fn slice(text: &str, (start, len): (u32, u32)) -> &str {
+        &text[start as usize..(start + len) as usize]
+    }
+
+    fn get(&self, i: usize) -> Option<&str> {
+        self.spans.get(i).map(|s| Self::slice(&self.text, *s))
+    }
+}
+
+impl Walk {
+    /// Starts at `pg_data`, which must be readable.
+    pub fn new(pg_data: &Path) -> Result<Walk> {
+        let mut walk = Walk { open: Vec::new(), dirs: Vec::new(), control: None, failed: false };
+        walk.enter(pg_data.to_path_buf(), String::new())?;
+        Ok(walk)
+    }
+
+    /// The directories walked, parents first.
+    pub fn into_dirs(self) -> Vec<DirEntry> {
+        self.dirs
+    }
+
+    fn enter(&mut self, path: PathBuf, rel: String) -> Result<()> {
+        let names = match Names::read(&path) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !rel.is_empty() => return Ok(()),
+            Err(e) => return Err(Error::io(format!("cannot read directory {}", path.display()))(e)),
         };
-        if meta.is_dir() {
-            if excluded(&child, true) {
+        let unlogged = match is_relation_dir(&rel) {
+            true => (0..names.spans.len()).filter_map(|i| names.get(i)?.strip_suffix("_init").map(str::to_owned)).collect(),
+            false => HashSet::new(),
+        };
+        self.open.push(OpenDir { path, rel, names, next: 0, unlogged });
+        Ok(())
+    }
+
+    /// The next file to copy, or an error that ends the walk.
+    fn step(&mut self) -> Result<Option<PlannedFile>> {
+        loop {
+            let Some(dir) = self.open.last_mut() else { return Ok(self.control.take()) };
+            let Some(name) = dir.names.get(dir.next) else {
+                self.open.pop();
                 continue;
+            };
+            dir.next += 1;
+            let path = dir.path.join(name);
+            let rel = if dir.rel.is_empty() { name.to_owned() } else { format!("{}/{name}", dir.rel) };
+            // Unlogged relations are reset from their init fork at the end
+            // of recovery: only the `_init` fork is copied.
+            let unlogged = !name.ends_with("_init") && dir.unlogged.contains(name.split(['_', '.']).next().unwrap_or(name));
+            let meta = match std::fs::metadata(&path) {
+                Ok(m) => m,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io(format!("cannot read {}", path.display()))(e)),
+            };
+            if meta.is_dir() {
+                if !excluded(&rel, true) {
+                    self.dirs.push(DirEntry { path: rel.clone(), mode: meta.permissions().mode() & 0o7777 });
+                    self.enter(path, rel)?;
+                }
+            } else if meta.is_file() && !excluded(&rel, false) && !unlogged {
+                let f = PlannedFile {
+                    path: rel,
+                    source: path,
+                    size: meta.len(),
+                    mode: meta.permissions().mode() & 0o7777,
+                    mtime: meta.mtime(),
+                    basis: Basis::Whole,
+                    id: Some(FileIdentity::of(&meta)),
+                };
+                if f.path == crate::pg::CONTROL_FILE {
+                    self.control = Some(f);
+                    continue;
+                }
+                return Ok(Some(f));
             }
-            plan.dirs.push(DirEntry { path: child.clone(), mode: meta.permissions().mode() & 0o7777 });
-            // Tablespace links are walked separately, under their own entry.
-            let is_tablespace_link = rel == "pg_tblspc" && tablespaces.iter().any(|t| t.oid.to_string() == name);
-            if !is_tablespace_link {
-                walk(&path, &child, plan, tablespaces)?;
-            }
-        } else if meta.is_file() && !excluded(&child, false) {
-            plan.files.push(PlannedFile {
-                path: child,
-                source: path,
-                size: meta.len(),
-                mode: meta.permissions().mode() & 0o7777,
-                mtime: meta.mtime(),
-                basis: Basis::Whole,
-                id: Some(FileIdentity::of(&meta)),
-            });
         }
     }
-    Ok(())
 }
 
-/// Turns a plan into one built on `prior`, which passed
-/// [`basis::prior_unusable`](super::basis::prior_unusable): each file is
-/// copied as [`basis::file_basis`](super::basis::file_basis) says.
-pub fn incremental(plan: &mut BackupPlan, prior: &Manifest, prior_files: &[FileEntry]) {
-    let before: HashMap<&str, &FileEntry> = prior_files.iter().map(|f| (f.path.as_str(), f)).collect();
-    for f in &mut plan.files {
-        f.basis = file_basis(f, prior, before.get(f.path.as_str()).copied());
+impl Iterator for Walk {
+    type Item = Result<PlannedFile>;
+
+    fn next(&mut self) -> Option<Result<PlannedFile>> {
+        if self.failed {
+            return None;
+        }
+        let step = self.step();
+        self.failed = step.is_err();
+        step.transpose()
+    }
+}
+
+/// The files of the backup an incremental or differential builds on, read
+/// along a [`Walk`] (both in [`path_order`]) to give each walked file its
+/// [`Basis`].
+pub struct Prior<I: Iterator<Item = Result<FileEntry>>> {
+    manifest: Manifest,
+    files: std::iter::Peekable<I>,
+}
+
+impl<I: Iterator<Item = Result<FileEntry>>> Prior<I> {
+    /// `prior` passed [`basis::prior_unusable`](super::basis::prior_unusable);
+    /// `files` are its entries in [`path_order`].
+    pub fn new(prior: Manifest, files: I) -> Self {
+        Prior { manifest: prior, files: files.peekable() }
+    }
+
+    /// Sets `f.basis` as [`basis::file_basis`](super::basis::file_basis)
+    /// says, from the prior's entry of the same path; `f` must come after
+    /// every file given before.
+    pub fn set_basis(&mut self, f: &mut PlannedFile) -> Result<()> {
+        let before = loop {
+            let order = match self.files.peek() {
+                None => break None,
+                Some(Ok(e)) => path_order(&e.path, &f.path),
+                Some(Err(_)) => return Err(self.files.next().and_then(Result::err).expect("peeked an error")),
+            };
+            match order {
+                std::cmp::Ordering::Less => drop(self.files.next()),
+                std::cmp::Ordering::Equal => break self.files.next().and_then(Result::ok),
+                std::cmp::Ordering::Greater => break None,
+            }
+        };
+        f.basis = file_basis(f, &self.manifest, before.as_ref());
+        Ok(())
+    }
+}
+
+/// A backup's prior's entries, as [`Repository::file_reader`](crate::repo::Repository::file_reader) gives them.
+pub type PriorFiles = Box<dyn Iterator<Item = Result<FileEntry>> + Send>;
+
+/// The files a backup copies, in [`path_order`], each with its basis: a
+/// [`Walk`] read along the prior's entries, when there is a prior.
+pub struct Planner {
+    walk: Walk,
+    prior: Option<Prior<PriorFiles>>,
+}
+
+impl Planner {
+    /// Walks `pg_data`; `prior` is the backup built on and its entries.
+    pub fn new(pg_data: &Path, prior: Option<(Manifest, PriorFiles)>) -> Result<Planner> {
+        Ok(Planner { walk: Walk::new(pg_data)?, prior: prior.map(|(m, files)| Prior::new(m, files)) })
+    }
+
+    /// The directories walked, parents first.
+    pub fn into_dirs(self) -> Vec<DirEntry> {
+        self.walk.into_dirs()
+    }
+}
+
+impl Iterator for Planner {
+    type Item = Result<PlannedFile>;
+
+    fn next(&mut self) -> Option<Result<PlannedFile>> {
+        let mut f = match self.walk.next()? {
+            Ok(f) => f,
+            Err(e) => return Some(Err(e)),
+        };
+        match self.prior.as_mut().map(|p| p.set_basis(&mut f)) {
+            Some(Err(e)) => {
+                self.walk.failed = true;
+                Some(Err(e))
+            }
+            _ => Some(Ok(f)),
+        }
     }
 }
 
@@ -198,31 +338,6 @@ fn digits(s: &str) -> Option<&str> {
     (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())).then_some(s)
 }
 
-/// Unlogged relations are reset from their init fork at the end of
-/// recovery: copy only the `_init` fork, never the other forks.
-fn drop_unlogged(plan: &mut BackupPlan) {
-    let unlogged: HashSet<(String, String)> = plan
-        .files
-        .iter()
-        .filter_map(|f| {
-            let (dir, name) = f.path.rsplit_once('/')?;
-            let rel = name.strip_suffix("_init")?;
-            is_relation_dir(dir).then(|| (dir.to_owned(), rel.to_owned()))
-        })
-        .collect();
-    if unlogged.is_empty() {
-        return;
-    }
-    plan.files.retain(|f| {
-        let Some((dir, name)) = f.path.rsplit_once('/') else { return true };
-        if name.ends_with("_init") {
-            return true;
-        }
-        let relfilenode = name.split(['_', '.']).next().unwrap_or(name);
-        !unlogged.contains(&(dir.to_owned(), relfilenode.to_owned()))
-    });
-}
-
 /// `base/<db>` or `pg_tblspc/<oid>/<version dir>/<db>`.
 fn is_relation_dir(dir: &str) -> bool {
     let parts: Vec<_> = dir.split('/').collect();
@@ -230,7 +345,7 @@ fn is_relation_dir(dir: &str) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -319,18 +434,97 @@ mod tests {
         }
     }
 
+    /// A data directory to walk: `files` (path, bytes) under `root`.
+    pub(crate) fn data_dir(root: &Path, files: &[(&str, &[u8])]) {
+        for (path, bytes) in files {
+            let p = root.join(path);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, bytes).unwrap();
+        }
+    }
+
     #[test]
-    fn keeps_only_the_init_fork_of_unlogged_relations() {
-        let f = |p: &str| PlannedFile { path: p.into(), source: p.into(), size: 1, mode: 0o600, mtime: 0, basis: Basis::Whole, id: None };
-        let mut plan = BackupPlan {
-            dirs: vec![],
-            files: ["base/5/100", "base/5/100_init", "base/5/100_fsm", "base/5/100.1", "base/5/1000", "base/6/100", "global/100"]
-                .into_iter()
-                .map(f)
-                .collect(),
-        };
-        drop_unlogged(&mut plan);
-        let kept: Vec<_> = plan.files.iter().map(|f| f.path.as_str()).collect();
-        assert_eq!(kept, ["base/5/100_init", "base/5/1000", "base/6/100", "global/100"]);
+    fn the_walk_gives_files_in_list_order_with_tablespaces_in_place_and_the_control_file_last() {
+        let data = tempfile::tempdir().unwrap();
+        let space = tempfile::tempdir().unwrap();
+        data_dir(
+            data.path(),
+            &[
+                ("base/5/100", b"x"),
+                ("base/5/100_init", b"x"),
+                ("base/5/100_fsm", b"x"),
+                ("base/5/100.1", b"x"),
+                ("base/5/1000", b"x"),
+                ("base/6/100", b"x"),
+                ("base/6/100_fsm", b"x"),
+                ("global/100", b"x"),
+                ("global/pg_control", b"x"),
+                ("global/pg_filenode.map", b"x"),
+                ("pg_wal/000000010000000000000001", b"x"),
+                ("pg_xact/0000", b"x"),
+                ("postmaster.pid", b"x"),
+                ("PG_VERSION", b"15"),
+            ],
+        );
+        std::fs::create_dir_all(data.path().join("pg_wal/archive_status")).unwrap();
+        data_dir(space.path(), &[("PG_15_202209061/5/200", b"x"), ("PG_15_202209061/5/200_vm", b"x")]);
+        std::fs::create_dir_all(data.path().join("pg_tblspc")).unwrap();
+        std::os::unix::fs::symlink(space.path(), data.path().join("pg_tblspc/16384")).unwrap();
+        let mut walk = Walk::new(data.path()).unwrap();
+        let paths: Vec<String> = walk.by_ref().map(|f| f.unwrap().path).collect();
+        assert_eq!(
+            paths,
+            [
+                "PG_VERSION",
+                "base/5/1000",
+                "base/5/100_init",
+                "base/6/100",
+                "base/6/100_fsm",
+                "global/100",
+                "global/pg_filenode.map",
+                "pg_tblspc/16384/PG_15_202209061/5/200",
+                "pg_tblspc/16384/PG_15_202209061/5/200_vm",
+                "pg_xact/0000",
+                "global/pg_control",
+            ]
+        );
+        let mut sorted = paths.clone();
+        sorted.sort_by(|a, b| path_order(a, b));
+        assert_eq!(paths, sorted, "the walk's order is the list's");
+        let dirs: Vec<String> = walk.into_dirs().into_iter().map(|d| d.path).collect();
+        for d in ["base", "base/5", "pg_wal", "pg_wal/archive_status", "pg_tblspc/16384", "pg_tblspc/16384/PG_15_202209061/5"] {
+            assert!(dirs.iter().any(|x| x == d), "{d} in {dirs:?}");
+        }
+        assert!(Walk::new(&data.path().join("missing")).is_err(), "a data directory that cannot be read is an error");
+    }
+
+    #[test]
+    fn each_walked_file_gets_the_prior_entry_of_its_own_path() {
+        let stop = chrono::DateTime::parse_from_rfc3339("2026-12-01T10:00:00Z").unwrap().with_timezone(&chrono::Utc);
+        let prior =
+            Manifest { page_checksums: true, ..Manifest::for_test("P", crate::repo::BackupType::Full, None, stop, 0x500_0000, (1, 2)) };
+        let id = super::super::basis::test_identity(1, 1);
+        let entry = |p: &str| FileEntry { id, ..FileEntry::for_test(p, 1, 0) };
+        // The prior lists files the walk no longer meets, and misses some
+        // it meets; both orders are the list's.
+        let before: Vec<FileEntry> =
+            ["base/1/1", "base/1/10", "base/1/2", "base/1/3", "base/2/1", "global/1", "global/pg_control"].map(entry).to_vec();
+        let mut prior = Prior::new(prior, before.into_iter().map(Ok));
+        let walked = ["base/1/10", "base/1/11", "base/1/3", "base/10/1", "global/1", "pg_xact/0000", "global/pg_control"];
+        let bases: Vec<bool> = walked
+            .iter()
+            .map(|p| {
+                let mut f = PlannedFile { path: (*p).into(), source: p.into(), size: 1, mode: 0o600, mtime: 0, basis: Basis::Whole, id };
+                prior.set_basis(&mut f).unwrap();
+                f.delta()
+            })
+            .collect();
+        assert_eq!(bases, [true, false, true, false, true, false, false]);
+
+        let failing = vec![Ok(entry("base/1/1")), Err(Error::Corrupt("damaged list".into()))];
+        let mut prior =
+            Prior::new(Manifest::for_test("P", crate::repo::BackupType::Full, None, stop, 0x500_0000, (1, 2)), failing.into_iter());
+        let mut f = PlannedFile { path: "base/2/1".into(), source: "x".into(), size: 1, mode: 0, mtime: 0, basis: Basis::Whole, id };
+        assert!(prior.set_basis(&mut f).unwrap_err().to_string().contains("damaged list"));
     }
 }

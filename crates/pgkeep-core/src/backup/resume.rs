@@ -57,24 +57,42 @@ pub fn choose<'a>(
 }
 
 /// The entries of `interrupted` that the new attempt keeps for the files
-/// it plans (pure): same path, file identity, size and mtime as recorded, that mtime a
-/// whole second before the interrupted attempt began, the same kind of
-/// copy (whole or delta), and its objects still stored with their
-/// recorded sizes (`stored`: key → size).
+/// it plans (pure; see [`Reuse::take`]).
 pub fn reusable(interrupted: &Checkpoint, planned: &[PlannedFile], stored: &HashMap<String, u64>) -> Vec<FileEntry> {
-    let by_path: HashMap<&str, &FileEntry> = interrupted.files.iter().map(|e| (e.path.as_str(), e)).collect();
-    let began = interrupted.start_time.timestamp();
-    planned
-        .iter()
-        .filter_map(|f| {
-            let e = *by_path.get(f.path.as_str())?;
-            let same_file = matches!((&e.id, &f.id), (Some(a), Some(b)) if a.same_file(b));
-            let unchanged = same_file && e.size == f.size && e.mtime == f.mtime && e.mtime < began;
-            let same_kind = e.delta == f.delta() && e.offset.is_none();
-            let object_there = e.own_objects().iter().all(|(key, size)| stored.get(*key) == Some(size));
-            (unchanged && same_kind && object_there).then(|| e.clone())
-        })
-        .collect()
+    let mut reuse = Reuse::new(interrupted.files.clone(), interrupted.start_time, stored.clone());
+    planned.iter().filter_map(|f| reuse.take(f)).collect()
+}
+
+/// The entries of an interrupted attempt, offered to the files of a new
+/// one as it walks them.
+pub struct Reuse {
+    by_path: HashMap<String, FileEntry>,
+    began: i64,
+    stored: HashMap<String, u64>,
+}
+
+impl Reuse {
+    /// `files` are the attempt's entries, `began` its start, `stored` the
+    /// objects in its directory (key → size).
+    pub fn new(files: Vec<FileEntry>, began: DateTime<Utc>, stored: HashMap<String, u64>) -> Reuse {
+        Reuse { by_path: files.into_iter().map(|e| (e.path.clone(), e)).collect(), began: began.timestamp(), stored }
+    }
+
+    /// The entry kept for `f`, if any (then taken out): same path, file
+    /// identity, size and mtime as recorded, that mtime a whole second
+    /// before the interrupted attempt began, the same kind of copy (whole
+    /// or delta), and its objects still stored with their recorded sizes.
+    pub fn take(&mut self, f: &PlannedFile) -> Option<FileEntry> {
+        let e = self.by_path.get(&f.path)?;
+        let same_file = matches!((&e.id, &f.id), (Some(a), Some(b)) if a.same_file(b));
+        let unchanged = same_file && e.size == f.size && e.mtime == f.mtime && e.mtime < self.began;
+        let same_kind = e.delta == f.delta() && e.offset.is_none();
+        let object_there = e.own_objects().iter().all(|(key, size)| self.stored.get(*key) == Some(size));
+        match unchanged && same_kind && object_there {
+            true => self.by_path.remove(&f.path),
+            false => None,
+        }
+    }
 }
 
 /// Keeps the checkpoint of a running backup up to date.

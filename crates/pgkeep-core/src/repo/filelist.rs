@@ -24,13 +24,16 @@ use super::{FileEntry, Repository};
 /// The order of paths in a file list, and of a backup's walk of the data
 /// directory: component by component (`base/1/2` before `base/1.x`,
 /// which plain byte order puts first), so that a directory's files follow
-/// it whatever the characters of their names.
+/// it whatever the characters of their names; but `global/pg_control`
+/// last, as a backup copies it (lists written before this rule, with it in
+/// its place, are read back in this order too: see [`ListReader`]).
 pub fn path_order(a: &str, b: &str) -> Ordering {
-    a.split('/').cmp(b.split('/'))
+    let control = |p: &str| p == crate::pg::CONTROL_FILE;
+    control(a).cmp(&control(b)).then_with(|| a.split('/').cmp(b.split('/')))
 }
 
 /// What a manifest records of its file list.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct FileList {
     /// Its key, relative to the stanza.
@@ -98,7 +101,9 @@ impl ListWriter {
     }
 }
 
-/// Reads a file list back, entry by entry (call from a blocking thread).
+/// Reads a file list back, entry by entry (call from a blocking thread),
+/// in [`path_order`]: an entry of `global/pg_control` met before the end
+/// (lists written before it came last) is held back and given last.
 /// After the last entry, checks the count and checksum the manifest
 /// recorded: an error then is the last item.
 pub struct ListReader {
@@ -109,6 +114,7 @@ pub struct ListReader {
     what: String,
     buf: String,
     done: bool,
+    control: Option<FileEntry>,
 }
 
 impl ListReader {
@@ -128,6 +134,7 @@ impl ListReader {
             what,
             buf: String::new(),
             done: false,
+            control: None,
         })
     }
 
@@ -141,6 +148,20 @@ impl Iterator for ListReader {
     type Item = Result<FileEntry>;
 
     fn next(&mut self) -> Option<Result<FileEntry>> {
+        match self.line() {
+            Some(Ok(e)) if e.path == crate::pg::CONTROL_FILE && self.control.is_none() => {
+                self.control = Some(e);
+                self.next()
+            }
+            None => self.control.take().map(Ok),
+            other => other,
+        }
+    }
+}
+
+impl ListReader {
+    /// The next entry as the object holds it.
+    fn line(&mut self) -> Option<Result<FileEntry>> {
         if self.done {
             return None;
         }
@@ -182,9 +203,23 @@ mod tests {
 
     #[test]
     fn path_order_is_component_by_component() {
-        let mut paths = vec!["base/1.x", "base/1/2", "base", "base/10/1", "base/1/10", "base/1/2_fsm", "a-b", "a/b", "global/pg_control"];
+        let mut paths = vec![
+            "base/1.x",
+            "base/1/2",
+            "global/pg_control",
+            "base",
+            "base/10/1",
+            "base/1/10",
+            "base/1/2_fsm",
+            "a-b",
+            "a/b",
+            "pg_xact/0000",
+        ];
         paths.sort_by(|a, b| path_order(a, b));
-        assert_eq!(paths, ["a/b", "a-b", "base", "base/1/10", "base/1/2", "base/1/2_fsm", "base/1.x", "base/10/1", "global/pg_control"]);
+        assert_eq!(
+            paths,
+            ["a/b", "a-b", "base", "base/1/10", "base/1/2", "base/1/2_fsm", "base/1.x", "base/10/1", "pg_xact/0000", "global/pg_control"]
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -229,5 +264,25 @@ mod tests {
             let e = read(list.clone()).await.unwrap().unwrap_err().to_string();
             assert!(e.contains("corrupt") && e.contains(&list.key), "{compress:?}: {e}");
         }
+    }
+
+    /// A list written before `global/pg_control` came last holds it in
+    /// its place; it is read back last all the same.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_control_file_listed_in_its_place_is_read_last() {
+        let store = crate::storage::Store::from_object_store(std::sync::Arc::new(object_store::memory::InMemory::new()), "memory://");
+        let (repo, _) = Repository::create(&store, super::super::StanzaMeta::for_test(7), 1, None).await.unwrap();
+        let paths = ["base/1/2", "global/1262", "global/pg_control", "global/pg_filenode.map", "pg_xact/0000"];
+        let lines: String = paths.iter().map(|p| format!("{}\n", serde_json::to_string(&FileEntry::for_test(p, 1, 0)).unwrap())).collect();
+        let key = "backup/L/files.jsonl".to_owned();
+        repo.store().put(&key, bytes::Bytes::from(lines.clone()), false).await.unwrap();
+        let list = FileList { key, count: 5, checksum: blake3::hash(lines.as_bytes()).to_hex().to_string() };
+        let r = repo.clone();
+        let read: Vec<String> = tokio::task::spawn_blocking(move || {
+            ListReader::open(&r, &list, Compress::None, "backup L").unwrap().map(|e| e.unwrap().path).collect()
+        })
+        .await
+        .unwrap();
+        assert_eq!(read, ["base/1/2", "global/1262", "global/pg_filenode.map", "pg_xact/0000", "global/pg_control"]);
     }
 }
