@@ -215,34 +215,49 @@ async fn check_backup(repo: &Repository, m: &Manifest, all: &[Manifest], jobs: u
     }
     let source = Source::new(repo);
     let (compress, progress, label) = (m.compress, progress.clone(), m.label.clone());
-    let files = match repo.files(m).await {
-        Ok(files) => files,
+    let opened = {
+        let (repo, m) = (repo.clone(), m.clone());
+        tokio::task::spawn_blocking(move || repo.file_reader(&m)).await.map_err(Error::task("a verify worker")).and_then(|r| r)
+    };
+    let list = match opened {
+        Ok(list) => std::sync::Mutex::new(list),
         Err(e) => {
             problems.push(format!("backup {}: {}", m.label, crate::error::OneLine(&e)));
             return BackupCheck { label: m.label.clone(), files: m.file_count() as usize, bytes: 0, problems };
         }
     };
-    let results: Vec<(u64, Option<String>)> =
-        match Workers::start("a verify worker", jobs, files, move |scratch: &mut Scratch, f: &FileEntry| {
-            let mut bytes = 0;
-            for piece in f.pieces() {
-                bytes += piece.repo_size;
-                if let Err(e) = read_piece(&source, &piece, compress, &f.path, scratch, |_, _| Ok(())) {
-                    return Ok((bytes, Some(format!("backup {label}: {}: {}", f.path, crate::error::OneLine(&e)))));
-                }
-            }
-            progress.add_bytes(bytes);
-            progress.file_done();
-            Ok((bytes, None))
-        })
-        .collect()
-        .await
-        {
-            Ok(r) => r,
-            Err(e) => vec![(0, Some(e.to_string()))],
+    // The list is read as the workers go: an entry it cannot give (a
+    // damaged list) is a problem of its own.
+    let next = move || list.lock().ok()?.next();
+    let mut workers = Workers::fed("a verify worker", jobs, next, move |scratch: &mut Scratch, f: &Result<FileEntry>| {
+        let f = match f {
+            Ok(f) => f,
+            Err(e) => return Ok((0, Some(format!("backup {label}: {}", crate::error::OneLine(e))))),
         };
-    let bytes = results.iter().map(|(b, _)| b).sum();
-    problems.extend(results.into_iter().filter_map(|(_, p)| p));
+        let mut bytes = 0;
+        for piece in f.pieces() {
+            bytes += piece.repo_size;
+            if let Err(e) = read_piece(&source, &piece, compress, &f.path, scratch, |_, _| Ok(())) {
+                return Ok((bytes, Some(format!("backup {label}: {}: {}", f.path, crate::error::OneLine(&e)))));
+            }
+        }
+        progress.add_bytes(bytes);
+        progress.file_done();
+        Ok((bytes, None))
+    });
+    let mut bytes = 0;
+    while let Some(done) = workers.next().await {
+        match done {
+            Ok((b, problem)) => {
+                bytes += b;
+                problems.extend(problem);
+            }
+            Err(e) => problems.push(e.to_string()),
+        }
+    }
+    if let Err(e) = workers.finish().await {
+        problems.push(e.to_string());
+    }
     BackupCheck { label: m.label.clone(), files: m.file_count() as usize, bytes, problems }
 }
 

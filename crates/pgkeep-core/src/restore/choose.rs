@@ -16,8 +16,6 @@ pub(super) struct Plan {
     pub(super) repo: Repository,
     /// The backup to restore, then the backups it depends on, newest first.
     pub(super) chain: Vec<Manifest>,
-    /// The files of each backup of `chain`, in path order.
-    pub(super) files: Vec<Vec<crate::repo::FileEntry>>,
     pub(super) pg_data: PathBuf,
     /// (link name under pg_tblspc, destination directory).
     pub(super) tablespaces: Vec<(u32, PathBuf)>,
@@ -81,11 +79,13 @@ pub(super) async fn plan(stanza: &Stanza, opts: &RestoreOptions) -> Result<Plan>
                         Hint::any_of([Hint::retry(Opt::ForceTablespaces), Hint::retry(Opt::TablespaceMap)]),
                     )?;
                 }
-                let mut files = Vec::with_capacity(chain.len());
-                for m in &chain {
-                    files.push(repo.files(m).await?);
+                if opts.delta {
+                    // A delta restore changes a directory that holds data:
+                    // every list it needs is read through first, so that
+                    // a damaged one stops it before it changes anything.
+                    super::chain::check(&repo, &chain).await?;
                 }
-                return Ok(Plan { repo, chain, files, pg_data, tablespaces, timeline, in_place });
+                return Ok(Plan { repo, chain, pg_data, tablespaces, timeline, in_place });
             }
             Err(e) => {
                 first_err.get_or_insert(e);

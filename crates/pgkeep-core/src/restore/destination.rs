@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use super::*;
 use crate::error::{Error, Hint, Opt, Result};
 use crate::pg::CONTROL_FILE;
-use crate::repo::{FileEntry, Manifest};
+use crate::repo::{FileEntry, Manifest, Repository};
 
 /// Where a delta restore keeps the old `pg_control` while it rewrites the
 /// directory: not where PostgreSQL looks, so the directory does not start
@@ -81,7 +81,9 @@ pub(super) fn prepare_dirs(plan: &Plan, force: bool) -> Result<Vec<PathBuf>> {
     dirs.extend(plan.tablespaces.iter().map(|(_, d)| d.clone()));
     // 0700, or 0750 when the source allowed its group to read (initdb
     // --allow-group-access: its files are 0640), as PostgreSQL requires.
-    let group = plan.files[0].iter().any(|f| f.path == CONTROL_FILE && f.mode & 0o040 != 0);
+    // Its directories have the mode PostgreSQL gave them from the data
+    // directory's (`pg_dir_create_mode`): `global`'s tells.
+    let group = plan.chain[0].dirs.iter().any(|d| d.path == "global" && d.mode & 0o050 != 0);
     let mode = if group { 0o750 } else { 0o700 };
     for d in &dirs {
         if force {
@@ -112,45 +114,90 @@ pub(super) fn clear_dir(dir: &Path) -> std::io::Result<()> {
     }
 }
 
-/// entries went.
-pub(super) fn remove_extraneous(root: &Path, m: &Manifest, m_files: &[FileEntry]) -> std::io::Result<usize> {
-    let mut files: HashSet<&str> = m_files.iter().map(|f| f.path.as_str()).filter(|p| *p != CONTROL_FILE).collect();
-    files.insert(DELTA_CONTROL);
+/// Removes what the backup `m` does not have from `root`: a walk of it in
+/// list order (each directory's names sorted, tablespaces through their
+/// links) read along `listed`, the backup's entries in the same order, so
+/// that neither is held whole. Keeps the `pg_control` set aside. Returns
+/// how many entries went.
+pub(super) fn remove_extraneous(root: &Path, m: &Manifest, listed: impl Iterator<Item = Result<FileEntry>>) -> Result<usize> {
     let mut dirs: HashSet<&str> = m.dirs.iter().map(|d| d.path.as_str()).collect();
     dirs.extend(crate::pg::version::wal_dirs(m.pg_version));
-    fn walk(root: &Path, rel: &str, files: &HashSet<&str>, dirs: &HashSet<&str>) -> std::io::Result<usize> {
-        let mut removed = 0;
-        let entries = match std::fs::read_dir(root.join(rel)) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-            Err(e) => return Err(e),
-        };
-        for entry in entries {
-            let entry = entry?;
-            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
-                std::fs::remove_file(entry.path())?;
-                removed += 1;
-                continue;
+    let mut walk = Sweep { root, dirs, listed: listed.peekable(), removed: 0 };
+    walk.dir("")?;
+    Ok(walk.removed)
+}
+
+/// The walk of [`remove_extraneous`].
+struct Sweep<'a, I: Iterator<Item = Result<FileEntry>>> {
+    root: &'a Path,
+    dirs: HashSet<&'a str>,
+    listed: std::iter::Peekable<I>,
+    removed: usize,
+}
+
+impl<I: Iterator<Item = Result<FileEntry>>> Sweep<'_, I> {
+    /// Whether the backup lists the file `path`, reading past the entries
+    /// before it.
+    fn listed(&mut self, path: &str) -> Result<bool> {
+        loop {
+            let order = match self.listed.peek() {
+                None => return Ok(false),
+                Some(Ok(e)) => crate::repo::filelist::path_order(&e.path, path),
+                Some(Err(_)) => return Err(self.listed.next().and_then(Result::err).expect("peeked an error")),
             };
-            let child = if rel.is_empty() { name } else { format!("{rel}/{name}") };
-            let kind = entry.file_type()?;
-            let is_dir = kind.is_dir() || (kind.is_symlink() && entry.path().is_dir());
-            if is_dir && dirs.contains(child.as_str()) {
-                removed += walk(root, &child, files, dirs)?;
-            } else if !is_dir && !kind.is_symlink() && files.contains(child.as_str()) {
-                continue;
-            } else {
-                if kind.is_dir() {
-                    std::fs::remove_dir_all(entry.path())?;
-                } else {
-                    std::fs::remove_file(entry.path())?;
-                }
-                removed += 1;
+            match order {
+                std::cmp::Ordering::Less => drop(self.listed.next()),
+                std::cmp::Ordering::Equal => return Ok(true),
+                std::cmp::Ordering::Greater => return Ok(false),
             }
         }
-        Ok(removed)
     }
-    walk(root, "", &files, &dirs)
+
+    fn dir(&mut self, rel: &str) -> Result<()> {
+        let path = self.root.join(rel);
+        let io = |what: &str, p: &Path| Error::io(format!("cannot {what} {}", p.display()));
+        let entries = match std::fs::read_dir(&path) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io("read", &path)(e)),
+        };
+        let mut names = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(io("read", &path))?;
+            match entry.file_name().into_string() {
+                Ok(name) => names.push(name),
+                // Not a name PostgreSQL makes.
+                Err(_) => {
+                    remove(&entry.path()).map_err(io("remove", &entry.path()))?;
+                    self.removed += 1;
+                }
+            }
+        }
+        names.sort_unstable();
+        for name in names {
+            let child = if rel.is_empty() { name } else { format!("{rel}/{name}") };
+            let p = self.root.join(&child);
+            let kind = std::fs::symlink_metadata(&p).map_err(io("read", &p))?.file_type();
+            let is_dir = kind.is_dir() || (kind.is_symlink() && p.is_dir());
+            if is_dir && self.dirs.contains(child.as_str()) {
+                self.dir(&child)?;
+            } else if kind.is_file() && (child == DELTA_CONTROL || (child != CONTROL_FILE && self.listed(&child)?)) {
+                continue;
+            } else {
+                remove(&p).map_err(io("remove", &p))?;
+                self.removed += 1;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Removes a file, a link, or a directory and what it holds.
+fn remove(p: &Path) -> std::io::Result<()> {
+    match std::fs::symlink_metadata(p)?.is_dir() {
+        true => std::fs::remove_dir_all(p),
+        false => std::fs::remove_file(p),
+    }
 }
 
 /// Before a delta restore rewrites `root`: sets `pg_control` aside (the
@@ -158,13 +205,16 @@ pub(super) fn remove_extraneous(root: &Path, m: &Manifest, m_files: &[FileEntry]
 /// shows whose directory it is if the restore must run again), then
 /// removes what the backup `m` does not have. Returns how many entries
 /// went.
-pub(super) fn clear_for_delta(root: &Path, m: &Manifest, files: &[FileEntry]) -> Result<usize> {
+pub(super) async fn clear_for_delta(repo: &Repository, root: &Path, m: &Manifest) -> Result<usize> {
     match std::fs::rename(root.join(CONTROL_FILE), root.join(DELTA_CONTROL)) {
         Ok(()) => super::files::sync_dir(&root.join("global"))?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(Error::io(format!("cannot move {} aside", root.join(CONTROL_FILE).display()))(e)),
     }
-    remove_extraneous(root, m, files).map_err(Error::io(format!("cannot clean {}", root.display())))
+    let (repo, root, m) = (repo.clone(), root.to_path_buf(), m.clone());
+    tokio::task::spawn_blocking(move || remove_extraneous(&root, &m, repo.file_reader(&m)?))
+        .await
+        .map_err(Error::task("a delta restore's clean-up"))?
 }
 
 /// Once the backup's `pg_control` is in place: the old one set aside by

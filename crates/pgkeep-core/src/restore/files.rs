@@ -1,13 +1,14 @@
 //! Step 3 of a restore: write the files, each rebuilt from its chain of
 //! backups and checked as it is written, in parallel units.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
 use std::ops::Range;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::chain::{ChainFiles, Layered};
 use super::*;
 use crate::codec::Compress;
 use crate::crypto::{unsealing, Cipher};
@@ -40,30 +41,6 @@ pub(super) fn same_range(dest: &Path, f: &FileEntry, range: &Range<u64>, expect:
         at += n as u64;
     }
     Ok(hasher.finalize().to_hex().as_str() == expect)
-}
-
-/// The entries of `path` that rebuild it in `chain[0]`, oldest (a whole
-/// copy) first, with their backup's compression.
-pub(super) fn layers<'a>(
-    chain: &'a [Manifest],
-    by_path: &[HashMap<&str, &'a FileEntry>],
-    path: &str,
-) -> Result<Vec<(&'a FileEntry, Compress)>> {
-    let mut out = Vec::new();
-    for (b, files) in chain.iter().zip(by_path) {
-        let Some(f) = files.get(path) else {
-            return Err(Error::Corrupt(format!(
-                "backup {} holds {path} as changes over backup {}, which does not have it; restore another backup",
-                chain[0].label, b.label
-            )));
-        };
-        out.push((*f, b.compress));
-        if !f.delta {
-            out.reverse();
-            return Ok(out);
-        }
-    }
-    Err(Error::Corrupt(format!("backup {} holds {path} as changes, but no backup of its chain holds the whole file", chain[0].label)))
 }
 
 /// One unit of a restore: a byte range of a file, rebuilt from the
@@ -103,51 +80,49 @@ pub(super) fn restore_units(f: &FileEntry, layers: &[(&FileEntry, Compress)]) ->
         .collect()
 }
 
-/// Orders units (tagged with their file's index, files largest first) so
-/// that the file with the most units left goes first, but not a file one
-/// of the `jobs - 1` units before it belongs to when another file has
-/// units left: two workers writing one file contend in the kernel, and the
-/// large files still finish together at the end.
-pub(super) fn interleave<T>(units: Vec<(usize, T)>, jobs: usize) -> Vec<(usize, T)> {
-    use std::collections::{BinaryHeap, VecDeque};
-    let mut by_file: Vec<(usize, VecDeque<T>)> = Vec::new();
-    for (i, u) in units {
-        match by_file.last_mut() {
-            Some((last, q)) if *last == i => q.push_back(u),
-            _ => by_file.push((i, VecDeque::from([u]))),
+/// The order units go to the workers: files in list order, but the units
+/// of files restored in parts round-robin over up to `jobs` of them at a
+/// time, so that two workers seldom write one file (they contend in the
+/// kernel), while a file of one unit goes as soon as it is read. Pure.
+pub(super) struct Schedule<T> {
+    jobs: usize,
+    parted: VecDeque<VecDeque<T>>,
+    ready: VecDeque<T>,
+}
+
+impl<T> Schedule<T> {
+    pub(super) fn new(jobs: usize) -> Self {
+        Schedule { jobs: jobs.max(1), parted: VecDeque::new(), ready: VecDeque::new() }
+    }
+
+    /// Whether the next file should be added before a unit is taken:
+    /// nothing of one unit waits, and fewer than `jobs` files in parts are
+    /// open.
+    pub(super) fn wants_more(&self) -> bool {
+        self.ready.is_empty() && self.parted.len() < self.jobs
+    }
+
+    /// Adds the units of the next file.
+    pub(super) fn add(&mut self, units: Vec<T>) {
+        match units.len() {
+            0 => {}
+            1 => self.ready.extend(units),
+            _ => self.parted.push_back(units.into()),
         }
     }
-    // (units left, earlier file first, position in by_file)
-    let mut heap: BinaryHeap<(usize, std::cmp::Reverse<usize>, usize)> =
-        by_file.iter().enumerate().map(|(k, (_, q))| (q.len(), std::cmp::Reverse(k), k)).collect();
-    let mut recent: VecDeque<usize> = VecDeque::new();
-    let mut out = Vec::new();
-    while !heap.is_empty() {
-        let mut skipped = Vec::new();
-        let pick = loop {
-            match heap.pop() {
-                Some(top) if recent.contains(&top.2) => skipped.push(top),
-                Some(top) => break Some(top),
-                None => break None,
-            }
-        };
-        let (left, order, k) = match pick {
-            Some(p) => p,
-            // Only recently used files have units left: take the first.
-            None => skipped.remove(0),
-        };
-        heap.extend(skipped);
-        let (i, q) = &mut by_file[k];
-        out.extend(q.pop_front().map(|u| (*i, u)));
-        if left > 1 {
-            heap.push((left - 1, order, k));
+
+    /// The next unit to give a worker.
+    pub(super) fn take(&mut self) -> Option<T> {
+        if let Some(u) = self.ready.pop_front() {
+            return Some(u);
         }
-        recent.push_back(k);
-        if recent.len() >= jobs.max(1) {
-            recent.pop_front();
+        let mut file = self.parted.pop_front()?;
+        let u = file.pop_front();
+        if !file.is_empty() {
+            self.parted.push_back(file);
         }
+        u
     }
-    out
 }
 
 /// Creates (or, for a delta restore, keeps) a file restored in parts, at
@@ -374,14 +349,34 @@ pub(super) async fn sync_written(plan: &Plan, jobs: usize) -> Result<()> {
         .await
         .map_err(Error::task("a restore worker"))?;
     }
-    let paths: Vec<PathBuf> = plan.files[0].iter().filter(|f| f.path != CONTROL_FILE).map(|f| root.join(&f.path)).collect();
-    Workers::start("a restore worker", jobs, paths, |_: &mut (), p: &PathBuf| match std::fs::File::open(p) {
+    let (repo, m) = (plan.repo.clone(), plan.chain[0].clone());
+    let list = tokio::task::spawn_blocking(move || repo.file_reader(&m)).await.map_err(Error::task("a restore worker"))??;
+    // The list's error, if reading it fails, is kept aside: the workers
+    // only see that it ended.
+    let failed = Arc::new(std::sync::Mutex::new(None));
+    let next = {
+        let (list, failed) = (std::sync::Mutex::new(list), failed.clone());
+        move || loop {
+            match list.lock().ok()?.next()? {
+                Ok(f) if f.path == CONTROL_FILE => continue,
+                Ok(f) => return Some(root.join(&f.path)),
+                Err(e) => {
+                    *failed.lock().ok()? = Some(e);
+                    return None;
+                }
+            }
+        }
+    };
+    Workers::fed("a restore worker", jobs, next, |_: &mut (), p: &PathBuf| match std::fs::File::open(p) {
         Ok(f) => f.sync_all().map_err(Error::io(format!("cannot sync {}", p.display()))),
         Err(e) => Err(Error::io(format!("cannot sync {}", p.display()))(e)),
     })
     .collect()
-    .await
-    .map(|_| ())
+    .await?;
+    match failed.lock().ok().and_then(|mut f| f.take()) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 /// Whether `syncfs(2)` returns the errors of the write-back it waits for:
@@ -442,72 +437,130 @@ pub(super) fn make_dirs(plan: &Plan) -> Result<()> {
     Ok(())
 }
 
+/// Units waiting in the channel for a worker.
+const CHANNEL: usize = 64;
+
 /// Writes the files of a restore: every file but `pg_control` in parallel
-/// units, then, once the caller has written what must come before it,
-/// `pg_control`.
+/// units, as the chain's lists are read ([`ChainFiles`]), then, once the
+/// caller has written what must come before it, `pg_control`.
 pub(super) struct Writer<'a> {
     plan: &'a Plan,
-    by_path: Vec<HashMap<&'a str, &'a FileEntry>>,
     source: Source,
     progress: Arc<Progress>,
     delta: bool,
 }
 
+/// A unit, with its file's place in the list and its file's number of
+/// units.
+type Tagged = (u64, u32, Unit);
+
 impl<'a> Writer<'a> {
     pub(super) fn new(plan: &'a Plan, opts: &RestoreOptions) -> Writer<'a> {
         let m = &plan.chain[0];
         let progress = opts.progress.clone().unwrap_or_default();
-        progress.plan(plan.files[0].iter().map(|f| f.parts.len().max(1) as u64).sum(), m.size);
-        Writer {
-            plan,
-            by_path: plan.files.iter().map(|files| files.iter().map(|f| (f.path.as_str(), f)).collect()).collect(),
-            source: Source::new(&plan.repo),
-            progress,
-            delta: opts.delta,
-        }
+        progress.plan(m.file_count(), m.size);
+        Writer { plan, source: Source::new(&plan.repo), progress, delta: opts.delta }
     }
 
-    /// `jobs` threads restoring `units`, each with its own [`Scratch`].
-    fn workers(&self, units: Vec<(usize, Unit)>, jobs: usize) -> Workers<(usize, bool)> {
+    /// `jobs` threads restoring the units `next` gives, each with its own
+    /// [`Scratch`].
+    fn workers(&self, jobs: usize, next: impl Fn() -> Option<Tagged> + Send + Sync + 'static) -> Workers<(u64, u32, bool)> {
         let (source, progress, root, delta) = (self.source.clone(), self.progress.clone(), self.plan.pg_data.clone(), self.delta);
-        Workers::start("a restore worker", jobs, units, move |scratch: &mut Scratch, (i, u): &(usize, Unit)| {
-            restore_unit(u, &root.join(&u.file.path), &source, &progress, delta, scratch).map(|kept| (*i, kept))
+        Workers::fed("a restore worker", jobs, next, move |scratch: &mut Scratch, (seq, units, u): &Tagged| {
+            restore_unit(u, &root.join(&u.file.path), &source, &progress, delta, scratch).map(|kept| (*seq, *units, kept))
         })
     }
 
-    /// Every file but `pg_control`, `jobs` units at a time, largest files
-    /// first; returns how many files were already as the backup has them
-    /// (a delta restore keeps those).
-    pub(super) async fn write_all_but_control(&self, jobs: usize) -> Result<usize> {
-        let mut rest: Vec<&FileEntry> = self.plan.files[0].iter().filter(|f| f.path != CONTROL_FILE).collect();
-        // Largest first, so that the workers finish together.
-        rest.sort_by_key(|f| std::cmp::Reverse(f.size));
-        let mut units = Vec::new();
-        for (i, f) in rest.iter().enumerate() {
-            let layers = layers(&self.plan.chain, &self.by_path, &f.path)?;
-            if !f.parts.is_empty() {
-                prepare_parted(&self.plan.pg_data.join(&f.path), f, self.delta)?;
-            }
-            units.extend(restore_units(f, &layers).into_iter().map(|u| (i, u)));
-        }
-        let done = self.workers(interleave(units, jobs), jobs).collect().await?;
+    /// Every file but `pg_control`, `jobs` units at a time; returns how
+    /// many files were already as the backup has them (a delta restore
+    /// keeps those), and `pg_control` with its layers, for
+    /// [`Writer::write_control`].
+    pub(super) async fn write_all_but_control(&self, jobs: usize) -> Result<(usize, Option<Layered>)> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Tagged>(CHANNEL);
+        let feeder = tokio::task::spawn_blocking({
+            let (repo, chain, root, delta) = (self.plan.repo.clone(), self.plan.chain.clone(), self.plan.pg_data.clone(), self.delta);
+            move || feed(&repo, &chain, &root, delta, jobs, tx)
+        });
+        let rx = std::sync::Mutex::new(rx);
+        let mut workers = self.workers(jobs, move || rx.lock().ok()?.recv().ok());
         // A file is unchanged when every unit of it was.
-        let mut changed = vec![false; rest.len()];
-        let mut seen = vec![false; rest.len()];
-        for (i, kept) in done {
-            seen[i] = true;
-            changed[i] |= !kept;
+        let (mut unchanged, mut parted) = (0, HashMap::<u64, (u32, bool)>::new());
+        let mut failed = None;
+        while let Some(done) = workers.next().await {
+            let (seq, units, kept) = match done {
+                Ok(d) => d,
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            };
+            let (seen, all_kept) = match units {
+                1 => (1, kept),
+                _ => {
+                    let p = parted.entry(seq).or_insert((0, true));
+                    *p = (p.0 + 1, p.1 && kept);
+                    *p
+                }
+            };
+            if seen == units {
+                parted.remove(&seq);
+                unchanged += usize::from(all_kept);
+            }
         }
-        Ok(seen.iter().zip(&changed).filter(|(s, c)| **s && !**c).count())
+        workers.finish().await?;
+        // With the workers gone, the feeder's next send fails: it ends.
+        let control = feeder.await.map_err(Error::task("a restore's list reader"))?;
+        match failed {
+            Some(e) => Err(e),
+            None => Ok((unchanged, control?)),
+        }
     }
 
     /// `pg_control`, last, synced.
-    pub(super) async fn write_control(&self) -> Result<()> {
-        for f in self.plan.files[0].iter().filter(|f| f.path == CONTROL_FILE) {
-            let units = restore_units(f, &layers(&self.plan.chain, &self.by_path, &f.path)?).into_iter().map(|u| (0, u)).collect();
-            self.workers(units, 1).collect().await?;
-            sync_file(&self.plan.pg_data.join(&f.path))?;
+    pub(super) async fn write_control(&self, control: Option<Layered>) -> Result<()> {
+        let Some(control) = control else { return Ok(()) };
+        let units: Vec<Tagged> = restore_units(&control.file, &control.layer_refs()).into_iter().map(|u| (0, 1, u)).collect();
+        let units = std::sync::Mutex::new(units.into_iter());
+        self.workers(1, move || units.lock().ok()?.next()).collect().await?;
+        sync_file(&self.plan.pg_data.join(&control.file.path))
+    }
+}
+
+/// Reads the chain's lists and sends the units of every file but
+/// `pg_control` (returned) to the workers, in [`Schedule`] order; creates
+/// each file restored in parts at its size first.
+fn feed(
+    repo: &Repository,
+    chain: &[Manifest],
+    root: &Path,
+    delta: bool,
+    jobs: usize,
+    tx: std::sync::mpsc::SyncSender<Tagged>,
+) -> Result<Option<Layered>> {
+    let mut files = ChainFiles::open(repo, chain)?;
+    let (mut schedule, mut control, mut seq, mut more) = (Schedule::new(jobs), None, 0u64, true);
+    loop {
+        while more && schedule.wants_more() {
+            let Some(l) = files.next() else {
+                more = false;
+                break;
+            };
+            let l = l?;
+            if l.file.path == CONTROL_FILE {
+                control = Some(l);
+                continue;
+            }
+            if !l.file.parts.is_empty() {
+                prepare_parted(&root.join(&l.file.path), &l.file, delta)?;
+            }
+            let units = restore_units(&l.file, &l.layer_refs());
+            let n = units.len() as u32;
+            schedule.add(units.into_iter().map(|u| (seq, n, u)).collect());
+            seq += 1;
         }
-        Ok(())
+        let Some(unit) = schedule.take() else { return Ok(control) };
+        if tx.send(unit).is_err() {
+            return Err(Error::Input("the restore's workers stopped".into()));
+        }
     }
 }

@@ -13,6 +13,7 @@
 //!   checkpoint instead of the backup's start; on failure the files
 //!   written are removed again.
 
+mod chain;
 mod choose;
 mod destination;
 mod files;
@@ -155,17 +156,17 @@ async fn write(plan: &Plan, opts: &RestoreOptions, jobs: usize) -> Result<Restor
     // A delta restore first sets pg_control aside, so that the directory
     // does not start while it is half rewritten, and removes what the
     // backup does not have.
-    let removed = if opts.delta { destination::clear_for_delta(root, m, &plan.files[0])? } else { 0 };
+    let removed = if opts.delta { destination::clear_for_delta(&plan.repo, root, m).await? } else { 0 };
     files::make_dirs(plan)?;
     let step = |s| opts.progress.as_ref().inspect(|p| p.step(s));
     let writer = files::Writer::new(plan, opts);
     step(Step::Copying);
-    let unchanged = writer.write_all_but_control(jobs).await?;
+    let (unchanged, control) = writer.write_all_but_control(jobs).await?;
     step(Step::Finishing);
     files::sync_written(plan, jobs).await?;
     recovery::write_label_and_settings(root, m, opts)?;
     files::sync_dirs(root, m)?;
-    writer.write_control().await?;
+    writer.write_control(control).await?;
     destination::check_control(root, m)?;
     destination::done_with_delta(root, opts.delta)?;
     Ok(RestoreReport {
@@ -216,17 +217,32 @@ mod tests {
     }
 
     #[test]
-    fn units_of_one_file_are_spread_so_workers_write_different_files() {
-        let units: Vec<(usize, u32)> = [(0, 5), (1, 3), (2, 1), (3, 1)].iter().flat_map(|&(f, n)| (0..n).map(move |k| (f, k))).collect();
-        let order: Vec<(usize, u32)> = interleave(units.clone(), 2);
-        assert_eq!(order.len(), units.len());
-        let files: Vec<usize> = order.iter().map(|(f, _)| *f).collect();
-        assert_eq!(files, [0, 1, 0, 1, 0, 1, 0, 2, 0, 3]);
-        // Each file's units stay in order.
+    fn units_of_files_in_parts_are_spread_so_workers_write_different_files() {
+        // Files 0 and 1 in parts, 2 and 3 of one unit, 4 in parts.
+        let files: Vec<Vec<(usize, u32)>> =
+            [(0, 4), (1, 3), (2, 1), (3, 1), (4, 2)].iter().map(|&(f, n)| (0..n).map(|k| (f, k)).collect()).collect();
+        let run = |jobs| {
+            let mut s = Schedule::new(jobs);
+            let (mut files, mut order) = (files.clone().into_iter(), Vec::new());
+            loop {
+                while s.wants_more() {
+                    match files.next() {
+                        Some(units) => s.add(units),
+                        None => break,
+                    }
+                }
+                match s.take() {
+                    Some(u) => order.push(u),
+                    None => return order,
+                }
+            }
+        };
+        let order = run(2);
+        assert_eq!(order.iter().map(|(f, _)| *f).collect::<Vec<_>>(), [0, 1, 0, 1, 0, 1, 2, 3, 0, 4, 4]);
         let parts0: Vec<u32> = order.iter().filter(|(f, _)| *f == 0).map(|(_, k)| *k).collect();
-        assert_eq!(parts0, [0, 1, 2, 3, 4]);
-        // One worker: nothing to avoid; most units left first.
-        assert_eq!(interleave(units, 1).iter().map(|(f, _)| *f).collect::<Vec<_>>(), [0, 0, 0, 1, 0, 1, 0, 1, 2, 3]);
+        assert_eq!(parts0, [0, 1, 2, 3], "each file's units stay in order");
+        // One worker: in list order.
+        assert_eq!(run(1).iter().map(|(f, _)| *f).collect::<Vec<_>>(), [0, 0, 0, 0, 1, 1, 1, 2, 3, 4, 4]);
     }
 
     #[test]
