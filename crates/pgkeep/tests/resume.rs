@@ -19,10 +19,19 @@ fn checkpoint(repo: &Repo) -> Option<(String, Value)> {
         if path.join("manifest.json").exists() {
             continue;
         }
-        // Written by rename: a read never sees half a file.
-        let text = std::fs::read_to_string(path.join("partial.json")).ok()?;
-        let envelope: Value = serde_json::from_str(&text).unwrap();
-        return Some((dir.file_name().to_str().unwrap().to_owned(), envelope["content"].clone()));
+        // Written by rename: a read never sees half a file. The entries
+        // are in chunks, `partial.<n>.json`, which the checkpoint counts.
+        let read = |name: &str| -> Option<Value> {
+            let text = std::fs::read_to_string(path.join(name)).ok()?;
+            Some(serde_json::from_str::<Value>(&text).unwrap()["content"].clone())
+        };
+        let mut content = read("partial.json")?;
+        let mut files = content["files"].as_array().cloned().unwrap_or_default();
+        for n in 0..content["chunks"].as_u64().unwrap_or(0) {
+            files.extend(read(&format!("partial.{n}.json"))?.as_array().cloned().unwrap_or_default());
+        }
+        content["files"] = Value::Array(files);
+        return Some((dir.file_name().to_str().unwrap().to_owned(), content));
     }
     None
 }

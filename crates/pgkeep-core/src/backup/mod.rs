@@ -226,6 +226,7 @@ async fn locked(stanza: &Stanza, opts: &BackupOptions, repo: &Repository, source
         None => Checkpoint::new(label.clone(), kind, prior_label.clone(), compress, start_time, Vec::new()),
     }
     .of_system(repo.system.system_id);
+    let first = Checkpoint { chunks: taken.as_ref().map_or(0, |t| t.chunks), ..first };
     let checkpointer = Checkpointer::start(repo, first).await?;
     // The prior was judged on the timeline seen before the start; a
     // promotion in between would void that judgement.
@@ -496,8 +497,7 @@ async fn take_over(
     .await
     .map_err(Error::task("a backup's walk"))??;
     let keep_keys: std::collections::HashSet<&str> = kept.iter().flat_map(|e| e.own_objects()).map(|(k, _)| k).collect();
-    let checkpoint = format!("{dir}/{}", resume::CHECKPOINT);
-    let stale = stored.keys().filter(|k| !keep_keys.contains(k.as_str()) && **k != checkpoint).cloned().collect();
+    let stale = stored.keys().filter(|k| !keep_keys.contains(k.as_str()) && !crate::repo::keys::is_checkpoint(k)).cloned().collect();
     repo.store().delete_all(stale).await?;
     Ok((resume::Reuse::new(kept.clone(), interrupted.start_time, stored), kept))
 }

@@ -2,8 +2,10 @@
 //!
 //! While a backup copies, it keeps a checkpoint, `partial.json` in its
 //! directory: its type, prior and compression, when it started, and the
-//! entries of the files already stored as objects of their own (bundled
-//! small files are cheap to copy again and are not listed). The checkpoint
+//! entries of the files already stored as objects of their own, and of
+//! big files found unchanged (bundled small files are cheap to copy again
+//! and are not listed), in chunks of what is new (see
+//! [`crate::repo::partial`]). The checkpoint
 //! is written before the first file is copied and then every few seconds
 //! while files finish. Backups and expiry run under the stanza lock
 //! ([`crate::repo::lock`]), so a directory under `backup/` without a
@@ -37,6 +39,8 @@ pub use crate::repo::partial::{Checkpoint, Unfinished, CHECKPOINT};
 
 /// How often a running backup rewrites its checkpoint (when files finished).
 const INTERVAL: Duration = Duration::from_secs(3);
+/// Entries recorded that make the checkpoint written before its interval.
+const CHUNK: usize = 4096;
 
 /// The newest abandoned backup that a backup of `kind` on `prior` with
 /// `compress`, of `system`, can take over (pure). An attempt of another
@@ -95,23 +99,40 @@ impl Reuse {
     }
 }
 
-/// Keeps the checkpoint of a running backup up to date.
+/// Keeps the checkpoint of a running backup up to date: the entries
+/// recorded since the last write go to a new chunk, then the checkpoint
+/// counts it; only those entries are held in memory.
 pub struct Checkpointer {
     repo: Repository,
     key: String,
-    state: Mutex<Checkpoint>,
+    state: Mutex<State>,
     dirty: AtomicBool,
+    /// Woken when a chunk's worth of entries waits.
+    full: tokio::sync::Notify,
+}
+
+/// The checkpoint as last written (without entries), the entries recorded
+/// since, and the most chunks written (for [`Checkpointer::remove`]).
+struct State {
+    header: Checkpoint,
+    pending: Vec<FileEntry>,
+    written: u32,
 }
 
 impl Checkpointer {
     /// Writes the first checkpoint: `state` lists the files taken over
     /// from an interrupted attempt, if any.
-    pub async fn start(repo: &Repository, state: Checkpoint) -> Result<Arc<Checkpointer>> {
+    /// Its `chunks` are those an interrupted attempt wrote (removed with
+    /// this attempt's at the end).
+    pub async fn start(repo: &Repository, mut state: Checkpoint) -> Result<Arc<Checkpointer>> {
+        let pending = std::mem::take(&mut state.files);
+        let written = std::mem::take(&mut state.chunks);
         let c = Arc::new(Checkpointer {
             repo: repo.clone(),
             key: crate::repo::keys::checkpoint(&state.label),
-            state: Mutex::new(state),
+            state: Mutex::new(State { header: state, pending, written }),
             dirty: AtomicBool::new(true),
+            full: tokio::sync::Notify::new(),
         });
         c.save().await?;
         Ok(c)
@@ -121,50 +142,102 @@ impl Checkpointer {
     /// attempt, now that they are checked against this attempt's start.
     pub fn keep(&self, files: Vec<FileEntry>, start_time: DateTime<Utc>) {
         if let Ok(mut s) = self.state.lock() {
-            s.files = files;
-            s.start_time = start_time;
+            s.header.chunks = 0;
+            s.header.start_time = start_time;
+            s.pending = files;
             self.dirty.store(true, Ordering::Relaxed);
         }
     }
 
-    /// Records a file stored as an object of its own.
+    /// Records a file stored as an object of its own, or a delta of no
+    /// page of a file too big to bundle (read again, it would cost a read
+    /// of the whole file); a bundled file, or a small one that stored
+    /// nothing, is cheap to copy again. Once [`CHUNK`] entries wait, the
+    /// saver is woken.
     pub fn record(&self, e: &FileEntry) {
-        if e.offset.is_some() {
+        if e.offset.is_some() || (e.own_objects().is_empty() && e.size < super::bundle::SMALL_FILE) {
             return;
         }
         if let Ok(mut s) = self.state.lock() {
-            s.files.push(e.clone());
+            s.pending.push(e.clone());
             self.dirty.store(true, Ordering::Relaxed);
+            if s.pending.len() >= CHUNK {
+                self.full.notify_one();
+            }
         }
     }
 
-    /// Writes the checkpoint if files finished since the last write.
+    /// Writes what was recorded since the last write, if anything: a new
+    /// chunk, then the checkpoint that counts it. A write that fails keeps
+    /// the entries for the next.
     pub async fn save(&self) -> Result<()> {
         if !self.dirty.swap(false, Ordering::Relaxed) {
             return Ok(());
         }
-        let snapshot = self.state.lock().map_err(|_| Error::Input("a backup worker failed".into()))?.clone();
-        self.repo.put_metadata(&self.key, &snapshot, false).await.map(|_| ())
+        let failed = || Error::Input("a backup worker failed".into());
+        let (mut header, entries) = {
+            let mut s = self.state.lock().map_err(|_| failed())?;
+            (s.header.clone(), std::mem::take(&mut s.pending))
+        };
+        let chunk = header.chunks;
+        let written = async {
+            if !entries.is_empty() {
+                let key = crate::repo::keys::checkpoint_chunk(&header.label, chunk);
+                self.repo.put_metadata(&key, &entries, false).await?;
+                header.chunks += 1;
+            }
+            self.repo.put_metadata(&self.key, &header, false).await
+        }
+        .await;
+        let mut s = self.state.lock().map_err(|_| failed())?;
+        match written {
+            // `keep` may have started the chunks again meanwhile.
+            Ok(_) if s.header.chunks == chunk && s.header.start_time == header.start_time => {
+                s.written = s.written.max(header.chunks);
+                s.header.chunks = header.chunks;
+                Ok(())
+            }
+            Ok(_) => {
+                s.written = s.written.max(header.chunks);
+                Ok(())
+            }
+            Err(e) => {
+                // Unless `keep` replaced them meanwhile.
+                if s.header.start_time == header.start_time {
+                    let later = std::mem::replace(&mut s.pending, entries);
+                    s.pending.extend(later);
+                }
+                self.dirty.store(true, Ordering::Relaxed);
+                Err(e)
+            }
+        }
     }
 
-    /// Rewrites the checkpoint every few seconds until the returned task is
-    /// aborted. A failed write is retried at the next tick: the copy
+    /// Rewrites the checkpoint every few seconds (sooner when a chunk's
+    /// worth of entries waits) until the returned task is aborted. A failed write is retried at the next tick: the copy
     /// itself reports a store that stopped answering.
     pub fn keep_saving(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let me = self.clone();
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(INTERVAL).await;
-                if me.save().await.is_err() {
-                    me.dirty.store(true, Ordering::Relaxed);
+                tokio::select! {
+                    _ = tokio::time::sleep(INTERVAL) => {}
+                    _ = me.full.notified() => {}
                 }
+                let _ = me.save().await;
             }
         })
     }
 
-    /// Removes the checkpoint once the manifest is written.
+    /// Removes the checkpoint and its chunks once the manifest is written.
     pub async fn remove(&self) -> Result<()> {
-        self.repo.store().delete_all(vec![self.key.clone()]).await
+        let (label, written) = match self.state.lock() {
+            Ok(s) => (s.header.label.clone(), s.written),
+            Err(_) => return Ok(()),
+        };
+        let mut keys = vec![self.key.clone()];
+        keys.extend((0..written).map(|n| crate::repo::keys::checkpoint_chunk(&label, n)));
+        self.repo.store().delete_all(keys).await
     }
 }
 
@@ -195,6 +268,7 @@ mod tests {
             compress: Compress::Zstd,
             start_time: at,
             files: vec![],
+            chunks: 0,
             system_id: None,
         }
     }
@@ -293,5 +367,38 @@ mod tests {
         };
         assert!(choose(&of(1), BackupType::Full, None, Compress::Zstd, crate::types::SystemId(1)).is_some());
         assert!(choose(&of(2), BackupType::Full, None, Compress::Zstd, crate::types::SystemId(1)).is_none());
+    }
+
+    /// The checkpoint writes only what is new, in chunks; reading it back
+    /// gives every entry recorded; a chunk that cannot be written keeps
+    /// its entries for the next write; the end removes every chunk.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_checkpoint_is_written_in_chunks_of_what_is_new() {
+        use crate::storage::testing::{Fault, Faulty, Op, Rule};
+        let faulty = Faulty::new(std::sync::Arc::new(object_store::memory::InMemory::new()));
+        let store = crate::storage::Store::from_object_store(faulty.clone(), "memory://");
+        let (repo, _) = Repository::create(&store, crate::repo::StanzaMeta::for_test(7), 1, None).await.unwrap();
+        let t = Utc::now();
+        let mut first = checkpoint("L", BackupType::Full, None, t);
+        first.files = vec![entry("a", 1, 0, Some("k/a"))];
+        let c = Checkpointer::start(&repo, first).await.unwrap();
+        let read = || async { crate::repo::partial::unfinished(&repo, &[]).await.unwrap().remove(0).checkpoint.unwrap() };
+        let paths = |cp: &Checkpoint| cp.files.iter().map(|e| e.path.clone()).collect::<Vec<_>>();
+        assert_eq!((paths(&read().await), read().await.chunks), (vec!["a".to_owned()], 1));
+        c.record(&entry("b", 1, 0, Some("k/b")));
+        c.record(&entry("c", 1, 0, Some("k/c")));
+        faulty.set(vec![Rule::new(Op::Put, "partial.1.json", Fault::Fail)]);
+        assert!(c.save().await.is_err());
+        assert_eq!(read().await.chunks, 1, "the checkpoint counts only chunks written");
+        faulty.clear();
+        c.record(&entry("d", 1, 0, Some("k/d")));
+        c.save().await.unwrap();
+        let cp = read().await;
+        assert_eq!((paths(&cp), cp.chunks), (vec!["a".to_owned(), "b".into(), "c".into(), "d".into()], 2));
+        c.save().await.unwrap();
+        assert_eq!(read().await.chunks, 2, "nothing new, no chunk");
+        c.remove().await.unwrap();
+        let left = repo.store().list(&Repository::backup_dir(&BackupLabel("L".into()))).await.unwrap();
+        assert!(left.is_empty(), "{left:?}");
     }
 }

@@ -80,6 +80,19 @@ pub fn checkpoint(label: &BackupLabel) -> String {
     format!("{}/{CHECKPOINT}", backup(label))
 }
 
+/// Chunk `n` of a backup's checkpoint: the entries recorded since the
+/// chunk before.
+pub fn checkpoint_chunk(label: &BackupLabel, n: u32) -> String {
+    format!("{}/partial.{n}.json", backup(label))
+}
+
+/// Whether `key` (in a backup's directory) is its checkpoint or one of its
+/// chunks.
+pub fn is_checkpoint(key: &str) -> bool {
+    let name = key.rsplit('/').next().unwrap_or(key);
+    name == CHECKPOINT || name.strip_prefix("partial.").and_then(|n| n.strip_suffix(".json")).is_some_and(|n| n.parse::<u32>().is_ok())
+}
+
 /// The prefix of a backup's bundles.
 pub fn bundles(label: &BackupLabel) -> String {
     format!("{}/bundle", backup(label))

@@ -1,7 +1,11 @@
 //! `<stanza>/backup/<label>/partial.json`: the checkpoint a backup keeps
 //! while it copies (see [`crate::backup::resume`] for how a later backup
 //! takes an interrupted one over), and the query for the backups that have
-//! no manifest.
+//! no manifest. The entries it records are in chunks of their own,
+//! `partial.<n>.json` (each a list of entries, the ones recorded since the
+//! chunk before), so that a running backup writes and holds only what is
+//! new; `chunks` says how many the checkpoint has. A checkpoint written
+//! before chunks holds its entries in `files`.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -28,8 +32,12 @@ pub struct Checkpoint {
     pub compress: Compress,
     /// When this attempt began (before `pg_backup_start`).
     pub start_time: DateTime<Utc>,
-    /// Files stored so far as objects of their own.
+    /// Files stored so far as objects of their own: as read back, every
+    /// chunk's; as written, none (they are in the chunks).
     pub files: Vec<FileEntry>,
+    /// How many chunks of entries the checkpoint has.
+    #[serde(default)]
+    pub chunks: u32,
     /// The system the attempt read (absent in checkpoints written before
     /// stanza-upgrade existed, when a stanza held one system).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -55,7 +63,7 @@ impl Checkpoint {
         start_time: DateTime<Utc>,
         files: Vec<FileEntry>,
     ) -> Checkpoint {
-        Checkpoint { label, kind, prior, compress, start_time, files, system_id: None }
+        Checkpoint { label, kind, prior, compress, start_time, files, chunks: 0, system_id: None }
     }
 
     /// This checkpoint, recording that the attempt reads system `id`.
@@ -76,8 +84,17 @@ pub async fn unfinished(repo: &Repository, complete: &[Manifest]) -> Result<Vec<
         }
         let key = super::keys::checkpoint(&label);
         let what = format!("checkpoint of unfinished backup {label} in repo {}", repo.number);
-        // A damaged checkpoint only means nothing can be resumed.
-        let checkpoint: Option<Checkpoint> = repo.get_metadata(&key, &what).await.unwrap_or(None);
+        // A damaged checkpoint only means nothing can be resumed; a damaged
+        // chunk, that the entries from it on are not.
+        let mut checkpoint: Option<Checkpoint> = repo.get_metadata(&key, &what).await.unwrap_or(None);
+        if let Some(c) = checkpoint.as_mut() {
+            for n in 0..c.chunks {
+                let chunk: Option<Vec<FileEntry>> =
+                    repo.get_metadata(&super::keys::checkpoint_chunk(&label, n), &what).await.unwrap_or(None);
+                let Some(chunk) = chunk else { break };
+                c.files.extend(chunk);
+            }
+        }
         out.push(Unfinished { label, checkpoint });
     }
     Ok(out)

@@ -91,6 +91,29 @@ pub fn run(cmd: &mut Command, timeout: Duration) -> Run {
     Run { status, stdout: out.join().unwrap(), stderr: err.join().unwrap() }
 }
 
+/// Like [`run`], and also the peak resident set size of the process
+/// started, in KiB, as GNU time reports it (`%M`: the `ru_maxrss` that
+/// `wait4(2)` gives for that one child; `setpriv`, which [`as_postgres`]
+/// starts, executes the program in the same process).
+pub fn run_measured(cmd: &mut Command, timeout: Duration) -> (Run, u64) {
+    let report = tempfile::NamedTempFile::new().unwrap();
+    let mut timed = Command::new("/usr/bin/time");
+    timed.arg("-f").arg("%M").arg("-o").arg(report.path()).arg(cmd.get_program()).args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => timed.env(k, v),
+            None => timed.env_remove(k),
+        };
+    }
+    if let Some(d) = cmd.get_current_dir() {
+        timed.current_dir(d);
+    }
+    let r = run(&mut timed, timeout);
+    let text = std::fs::read_to_string(report.path()).unwrap();
+    let peak = text.lines().last().and_then(|l| l.trim().parse().ok());
+    (r, peak.unwrap_or_else(|| panic!("/usr/bin/time reported no peak RSS: {text:?}")))
+}
+
 /// Like [`run`], and the command must succeed; returns its stdout.
 pub fn run_ok(cmd: &mut Command, timeout: Duration) -> String {
     let what = format!("{cmd:?}");
@@ -454,6 +477,27 @@ impl Pgkeep {
     }
 
     pub fn run(&self, args: &[&str]) -> Run {
+        let start = Instant::now();
+        let r = run(&mut self.command(args), PGKEEP_TIMEOUT);
+        eprintln!("pgkeep {} -> {} in {:.1?}", args.join(" "), r.status, start.elapsed());
+        if !r.status.success() {
+            eprintln!("  stderr: {}", r.stderr.trim_end());
+        }
+        r
+    }
+
+    /// Runs and requires success; returns stdout and the peak resident
+    /// set size of the pgkeep process, in KiB (see [`run_measured`]).
+    pub fn ok_measured(&self, args: &[&str]) -> (String, u64) {
+        let start = Instant::now();
+        let (r, peak) = run_measured(&mut self.command(args), PGKEEP_TIMEOUT);
+        eprintln!("pgkeep {} -> {} in {:.1?}, peak RSS {} KiB", args.join(" "), r.status, start.elapsed(), peak);
+        assert!(r.status.success(), "pgkeep {args:?} failed ({}):\nstdout: {}\nstderr: {}", r.status, r.stdout, r.stderr);
+        (r.stdout, peak)
+    }
+
+    /// The command that runs pgkeep with `args`.
+    pub fn command(&self, args: &[&str]) -> Command {
         // As postgres, like archive_command and a production install: a
         // local repository must stay writable by PostgreSQL's archive-push.
         let mut c = as_postgres(&self.bin, &self.cwd);
@@ -467,13 +511,7 @@ impl Pgkeep {
         let path = std::env::var_os("PATH").unwrap_or_default();
         c.env("PATH", std::env::join_paths(std::iter::once(pg_bin()).chain(std::env::split_paths(&path))).unwrap());
         self.apply_env(&mut c);
-        let start = Instant::now();
-        let r = run(&mut c, PGKEEP_TIMEOUT);
-        eprintln!("pgkeep {} -> {} in {:.1?}", args.join(" "), r.status, start.elapsed());
-        if !r.status.success() {
-            eprintln!("  stderr: {}", r.stderr.trim_end());
-        }
-        r
+        c
     }
 
     /// Starts pgkeep in the background (output discarded); killed with
