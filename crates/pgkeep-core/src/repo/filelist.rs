@@ -122,7 +122,9 @@ impl ListReader {
     /// blocking thread of the runtime); `what` names the backup in errors.
     pub fn open(repo: &Repository, list: &FileList, compress: Compress, what: &str) -> Result<ListReader> {
         let what = format!("the file list '{}' of {what}", list.key);
-        let reader = ObjectReader::open(repo.store().object_store(), &list.key, None, Handle::current())
+        // Read in steps: the list is read along other work (a backup's
+        // copy, a restore's), which can leave it idle for long.
+        let reader = ObjectReader::in_steps(repo.store().object_store(), &list.key, Handle::current())
             .map_err(Error::storage(format!("cannot read {what}")))?;
         let corrupt = |e: std::io::Error| Error::Corrupt(format!("{what} cannot be read ({e}): it is corrupt; restore another backup"));
         let plain = compress.decoder(unsealing(repo.cipher.as_ref(), reader).map_err(corrupt)?).map_err(corrupt)?;

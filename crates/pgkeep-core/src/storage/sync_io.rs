@@ -12,7 +12,7 @@ use futures::stream::BoxStream;
 use futures::StreamExt;
 use object_store::buffered::BufWriter;
 use object_store::path::Path as KeyPath;
-use object_store::{GetOptions, GetRange, GetResultPayload, ObjectStore};
+use object_store::{GetOptions, GetRange, GetResultPayload, ObjectStore, ObjectStoreExt};
 use tokio::io::AsyncWriteExt;
 use tokio::runtime::Handle;
 
@@ -74,7 +74,11 @@ pub struct ObjectReader {
 enum Source {
     File(std::io::Take<std::fs::File>),
     Stream { stream: BoxStream<'static, object_store::Result<Bytes>>, chunk: Bytes },
+    Steps { store: Arc<dyn ObjectStore>, key: KeyPath, at: u64, end: u64, chunk: Bytes },
 }
+
+/// How much of an object [`ObjectReader::in_steps`] fetches at a time.
+const STEP: u64 = 4 << 20;
 
 impl ObjectReader {
     /// Opens `key` of `store`, or only `range` of it.
@@ -101,6 +105,18 @@ impl ObjectReader {
     }
 }
 
+impl ObjectReader {
+    /// Opens `key` of `store` to be read slowly, a step of [`STEP`] bytes
+    /// at a time, each fetched whole: a reader that waits on other work
+    /// between reads (a file list read along a backup's copy) holds no
+    /// response open, which a server or the store's timeout would end.
+    pub fn in_steps(store: Arc<dyn ObjectStore>, key: &str, rt: Handle) -> object_store::Result<Self> {
+        let key = KeyPath::from(key);
+        let end = rt.block_on(store.head(&key))?.size;
+        Ok(ObjectReader { source: Source::Steps { store, key, at: 0, end, chunk: Bytes::new() }, rt, read: 0 })
+    }
+}
+
 impl Read for ObjectReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = match &mut self.source {
@@ -118,8 +134,63 @@ impl Read for ObjectReader {
                 chunk.advance(n);
                 n
             }
+            Source::Steps { store, key, at, end, chunk } => {
+                while chunk.is_empty() {
+                    if *at >= *end {
+                        return Ok(0);
+                    }
+                    let to = (*at + STEP).min(*end);
+                    *chunk = self.rt.block_on(store.get_range(key, *at..to)).map_err(io::Error::other)?;
+                    if chunk.is_empty() {
+                        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the object ended before its size"));
+                    }
+                    *at += chunk.len() as u64;
+                }
+                let n = buf.len().min(chunk.len());
+                buf[..n].copy_from_slice(&chunk[..n]);
+                chunk.advance(n);
+                n
+            }
         };
         self.read += n as u64;
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An object read in steps reads back whole, over several steps and
+    /// when empty; one cut short under the reader is an error, not an end.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_object_read_in_steps_reads_back_whole() {
+        let store: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
+        let big: Vec<u8> = (0..(2 * STEP + 12345)).map(|i| (i % 251) as u8).collect();
+        for (key, bytes) in [("big", big.clone()), ("empty", Vec::new())] {
+            store.put(&KeyPath::from(key), bytes.clone().into()).await.unwrap();
+            let (store, key) = (store.clone(), key.to_owned());
+            let read = tokio::task::spawn_blocking(move || {
+                let mut out = Vec::new();
+                ObjectReader::in_steps(store, &key, Handle::current()).unwrap().read_to_end(&mut out).map(|_| out)
+            })
+            .await
+            .unwrap()
+            .unwrap();
+            assert!(read == bytes, "{} bytes read of {}", read.len(), bytes.len());
+        }
+        let reader = {
+            let store = store.clone();
+            tokio::task::spawn_blocking(move || ObjectReader::in_steps(store, "big", Handle::current()).unwrap()).await.unwrap()
+        };
+        store.put(&KeyPath::from("big"), big[..100].to_vec().into()).await.unwrap();
+        let e = tokio::task::spawn_blocking(move || {
+            let mut reader = reader;
+            let mut out = Vec::new();
+            reader.read_to_end(&mut out)
+        })
+        .await
+        .unwrap();
+        assert!(e.is_err(), "an object shorter than when opened");
     }
 }
