@@ -8,7 +8,6 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::repo::filelist::path_order;
 use crate::repo::manifest::FileIdentity;
 use crate::repo::{DirEntry, FileEntry, Manifest};
 
@@ -81,7 +80,7 @@ pub fn excluded(rel: &str, is_dir: bool) -> bool {
 
 /// A walk of the data directory, tablespaces included (each in place,
 /// under its link in `pg_tblspc`), that gives the files to copy one at a
-/// time in [`path_order`]: `global/pg_control` last. It holds the sorted
+/// time in [`path_order`](crate::repo::filelist::path_order): `global/pg_control` last. It holds the sorted
 /// names of the directories it is in (one per level), never the whole
 /// tree: its memory is that of the largest directory's names. Each
 /// directory is read once, when the walk enters it; a directory or file
@@ -224,7 +223,7 @@ impl Iterator for Walk {
 }
 
 /// The files of the backup an incremental or differential builds on, read
-/// along a [`Walk`] (both in [`path_order`]) to give each walked file its
+/// along a [`Walk`] (both in [`path_order`](crate::repo::filelist::path_order)) to give each walked file its
 /// [`Basis`].
 pub struct Prior<I: Iterator<Item = Result<FileEntry>>> {
     manifest: Manifest,
@@ -233,7 +232,7 @@ pub struct Prior<I: Iterator<Item = Result<FileEntry>>> {
 
 impl<I: Iterator<Item = Result<FileEntry>>> Prior<I> {
     /// `prior` passed [`basis::prior_unusable`](super::basis::prior_unusable);
-    /// `files` are its entries in [`path_order`].
+    /// `files` are its entries in [`path_order`](crate::repo::filelist::path_order).
     pub fn new(prior: Manifest, files: I) -> Self {
         Prior { manifest: prior, files: files.peekable() }
     }
@@ -242,18 +241,7 @@ impl<I: Iterator<Item = Result<FileEntry>>> Prior<I> {
     /// says, from the prior's entry of the same path; `f` must come after
     /// every file given before.
     pub fn set_basis(&mut self, f: &mut PlannedFile) -> Result<()> {
-        let before = loop {
-            let order = match self.files.peek() {
-                None => break None,
-                Some(Ok(e)) => path_order(&e.path, &f.path),
-                Some(Err(_)) => return Err(self.files.next().and_then(Result::err).expect("peeked an error")),
-            };
-            match order {
-                std::cmp::Ordering::Less => drop(self.files.next()),
-                std::cmp::Ordering::Equal => break self.files.next().and_then(Result::ok),
-                std::cmp::Ordering::Greater => break None,
-            }
-        };
+        let before = crate::repo::filelist::entry_at(&mut self.files, &f.path)?;
         f.basis = file_basis(f, &self.manifest, before.as_ref());
         Ok(())
     }
@@ -262,7 +250,7 @@ impl<I: Iterator<Item = Result<FileEntry>>> Prior<I> {
 /// A backup's prior's entries, as [`Repository::file_reader`](crate::repo::Repository::file_reader) gives them.
 pub type PriorFiles = Box<dyn Iterator<Item = Result<FileEntry>> + Send>;
 
-/// The files a backup copies, in [`path_order`], each with its basis: a
+/// The files a backup copies, in [`path_order`](crate::repo::filelist::path_order), each with its basis: a
 /// [`Walk`] read along the prior's entries, when there is a prior.
 pub struct Planner {
     walk: Walk,
@@ -347,6 +335,7 @@ fn is_relation_dir(dir: &str) -> bool {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::repo::filelist::path_order;
 
     #[test]
     fn follows_postgres_exclusion_rules() {

@@ -32,6 +32,26 @@ pub fn path_order(a: &str, b: &str) -> Ordering {
     control(a).cmp(&control(b)).then_with(|| a.split('/').cmp(b.split('/')))
 }
 
+/// Reads `list` (entries in [`path_order`]) up to `path`: the entries
+/// before it are passed over, and the entry of `path`, if the list has
+/// one, is taken out. Each call must ask for a path after the one before:
+/// this is how a list is merged with a walk, or with another list, in one
+/// pass.
+pub fn entry_at<I: Iterator<Item = Result<FileEntry>>>(list: &mut std::iter::Peekable<I>, path: &str) -> Result<Option<FileEntry>> {
+    loop {
+        let order = match list.peek() {
+            None => return Ok(None),
+            Some(Ok(e)) => path_order(&e.path, path),
+            Some(Err(_)) => return Err(list.next().and_then(Result::err).expect("peeked an error")),
+        };
+        match order {
+            Ordering::Less => drop(list.next()),
+            Ordering::Equal => return list.next().transpose(),
+            Ordering::Greater => return Ok(None),
+        }
+    }
+}
+
 /// What a manifest records of its file list.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

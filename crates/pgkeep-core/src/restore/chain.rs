@@ -1,13 +1,13 @@
 //! The files of a restore as a stream: the file list of the backup
 //! restored, read along the lists of the backups it builds on (every list
-//! in [`path_order`]), gives each file with the entries that rebuild it,
+//! in [`path_order`](crate::repo::filelist::path_order)), gives each file with the entries that rebuild it,
 //! oldest (a whole copy) first. Nothing holds a whole list.
 
 use std::iter::Peekable;
 
 use crate::codec::Compress;
 use crate::error::{Error, Result};
-use crate::repo::filelist::path_order;
+use crate::repo::filelist::entry_at;
 use crate::repo::{FileEntry, Manifest, Repository};
 use crate::types::BackupLabel;
 
@@ -62,23 +62,6 @@ impl ChainFiles {
         out
     }
 
-    /// The entry of `path` in list `b`, reading past the paths before it.
-    fn entry_in(&mut self, b: usize, path: &str) -> Result<Option<FileEntry>> {
-        let list = &mut self.lists[b];
-        loop {
-            let order = match list.peek() {
-                None => return Ok(None),
-                Some(Ok(e)) => path_order(&e.path, path),
-                Some(Err(_)) => return Err(list.next().and_then(Result::err).expect("peeked an error")),
-            };
-            match order {
-                std::cmp::Ordering::Less => drop(list.next()),
-                std::cmp::Ordering::Equal => return list.next().transpose(),
-                std::cmp::Ordering::Greater => return Ok(None),
-            }
-        }
-    }
-
     fn layered(&mut self, file: FileEntry) -> Result<Layered> {
         let mut layers = vec![(file.clone(), self.compress[0])];
         let mut delta = file.delta;
@@ -86,7 +69,7 @@ impl ChainFiles {
             if !delta {
                 break;
             }
-            let Some(e) = self.entry_in(b, &file.path)? else {
+            let Some(e) = entry_at(&mut self.lists[b], &file.path)? else {
                 return Err(Error::Corrupt(format!(
                     "backup {} holds {} as changes over backup {}, which does not have it; restore another backup",
                     self.labels[0], file.path, self.labels[b]

@@ -139,18 +139,7 @@ impl<I: Iterator<Item = Result<FileEntry>>> Sweep<'_, I> {
     /// Whether the backup lists the file `path`, reading past the entries
     /// before it.
     fn listed(&mut self, path: &str) -> Result<bool> {
-        loop {
-            let order = match self.listed.peek() {
-                None => return Ok(false),
-                Some(Ok(e)) => crate::repo::filelist::path_order(&e.path, path),
-                Some(Err(_)) => return Err(self.listed.next().and_then(Result::err).expect("peeked an error")),
-            };
-            match order {
-                std::cmp::Ordering::Less => drop(self.listed.next()),
-                std::cmp::Ordering::Equal => return Ok(true),
-                std::cmp::Ordering::Greater => return Ok(false),
-            }
-        }
+        Ok(crate::repo::filelist::entry_at(&mut self.listed, path)?.is_some())
     }
 
     fn dir(&mut self, rel: &str) -> Result<()> {
