@@ -35,6 +35,12 @@ impl Stanza {
         s.pg.psql("create table t as select g as id, md5(g::text) as v from generate_series(1, 50000) g");
         let label = s.pk.ok(&["backup", "--type", "full"]).trim().to_owned();
         assert!(is_full_label(&label), "backup printed {label:?}");
+        // The backup history file pg_backup_stop wrote is archived after
+        // the backup returns: once a later segment is archived, so is it,
+        // and the repository stays as it is for the tests that compare it.
+        s.pg.psql("select pg_logical_emit_message(false, 'pgkeep-test', 'a record to switch from')");
+        let seg = s.pg.switch_wal();
+        s.pg.wait_archived(&seg);
         (s, label)
     }
 
