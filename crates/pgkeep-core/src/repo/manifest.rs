@@ -477,7 +477,7 @@ pub struct Manifest {
     pub dirs: Vec<DirEntry>,
     /// The files, in manifests of format 2 and before (`files`); from
     /// format 3 they are in [`Manifest::file_list`]. Read either with
-    /// [`Repository::files`](super::Repository::files).
+    /// [`Repository::file_reader`](super::Repository::file_reader).
     #[serde(rename = "files", default, skip_serializing_if = "Vec::is_empty")]
     pub(crate) inline_files: Vec<FileEntry>,
     /// The file list (format 3): its own object, streamed.

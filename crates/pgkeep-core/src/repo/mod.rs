@@ -362,15 +362,18 @@ impl Repository {
     }
 
     /// Every file of backup `m`, in [`filelist::path_order`] (see
-    /// [`Repository::file_reader`]).
+    /// [`Repository::file_reader`]), held whole: for tests; commands read
+    /// the list as a stream.
+    #[cfg(test)]
     pub async fn files(&self, m: &Manifest) -> Result<Vec<FileEntry>> {
         let (repo, m) = (self.clone(), m.clone());
         tokio::task::spawn_blocking(move || repo.file_reader(&m)?.collect()).await.map_err(Error::task("reading a file list"))?
     }
 
     /// Writes backup `m`'s file list from `files` (in
-    /// [`filelist::path_order`]), then its manifest: the backup exists
-    /// from that moment.
+    /// [`filelist::path_order`]), then its manifest: for tests; a backup
+    /// writes its list as it copies (`backup/copy.rs`).
+    #[cfg(test)]
     pub async fn write_backup(&self, m: &mut Manifest, files: Vec<FileEntry>) -> Result<()> {
         let (repo, label, compress) = (self.clone(), m.label.clone(), m.compress);
         let list = tokio::task::spawn_blocking(move || {
