@@ -20,7 +20,7 @@ use futures::StreamExt;
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::repo::{FileEntry, Manifest, Repository};
-use crate::restore::{read_piece, Scratch, Source};
+use crate::restore::{read_piece, read_stored, Scratch, Source};
 use crate::types::{BackupLabel, TimelineId, WalSegment};
 use crate::workers::Workers;
 use crate::Stanza;
@@ -220,37 +220,55 @@ async fn check_backup(repo: &Repository, m: &Manifest, all: &[Manifest], jobs: u
         tokio::task::spawn_blocking(move || repo.file_reader(&m)).await.map_err(Error::task("a verify worker")).and_then(|r| r)
     };
     let list = match opened {
-        Ok(list) => std::sync::Mutex::new(list),
+        Ok(list) => std::sync::Mutex::new(list.peekable()),
         Err(e) => {
             problems.push(format!("backup {}: {}", m.label, crate::error::OneLine(&e)));
             return BackupCheck { label: m.label.clone(), files: m.file_count() as usize, bytes: 0, problems };
         }
     };
-    // The list is read as the workers go: an entry it cannot give (a
-    // damaged list) is a problem of its own.
-    let next = move || list.lock().ok()?.next();
-    let mut workers = Workers::fed("a verify worker", jobs, next, move |scratch: &mut Scratch, f: &Result<FileEntry>| {
-        let f = match f {
-            Ok(f) => f,
-            Err(e) => return Ok((0, Some(format!("backup {label}: {}", crate::error::OneLine(e))))),
-        };
-        let mut bytes = 0;
-        for piece in f.pieces() {
-            bytes += piece.repo_size;
-            if let Err(e) = read_piece(&source, &piece, compress, &f.path, scratch, |_, _| Ok(())) {
-                return Ok((bytes, Some(format!("backup {label}: {}: {}", f.path, crate::error::OneLine(&e)))));
+    // The list is read as the workers go, in runs of files bundled
+    // together, each run's bytes read in one request; an entry the list
+    // cannot give (a damaged list) is a problem of its own.
+    let next = move || next_run(&mut *list.lock().ok()?);
+    let mut workers = Workers::fed("a verify worker", jobs, next, move |scratch: &mut Scratch, run: &Vec<Result<FileEntry>>| {
+        let (mut bytes, mut problems) = (0, Vec::new());
+        let span = bundled_span(run);
+        let fetched = span.as_ref().map(|(key, range)| (range.start, source.read_range(key, range.clone())));
+        for f in run {
+            let f = match f {
+                Ok(f) => f,
+                Err(e) => {
+                    problems.push(format!("backup {label}: {}", crate::error::OneLine(e)));
+                    continue;
+                }
+            };
+            let mut file_bytes = 0;
+            for piece in f.pieces() {
+                file_bytes += piece.repo_size;
+                let read = match (&fetched, &piece.range) {
+                    (Some((start, Ok(all))), Some(r)) => {
+                        let slice = &all[(r.start - start) as usize..(r.end - start) as usize];
+                        read_stored(&source, slice, &piece, compress, &f.path, scratch, |_, _| Ok(()))
+                    }
+                    _ => read_piece(&source, &piece, compress, &f.path, scratch, |_, _| Ok(())),
+                };
+                if let Err(e) = read {
+                    problems.push(format!("backup {label}: {}: {}", f.path, crate::error::OneLine(&e)));
+                    break;
+                }
             }
+            bytes += file_bytes;
+            progress.add_bytes(file_bytes);
+            progress.file_done();
         }
-        progress.add_bytes(bytes);
-        progress.file_done();
-        Ok((bytes, None))
+        Ok((bytes, problems))
     });
     let mut bytes = 0;
     while let Some(done) = workers.next().await {
         match done {
-            Ok((b, problem)) => {
+            Ok((b, found)) => {
                 bytes += b;
-                problems.extend(problem);
+                problems.extend(found);
             }
             Err(e) => problems.push(e.to_string()),
         }
@@ -259,6 +277,38 @@ async fn check_backup(repo: &Repository, m: &Manifest, all: &[Manifest], jobs: u
         problems.push(e.to_string());
     }
     BackupCheck { label: m.label.clone(), files: m.file_count() as usize, bytes, problems }
+}
+
+/// Files bundled together read in one request, at most.
+const RUN: usize = 1024;
+
+/// The next entries of a list to check together: one entry, or up to
+/// [`RUN`] consecutive entries bundled in the same bundle.
+fn next_run(list: &mut std::iter::Peekable<impl Iterator<Item = Result<FileEntry>>>) -> Option<Vec<Result<FileEntry>>> {
+    let first = list.next()?;
+    let bundle = first.as_ref().ok().and_then(bundled).map(str::to_owned);
+    let mut run = vec![first];
+    if let Some(bundle) = bundle {
+        while run.len() < RUN && list.peek().is_some_and(|f| f.as_ref().ok().and_then(bundled) == Some(bundle.as_str())) {
+            run.extend(list.next());
+        }
+    }
+    Some(run)
+}
+
+/// The bundle `f` is stored in, if it is bundled.
+fn bundled(f: &FileEntry) -> Option<&str> {
+    f.offset.and(f.key.as_deref())
+}
+
+/// For a run of two or more bundled files: their bundle and the range of
+/// it that holds them all (a bundle is at most a few MiB).
+fn bundled_span(run: &[Result<FileEntry>]) -> Option<(String, std::ops::Range<u64>)> {
+    let files: Vec<&FileEntry> = run.iter().filter_map(|f| f.as_ref().ok()).collect();
+    let key = bundled(files.first()?)?;
+    let start = files.iter().filter_map(|f| f.offset).min()?;
+    let end = files.iter().filter_map(|f| Some(f.offset? + f.repo_size)).max()?;
+    (files.len() > 1 && end > start).then(|| (key.to_owned(), start..end))
 }
 
 /// Reads every archived WAL file back and checks it against its name's
@@ -317,6 +367,47 @@ mod tests {
 
     fn segs(tli: u32, numbers: &[u64]) -> Vec<WalSegment> {
         numbers.iter().map(|&number| WalSegment { timeline: TimelineId(tli), number }).collect()
+    }
+
+    /// Consecutive files of one bundle are checked together, with one read
+    /// of the range that holds them; anything else alone.
+    #[test]
+    fn runs_group_consecutive_files_of_one_bundle() {
+        let bundled = |path: &str, key: &str, offset: u64| FileEntry {
+            key: Some(key.into()),
+            offset: Some(offset),
+            repo_size: 10,
+            ..FileEntry::for_test(path, 100, 0)
+        };
+        let own = |path: &str| FileEntry { key: Some(format!("k/{path}")), repo_size: 10, ..FileEntry::for_test(path, 100, 0) };
+        let list: Vec<Result<FileEntry>> = vec![
+            Ok(bundled("a", "b/1", 0)),
+            Ok(bundled("b", "b/1", 30)),
+            Ok(bundled("c", "b/1", 10)),
+            Ok(own("d")),
+            Ok(bundled("e", "b/1", 50)),
+            Ok(bundled("f", "b/2", 0)),
+            Err(Error::Corrupt("damaged list".into())),
+            Ok(bundled("g", "b/2", 10)),
+        ];
+        let mut list = list.into_iter().peekable();
+        let mut runs = Vec::new();
+        while let Some(run) = next_run(&mut list) {
+            let paths: Vec<String> = run.iter().map(|f| f.as_ref().map_or("!".into(), |f| f.path.clone())).collect();
+            runs.push((paths.join(","), bundled_span(&run)));
+        }
+        let expect = |paths: &str, span: Option<(&str, std::ops::Range<u64>)>| (paths.to_owned(), span.map(|(k, r)| (k.to_owned(), r)));
+        assert_eq!(
+            runs,
+            [
+                expect("a,b,c", Some(("b/1", 0..40))),
+                expect("d", None),
+                expect("e", None),
+                expect("f", None),
+                expect("!", None),
+                expect("g", None),
+            ]
+        );
     }
 
     #[test]

@@ -480,3 +480,64 @@ fn repository_and_restored_files_are_private_under_umask_0022() {
         some(&restored_loose)
     );
 }
+
+/// The rule that leaves a file unread in an incremental (identity, size,
+/// mtime and ctime as the prior recorded them, that ctime a whole second
+/// before the prior began), broken on purpose: a file rewritten in place
+/// with its size kept and its mtime put back (as `touch -d`, `cp -p` or
+/// `tar -x` over it do) would pass a rule of size and mtime alone. Its
+/// ctime moved, so the incremental reads it; the files nobody wrote since
+/// the full backup (the table's visibility map among them) are listed
+/// unread; the restore of the incremental is the source.
+#[test]
+fn incr_reads_a_file_rewritten_with_its_mtime_put_back_and_leaves_the_untouched_unread() {
+    let (dir, repo, pg, pk) = local_stanza("holes-unread");
+    pg.psql("create extension pg_visibility");
+    pg.psql("create table u (id int primary key, v text) with (autovacuum_enabled = off)");
+    pg.psql("insert into u select g, repeat('u', 50) from generate_series(1, 20000) g");
+    pg.psql("create table w (id int)");
+    pg.psql("vacuum (freeze, analyze) u");
+    pg.psql("checkpoint");
+    // The rule needs the files' last change a whole second before the
+    // full backup begins.
+    std::thread::sleep(Duration::from_millis(2200));
+    let full = pk.ok(&["backup", "--type", "full"]).trim().to_owned();
+
+    let ident = pg.addr.data.join("pg_ident.conf");
+    let before = std::fs::read(&ident).unwrap();
+    let mtime = std::fs::metadata(&ident).unwrap().modified().unwrap();
+    let mut after = before.clone();
+    after.extend_from_slice(b"# pgkeep\n");
+    let after: Vec<u8> = after[after.len() - before.len()..].to_vec();
+    assert_ne!(after, before);
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().write(true).open(&ident).unwrap();
+        f.write_all(&after).unwrap();
+        f.set_modified(mtime).unwrap();
+    }
+    let meta = std::fs::metadata(&ident).unwrap();
+    assert_eq!((meta.len(), meta.modified().unwrap()), (before.len() as u64, mtime), "size and mtime as the full recorded them");
+    pg.psql("insert into w values (1)");
+    pg.psql("checkpoint");
+    let expected = pg.dump();
+    let incr = pk.ok(&["backup", "--type", "incr"]).trim().to_owned();
+
+    let manifest = read_manifest(&repo, &incr);
+    let files = manifest["files"].as_array().unwrap();
+    let entry = |path: &str| files.iter().find(|f| f["path"] == path).unwrap_or_else(|| panic!("{path} in {incr}")).clone();
+    let e = entry("pg_ident.conf");
+    assert!(e["delta"] != true && e["key"].is_string(), "pg_ident.conf, rewritten with its mtime put back, must be read: {e}");
+    let vm = format!("{}_vm", pg.psql("select pg_relation_filepath('u')"));
+    let e = entry(&vm);
+    assert!(e["delta"] == true && e["key"].is_null() && e["content"].is_string(), "{vm}, untouched since {full}, is left unread: {e}");
+    let unread = files.iter().filter(|f| f["delta"] == true && f["key"].is_null() && f["ctime"].is_i64()).count();
+    assert!(unread * 2 > files.len(), "most files are untouched since the full: {unread} of {} unread", files.len());
+
+    let target = restore_to(&dir, &pk, &incr, "restored");
+    assert_eq!(std::fs::read(target.join("pg_ident.conf")).unwrap(), after, "the restored pg_ident.conf is the rewritten one");
+    let restored = Cluster::start_restored(&dir, &target);
+    assert_same_dump(&format!("restore of {incr}"), &expected, &restored_dump(&restored, "postgres", "restore of the incr"));
+    assert_eq!(restored.psql("select count(*) from pg_check_visible('u')"), "0");
+    restored.amcheck();
+}

@@ -19,6 +19,12 @@
 //!   again is another directory).
 //!
 //! Then each file is, against the prior's entry for the same path:
+//! - not read at all ([`unread_entry`]) when it is the same file with the
+//!   size, mtime and ctime the prior recorded, that ctime a whole second
+//!   before the prior began, and this backup began after the prior did:
+//!   every write moves a file's ctime (PostgreSQL writes its files only
+//!   with `write`, `ftruncate` and `fallocate`, never through `mmap`), so
+//!   the file holds what the prior read;
 //! - copied whole when the prior has no such path, or it is another file
 //!   now (its [`FileIdentity`](crate::repo::manifest::FileIdentity) differs: the file was removed and created
 //!   again, as `CREATE DATABASE ... STRATEGY FILE_COPY` does with pages
@@ -35,7 +41,9 @@
 //!   non-relation files) is copied whole: visibility-map bits are cleared
 //!   without WAL and without moving the map page's LSN.
 
-use crate::repo::manifest::FileIdentity;
+use chrono::{DateTime, Utc};
+
+use crate::repo::manifest::{FileIdentity, Part};
 use crate::repo::{FileEntry, Manifest, ServerRole};
 use crate::types::{Lsn, SystemId, TimelineHistory, TimelineId};
 
@@ -128,8 +136,74 @@ pub fn prior_unusable(prior: &Manifest, now: &ClusterNow) -> Option<String> {
     None
 }
 
+/// The entry that lists `f`, unread, in a backup that began at `began`
+/// built on `prior`, whose entry for the same path is `before`; `None`
+/// when `f` must be read (pure). It stands for the prior's copy: a delta
+/// of no page whose `content` is the prior's.
+///
+/// `f` is left unread only when it is the same file with the size, mtime
+/// and ctime (to the nanosecond) the prior recorded, that ctime a whole
+/// second before the prior began, and this backup began after the prior
+/// did. The prior looked at the file after it began; a write since then
+/// would have moved the ctime to a time after that look (`write`,
+/// `ftruncate` and `fallocate` all set it; nothing sets it back, as
+/// `touch -d` does an mtime), past the recorded one by the whole second
+/// that the kernel's coarse clock cannot blur. A clock stepped back below
+/// the prior's start could give a write the recorded ctime again, hence
+/// the last condition. The prior's entry must have no failing page (those
+/// are checked again) and say what its content is (older manifests may
+/// not). `global/pg_control` is always read: it is rewritten in place all
+/// the time and copied last, as the end of a backup from a standby.
+pub fn unread_entry(f: &PlannedFile, prior: &Manifest, before: Option<&FileEntry>, began: DateTime<Utc>) -> Option<FileEntry> {
+    let before = before?;
+    let same_file = matches!((&f.id, &before.id), (Some(now), Some(then)) if now.same_file(then));
+    let (Some(ctime), Some(then)) = (f.ctime, before.ctime) else { return None };
+    let settled = then.div_euclid(1_000_000_000) + 1 < prior.start_time.timestamp();
+    let untouched = same_file && f.size == before.size && f.mtime == before.mtime && ctime == then && settled;
+    if !untouched || began < prior.start_time || f.path == crate::pg::CONTROL_FILE || before.checksum_error_pages() > 0 {
+        return None;
+    }
+    // What the prior read: for a whole copy, the checksum of its content;
+    // for a delta, its `content`.
+    let read = |content: &Option<String>, checksum: &str| match before.delta {
+        true => content.clone(),
+        false => Some(checksum.to_owned()).filter(|c| !c.is_empty()),
+    };
+    let nothing = blake3::hash(b"").to_hex().to_string();
+    let parts = before
+        .parts
+        .iter()
+        .map(|p| {
+            let content = Some(read(&p.content, &p.checksum)?);
+            Some(Part { start: p.start, size: p.size, key: None, repo_size: 0, checksum: nothing.clone(), pages: 0, content })
+        })
+        .collect::<Option<Vec<Part>>>()?;
+    let (checksum, content) = match parts.is_empty() {
+        true => (nothing, Some(read(&before.content, &before.checksum)?)),
+        false => (String::new(), None),
+    };
+    Some(FileEntry {
+        path: f.path.clone(),
+        size: f.size,
+        mode: f.mode,
+        mtime: f.mtime,
+        ctime: f.ctime,
+        checksum,
+        key: None,
+        repo_size: 0,
+        delta: true,
+        pages: 0,
+        offset: None,
+        content,
+        checksum_errors: Vec::new(),
+        checksum_errors_unlisted: 0,
+        parts,
+        id: f.id,
+    })
+}
+
 /// How to copy `f` in a backup built on `prior`, whose entry for the same
-/// path is `before` (pure). `prior` passed [`prior_unusable`], so its
+/// path is `before`, when it must be read (pure). `prior` passed [`prior_unusable`], so its
 /// checksum state is the cluster's.
 pub fn file_basis(f: &PlannedFile, prior: &Manifest, before: Option<&FileEntry>) -> Basis {
     let Some(before) = before else { return Basis::Whole };
@@ -227,7 +301,7 @@ mod tests {
     }
 
     fn planned(path: &str, id: Option<FileIdentity>, size: u64, mtime: i64) -> PlannedFile {
-        PlannedFile { path: path.into(), source: path.into(), size, mode: 0o600, mtime, basis: Basis::Whole, id }
+        PlannedFile { path: path.into(), source: path.into(), size, mode: 0o600, mtime, ctime: None, basis: Basis::Whole, id }
     }
 
     fn entry(path: &str, id: Option<FileIdentity>, size: u64, mtime: i64) -> FileEntry {
@@ -260,6 +334,70 @@ mod tests {
         let no_birth = Some(FileIdentity { dev: 1, ino: 7, birth: None });
         assert_eq!(basis("base/5/16384", no_birth, no_birth), since);
         assert_eq!(basis("base/5/16384", Some(FileIdentity { dev: 2, ino: 7, birth: None }), no_birth), Basis::Whole);
+    }
+
+    /// The rule that leaves a file unread, broken one condition at a time.
+    #[test]
+    fn a_file_is_left_unread_only_when_its_ctime_proves_it_unwritten_since_the_prior_looked() {
+        let p = prior(true);
+        let begun = p.start_time;
+        let began = begun + chrono::Duration::seconds(60);
+        let sec = 1_000_000_000i64;
+        let settled = (begun.timestamp() - 2) * sec + 123;
+        let id = test_identity(7, 100);
+        let now = |path: &str, ctime: i64| PlannedFile { ctime: Some(ctime), ..planned(path, id, 8192, 5) };
+        let then = |path: &str, ctime: i64| FileEntry {
+            ctime: Some(ctime),
+            checksum: "whole".into(),
+            key: Some("k".into()),
+            repo_size: 99,
+            ..entry(path, id, 8192, 5)
+        };
+        let unread = |f: &PlannedFile, e: &FileEntry, began| unread_entry(f, &p, Some(e), began);
+        // Any file, whatever its fork or kind, with checksums on or off.
+        for path in ["base/5/16384", "base/5/16384_vm", "base/5/16384_fsm", "pg_xact/0000", "postgresql.conf"] {
+            let e = unread(&now(path, settled), &then(path, settled), began).unwrap_or_else(|| panic!("{path} left unread"));
+            assert!(e.delta && e.key.is_none() && e.pages == 0 && e.repo_size == 0, "{e:?}");
+            assert_eq!(e.content.as_deref(), Some("whole"), "the content is what the prior read");
+            assert_eq!((e.ctime, e.id, e.size), (Some(settled), id, 8192));
+        }
+        let off = Manifest { page_checksums: false, ..prior(false) };
+        assert!(unread_entry(&now("base/5/1", settled), &off, Some(&then("base/5/1", settled)), began).is_some());
+        let f = now("base/5/1", settled);
+        let e = then("base/5/1", settled);
+        assert!(unread(&PlannedFile { ctime: Some(settled + 1), ..f.clone() }, &e, began).is_none(), "written since: ctime moved");
+        assert!(unread(&PlannedFile { mtime: 6, ..f.clone() }, &e, began).is_none(), "mtime moved");
+        assert!(unread(&PlannedFile { size: 16384, ..f.clone() }, &e, began).is_none(), "extended");
+        assert!(unread(&PlannedFile { id: test_identity(7, 101), ..f.clone() }, &e, began).is_none(), "re-created");
+        assert!(unread(&PlannedFile { ctime: None, ..f.clone() }, &e, began).is_none());
+        assert!(unread(&f, &FileEntry { ctime: None, ..e.clone() }, began).is_none(), "a prior that recorded no ctime");
+        let recent = (begun.timestamp() - 1) * sec;
+        assert!(unread(&now("base/5/1", recent), &then("base/5/1", recent), began).is_none(), "changed in the second before the prior");
+        assert!(unread(&f, &e, begun - chrono::Duration::seconds(1)).is_none(), "the clock went back below the prior's start");
+        assert!(unread(&f, &FileEntry { checksum_errors: vec![3], ..e.clone() }, began).is_none(), "failing pages are checked again");
+        let control = now(crate::pg::CONTROL_FILE, settled);
+        assert!(unread(&control, &then(crate::pg::CONTROL_FILE, settled), began).is_none());
+        assert!(unread_entry(&f, &p, None, began).is_none(), "new file");
+
+        // A prior delta gives its content; one without is read again.
+        let delta = FileEntry { delta: true, content: Some("as read".into()), ..e.clone() };
+        assert_eq!(unread(&f, &delta, began).unwrap().content.as_deref(), Some("as read"));
+        assert!(unread(&f, &FileEntry { content: None, ..delta }, began).is_none());
+        // Parts keep their ranges and contents.
+        let part = |start, content: Option<&str>, checksum: &str| Part {
+            start,
+            size: 4096,
+            key: Some("p".into()),
+            repo_size: 9,
+            checksum: checksum.into(),
+            pages: 0,
+            content: content.map(str::to_owned),
+        };
+        let parted = FileEntry { parts: vec![part(0, None, "a"), part(4096, None, "b")], key: None, checksum: String::new(), ..e.clone() };
+        let got = unread(&f, &parted, began).unwrap();
+        let parts: Vec<_> = got.parts.iter().map(|p| (p.start, p.key.clone(), p.content.clone().unwrap())).collect();
+        assert_eq!(parts, [(0, None, "a".to_owned()), (4096, None, "b".to_owned())]);
+        assert!(got.content.is_none() && got.checksum.is_empty());
     }
 
     #[test]

@@ -31,7 +31,7 @@ use crate::workers::Workers;
 
 use super::basis::Basis;
 use super::bundle;
-use super::plan::{self, PlannedFile, Planner, Walk};
+use super::plan::{self, Planned, PlannedFile, Planner, Walk};
 use super::resume::{Checkpointer, Reuse};
 
 /// Files fed to the workers beyond the first one not yet stored, at most:
@@ -50,6 +50,8 @@ pub(super) struct Copy {
     pub prior: Option<Manifest>,
     /// The entries taken over from an interrupted attempt.
     pub reuse: Option<Reuse>,
+    /// When the backup began.
+    pub began: chrono::DateTime<chrono::Utc>,
     pub jobs: usize,
     /// The backup's start, when pages are checked against their checksums.
     pub verify: Option<Lsn>,
@@ -70,19 +72,21 @@ pub(super) struct Copied {
     pub checksum_failures: Vec<FileEntry>,
     /// Files (and their bytes) taken over from an interrupted attempt.
     pub kept: (usize, u64),
+    /// Files (and their bytes) left unread: unchanged since the prior.
+    pub unread: (usize, u64),
 }
 
 /// A unit of copying: a file, or a part of it (`units` in all), at its
 /// place `seq` in the list; or an entry taken over as it is.
 enum Unit {
     Copy { seq: u64, file: Arc<PlannedFile>, units: u32, part: Option<Range<u64>> },
-    Kept { seq: u64, entry: Box<FileEntry> },
+    Kept { seq: u64, entry: Box<FileEntry>, resumed: bool },
 }
 
 /// What a unit gave.
 enum Piece {
     Copied { seq: u64, file: Arc<PlannedFile>, units: u32, stored: Option<Stored> },
-    Kept { seq: u64, entry: Box<FileEntry> },
+    Kept { seq: u64, entry: Box<FileEntry>, resumed: bool },
 }
 
 /// How far the list is written, for the feeder to wait on.
@@ -130,7 +134,7 @@ impl Window {
 
 /// Copies the files (call from a blocking thread of the runtime).
 pub(super) fn run(c: Copy) -> Result<Copied> {
-    let Copy { repo, sink, pg_data, prior, reuse, jobs, verify, checkpointer, progress } = c;
+    let Copy { repo, sink, pg_data, prior, reuse, began, jobs, verify, checkpointer, progress } = c;
     let rt = tokio::runtime::Handle::current();
     rt.spawn_blocking({
         let (pg_data, progress) = (pg_data.clone(), progress.clone());
@@ -141,7 +145,7 @@ pub(super) fn run(c: Copy) -> Result<Copied> {
     let feeder = rt.spawn_blocking({
         let (repo, window) = (repo.clone(), window.clone());
         move || {
-            let fed = feed(&repo, &pg_data, prior, reuse, &tx, &window);
+            let fed = feed(&repo, &pg_data, (prior, began), reuse, &tx, &window);
             drop(tx);
             fed
         }
@@ -193,7 +197,7 @@ fn count(pg_data: &std::path::Path, progress: &Progress) {
 fn feed(
     repo: &Repository,
     pg_data: &std::path::Path,
-    prior: Option<Manifest>,
+    (prior, began): (Option<Manifest>, chrono::DateTime<chrono::Utc>),
     mut reuse: Option<Reuse>,
     tx: &SyncSender<Unit>,
     window: &Window,
@@ -202,16 +206,20 @@ fn feed(
         Some(m) => Some((m.clone(), repo.file_reader(&m)?)),
         None => None,
     };
-    let mut planner = Planner::new(pg_data, prior)?;
+    let mut planner = Planner::new(pg_data, prior, began)?;
     let stopped = || Error::Input("the backup's copy stopped".into());
     let mut seq = 0u64;
-    for f in planner.by_ref() {
-        let f = f?;
+    for planned in planner.by_ref() {
+        let Planned { file: f, unread } = planned?;
         if !window.wait(seq, f.path == crate::pg::CONTROL_FILE) {
             return Err(stopped());
         }
-        let sent = match reuse.as_mut().and_then(|r| r.take(&f)) {
-            Some(entry) => tx.send(Unit::Kept { seq, entry: Box::new(entry) }).is_ok(),
+        let kept = match unread {
+            Some(entry) => Some((entry, false)),
+            None => reuse.as_mut().and_then(|r| r.take(&f)).map(|entry| (entry, true)),
+        };
+        let sent = match kept {
+            Some((entry, resumed)) => tx.send(Unit::Kept { seq, entry: Box::new(entry), resumed }).is_ok(),
             None => {
                 let file = Arc::new(f);
                 let units = file.size.div_ceil(PART_SIZE).max(1);
@@ -232,7 +240,11 @@ fn feed(
 /// Copies one unit.
 fn work(unit: &Unit, sink: &Sink, verify: Option<Lsn>, progress: &Progress, scratch: &mut Scratch) -> Result<Piece> {
     let (seq, file, units, part) = match unit {
-        Unit::Kept { seq, entry } => return Ok(Piece::Kept { seq: *seq, entry: entry.clone() }),
+        Unit::Kept { seq, entry, resumed } => {
+            progress.add_bytes(entry.size);
+            progress.file_done();
+            return Ok(Piece::Kept { seq: *seq, entry: entry.clone(), resumed: *resumed });
+        }
         Unit::Copy { seq, file, units, part } => (*seq, file, *units, part),
     };
     let name = match part {
@@ -255,16 +267,24 @@ fn collect(
     window: &Window,
 ) -> Result<(Copied, u64)> {
     let mut list = ListWriter::create(repo, &sink.label, sink.compress)?;
-    let mut copied =
-        Copied { dirs: Vec::new(), list: FileList::default(), size: 0, repo_size: 0, checksum_failures: Vec::new(), kept: (0, 0) };
+    let mut copied = Copied {
+        dirs: Vec::new(),
+        list: FileList::default(),
+        size: 0,
+        repo_size: 0,
+        checksum_failures: Vec::new(),
+        kept: (0, 0),
+        unread: (0, 0),
+    };
     let mut pieces: HashMap<u64, Vec<Option<Stored>>> = HashMap::new();
     let mut ready: BTreeMap<u64, Option<FileEntry>> = BTreeMap::new();
     let mut next = 0u64;
     while let Some(piece) = workers.next_blocking() {
         match piece? {
-            Piece::Kept { seq, entry } => {
-                copied.kept.0 += 1;
-                copied.kept.1 += entry.size;
+            Piece::Kept { seq, entry, resumed } => {
+                let count = if resumed { &mut copied.kept } else { &mut copied.unread };
+                count.0 += 1;
+                count.1 += entry.size;
                 ready.insert(seq, Some(*entry));
             }
             Piece::Copied { seq, file, units, stored } => {
@@ -341,6 +361,7 @@ fn assemble(f: &PlannedFile, pieces: Vec<Option<Stored>>) -> Option<FileEntry> {
         size: pieces.iter().map(|p| p.start + p.size).max().unwrap_or(0),
         mode: f.mode,
         mtime: f.mtime,
+        ctime: f.ctime,
         checksum: String::new(),
         key: None,
         repo_size: pieces.iter().map(|p| p.repo_size).sum(),
@@ -597,6 +618,16 @@ mod tests {
     }
 
     async fn copy_of(repo: &Repository, data: &std::path::Path, label: &str, prior: Option<Manifest>) -> Result<Copied> {
+        copy_began(repo, data, label, prior, chrono::Utc::now()).await
+    }
+
+    async fn copy_began(
+        repo: &Repository,
+        data: &std::path::Path,
+        label: &str,
+        prior: Option<Manifest>,
+        began: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Copied> {
         let label = BackupLabel(label.into());
         let first = super::super::resume::Checkpoint::new(
             label.clone(),
@@ -613,6 +644,7 @@ mod tests {
             pg_data: data.to_path_buf(),
             prior,
             reuse: None,
+            began,
             jobs: 2,
             verify: None,
             checkpointer,
@@ -676,11 +708,28 @@ mod tests {
             page_checksums: false,
             ..Manifest::for_test("20261202-000000F", crate::repo::BackupType::Full, None, stop, 0x500_0000, (1, 2))
         };
-        let incr = copy_of(&repo, data.path(), "20261202-000000F_20261202-000001I", Some(prior)).await.unwrap();
+        // This backup began before the prior (the clock was set back):
+        // every file is read.
+        let incr = copy_of(&repo, data.path(), "20261202-000000F_20261202-000001I", Some(prior.clone())).await.unwrap();
         let entries = listed(&repo, &incr.list);
         assert_eq!(entries.len(), files.len());
         let delta: Vec<&str> = entries.iter().filter(|e| !e.delta).map(|e| e.path.as_str()).collect();
         assert_eq!(delta, ["base/1/5", "pg_xact/0000", "global/pg_control"], "copied whole");
+        assert_eq!(incr.unread.0, 0);
+
+        // Begun after the prior: every file unchanged since is listed
+        // unread, with the content the full read; the rewritten one and
+        // the control file are read.
+        let began = stop + chrono::Duration::minutes(1);
+        let incr = copy_began(&repo, data.path(), "20261202-000000F_20261202-000002I", Some(prior), began).await.unwrap();
+        let entries = listed(&repo, &incr.list);
+        let read: Vec<&str> = entries.iter().filter(|e| !e.delta || e.key.is_some()).map(|e| e.path.as_str()).collect();
+        assert_eq!(read, ["base/1/5", "global/pg_control"]);
+        assert_eq!(incr.unread.0, files.len() - 2);
+        for (e, (_, bytes)) in entries.iter().zip(&files).filter(|(e, _)| e.key.is_none()) {
+            assert_eq!(e.content.as_deref(), Some(blake3::hash(bytes).to_hex().as_str()), "{}", e.path);
+            assert!(e.ctime.is_some() && e.pages == 0, "{e:?}");
+        }
 
         // A worker's object, a bundle (at the end), the list: each fails
         // the copy.

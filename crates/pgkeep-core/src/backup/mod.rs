@@ -22,7 +22,7 @@ pub mod source;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use chrono::{Timelike, Utc};
+use chrono::{DateTime, Timelike, Utc};
 
 use crate::error::{Error, Result};
 use crate::progress::{Progress, Step};
@@ -43,6 +43,9 @@ pub struct Backup {
     /// When it took over an interrupted attempt: the files kept from it
     /// and their bytes.
     pub resumed: Option<(usize, u64)>,
+    /// The files left unread because they are unchanged since the prior
+    /// backup, and their bytes.
+    pub unread: (usize, u64),
     /// Unfinished backups left by killed runs that could not be resumed
     /// and were removed.
     pub removed: Vec<BackupLabel>,
@@ -262,7 +265,7 @@ async fn locked(stanza: &Stanza, opts: &BackupOptions, repo: &Repository, source
     let saver = checkpointer.keep_saving();
     let copied = async {
         let reuse = match &taken {
-            Some(t) => Some(take_over(repo, t, &pg_data, prior).await?),
+            Some(t) => Some(take_over(repo, t, &pg_data, (prior, start_time)).await?),
             None => None,
         };
         if let Some((_, kept)) = &reuse {
@@ -275,6 +278,7 @@ async fn locked(stanza: &Stanza, opts: &BackupOptions, repo: &Repository, source
             pg_data: pg_data.clone(),
             prior: prior.cloned(),
             reuse: reuse.map(|(r, _)| r),
+            began: start_time,
             jobs: stanza.settings.jobs,
             // Pages are verified against the backup's start: see pg::checksum.
             verify: page_checksums.then_some(start.lsn),
@@ -356,6 +360,7 @@ async fn locked(stanza: &Stanza, opts: &BackupOptions, repo: &Repository, source
     Ok(Backup {
         manifest,
         resumed: taken.map(|_| copied.kept),
+        unread: copied.unread,
         removed,
         full_because,
         passed_over: source.passed_over.clone(),
@@ -475,7 +480,7 @@ async fn take_over(
     repo: &Repository,
     interrupted: &Checkpoint,
     pg_data: &std::path::Path,
-    prior: Option<&Manifest>,
+    (prior, began): (Option<&Manifest>, DateTime<Utc>),
 ) -> Result<(resume::Reuse, Vec<FileEntry>)> {
     let dir = Repository::backup_dir(&interrupted.label);
     let stored: HashMap<String, u64> = repo.store().list(&dir).await?.into_iter().map(|l| (format!("{dir}/{}", l.key), l.size)).collect();
@@ -488,8 +493,11 @@ async fn take_over(
                 None => None,
             };
             let mut kept = Vec::new();
-            for f in plan::Planner::new(&pg_data, prior)? {
-                kept.extend(reuse.take(&f?));
+            for planned in plan::Planner::new(&pg_data, prior, began)? {
+                let planned = planned?;
+                if planned.unread.is_none() {
+                    kept.extend(reuse.take(&planned.file));
+                }
             }
             Ok::<_, Error>(kept)
         }

@@ -11,7 +11,9 @@ use crate::error::{Error, Result};
 use crate::repo::manifest::FileIdentity;
 use crate::repo::{DirEntry, FileEntry, Manifest};
 
-use super::basis::{file_basis, Basis};
+use chrono::{DateTime, Utc};
+
+use super::basis::{file_basis, unread_entry, Basis};
 
 /// Directories whose contents are never copied (the directory itself is).
 const SKIP_CONTENTS: &[&str] =
@@ -46,6 +48,8 @@ pub struct PlannedFile {
     pub mode: u32,
     /// Modification time, seconds since the epoch.
     pub mtime: i64,
+    /// Status-change time, nanoseconds since the epoch.
+    pub ctime: Option<i64>,
     /// How much of it to copy (see [`basis`](super::basis)).
     pub basis: Basis,
     /// Which file it is, to tell a re-created file from the one a prior
@@ -196,6 +200,7 @@ impl Walk {
                     size: meta.len(),
                     mode: meta.permissions().mode() & 0o7777,
                     mtime: meta.mtime(),
+                    ctime: Some(meta.ctime().saturating_mul(1_000_000_000).saturating_add(meta.ctime_nsec())),
                     basis: Basis::Whole,
                     id: Some(FileIdentity::of(&meta)),
                 };
@@ -228,23 +233,39 @@ impl Iterator for Walk {
 pub struct Prior<I: Iterator<Item = Result<FileEntry>>> {
     manifest: Manifest,
     files: std::iter::Peekable<I>,
+    began: DateTime<Utc>,
 }
 
 impl<I: Iterator<Item = Result<FileEntry>>> Prior<I> {
     /// `prior` passed [`basis::prior_unusable`](super::basis::prior_unusable);
-    /// `files` are its entries in [`path_order`](crate::repo::filelist::path_order).
-    pub fn new(prior: Manifest, files: I) -> Self {
-        Prior { manifest: prior, files: files.peekable() }
+    /// `files` are its entries in [`path_order`](crate::repo::filelist::path_order);
+    /// `began` is when this backup began.
+    pub fn new(prior: Manifest, files: I, began: DateTime<Utc>) -> Self {
+        Prior { manifest: prior, files: files.peekable(), began }
     }
 
-    /// Sets `f.basis` as [`basis::file_basis`](super::basis::file_basis)
-    /// says, from the prior's entry of the same path; `f` must come after
-    /// every file given before.
-    pub fn set_basis(&mut self, f: &mut PlannedFile) -> Result<()> {
+    /// From the prior's entry of the same path: the entry that stands for
+    /// `f` unread when [`basis::unread_entry`](super::basis::unread_entry)
+    /// gives one, else `None` with `f.basis` set as
+    /// [`basis::file_basis`](super::basis::file_basis) says. `f` must come
+    /// after every file given before.
+    pub fn set_basis(&mut self, f: &mut PlannedFile) -> Result<Option<FileEntry>> {
         let before = crate::repo::filelist::entry_at(&mut self.files, &f.path)?;
+        if let Some(entry) = unread_entry(f, &self.manifest, before.as_ref(), self.began) {
+            return Ok(Some(entry));
+        }
         f.basis = file_basis(f, &self.manifest, before.as_ref());
-        Ok(())
+        Ok(None)
     }
+}
+
+/// A file a [`Planner`] gives: to copy, or, with `unread`, to list as the
+/// entry given there without reading it.
+pub struct Planned {
+    /// The file walked.
+    pub file: PlannedFile,
+    /// The entry that lists it unread.
+    pub unread: Option<FileEntry>,
 }
 
 /// A backup's prior's entries, as [`Repository::file_reader`](crate::repo::Repository::file_reader) gives them.
@@ -258,9 +279,10 @@ pub struct Planner {
 }
 
 impl Planner {
-    /// Walks `pg_data`; `prior` is the backup built on and its entries.
-    pub fn new(pg_data: &Path, prior: Option<(Manifest, PriorFiles)>) -> Result<Planner> {
-        Ok(Planner { walk: Walk::new(pg_data)?, prior: prior.map(|(m, files)| Prior::new(m, files)) })
+    /// Walks `pg_data`; `prior` is the backup built on and its entries,
+    /// `began` when this backup began.
+    pub fn new(pg_data: &Path, prior: Option<(Manifest, PriorFiles)>, began: DateTime<Utc>) -> Result<Planner> {
+        Ok(Planner { walk: Walk::new(pg_data)?, prior: prior.map(|(m, files)| Prior::new(m, files, began)) })
     }
 
     /// The directories walked, parents first.
@@ -270,19 +292,19 @@ impl Planner {
 }
 
 impl Iterator for Planner {
-    type Item = Result<PlannedFile>;
+    type Item = Result<Planned>;
 
-    fn next(&mut self) -> Option<Result<PlannedFile>> {
+    fn next(&mut self) -> Option<Result<Planned>> {
         let mut f = match self.walk.next()? {
             Ok(f) => f,
             Err(e) => return Some(Err(e)),
         };
-        match self.prior.as_mut().map(|p| p.set_basis(&mut f)) {
-            Some(Err(e)) => {
+        match self.prior.as_mut().map(|p| p.set_basis(&mut f)).transpose() {
+            Err(e) => {
                 self.walk.failed = true;
                 Some(Err(e))
             }
-            _ => Some(Ok(f)),
+            Ok(unread) => Some(Ok(Planned { file: f, unread: unread.flatten() })),
         }
     }
 }
@@ -498,13 +520,22 @@ pub(crate) mod tests {
         // it meets; both orders are the list's.
         let before: Vec<FileEntry> =
             ["base/1/1", "base/1/10", "base/1/2", "base/1/3", "base/2/1", "global/1", "global/pg_control"].map(entry).to_vec();
-        let mut prior = Prior::new(prior, before.into_iter().map(Ok));
+        let mut prior = Prior::new(prior, before.into_iter().map(Ok), stop);
         let walked = ["base/1/10", "base/1/11", "base/1/3", "base/10/1", "global/1", "pg_xact/0000", "global/pg_control"];
         let bases: Vec<bool> = walked
             .iter()
             .map(|p| {
-                let mut f = PlannedFile { path: (*p).into(), source: p.into(), size: 1, mode: 0o600, mtime: 0, basis: Basis::Whole, id };
-                prior.set_basis(&mut f).unwrap();
+                let mut f = PlannedFile {
+                    path: (*p).into(),
+                    source: p.into(),
+                    size: 1,
+                    mode: 0o600,
+                    mtime: 0,
+                    ctime: None,
+                    basis: Basis::Whole,
+                    id,
+                };
+                assert_eq!(prior.set_basis(&mut f).unwrap(), None, "no ctime recorded: read");
                 f.delta()
             })
             .collect();
@@ -512,8 +543,9 @@ pub(crate) mod tests {
 
         let failing = vec![Ok(entry("base/1/1")), Err(Error::Corrupt("damaged list".into()))];
         let mut prior =
-            Prior::new(Manifest::for_test("P", crate::repo::BackupType::Full, None, stop, 0x500_0000, (1, 2)), failing.into_iter());
-        let mut f = PlannedFile { path: "base/2/1".into(), source: "x".into(), size: 1, mode: 0, mtime: 0, basis: Basis::Whole, id };
+            Prior::new(Manifest::for_test("P", crate::repo::BackupType::Full, None, stop, 0x500_0000, (1, 2)), failing.into_iter(), stop);
+        let mut f =
+            PlannedFile { path: "base/2/1".into(), source: "x".into(), size: 1, mode: 0, mtime: 0, ctime: None, basis: Basis::Whole, id };
         assert!(prior.set_basis(&mut f).unwrap_err().to_string().contains("damaged list"));
     }
 }

@@ -83,13 +83,18 @@ impl Reuse {
     }
 
     /// The entry kept for `f`, if any (then taken out): same path, file
-    /// identity, size and mtime as recorded, that mtime a whole second
-    /// before the interrupted attempt began, the same kind of copy (whole
-    /// or delta), and its objects still stored with their recorded sizes.
+    /// identity, size, mtime and (where both record it) ctime as
+    /// recorded, that mtime a whole second before the interrupted attempt
+    /// began, the same kind of copy (whole or delta), and its objects
+    /// still stored with their recorded sizes.
     pub fn take(&mut self, f: &PlannedFile) -> Option<FileEntry> {
         let e = self.by_path.get(&f.path)?;
         let same_file = matches!((&e.id, &f.id), (Some(a), Some(b)) if a.same_file(b));
-        let unchanged = same_file && e.size == f.size && e.mtime == f.mtime && e.mtime < self.began;
+        let same_ctime = match (e.ctime, f.ctime) {
+            (Some(a), Some(b)) => a == b,
+            _ => true,
+        };
+        let unchanged = same_file && e.size == f.size && e.mtime == f.mtime && same_ctime && e.mtime + 1 < self.began;
         let same_kind = e.delta == f.delta() && e.offset.is_none();
         let object_there = e.own_objects().iter().all(|(key, size)| self.stored.get(*key) == Some(size));
         match unchanged && same_kind && object_there {
@@ -257,7 +262,16 @@ mod tests {
 
     fn planned(path: &str, size: u64, mtime: i64) -> PlannedFile {
         let id = crate::backup::basis::test_identity(1, 1);
-        PlannedFile { path: path.into(), source: path.into(), size, mode: 0o600, mtime, basis: crate::backup::basis::Basis::Whole, id }
+        PlannedFile {
+            path: path.into(),
+            source: path.into(),
+            size,
+            mode: 0o600,
+            mtime,
+            ctime: None,
+            basis: crate::backup::basis::Basis::Whole,
+            id,
+        }
     }
 
     fn checkpoint(label: &str, kind: BackupType, prior: Option<&str>, at: DateTime<Utc>) -> Checkpoint {
@@ -282,6 +296,9 @@ mod tests {
             entry("grown", 100, 998, Some("k/grown")),
             entry("touched", 100, 998, Some("k/touched")),
             entry("same-second", 100, 1_000, Some("k/same-second")),
+            entry("second-before", 100, 999, Some("k/second-before")),
+            FileEntry { ctime: Some(5), ..entry("ctime-moved", 100, 998, Some("k/ctime-moved")) },
+            FileEntry { ctime: Some(5), ..entry("ctime-same", 100, 998, Some("k/ctime-same")) },
             entry("object-gone", 100, 998, Some("k/object-gone")),
             entry("object-short", 100, 998, Some("k/object-short")),
             entry("removed", 100, 998, Some("k/removed")),
@@ -293,19 +310,33 @@ mod tests {
             planned("grown", 200, 998),
             planned("touched", 100, 999),
             planned("same-second", 100, 1_000),
+            planned("second-before", 100, 999),
+            PlannedFile { ctime: Some(6), ..planned("ctime-moved", 100, 998) },
+            PlannedFile { ctime: Some(5), ..planned("ctime-same", 100, 998) },
             planned("object-gone", 100, 998),
             planned("object-short", 100, 998),
             planned("new", 100, 998),
             PlannedFile { basis: crate::backup::basis::Basis::Pages { since: crate::types::Lsn(1) }, ..planned("was-whole", 100, 998) },
             PlannedFile { id: crate::backup::basis::test_identity(1, 2), ..planned("re-created", 100, 998) },
         ];
-        let stored: HashMap<String, u64> = ["k/old", "k/grown", "k/touched", "k/same-second", "k/removed", "k/was-whole", "k/re-created"]
-            .iter()
-            .map(|k| (k.to_string(), 10))
-            .chain([("k/object-short".to_string(), 9)])
-            .collect();
+        let stored: HashMap<String, u64> = [
+            "k/old",
+            "k/grown",
+            "k/touched",
+            "k/same-second",
+            "k/second-before",
+            "k/ctime-moved",
+            "k/ctime-same",
+            "k/removed",
+            "k/was-whole",
+            "k/re-created",
+        ]
+        .iter()
+        .map(|k| (k.to_string(), 10))
+        .chain([("k/object-short".to_string(), 9)])
+        .collect();
         let kept: Vec<String> = reusable(&cp, &plan, &stored).into_iter().map(|e| e.path).collect();
-        assert_eq!(kept, vec!["old"]);
+        assert_eq!(kept, vec!["old", "ctime-same"]);
 
         // A file in parts is kept only with every part's object.
         let parts = |sizes: &[u64]| -> Vec<crate::repo::manifest::Part> {

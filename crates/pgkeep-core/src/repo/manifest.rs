@@ -188,6 +188,13 @@ pub struct FileEntry {
     pub mode: u32,
     /// Modification time at backup (seconds since the epoch).
     pub mtime: i64,
+    /// Status-change time at backup (`st_ctime`, nanoseconds since the
+    /// epoch): every write moves it, and no program can set it. With the
+    /// size and mtime, it lets a later backup leave the file unread (see
+    /// `docs/incremental.md`). Absent in manifests written before pgkeep
+    /// recorded it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ctime: Option<i64>,
     /// BLAKE3, hex, of what the stored object holds once decompressed: the
     /// file's content, or for a delta the page records. Empty for a file
     /// stored in `parts`.
@@ -362,6 +369,7 @@ impl FileEntry {
             size,
             mode: 0o600,
             mtime,
+            ctime: None,
             checksum: String::new(),
             key: None,
             repo_size: 0,

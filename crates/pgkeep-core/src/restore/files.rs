@@ -161,6 +161,17 @@ impl Source {
             repo_no: repo.number,
         }
     }
+
+    /// The bytes `range` of object `key`, read whole (call from a blocking
+    /// thread).
+    pub(crate) fn read_range(&self, key: &str, range: Range<u64>) -> Result<bytes::Bytes> {
+        use object_store::ObjectStoreExt;
+        let path = object_store::path::Path::from(key);
+        self.rt.block_on(self.store.get_range(&path, range)).map_err(|e| Error::Io {
+            what: format!("cannot read stored object '{key}' in repo {}", self.repo_no),
+            cause: std::io::Error::other(e),
+        })
+    }
 }
 
 /// What a restore or verify worker keeps from one piece to the next: its
@@ -203,9 +214,26 @@ pub(crate) fn read_piece(
     compress: Compress,
     path: &str,
     scratch: &mut Scratch,
-    mut out: impl FnMut(u64, &[u8]) -> Result<()>,
+    out: impl FnMut(u64, &[u8]) -> Result<()>,
 ) -> Result<()> {
     let Some(key) = &piece.key else { return Ok(()) };
+    let reader = ObjectReader::open(source.store.clone(), key, piece.range.clone(), source.rt.clone())
+        .map_err(Error::storage(format!("cannot read stored object '{key}' in repo {}", source.repo_no)))?;
+    read_stored(source, reader, piece, compress, path, scratch, out)
+}
+
+/// [`read_piece`] from `reader`, which gives the piece's stored bytes
+/// (its object, or its range of a bundle).
+pub(crate) fn read_stored(
+    source: &Source,
+    reader: impl Read + Send,
+    piece: &Piece,
+    compress: Compress,
+    path: &str,
+    scratch: &mut Scratch,
+    mut out: impl FnMut(u64, &[u8]) -> Result<()>,
+) -> Result<()> {
+    let key = piece.key.as_deref().unwrap_or_default();
     let object = format!("stored object '{key}' in repo {}", source.repo_no);
     let corrupt = |e: std::io::Error| {
         if e.get_ref().is_some_and(|i| i.is::<object_store::Error>()) {
@@ -214,8 +242,6 @@ pub(crate) fn read_piece(
             Error::Corrupt(format!("{object} cannot be decompressed ({e}): it is corrupt or truncated; restore another backup"))
         }
     };
-    let reader = ObjectReader::open(source.store.clone(), key, piece.range.clone(), source.rt.clone())
-        .map_err(Error::storage(format!("cannot read {object}")))?;
     let Scratch { buf, contexts } = scratch;
     let dec = compress.decoder_in(unsealing(source.cipher.as_ref(), reader).map_err(corrupt)?, contexts).map_err(corrupt)?;
     let mut src = Hashing { inner: dec, hasher: blake3::Hasher::new(), bytes: 0 };

@@ -28,7 +28,7 @@ use crate::progress::{Progress, Step};
 use crate::types::BackupLabel;
 use crate::Stanza;
 use choose::Plan;
-pub(crate) use files::{read_piece, Scratch, Source};
+pub(crate) use files::{read_piece, read_stored, Scratch, Source};
 pub use recovery::{parse_timeline, recovery_settings};
 pub use target::{Target, TargetAction};
 

@@ -61,8 +61,12 @@ pub async fn run(cli: &Cli, stanza: &Stanza, kind: Option<BackupTypeArg>) -> Res
                 super::expire::print_text(r, true);
             }
             println!("{}", m.label);
+            let unread = match done.unread {
+                (0, _) => String::new(),
+                (n, size) => format!(" ({n} of them, {}, unchanged since the prior and not read)", bytes(size)),
+            };
             eprintln!(
-                "backup {} done in {:.1}s: {} files, {} of database, {} stored, WAL {} to {}",
+                "backup {} done in {:.1}s: {} files{unread}, {} of database, {} stored, WAL {} to {}",
                 m.label,
                 done.seconds,
                 m.file_count(),
