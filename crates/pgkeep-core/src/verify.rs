@@ -245,12 +245,18 @@ async fn check_backup(repo: &Repository, m: &Manifest, all: &[Manifest], jobs: u
             let mut file_bytes = 0;
             for piece in f.pieces() {
                 file_bytes += piece.repo_size;
-                let read = match (&fetched, &piece.range) {
+                // A range the read did not give whole (a truncated bundle)
+                // is read on its own, to be reported on its own.
+                let slice = match (&fetched, &piece.range) {
                     (Some((start, Ok(all))), Some(r)) => {
-                        let slice = &all[(r.start - start) as usize..(r.end - start) as usize];
-                        read_stored(&source, slice, &piece, compress, &f.path, scratch, |_, _| Ok(()))
+                        let (from, to) = ((r.start - start) as usize, (r.end - start) as usize);
+                        all.get(from..to)
                     }
-                    _ => read_piece(&source, &piece, compress, &f.path, scratch, |_, _| Ok(())),
+                    _ => None,
+                };
+                let read = match slice {
+                    Some(slice) => read_stored(&source, slice, &piece, compress, &f.path, scratch, |_, _| Ok(())),
+                    None => read_piece(&source, &piece, compress, &f.path, scratch, |_, _| Ok(())),
                 };
                 if let Err(e) = read {
                     problems.push(format!("backup {label}: {}: {}", f.path, crate::error::OneLine(&e)));
@@ -307,7 +313,7 @@ fn bundled_span(run: &[Result<FileEntry>]) -> Option<(String, std::ops::Range<u6
     let files: Vec<&FileEntry> = run.iter().filter_map(|f| f.as_ref().ok()).collect();
     let key = bundled(files.first()?)?;
     let start = files.iter().filter_map(|f| f.offset).min()?;
-    let end = files.iter().filter_map(|f| Some(f.offset? + f.repo_size)).max()?;
+    let end = files.iter().filter_map(|f| f.offset?.checked_add(f.repo_size)).max()?;
     (files.len() > 1 && end > start).then(|| (key.to_owned(), start..end))
 }
 

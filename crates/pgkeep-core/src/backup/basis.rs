@@ -217,9 +217,16 @@ pub fn file_basis(f: &PlannedFile, prior: &Manifest, before: Option<&FileEntry>)
             false => Basis::Whole,
         };
     }
+    // A ctime recorded on both sides must be the same too: an mtime can
+    // be put back (`touch -d`, `cp -p`), a ctime cannot.
+    let same_ctime = match (f.ctime, before.ctime) {
+        (Some(now), Some(then)) => now == then,
+        _ => true,
+    };
     let untouched = relation_segment(&f.path).is_some()
         && f.size == before.size
         && f.mtime == before.mtime
+        && same_ctime
         && before.mtime + 1 < prior.start_time.timestamp();
     if untouched {
         Basis::Unchanged
@@ -412,6 +419,11 @@ mod tests {
         assert_eq!(basis(begun - 1, begun - 1, 8192), Basis::Whole, "written in the second before the prior began");
         assert_eq!(basis(begun - 2, begun + 5, 8192), Basis::Whole, "written since");
         assert_eq!(basis(begun - 2, begun - 2, 16384), Basis::Whole, "extended");
+        // Its mtime put back after a write: the ctime says so.
+        let f = PlannedFile { ctime: Some(7), ..planned("base/5/16384", id, 8192, begun - 2) };
+        let e = FileEntry { ctime: Some(6), ..entry("base/5/16384", id, 8192, begun - 2) };
+        assert_eq!(file_basis(&f, &p, Some(&e)), Basis::Whole, "ctime moved");
+        assert_eq!(file_basis(&f, &p, Some(&FileEntry { ctime: None, ..e })), Basis::Unchanged, "a prior without ctime");
         let vm = file_basis(&planned("pg_xact/0000", id, 8192, begun - 9), &p, Some(&entry("pg_xact/0000", id, 8192, begun - 9)));
         assert_eq!(vm, Basis::Whole, "not a relation file");
     }

@@ -242,7 +242,10 @@ fn work(unit: &Unit, sink: &Sink, verify: Option<Lsn>, progress: &Progress, scra
     let (seq, file, units, part) = match unit {
         Unit::Kept { seq, entry, resumed } => {
             progress.add_bytes(entry.size);
-            progress.file_done();
+            // As many as the units the count planned for it.
+            for _ in 0..entry.size.div_ceil(PART_SIZE).max(1) {
+                progress.file_done();
+            }
             return Ok(Piece::Kept { seq: *seq, entry: entry.clone(), resumed: *resumed });
         }
         Unit::Copy { seq, file, units, part } => (*seq, file, *units, part),
