@@ -136,6 +136,9 @@ pub fn prior_unusable(prior: &Manifest, now: &ClusterNow) -> Option<String> {
     None
 }
 
+/// BLAKE3, hex, of no bytes: the checksum of a delta that stores no page.
+const EMPTY_HASH: &str = "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262";
+
 /// The entry that lists `f`, unread, in a backup that began at `began`
 /// built on `prior`, whose entry for the same path is `before`; `None`
 /// when `f` must be read (pure). It stands for the prior's copy: a delta
@@ -156,10 +159,9 @@ pub fn prior_unusable(prior: &Manifest, now: &ClusterNow) -> Option<String> {
 /// the time and copied last, as the end of a backup from a standby.
 pub fn unread_entry(f: &PlannedFile, prior: &Manifest, before: Option<&FileEntry>, began: DateTime<Utc>) -> Option<FileEntry> {
     let before = before?;
-    let same_file = matches!((&f.id, &before.id), (Some(now), Some(then)) if now.same_file(then));
-    let (Some(ctime), Some(then)) = (f.ctime, before.ctime) else { return None };
+    let (Some(_), Some(then)) = (f.ctime, before.ctime) else { return None };
     let settled = then.div_euclid(1_000_000_000) + 1 < prior.start_time.timestamp();
-    let untouched = same_file && f.size == before.size && f.mtime == before.mtime && ctime == then && settled;
+    let untouched = f.same_file_as(before) && f.size == before.size && f.mtime == before.mtime && f.ctime_unmoved(before) && settled;
     if !untouched || began < prior.start_time || f.path == crate::pg::CONTROL_FILE || before.checksum_error_pages() > 0 {
         return None;
     }
@@ -169,7 +171,7 @@ pub fn unread_entry(f: &PlannedFile, prior: &Manifest, before: Option<&FileEntry
         true => content.clone(),
         false => Some(checksum.to_owned()).filter(|c| !c.is_empty()),
     };
-    let nothing = blake3::hash(b"").to_hex().to_string();
+    let nothing = EMPTY_HASH.to_owned();
     let parts = before
         .parts
         .iter()
@@ -207,8 +209,7 @@ pub fn unread_entry(f: &PlannedFile, prior: &Manifest, before: Option<&FileEntry
 /// checksum state is the cluster's.
 pub fn file_basis(f: &PlannedFile, prior: &Manifest, before: Option<&FileEntry>) -> Basis {
     let Some(before) = before else { return Basis::Whole };
-    let same_file = matches!((&f.id, &before.id), (Some(now), Some(then)) if now.same_file(then));
-    if !same_file {
+    if !f.same_file_as(before) {
         return Basis::Whole;
     }
     if prior.page_checksums {
@@ -219,14 +220,10 @@ pub fn file_basis(f: &PlannedFile, prior: &Manifest, before: Option<&FileEntry>)
     }
     // A ctime recorded on both sides must be the same too: an mtime can
     // be put back (`touch -d`, `cp -p`), a ctime cannot.
-    let same_ctime = match (f.ctime, before.ctime) {
-        (Some(now), Some(then)) => now == then,
-        _ => true,
-    };
     let untouched = relation_segment(&f.path).is_some()
         && f.size == before.size
         && f.mtime == before.mtime
-        && same_ctime
+        && f.ctime_unmoved(before)
         && before.mtime + 1 < prior.start_time.timestamp();
     if untouched {
         Basis::Unchanged
@@ -341,6 +338,11 @@ mod tests {
         let no_birth = Some(FileIdentity { dev: 1, ino: 7, birth: None });
         assert_eq!(basis("base/5/16384", no_birth, no_birth), since);
         assert_eq!(basis("base/5/16384", Some(FileIdentity { dev: 2, ino: 7, birth: None }), no_birth), Basis::Whole);
+    }
+
+    #[test]
+    fn the_empty_hash_is_blake3_of_nothing() {
+        assert_eq!(EMPTY_HASH, blake3::hash(b"").to_hex().as_str());
     }
 
     /// The rule that leaves a file unread, broken one condition at a time.

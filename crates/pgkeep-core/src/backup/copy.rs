@@ -145,7 +145,7 @@ pub(super) fn run(c: Copy) -> Result<Copied> {
     let feeder = rt.spawn_blocking({
         let (repo, window) = (repo.clone(), window.clone());
         move || {
-            let fed = feed(&repo, &pg_data, (prior, began), reuse, &tx, &window);
+            let fed = feed(&repo, &pg_data, prior, began, reuse, &tx, &window);
             drop(tx);
             fed
         }
@@ -197,7 +197,8 @@ fn count(pg_data: &std::path::Path, progress: &Progress) {
 fn feed(
     repo: &Repository,
     pg_data: &std::path::Path,
-    (prior, began): (Option<Manifest>, chrono::DateTime<chrono::Utc>),
+    prior: Option<Manifest>,
+    began: chrono::DateTime<chrono::Utc>,
     mut reuse: Option<Reuse>,
     tx: &SyncSender<Unit>,
     window: &Window,

@@ -269,7 +269,7 @@ async fn locked(stanza: &Stanza, opts: &BackupOptions, repo: &Repository, source
     let saver = checkpointer.keep_saving();
     let copied = async {
         let reuse = match &taken {
-            Some(t) => Some(take_over(repo, t, &pg_data, (prior, start_time)).await?),
+            Some(t) => Some(take_over(repo, t, &pg_data, prior, start_time).await?),
             None => None,
         };
         if let Some((_, kept)) = &reuse {
@@ -484,7 +484,8 @@ async fn take_over(
     repo: &Repository,
     interrupted: &Checkpoint,
     pg_data: &std::path::Path,
-    (prior, began): (Option<&Manifest>, DateTime<Utc>),
+    prior: Option<&Manifest>,
+    began: DateTime<Utc>,
 ) -> Result<(resume::Reuse, Vec<FileEntry>)> {
     let dir = Repository::backup_dir(&interrupted.label);
     let stored: HashMap<String, u64> = repo.store().list(&dir).await?.into_iter().map(|l| (format!("{dir}/{}", l.key), l.size)).collect();

@@ -62,6 +62,21 @@ impl PlannedFile {
     pub fn delta(&self) -> bool {
         self.basis != Basis::Whole
     }
+
+    /// Whether `before` (an earlier backup's entry of its path) was read
+    /// from this same file: both record an identity, and it is the same.
+    pub fn same_file_as(&self, before: &FileEntry) -> bool {
+        matches!((&self.id, &before.id), (Some(now), Some(then)) if now.same_file(then))
+    }
+
+    /// Whether its ctime is the one `before` recorded, where both record
+    /// one: every write moves it, and nothing sets it back.
+    pub fn ctime_unmoved(&self, before: &FileEntry) -> bool {
+        match (self.ctime, before.ctime) {
+            (Some(now), Some(then)) => now == then,
+            _ => true,
+        }
+    }
 }
 
 /// Decides whether a path (relative to the data directory) is copied.

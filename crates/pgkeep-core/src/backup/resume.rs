@@ -89,12 +89,7 @@ impl Reuse {
     /// still stored with their recorded sizes.
     pub fn take(&mut self, f: &PlannedFile) -> Option<FileEntry> {
         let e = self.by_path.get(&f.path)?;
-        let same_file = matches!((&e.id, &f.id), (Some(a), Some(b)) if a.same_file(b));
-        let same_ctime = match (e.ctime, f.ctime) {
-            (Some(a), Some(b)) => a == b,
-            _ => true,
-        };
-        let unchanged = same_file && e.size == f.size && e.mtime == f.mtime && same_ctime && e.mtime + 1 < self.began;
+        let unchanged = f.same_file_as(e) && e.size == f.size && e.mtime == f.mtime && f.ctime_unmoved(e) && e.mtime + 1 < self.began;
         let same_kind = e.delta == f.delta() && e.offset.is_none();
         let object_there = e.own_objects().iter().all(|(key, size)| self.stored.get(*key) == Some(size));
         match unchanged && same_kind && object_there {

@@ -167,10 +167,14 @@ impl Source {
     pub(crate) fn read_range(&self, key: &str, range: Range<u64>) -> Result<bytes::Bytes> {
         use object_store::ObjectStoreExt;
         let path = object_store::path::Path::from(key);
-        self.rt.block_on(self.store.get_range(&path, range)).map_err(|e| Error::Io {
-            what: format!("cannot read stored object '{key}' in repo {}", self.repo_no),
-            cause: std::io::Error::other(e),
-        })
+        self.rt
+            .block_on(self.store.get_range(&path, range))
+            .map_err(|e| Error::Io { what: format!("cannot read {}", self.object(key)), cause: std::io::Error::other(e) })
+    }
+
+    /// How messages name object `key`.
+    fn object(&self, key: &str) -> String {
+        format!("stored object '{key}' in repo {}", self.repo_no)
     }
 }
 
@@ -218,7 +222,7 @@ pub(crate) fn read_piece(
 ) -> Result<()> {
     let Some(key) = &piece.key else { return Ok(()) };
     let reader = ObjectReader::open(source.store.clone(), key, piece.range.clone(), source.rt.clone())
-        .map_err(Error::storage(format!("cannot read stored object '{key}' in repo {}", source.repo_no)))?;
+        .map_err(Error::storage(format!("cannot read {}", source.object(key))))?;
     read_stored(source, reader, piece, compress, path, scratch, out)
 }
 
@@ -234,7 +238,7 @@ pub(crate) fn read_stored(
     mut out: impl FnMut(u64, &[u8]) -> Result<()>,
 ) -> Result<()> {
     let key = piece.key.as_deref().unwrap_or_default();
-    let object = format!("stored object '{key}' in repo {}", source.repo_no);
+    let object = source.object(key);
     let corrupt = |e: std::io::Error| {
         if e.get_ref().is_some_and(|i| i.is::<object_store::Error>()) {
             Error::Io { what: format!("cannot read {object}"), cause: e }
