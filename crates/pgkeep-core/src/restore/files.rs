@@ -183,11 +183,13 @@ impl Source {
 pub(crate) struct Scratch {
     buf: Vec<u8>,
     contexts: crate::codec::Contexts,
+    /// What `restore --delta` reads of a file to compare before writing.
+    local: Vec<u8>,
 }
 
 impl Default for Scratch {
     fn default() -> Self {
-        Scratch { buf: vec![0u8; 1 << 20], contexts: Default::default() }
+        Scratch { buf: vec![0u8; 1 << 20], contexts: Default::default(), local: Vec::new() }
     }
 }
 
@@ -246,7 +248,7 @@ pub(crate) fn read_stored(
             Error::Corrupt(format!("{object} cannot be decompressed ({e}): it is corrupt or truncated; restore another backup"))
         }
     };
-    let Scratch { buf, contexts } = scratch;
+    let Scratch { buf, contexts, .. } = scratch;
     let dec = compress.decoder_in(unsealing(source.cipher.as_ref(), reader).map_err(corrupt)?, contexts).map_err(corrupt)?;
     let mut src = Hashing { inner: dec, hasher: blake3::Hasher::new(), bytes: 0 };
     if piece.delta {
@@ -272,6 +274,46 @@ pub(crate) fn read_stored(
         )));
     }
     Ok(())
+}
+
+/// Writes `data` at `at` in `out` where the file does not already hold it,
+/// in runs of whole differing pages (`restore --delta`: a file that
+/// differs from the backup in a few pages is not rewritten whole). Bytes
+/// past the file's end count as differing. `local` is scratch space.
+/// Returns how many bytes it wrote.
+fn write_differing(out: &std::fs::File, at: u64, data: &[u8], local: &mut Vec<u8>) -> std::io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    const PAGE: usize = pages::PAGE_SIZE;
+    local.resize(data.len(), 0);
+    let mut have = 0;
+    while have < data.len() {
+        match out.read_at(&mut local[have..], at + have as u64) {
+            Ok(0) => break,
+            Ok(n) => have += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let same = |i: usize| {
+        let end = (i + PAGE).min(data.len());
+        end <= have && local[i..end] == data[i..end]
+    };
+    let (mut i, mut written) = (0, 0);
+    while i < data.len() {
+        if same(i) {
+            i += PAGE;
+            continue;
+        }
+        let mut j = i + PAGE;
+        while j < data.len() && !same(j) {
+            j += PAGE;
+        }
+        let j = j.min(data.len());
+        out.write_all_at(&data[i..j], at + i as u64)?;
+        written += (j - i) as u64;
+        i = j;
+    }
+    Ok(written)
 }
 
 /// Restores one unit; returns true when a delta restore found the range
@@ -304,22 +346,36 @@ pub(super) fn restore_unit(
             }
         }
     }
-    let out = if parted { std::fs::OpenOptions::new().write(true).open(dest) } else { std::fs::File::create(dest) }
+    // A delta restore keeps the file and writes only the pages that differ
+    // from the backup's; any other restore writes every byte of the range.
+    let out = std::fs::OpenOptions::new()
+        .read(delta)
+        .write(true)
+        .create(!parted)
+        .truncate(!parted && !delta)
+        .open(dest)
         .map_err(Error::io(format!("cannot create {}", dest.display())))?;
     let write_err = || Error::io(format!("cannot write {}", dest.display()));
+    let mut local = std::mem::take(&mut scratch.local);
     // Writes the part of `data` (at file offset `at`) inside the range.
     let mut write_in_range = |at: u64, data: &[u8]| -> Result<()> {
         let from = at.max(u.range.start);
         let to = (at + data.len() as u64).min(u.range.end);
         if from < to {
-            out.write_all_at(&data[(from - at) as usize..(to - at) as usize], from).map_err(write_err())?;
+            let data = &data[(from - at) as usize..(to - at) as usize];
+            if delta {
+                write_differing(&out, from, data, &mut local).map_err(write_err())?;
+            } else {
+                out.write_all_at(data, from).map_err(write_err())?;
+            }
             progress.add_bytes(to - from);
         }
         Ok(())
     };
-    for (piece, compress) in &u.pieces {
-        read_piece(source, piece, *compress, &f.path, scratch, &mut write_in_range)?;
-    }
+    let read =
+        u.pieces.iter().try_for_each(|(piece, compress)| read_piece(source, piece, *compress, &f.path, scratch, &mut write_in_range));
+    scratch.local = local;
+    read?;
     if !parted {
         out.set_len(f.size).map_err(write_err())?;
         out.set_permissions(std::fs::Permissions::from_mode(f.mode & 0o7777))
@@ -592,5 +648,44 @@ fn feed(
         if tx.send(unit).is_err() {
             return Err(Error::Input("the restore's workers stopped".into()));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `restore --delta` writes only the pages that differ, whatever the
+    /// file holds (the same bytes, a few pages changed, less, more), and
+    /// leaves exactly the backup's bytes in the range it was given.
+    #[test]
+    fn a_delta_restore_writes_only_the_pages_that_differ() {
+        const PAGE: usize = pages::PAGE_SIZE;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let data: Vec<u8> = (0..10 * PAGE + 100).map(|i| (i % 251) as u8).collect();
+        let mut local = Vec::new();
+        let write = |on_disk: &[u8], local: &mut Vec<u8>| {
+            std::fs::write(&path, on_disk).unwrap();
+            let f = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+            let written = write_differing(&f, 0, &data, local).unwrap();
+            f.set_len(data.len() as u64).unwrap();
+            assert!(std::fs::read(&path).unwrap() == data);
+            written
+        };
+        assert_eq!(write(&data, &mut local), 0, "the same bytes");
+        let mut two = data.clone();
+        two[3 * PAGE + 5] ^= 1;
+        two[4 * PAGE] ^= 1;
+        two[8 * PAGE + 7] ^= 1;
+        assert_eq!(write(&two, &mut local), 3 * PAGE as u64, "three pages changed, two of them adjacent");
+        let mut last = data.clone();
+        *last.last_mut().unwrap() ^= 1;
+        assert_eq!(write(&last, &mut local), 100, "the short last page");
+        assert_eq!(write(&data[..5 * PAGE], &mut local), (5 * PAGE + 100) as u64, "a shorter file");
+        let mut longer = data.clone();
+        longer.extend_from_slice(&[7; PAGE]);
+        assert_eq!(write(&longer, &mut local), 0, "a longer file, cut to size by the caller");
+        assert_eq!(write(&[], &mut local), data.len() as u64, "an empty file");
     }
 }

@@ -204,6 +204,9 @@ pub(super) fn check_served(repo: &Repository, name: &WalFileName, data: &[u8]) -
 pub async fn wait_archived(repo: &Repository, segment: &str, timeout_secs: u64) -> Result<()> {
     let name = WalFileName::parse(segment).ok_or_else(|| Error::Input(format!("'{segment}' is not a WAL file name")))?;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(timeout_secs);
+    // The segment usually arrives within tens of milliseconds of the switch
+    // (one archive-push): look again soon at first, then every 250 ms.
+    let mut pause = std::time::Duration::from_millis(10);
     loop {
         if !repo.find_wal(&name).await?.is_empty() {
             return Ok(());
@@ -214,7 +217,8 @@ pub async fn wait_archived(repo: &Repository, segment: &str, timeout_secs: u64) 
                 repo.number, repo.meta.stanza
             )));
         }
-        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(std::time::Duration::from_millis(250));
     }
 }
 
