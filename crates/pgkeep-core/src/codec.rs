@@ -187,10 +187,11 @@ pub struct FrameState {
 /// bytes (matches no longer reach across a frame's start). Input written in
 /// whole frames is compressed where it lies, without a copy.
 ///
-/// A zstd stream is one or more frames, so any zstd reader reads this as
-/// one stream; a cut exactly between two frames decompresses without an
-/// error, which is why every reader of a stored file checks its size and
-/// checksum.
+/// A zstd stream may be several frames; the reader must decode across
+/// them (libzstd's streaming decoder and this crate's decoders do;
+/// docs/repository-format.md names readers that do not). A cut exactly
+/// between two frames decompresses without an error, which is why every
+/// reader of a stored file checks its size and checksum.
 pub struct ZstdFrames<'a, W: Write> {
     w: W,
     z: &'a mut FrameState,
@@ -234,7 +235,11 @@ impl<W: Write> Write for ZstdFrames<'_, W> {
         let n = buf.len().min(ZSTD_FRAME - self.z.pending.len());
         self.z.pending.extend_from_slice(&buf[..n]);
         if self.z.pending.len() == ZSTD_FRAME {
-            self.frame_pending()?;
+            if let Err(e) = self.frame_pending() {
+                // Not taken, then.
+                self.z.pending.truncate(ZSTD_FRAME - n);
+                return Err(e);
+            }
         }
         Ok(n)
     }

@@ -277,13 +277,11 @@ pub(crate) fn read_stored(
 }
 
 /// Writes `data` at `at` in `out` where the file does not already hold it,
-/// in runs of whole differing pages (`restore --delta`: a file that
-/// differs from the backup in a few pages is not rewritten whole). Bytes
-/// past the file's end count as differing. `local` is scratch space.
-/// Returns how many bytes it wrote.
+/// in runs of whole differing pages (pages of the file: at multiples of
+/// 8 KiB, whatever `at`). Bytes past the file's end count as differing.
+/// `local` is scratch space. Returns how many bytes it wrote.
 fn write_differing(out: &std::fs::File, at: u64, data: &[u8], local: &mut Vec<u8>) -> std::io::Result<u64> {
     use std::os::unix::fs::FileExt;
-    const PAGE: usize = pages::PAGE_SIZE;
     local.resize(data.len(), 0);
     let mut have = 0;
     while have < data.len() {
@@ -294,26 +292,113 @@ fn write_differing(out: &std::fs::File, at: u64, data: &[u8], local: &mut Vec<u8
             Err(e) => return Err(e),
         }
     }
+    // The end (in `data`) of the file page that holds data[i].
+    let page_end = |i: usize| (page_of(at + i as u64 + PAGE) * PAGE - at).min(data.len() as u64) as usize;
     let same = |i: usize| {
-        let end = (i + PAGE).min(data.len());
+        let end = page_end(i);
         end <= have && local[i..end] == data[i..end]
     };
     let (mut i, mut written) = (0, 0);
     while i < data.len() {
         if same(i) {
-            i += PAGE;
+            i = page_end(i);
             continue;
         }
-        let mut j = i + PAGE;
+        let mut j = page_end(i);
         while j < data.len() && !same(j) {
-            j += PAGE;
+            j = page_end(j);
         }
-        let j = j.min(data.len());
         out.write_all_at(&data[i..j], at + i as u64)?;
         written += (j - i) as u64;
         i = j;
     }
     Ok(written)
+}
+
+const PAGE: u64 = pages::PAGE_SIZE as u64;
+
+/// The number of the file page holding byte `offset`.
+fn page_of(offset: u64) -> u64 {
+    offset / PAGE
+}
+
+/// `restore --delta`'s writer for one unit: the file that is there is kept
+/// and only what differs from the backup is written ([`write_differing`]).
+/// Pieces are put newest first; every page a delta piece gives is then
+/// final, and what older pieces (and the zeros of [`InPlace::zero_gaps`])
+/// have for it is skipped, so a page changed since the whole copy is
+/// written at most once, with its newest bytes.
+struct InPlace<'f> {
+    out: &'f std::fs::File,
+    range: Range<u64>,
+    /// Per page of the range, from its first: final already.
+    fixed: Vec<bool>,
+    local: Vec<u8>,
+    /// Bytes written.
+    written: u64,
+}
+
+impl<'f> InPlace<'f> {
+    fn new(out: &'f std::fs::File, range: Range<u64>, local: Vec<u8>) -> Self {
+        let pages = if range.is_empty() { 0 } else { page_of(range.end - 1) - page_of(range.start) + 1 };
+        InPlace { out, fixed: vec![false; pages as usize], range, local, written: 0 }
+    }
+
+    fn fixed(&self, offset: u64) -> bool {
+        self.fixed[(page_of(offset) - page_of(self.range.start)) as usize]
+    }
+
+    /// Puts the part of `data` (at file offset `at`) inside the range, but
+    /// not on fixed pages; with `fix`, the pages it gives whole (in the
+    /// range) become fixed. Returns how many of its bytes are in the
+    /// range.
+    fn put(&mut self, at: u64, data: &[u8], fix: bool) -> std::io::Result<u64> {
+        let from = at.max(self.range.start);
+        let to = (at + data.len() as u64).min(self.range.end);
+        let mut p = from;
+        while p < to {
+            let next = |q: u64| ((page_of(q) + 1) * PAGE).min(to);
+            if self.fixed(p) {
+                p = next(p);
+                continue;
+            }
+            let mut q = next(p);
+            while q < to && !self.fixed(q) {
+                q = next(q);
+            }
+            self.written += write_differing(self.out, p, &data[(p - at) as usize..(q - at) as usize], &mut self.local)?;
+            if fix {
+                for page in page_of(p)..=page_of(q - 1) {
+                    let span = (page * PAGE).max(self.range.start)..((page + 1) * PAGE).min(self.range.end);
+                    if span.start >= p && span.end <= q {
+                        self.fixed[(page - page_of(self.range.start)) as usize] = true;
+                    }
+                }
+            }
+            p = q;
+        }
+        Ok(to.saturating_sub(from))
+    }
+
+    /// Zeros what of the range no whole piece covers, up to `limit` (what a
+    /// new file holds there: a restore that is not a delta starts from an
+    /// empty file). Fixed pages are left as they are.
+    fn zero_gaps(&mut self, pieces: &[(Piece, Compress)], limit: u64) -> std::io::Result<()> {
+        static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
+        let mut covered: Vec<Range<u64>> = pieces.iter().filter(|(p, _)| !p.delta).map(|(p, _)| p.start..p.start + p.size).collect();
+        covered.sort_by_key(|r| r.start);
+        let end = self.range.end.min(limit);
+        let mut at = self.range.start;
+        for r in covered.iter().chain(std::iter::once(&(end..end))) {
+            while at < r.start.min(end) {
+                let n = (r.start.min(end) - at).min(ZEROS.len() as u64);
+                self.put(at, &ZEROS[..n as usize], false)?;
+                at += n;
+            }
+            at = at.max(r.end);
+        }
+        Ok(())
+    }
 }
 
 /// Restores one unit; returns true when a delta restore found the range
@@ -356,26 +441,33 @@ pub(super) fn restore_unit(
         .open(dest)
         .map_err(Error::io(format!("cannot create {}", dest.display())))?;
     let write_err = || Error::io(format!("cannot write {}", dest.display()));
-    let mut local = std::mem::take(&mut scratch.local);
-    // Writes the part of `data` (at file offset `at`) inside the range.
-    let mut write_in_range = |at: u64, data: &[u8]| -> Result<()> {
-        let from = at.max(u.range.start);
-        let to = (at + data.len() as u64).min(u.range.end);
-        if from < to {
-            let data = &data[(from - at) as usize..(to - at) as usize];
-            if delta {
-                write_differing(&out, from, data, &mut local).map_err(write_err())?;
-            } else {
-                out.write_all_at(data, from).map_err(write_err())?;
+    if delta {
+        let mut place = InPlace::new(&out, u.range.clone(), std::mem::take(&mut scratch.local));
+        let read = u.pieces.iter().rev().try_for_each(|(piece, compress)| {
+            read_piece(source, piece, *compress, &f.path, scratch, |at, data| {
+                progress.add_bytes(place.put(at, data, piece.delta).map_err(write_err())?);
+                Ok(())
+            })
+        });
+        let limit = if parted { u64::MAX } else { out.metadata().map_err(write_err())?.len() };
+        let zeroed = read.and_then(|()| place.zero_gaps(&u.pieces, limit).map_err(write_err()));
+        scratch.local = place.local;
+        zeroed?;
+    } else {
+        // Writes the part of `data` (at file offset `at`) inside the range.
+        let mut write_in_range = |at: u64, data: &[u8]| -> Result<()> {
+            let from = at.max(u.range.start);
+            let to = (at + data.len() as u64).min(u.range.end);
+            if from < to {
+                out.write_all_at(&data[(from - at) as usize..(to - at) as usize], from).map_err(write_err())?;
+                progress.add_bytes(to - from);
             }
-            progress.add_bytes(to - from);
+            Ok(())
+        };
+        for (piece, compress) in &u.pieces {
+            read_piece(source, piece, *compress, &f.path, scratch, &mut write_in_range)?;
         }
-        Ok(())
-    };
-    let read =
-        u.pieces.iter().try_for_each(|(piece, compress)| read_piece(source, piece, *compress, &f.path, scratch, &mut write_in_range));
-    scratch.local = local;
-    read?;
+    }
     if !parted {
         out.set_len(f.size).map_err(write_err())?;
         out.set_permissions(std::fs::Permissions::from_mode(f.mode & 0o7777))
@@ -660,10 +752,10 @@ mod tests {
     /// leaves exactly the backup's bytes in the range it was given.
     #[test]
     fn a_delta_restore_writes_only_the_pages_that_differ() {
-        const PAGE: usize = pages::PAGE_SIZE;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
-        let data: Vec<u8> = (0..10 * PAGE + 100).map(|i| (i % 251) as u8).collect();
+        let data: Vec<u8> = (0..10 * PAGE as usize + 100).map(|i| (i % 251) as u8).collect();
+        let page = PAGE as usize;
         let mut local = Vec::new();
         let write = |on_disk: &[u8], local: &mut Vec<u8>| {
             std::fs::write(&path, on_disk).unwrap();
@@ -675,17 +767,73 @@ mod tests {
         };
         assert_eq!(write(&data, &mut local), 0, "the same bytes");
         let mut two = data.clone();
-        two[3 * PAGE + 5] ^= 1;
-        two[4 * PAGE] ^= 1;
-        two[8 * PAGE + 7] ^= 1;
-        assert_eq!(write(&two, &mut local), 3 * PAGE as u64, "three pages changed, two of them adjacent");
+        two[3 * page + 5] ^= 1;
+        two[4 * page] ^= 1;
+        two[8 * page + 7] ^= 1;
+        assert_eq!(write(&two, &mut local), 3 * PAGE, "three pages changed, two of them adjacent");
         let mut last = data.clone();
         *last.last_mut().unwrap() ^= 1;
         assert_eq!(write(&last, &mut local), 100, "the short last page");
-        assert_eq!(write(&data[..5 * PAGE], &mut local), (5 * PAGE + 100) as u64, "a shorter file");
+        assert_eq!(write(&data[..5 * page], &mut local), (5 * page + 100) as u64, "a shorter file");
         let mut longer = data.clone();
-        longer.extend_from_slice(&[7; PAGE]);
+        longer.extend_from_slice(&[7; 8192]);
         assert_eq!(write(&longer, &mut local), 0, "a longer file, cut to size by the caller");
         assert_eq!(write(&[], &mut local), data.len() as u64, "an empty file");
+        // Given in pieces that do not start on a page, a changed page is
+        // written at most whole (only the differing pieces of it).
+        std::fs::write(&path, &two).unwrap();
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        let mut written = 0;
+        for (k, chunk) in data.chunks(3000).enumerate() {
+            written += write_differing(&f, (k * 3000) as u64, chunk, &mut local).unwrap();
+        }
+        assert!(std::fs::read(&path).unwrap() == data);
+        assert!(written > 0 && written <= 3 * PAGE, "pieces cut anywhere: {written} bytes written");
+    }
+
+    fn piece(start: u64, size: u64, delta: bool) -> (Piece, Compress) {
+        let p = Piece { start, size, key: None, range: None, repo_size: 0, checksum: String::new(), content: String::new(), delta };
+        (p, Compress::None)
+    }
+
+    /// A chain put newest first: a page the incremental gives is written
+    /// once (not first with the full's bytes, then with its own), and only
+    /// when the file does not hold it already; what no whole piece covers
+    /// ends as zeros, as in a restore into an empty directory.
+    #[test]
+    fn a_delta_restore_of_a_chain_writes_each_page_once_and_zeros_what_no_piece_covers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let page = PAGE as usize;
+        let full: Vec<u8> = (0..8 * page).map(|i| (i % 253) as u8).collect();
+        let newer = vec![9u8; page];
+        // The file as the chain ends: the full's bytes, page 2 as the
+        // incremental has it, and page 9 (past the full's end) too.
+        let mut end = full.clone();
+        end[2 * page..3 * page].copy_from_slice(&newer);
+        end.resize(10 * page, 0);
+        end[9 * page..].copy_from_slice(&newer);
+        let pieces = [piece(0, 8 * page as u64, false), piece(0, 10 * page as u64, true)];
+        let rebuild = |on_disk: &[u8]| {
+            std::fs::write(&path, on_disk).unwrap();
+            let f = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+            let mut place = InPlace::new(&f, 0..10 * PAGE, Vec::new());
+            place.put(2 * PAGE, &newer, true).unwrap();
+            place.put(9 * PAGE, &newer, true).unwrap();
+            for (k, chunk) in full.chunks(2 * page).enumerate() {
+                place.put((k * 2 * page) as u64, chunk, false).unwrap();
+            }
+            let limit = f.metadata().unwrap().len();
+            place.zero_gaps(&pieces, limit).unwrap();
+            f.set_len(10 * PAGE).unwrap();
+            assert!(std::fs::read(&path).unwrap() == end);
+            place.written
+        };
+        assert_eq!(rebuild(&end), 0, "the file already holds the chain's end");
+        assert_eq!(rebuild(&full), 2 * PAGE, "the full's bytes: page 2 written once, and page 9, past the end");
+        let mut junk = end.clone();
+        junk[8 * page + 1] = 1;
+        junk[6 * page] ^= 1;
+        assert_eq!(rebuild(&junk), 2 * PAGE, "junk where the full ends and no delta gives the page, and in page 6");
     }
 }
