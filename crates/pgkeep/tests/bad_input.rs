@@ -305,6 +305,18 @@ fn restore_fails_on_a_corrupted_or_truncated_backup_file() {
         assert!(msg.contains(&rel), "a restore from a {what} object should name it ({rel}): {msg}");
         std::fs::write(object, &original).unwrap();
     }
+    // The small files' bundle, which a restore reads once for a batch of
+    // files: damaged, it still fails the restore, naming the bundle.
+    let bundle = std::fs::read_dir(data.parent().unwrap().join("bundle")).unwrap().next().unwrap().unwrap().path();
+    for (what, damage) in damages {
+        let original = std::fs::read(&bundle).unwrap();
+        let mut bytes = original.clone();
+        damage(&mut bytes);
+        std::fs::write(&bundle, &bytes).unwrap();
+        let msg = s.restore_fails(&s.dir.join(&format!("restore-bundle-{what}")), &[]);
+        assert!(msg.contains("/bundle/"), "a restore from a {what} bundle should name it: {msg}");
+        std::fs::write(&bundle, &original).unwrap();
+    }
 
     // Repaired, the same backup restores: the failures were the damage's.
     s.pk.ok(&["restore", "--pg-data", s.dir.join("restore-repaired").to_str().unwrap()]);

@@ -185,12 +185,60 @@ pub(crate) struct Scratch {
     contexts: crate::codec::Contexts,
     /// What `restore --delta` reads of a file to compare before writing.
     local: Vec<u8>,
+    /// The bundle ranges of the batch in hand (see [`Span`]).
+    spans: Vec<Span>,
 }
 
 impl Default for Scratch {
     fn default() -> Self {
-        Scratch { buf: vec![0u8; 1 << 20], contexts: Default::default(), local: Vec::new() }
+        Scratch { buf: vec![0u8; 1 << 20], contexts: Default::default(), local: Vec::new(), spans: Vec::new() }
     }
+}
+
+/// A range of one bundle that holds the pieces of several small files of
+/// a batch, read in one request when the first of them is needed (a
+/// `restore --delta` that keeps every file of the batch reads nothing):
+/// on an object store, one request per file would cost a round trip per
+/// file.
+pub(crate) struct Span {
+    key: String,
+    range: Range<u64>,
+    /// Not read yet; then what was read, or `None` when the read failed or
+    /// came back short (each piece is then read on its own, so that a
+    /// failure names its file).
+    bytes: Option<Option<bytes::Bytes>>,
+}
+
+/// The most of a bundle one [`Span`] reads.
+const SPAN_MAX: u64 = 16 << 20;
+
+/// The spans of `pieces` worth reading at once: per bundle, the range that
+/// holds two or more of its pieces, when at most [`SPAN_MAX`].
+fn spans_of<'p>(pieces: impl Iterator<Item = &'p Piece>) -> Vec<Span> {
+    let mut by_key: std::collections::BTreeMap<&str, (Range<u64>, usize)> = Default::default();
+    for p in pieces {
+        if let (Some(key), Some(r)) = (p.key.as_deref(), &p.range) {
+            let e = by_key.entry(key).or_insert((r.clone(), 0));
+            e.0 = e.0.start.min(r.start)..e.0.end.max(r.end);
+            e.1 += 1;
+        }
+    }
+    by_key
+        .into_iter()
+        .filter(|(_, (r, n))| *n > 1 && r.end - r.start <= SPAN_MAX)
+        .map(|(key, (range, _))| Span { key: key.to_owned(), range, bytes: None })
+        .collect()
+}
+
+/// `range` of bundle `key` from a span of `spans` that holds it, read now
+/// if it was not yet; `None` when no span holds it or its read failed.
+fn from_spans(source: &Source, spans: &mut [Span], key: &str, range: &Range<u64>) -> Option<bytes::Bytes> {
+    let span = spans.iter_mut().find(|s| s.key == key && s.range.start <= range.start && range.end <= s.range.end)?;
+    let bytes = span.bytes.get_or_insert_with(|| {
+        source.read_range(key, span.range.clone()).ok().filter(|b| b.len() as u64 == span.range.end - span.range.start)
+    });
+    let from = (range.start - span.range.start) as usize;
+    Some(bytes.as_ref()?.slice(from..from + (range.end - range.start) as usize))
 }
 
 /// A reader that hashes what passes through it.
@@ -223,6 +271,9 @@ pub(crate) fn read_piece(
     out: impl FnMut(u64, &[u8]) -> Result<()>,
 ) -> Result<()> {
     let Some(key) = &piece.key else { return Ok(()) };
+    if let Some(bytes) = piece.range.as_ref().and_then(|r| from_spans(source, &mut scratch.spans, key, r)) {
+        return read_stored(source, &bytes[..], piece, compress, path, scratch, out);
+    }
     let reader = ObjectReader::open(source.store.clone(), key, piece.range.clone(), source.rt.clone())
         .map_err(Error::storage(format!("cannot read {}", source.object(key))))?;
     read_stored(source, reader, piece, compress, path, scratch, out)
@@ -632,6 +683,16 @@ pub(super) struct Writer<'a> {
 /// units.
 type Tagged = (u64, u32, Unit);
 
+/// Units a worker takes at once: one, or up to [`BATCH`] files of one unit
+/// each whose pieces are all bundled, their bundles' ranges read once per
+/// bundle ([`Span`]).
+type Batch = Vec<Tagged>;
+
+/// The most files in a [`Batch`], and the most bytes of bundles its pieces
+/// cover.
+const BATCH: usize = 256;
+const BATCH_BYTES: u64 = 8 << 20;
+
 impl<'a> Writer<'a> {
     pub(super) fn new(plan: &'a Plan, opts: &RestoreOptions) -> Writer<'a> {
         let m = &plan.chain[0];
@@ -642,10 +703,21 @@ impl<'a> Writer<'a> {
 
     /// `jobs` threads restoring the units `next` gives, each with its own
     /// [`Scratch`].
-    fn workers(&self, jobs: usize, next: impl Fn() -> Option<Tagged> + Send + Sync + 'static) -> Workers<(u64, u32, bool)> {
+    fn workers(&self, jobs: usize, next: impl Fn() -> Option<Batch> + Send + Sync + 'static) -> Workers<Vec<(u64, u32, bool)>> {
         let (source, progress, root, delta) = (self.source.clone(), self.progress.clone(), self.plan.pg_data.clone(), self.delta);
-        Workers::fed("a restore worker", jobs, next, move |scratch: &mut Scratch, (seq, units, u): &Tagged| {
-            restore_unit(u, &root.join(&u.file.path), &source, &progress, delta, scratch).map(|kept| (*seq, *units, kept))
+        Workers::fed("a restore worker", jobs, next, move |scratch: &mut Scratch, batch: &Batch| {
+            scratch.spans = match batch.len() {
+                1 => Vec::new(),
+                _ => spans_of(batch.iter().flat_map(|(_, _, u)| u.pieces.iter().map(|(p, _)| p))),
+            };
+            let done = batch
+                .iter()
+                .map(|(seq, units, u)| {
+                    restore_unit(u, &root.join(&u.file.path), &source, &progress, delta, scratch).map(|kept| (*seq, *units, kept))
+                })
+                .collect();
+            scratch.spans.clear();
+            done
         })
     }
 
@@ -654,7 +726,7 @@ impl<'a> Writer<'a> {
     /// keeps those), and `pg_control` with its layers, for
     /// [`Writer::write_control`].
     pub(super) async fn write_all_but_control(&self, jobs: usize) -> Result<(usize, Option<Layered>)> {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Tagged>(CHANNEL);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Batch>(CHANNEL);
         let feeder = tokio::task::spawn_blocking({
             let (repo, chain, root, delta) = (self.plan.repo.clone(), self.plan.chain.clone(), self.plan.pg_data.clone(), self.delta);
             move || feed(&repo, &chain, &root, delta, jobs, tx)
@@ -665,24 +737,26 @@ impl<'a> Writer<'a> {
         let (mut unchanged, mut parted) = (0, HashMap::<u64, (u32, bool)>::new());
         let mut failed = None;
         while let Some(done) = workers.next().await {
-            let (seq, units, kept) = match done {
+            let done = match done {
                 Ok(d) => d,
                 Err(e) => {
                     failed = Some(e);
                     break;
                 }
             };
-            let (seen, all_kept) = match units {
-                1 => (1, kept),
-                _ => {
-                    let p = parted.entry(seq).or_insert((0, true));
-                    *p = (p.0 + 1, p.1 && kept);
-                    *p
+            for (seq, units, kept) in done {
+                let (seen, all_kept) = match units {
+                    1 => (1, kept),
+                    _ => {
+                        let p = parted.entry(seq).or_insert((0, true));
+                        *p = (p.0 + 1, p.1 && kept);
+                        *p
+                    }
+                };
+                if seen == units {
+                    parted.remove(&seq);
+                    unchanged += usize::from(all_kept);
                 }
-            };
-            if seen == units {
-                parted.remove(&seq);
-                unchanged += usize::from(all_kept);
             }
         }
         workers.finish().await?;
@@ -697,7 +771,7 @@ impl<'a> Writer<'a> {
     /// `pg_control`, last, synced.
     pub(super) async fn write_control(&self, control: Option<Layered>) -> Result<()> {
         let Some(control) = control else { return Ok(()) };
-        let units: Vec<Tagged> = restore_units(&control.file, &control.layer_refs()).into_iter().map(|u| (0, 1, u)).collect();
+        let units: Vec<Batch> = restore_units(&control.file, &control.layer_refs()).into_iter().map(|u| vec![(0, 1, u)]).collect();
         let units = std::sync::Mutex::new(units.into_iter());
         self.workers(1, move || units.lock().ok()?.next()).collect().await?;
         sync_file(&self.plan.pg_data.join(&control.file.path))
@@ -713,10 +787,12 @@ fn feed(
     root: &Path,
     delta: bool,
     jobs: usize,
-    tx: std::sync::mpsc::SyncSender<Tagged>,
+    tx: std::sync::mpsc::SyncSender<Batch>,
 ) -> Result<Option<Layered>> {
     let mut files = ChainFiles::open(repo, chain)?;
     let (mut schedule, mut control, mut seq, mut more) = (Schedule::new(jobs), None, 0u64, true);
+    let (mut batch, mut batch_bytes) = (Batch::new(), 0u64);
+    let send = |b: Batch| tx.send(b).map_err(|_| Error::Input("the restore's workers stopped".into()));
     loop {
         while more && schedule.wants_more() {
             let Some(l) = files.next() else {
@@ -736,11 +812,39 @@ fn feed(
             schedule.add(units.into_iter().map(|u| (seq, n, u)).collect());
             seq += 1;
         }
-        let Some(unit) = schedule.take() else { return Ok(control) };
-        if tx.send(unit).is_err() {
-            return Err(Error::Input("the restore's workers stopped".into()));
+        let Some(unit) = schedule.take() else {
+            if !batch.is_empty() {
+                send(batch)?;
+            }
+            return Ok(control);
+        };
+        match bundled_bytes(&unit) {
+            Some(n) => {
+                batch.push(unit);
+                batch_bytes += n;
+                if batch.len() >= BATCH || batch_bytes >= BATCH_BYTES {
+                    send(std::mem::take(&mut batch))?;
+                    batch_bytes = 0;
+                }
+            }
+            None => {
+                if !batch.is_empty() {
+                    send(std::mem::take(&mut batch))?;
+                    batch_bytes = 0;
+                }
+                send(vec![unit])?;
+            }
         }
     }
+}
+
+/// For a file of one unit whose stored pieces are all bundled: the bytes
+/// of bundles they cover (it may join a [`Batch`]).
+fn bundled_bytes((_, units, u): &Tagged) -> Option<u64> {
+    if *units != 1 {
+        return None;
+    }
+    u.pieces.iter().filter(|(p, _)| p.key.is_some()).try_fold(0, |n, (p, _)| p.range.as_ref().map(|r| n + (r.end - r.start)))
 }
 
 #[cfg(test)]
@@ -789,6 +893,36 @@ mod tests {
         }
         assert!(std::fs::read(&path).unwrap() == data);
         assert!(written > 0 && written <= 3 * PAGE, "pieces cut anywhere: {written} bytes written");
+    }
+
+    /// A batch reads, per bundle, the range that holds two or more of its
+    /// pieces, unless that range is too large; a piece alone in its bundle,
+    /// or in an object of its own, is read as before.
+    #[test]
+    fn a_batch_reads_each_bundle_once_for_the_pieces_it_holds() {
+        let bundled = |key: &str, range: Range<u64>| Piece {
+            start: 0,
+            size: 1,
+            key: Some(key.into()),
+            range: Some(range),
+            repo_size: 0,
+            checksum: String::new(),
+            content: String::new(),
+            delta: false,
+        };
+        let own = Piece { range: None, ..bundled("backup/F/pg_data/base/1/2.zst", 0..0) };
+        let far = SPAN_MAX + 10;
+        let pieces = [
+            bundled("b/1", 100..200),
+            bundled("b/1", 0..100),
+            bundled("b/1", 300..350),
+            bundled("b/2", 0..10),
+            bundled("b/3", 0..10),
+            bundled("b/3", far - 10..far),
+            own,
+        ];
+        let spans: Vec<(String, Range<u64>)> = spans_of(pieces.iter()).into_iter().map(|s| (s.key, s.range)).collect();
+        assert_eq!(spans, vec![("b/1".to_string(), 0..350)]);
     }
 
     fn piece(start: u64, size: u64, delta: bool) -> (Piece, Compress) {
