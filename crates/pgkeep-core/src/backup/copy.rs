@@ -40,6 +40,11 @@ use super::resume::{Checkpointer, Reuse};
 const WINDOW: u64 = 4096;
 /// Units waiting in the channel for a worker.
 const CHANNEL: usize = 64;
+/// Consecutive entries taken as they are (unread or resumed) sent as one
+/// unit, at most: one hand-over between threads for many entries, not one
+/// each (an incremental of a million unchanged files spent a quarter of
+/// its time handing them over). Below [`WINDOW`].
+const KEPT_RUN: usize = 256;
 
 /// What a backup's copy is given.
 pub(super) struct Copy {
@@ -80,13 +85,15 @@ pub(super) struct Copied {
 /// place `seq` in the list; or an entry taken over as it is.
 enum Unit {
     Copy { seq: u64, file: Arc<PlannedFile>, units: u32, part: Option<Range<u64>> },
-    Kept { seq: u64, entry: Box<FileEntry>, resumed: bool },
+    /// Entries taken as they are, at places `first`, `first + 1`, ...;
+    /// each with whether it was resumed (else unread).
+    Kept { first: u64, entries: Vec<(FileEntry, bool)> },
 }
 
 /// What a unit gave.
 enum Piece {
     Copied { seq: u64, file: Arc<PlannedFile>, units: u32, stored: Option<Stored> },
-    Kept { seq: u64, entry: Box<FileEntry>, resumed: bool },
+    Kept { first: u64, entries: Vec<(FileEntry, bool)> },
 }
 
 /// How far the list is written, for the feeder to wait on.
@@ -115,6 +122,11 @@ impl Window {
                 Err(_) => return false,
             };
         }
+    }
+
+    /// Whether [`Window::wait`] would return at once.
+    fn open(&self, seq: u64, last: bool) -> bool {
+        self.state.lock().is_ok_and(|s| s.1 || (seq < s.0 + WINDOW && (!last || s.0 == seq)))
     }
 
     fn written(&self, n: u64) {
@@ -210,9 +222,19 @@ fn feed(
     let mut planner = Planner::new(pg_data, prior, began)?;
     let stopped = || Error::Input("the backup's copy stopped".into());
     let mut seq = 0u64;
+    // Kept entries not sent yet, the last at `seq - 1`; sent before the
+    // feeder could wait for the list to move past them.
+    let mut run: Vec<(FileEntry, bool)> = Vec::new();
+    let send_run = |run: &mut Vec<(FileEntry, bool)>, seq: u64| {
+        run.is_empty() || tx.send(Unit::Kept { first: seq - run.len() as u64, entries: std::mem::take(run) }).is_ok()
+    };
     for planned in planner.by_ref() {
         let Planned { file: f, unread } = planned?;
-        if !window.wait(seq, f.path == crate::pg::CONTROL_FILE) {
+        let last = f.path == crate::pg::CONTROL_FILE;
+        if !run.is_empty() && (run.len() >= KEPT_RUN || !window.open(seq, last)) && !send_run(&mut run, seq) {
+            return Err(stopped());
+        }
+        if !window.wait(seq, last) {
             return Err(stopped());
         }
         let kept = match unread {
@@ -220,11 +242,15 @@ fn feed(
             None => reuse.as_mut().and_then(|r| r.take(&f)).map(|entry| (entry, true)),
         };
         let sent = match kept {
-            Some((entry, resumed)) => tx.send(Unit::Kept { seq, entry: Box::new(entry), resumed }).is_ok(),
+            Some(kept) => {
+                run.push(kept);
+                true
+            }
             None => {
+                let sent = send_run(&mut run, seq);
                 let file = Arc::new(f);
                 let units = file.size.div_ceil(PART_SIZE).max(1);
-                (0..units).all(|k| {
+                sent && (0..units).all(|k| {
                     let part = (file.size > PART_SIZE).then(|| k * PART_SIZE..(k + 1) * PART_SIZE);
                     tx.send(Unit::Copy { seq, file: file.clone(), units: units as u32, part }).is_ok()
                 })
@@ -235,19 +261,24 @@ fn feed(
         }
         seq += 1;
     }
+    if !send_run(&mut run, seq) {
+        return Err(stopped());
+    }
     Ok((planner.into_dirs(), seq))
 }
 
 /// Copies one unit.
 fn work(unit: &Unit, sink: &Sink, verify: Option<Lsn>, progress: &Progress, scratch: &mut Scratch) -> Result<Piece> {
     let (seq, file, units, part) = match unit {
-        Unit::Kept { seq, entry, resumed } => {
-            progress.add_bytes(entry.size);
-            // As many as the units the count planned for it.
-            for _ in 0..entry.size.div_ceil(PART_SIZE).max(1) {
-                progress.file_done();
+        Unit::Kept { first, entries } => {
+            for (entry, _) in entries {
+                progress.add_bytes(entry.size);
+                // As many as the units the count planned for it.
+                for _ in 0..entry.size.div_ceil(PART_SIZE).max(1) {
+                    progress.file_done();
+                }
             }
-            return Ok(Piece::Kept { seq: *seq, entry: entry.clone(), resumed: *resumed });
+            return Ok(Piece::Kept { first: *first, entries: entries.clone() });
         }
         Unit::Copy { seq, file, units, part } => (*seq, file, *units, part),
     };
@@ -285,11 +316,13 @@ fn collect(
     let mut next = 0u64;
     while let Some(piece) = workers.next_blocking() {
         match piece? {
-            Piece::Kept { seq, entry, resumed } => {
-                let count = if resumed { &mut copied.kept } else { &mut copied.unread };
-                count.0 += 1;
-                count.1 += entry.size;
-                ready.insert(seq, Some(*entry));
+            Piece::Kept { first, entries } => {
+                for (seq, (entry, resumed)) in (first..).zip(entries) {
+                    let count = if resumed { &mut copied.kept } else { &mut copied.unread };
+                    count.0 += 1;
+                    count.1 += entry.size;
+                    ready.insert(seq, Some(entry));
+                }
             }
             Piece::Copied { seq, file, units, stored } => {
                 let got = pieces.entry(seq).or_default();
@@ -304,6 +337,7 @@ fn collect(
                 }
             }
         }
+        let before = next;
         while let Some(entry) = ready.remove(&next) {
             if let Some(e) = entry {
                 list.push(&e)?;
@@ -314,6 +348,8 @@ fn collect(
                 }
             }
             next += 1;
+        }
+        if next != before {
             window.written(next);
         }
     }
