@@ -84,10 +84,18 @@ pub(super) struct Copied {
 /// A unit of copying: a file, or a part of it (`units` in all), at its
 /// place `seq` in the list; or an entry taken over as it is.
 enum Unit {
-    Copy { seq: u64, file: Arc<PlannedFile>, units: u32, part: Option<Range<u64>> },
+    Copy {
+        seq: u64,
+        file: Arc<PlannedFile>,
+        units: u32,
+        part: Option<Range<u64>>,
+    },
     /// Entries taken as they are, at places `first`, `first + 1`, ...;
     /// each with whether it was resumed (else unread).
-    Kept { first: u64, entries: Vec<(FileEntry, bool)> },
+    Kept {
+        first: u64,
+        entries: Vec<(FileEntry, bool)>,
+    },
 }
 
 /// What a unit gave.

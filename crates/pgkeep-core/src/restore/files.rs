@@ -666,8 +666,9 @@ pub(super) fn make_dirs(plan: &Plan) -> Result<()> {
     Ok(())
 }
 
-/// Units waiting in the channel for a worker.
-const CHANNEL: usize = 64;
+/// Batches waiting in the channel for a worker: a few per worker (a batch
+/// can hold [`BATCH`] files' units, each with its entry).
+const BATCHES: usize = 8;
 
 /// Writes the files of a restore: every file but `pg_control` in parallel
 /// units, as the chain's lists are read ([`ChainFiles`]), then, once the
@@ -726,7 +727,7 @@ impl<'a> Writer<'a> {
     /// keeps those), and `pg_control` with its layers, for
     /// [`Writer::write_control`].
     pub(super) async fn write_all_but_control(&self, jobs: usize) -> Result<(usize, Option<Layered>)> {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Batch>(CHANNEL);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Batch>(BATCHES);
         let feeder = tokio::task::spawn_blocking({
             let (repo, chain, root, delta) = (self.plan.repo.clone(), self.plan.chain.clone(), self.plan.pg_data.clone(), self.delta);
             move || feed(&repo, &chain, &root, delta, jobs, tx)
