@@ -25,6 +25,7 @@ fn a_stanza_is_deleted_only_when_nothing_archives_into_it_and_its_neighbour_stay
     other_pk.write_config(&other.addr, &repo);
     other_pk.ok(&["stanza-create"]);
     other_pk.ok(&["backup", "--type", "full"]);
+    other.wait_archiver_idle();
     let neighbour = snapshot(&repo.path().join("other"));
 
     // Running with archive_mode = on: refused, nothing removed.

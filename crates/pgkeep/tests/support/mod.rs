@@ -823,6 +823,22 @@ impl Cluster {
         }
     }
 
+    /// Waits until the archiver has nothing left to push (no `.ready` file
+    /// in `pg_wal/archive_status`): a backup returns once its last segment
+    /// is archived, and its history file follows it a moment later.
+    pub fn wait_archiver_idle(&self) {
+        let status = self.addr.data.join("pg_wal/archive_status");
+        let start = Instant::now();
+        while std::fs::read_dir(&status).unwrap().flatten().any(|e| e.file_name().to_string_lossy().ends_with(".ready")) {
+            assert!(
+                start.elapsed() < ARCHIVE_TIMEOUT,
+                "the archiver still has files to push after {ARCHIVE_TIMEOUT:?}\n--- server log:\n{}",
+                tail(&self.log, 30)
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// `pg_control_system()`'s system identifier.
     pub fn system_id(&self) -> String {
         self.psql("select system_identifier from pg_control_system()")
