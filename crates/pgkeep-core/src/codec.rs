@@ -385,3 +385,41 @@ mod tests {
         sizes
     }
 }
+
+#[cfg(test)]
+mod frame_damage {
+    use super::*;
+
+    /// A flipped bit in or next to a frame's header (where a cut or a
+    /// damaged header could end a stream early or skip a frame) always
+    /// changes what the stream decodes to, or fails it.
+    #[test]
+    fn a_flip_near_a_frame_boundary_never_decodes_to_the_same_bytes() {
+        let data: Vec<u8> = (0..2 * ZSTD_FRAME + 5000).map(|i| ((i * 7919) % 251) as u8 ^ ((i / 8192) as u8)).collect();
+        let mut contexts = Contexts::default();
+        let mut e = Compress::Zstd.encoder_in(Vec::new(), None, &mut contexts).unwrap();
+        e.write_all(&data).unwrap();
+        let packed = e.finish().unwrap();
+        let mut starts = vec![0usize];
+        let mut at = 0;
+        while at < packed.len() {
+            at += zstd::zstd_safe::find_frame_compressed_size(&packed[at..]).unwrap();
+            starts.push(at);
+        }
+        let mut missed = Vec::new();
+        for &s in &starts {
+            for pos in s.saturating_sub(16)..(s + 24).min(packed.len()) {
+                for bit in [0x20u8, 0x01, 0x80] {
+                    let mut bad = packed.clone();
+                    bad[pos] ^= bit;
+                    let mut out = Vec::new();
+                    let r = Compress::Zstd.decoder(&bad[..]).unwrap().read_to_end(&mut out);
+                    if r.is_ok() && out == data {
+                        missed.push((pos, bit, s));
+                    }
+                }
+            }
+        }
+        assert!(missed.is_empty(), "frames at {starts:?}: flips giving the same output: {missed:?}");
+    }
+}

@@ -33,16 +33,29 @@ fn verify_finds_a_flipped_byte_in_any_object_and_gaps_in_the_archive() {
     let root = repo.path().join("demo");
     let objects: Vec<PathBuf> = snapshot(&root).into_keys().map(|p| root.join(p)).collect();
     assert!(objects.len() > 20, "{} objects", objects.len());
+    let mut harmless = Vec::new();
     for path in &objects {
         let rel = path.strip_prefix(&root).unwrap().to_str().unwrap().to_owned();
         let original = flip(path);
         let r = pk.run(&["verify"]);
+        // In repetitive data a flipped bit of a zstd match offset can point
+        // at identical bytes: the object still decodes to what was stored,
+        // and restores right. Only such a flip may pass verify.
+        if r.status.success() && rel.ends_with(".zst") && !rel.contains("/bundle/") {
+            let damaged = zstd::decode_all(&std::fs::read(path).unwrap()[..]);
+            if damaged.is_ok_and(|d| d == zstd::decode_all(&original[..]).unwrap()) {
+                harmless.push(rel);
+                std::fs::write(path, original).unwrap();
+                continue;
+            }
+        }
         assert!(!r.status.success(), "verify missed a flipped byte in {rel}:\n{}", r.stdout);
         let name = rel.rsplit('/').next().unwrap();
         let named = r.stdout.contains(name) || r.stderr.contains(name) || r.stdout.contains(&rel) || r.stderr.contains(&rel);
         assert!(named, "verify should name {rel}:\nstdout: {}\nstderr: {}", r.stdout, r.stderr);
         std::fs::write(path, original).unwrap();
     }
+    assert!(harmless.len() <= 1, "flips that left the decoded bytes as they were: {harmless:?}");
     assert!(pk.ok(&["verify"]).contains("all good"));
 
     // Restore refuses a damaged backup file and a damaged bundle.
